@@ -1,0 +1,5 @@
+import sys
+
+from mergesmith.cli import main
+
+sys.exit(main())

@@ -1,0 +1,301 @@
+"""The Python API: ``merge(recipe, out_dir)`` for checkpoints and ``merge_state_dicts(...)`` in memory."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mergesmith import __version__
+from mergesmith.checkpoint.reader import CheckpointSource, DictSource, Source
+from mergesmith.checkpoint.writer import FolderWriter, parse_size
+from mergesmith.engine import Plan, Planner, execute
+from mergesmith.errors import MergeError, RecipeError
+from mergesmith.recipe import Recipe, load_recipe
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "added_tokens.json",
+    "spiece.model",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    method: str
+    tensors: int
+    bytes: int
+    shards: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"merged {self.tensors} tensors ({self.bytes / 1e6:.1f} MB, {self.shards} shard"
+            f"{'s' if self.shards != 1 else ''}) with {self.method} in {self.seconds:.1f} s "
+            f"({self.bytes / 1e6 / max(self.seconds, 1e-9):.0f} MB/s) -> {self.out_dir}"
+        )
+
+
+def merge_state_dicts(
+    base: Mapping[str, torch.Tensor] | None,
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    method: str,
+    *,
+    seed: int = 0,
+    compat: str = "paper",
+    threads: int = 1,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts with the same engine and rules as checkpoint merges.
+
+    Shared parameters are scalars (``lambda=0.5``); a per-model parameter is a scalar for every expert or a list
+    with one value per expert (``weight=[1.0, 0.5]``). For methods that ignore the base (linear, karcher) the
+    experts are all the models. Returns tensors in the reference model's dtype.
+    """
+    sources: dict[str, Source] = {}
+    models = []
+    base_key = None
+    if base is not None:
+        base_key = "base"
+        sources[base_key] = DictSource(base, "base")
+    per_model_names = _per_model_names(method)
+    for i, sd in enumerate(experts):
+        key = f"model_{i}"
+        sources[key] = DictSource(sd, f"model {i}")
+        settings = {}
+        for name, value in params.items():
+            if name in per_model_names and isinstance(value, (list, tuple)):
+                if len(value) != len(experts):
+                    raise RecipeError(
+                        f"parameter '{name}' has {len(value)} values for {len(experts)} experts"
+                    )
+                settings[name] = value[i]
+        models.append({"model": key, "parameters": settings})
+    shared = {k: v for k, v in params.items() if not (k in per_model_names and isinstance(v, (list, tuple)))}
+    recipe = load_recipe(
+        {
+            "merge_method": method,
+            "base_model": base_key,
+            "models": models,
+            "parameters": shared,
+            "compat": compat,
+            "seed": seed,
+        }
+    )
+    plan = Planner(recipe, sources).plan()
+    out: dict[str, torch.Tensor] = {}
+    execute(plan, out.__setitem__, threads=threads, progress=False)
+    return {j.name: out[j.name] for j in plan.jobs}
+
+
+def _per_model_names(method: str) -> set[str]:
+    from mergesmith.methods import get_method
+
+    m = get_method(method)
+    return {p.name for p in m.params if p.per_model}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_sources(recipe: Recipe, allow_pickle: bool, where: str) -> dict[str, Source]:
+    sources: dict[str, Source] = {}
+    for path in recipe.model_paths():
+        if not Path(path).exists():
+            raise RecipeError(f"{where}: model path '{path}' does not exist")
+        sources[path] = CheckpointSource(path, allow_pickle=allow_pickle)
+    return sources
+
+
+def _check_output(out: Path, recipe: Recipe, force: bool) -> None:
+    resolved = out.resolve()
+    for path in recipe.model_paths():
+        model = Path(path).resolve()
+        if resolved == model or model in resolved.parents:
+            raise MergeError(
+                f"{out}: the output folder is inside input model {path}; choose another location"
+            )
+    if out.exists():
+        if not out.is_dir():
+            raise MergeError(f"{out}: exists and is not a folder; choose another output path")
+        if any(out.iterdir()) and not force:
+            raise MergeError(f"{out}: output folder exists and is not empty; pass --force to replace it")
+    parent = resolved.parent
+    if not parent.exists():
+        raise MergeError(f"{out}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise MergeError(f"{out}: cannot write in {parent} (permission denied)")
+
+
+def merge(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    threads: int | None = None,
+    allow_pickle: bool = False,
+    seed: int | None = None,
+    dtype: str | None = None,
+    compat: str | None = None,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge the checkpoints a recipe names into ``out_dir`` (an HF model folder), atomically.
+
+    The output is written into a hidden temporary sibling folder and renamed at the end; on any error or
+    interrupt the temporary folder is removed and nothing is left at ``out_dir``.
+    """
+    start = time.perf_counter()
+    where = str(recipe) if isinstance(recipe, (str, Path)) else "recipe"
+    recipe = load_recipe(recipe)
+    updates: dict[str, Any] = {}
+    if seed is not None:
+        updates["seed"] = seed
+    if compat is not None:
+        updates["compat"] = compat
+    if updates:
+        recipe = recipe.model_copy(update=updates)
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise RecipeError(f"--dtype must be one of float32, float16, bfloat16, float64; got '{dtype}'")
+    out_dtype = dtype or recipe.out_dtype or recipe.dtype
+    size = parse_size(shard_size)
+    out = Path(out_dir)
+    _check_output(out, recipe, force)
+    sources = _open_sources(recipe, allow_pickle, where)
+    plan = Planner(recipe, sources, out_dtype).plan()
+    threads = threads or min(4, os.cpu_count() or 1)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as hasher:
+            inputs = {label: src for label, src in sources.items()}
+            hashes = hasher.submit(
+                lambda: {label: {str(p): _sha256(p) for p in src.files()} for label, src in inputs.items()}
+            )
+            writer = FolderWriter(tmp, plan.specs(), size)
+            try:
+                execute(plan, writer.write, threads=threads, progress=progress)
+            finally:
+                writer.close()
+            input_hashes = hashes.result()
+        seconds = time.perf_counter() - start
+        _write_metadata(tmp, recipe, plan, input_hashes, seconds, writer.file_names)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for src in sources.values():
+            with contextlib.suppress(Exception):
+                src.close()  # type: ignore[attr-defined]
+    return MergeResult(
+        out,
+        recipe.merge_method,
+        len(plan.jobs),
+        sum(j.nbytes for j in plan.jobs),
+        len(writer.file_names),
+        time.perf_counter() - start,
+    )
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _write_metadata(
+    folder: Path,
+    recipe: Recipe,
+    plan: Plan,
+    input_hashes: dict[str, dict[str, str]],
+    seconds: float,
+    shards: list[str],
+) -> None:
+    config_src = plan.config_source
+    if plan.config:
+        config = dict(plan.config)
+        dtypes = {j.dtype for j in plan.jobs if j.dtype.is_floating_point}
+        if len(dtypes) == 1:
+            name = str(dtypes.pop()).removeprefix("torch.")
+            for key in ("torch_dtype", "dtype"):
+                if key in config or key == "dtype":
+                    config[key] = name
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_dir = (
+        Path(recipe.tokenizer_source)
+        if recipe.tokenizer_source
+        else (config_src.folder if config_src is not None else None)
+    )
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).exists():
+                shutil.copyfile(tokenizer_dir / name, folder / name)
+    (folder / "mergesmith_recipe.yaml").write_text(recipe.to_yaml())
+    manifest = {
+        "mergesmith_version": __version__,
+        "method": recipe.merge_method,
+        "compat": recipe.compat,
+        "seed": recipe.seed,
+        "wall_time_s": round(seconds, 3),
+        "inputs": input_hashes,
+        "outputs": shards,
+        "torch_version": torch.__version__,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / "README.md").write_text(_model_card(recipe))
+
+
+def _model_card(recipe: Recipe) -> str:
+    from mergesmith.methods import get_method
+
+    method = get_method(recipe.merge_method)
+    front = {
+        "base_model": recipe.model_paths(),
+        "library_name": "transformers",
+        "tags": ["merge", "mergesmith", recipe.merge_method],
+    }
+    return (
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
+        f"# {recipe.name or 'Merged model'}\n\n"
+        f"Merged with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} using **{method.name}** "
+        f"({method.summary}; {method.paper}).\n\n"
+        "## Models\n\n"
+        + "".join(f"- {p}\n" for p in recipe.model_paths())
+        + "\n## Recipe\n\n```yaml\n"
+        + recipe.to_yaml()
+        + "```\n"
+    )

@@ -1,0 +1,198 @@
+"""Safetensors read and write with no whole-model copies.
+
+Reading memory-maps the file and validates the header before any tensor is touched. Writing knows every
+tensor's shape and dtype up front (the merge plan does), so it writes the header first and then each tensor's
+bytes at its final offset as soon as the tensor is ready, in any order and from any thread: memory stays bounded
+by the tensors in flight, not by the shard size.
+
+Format: 8-byte little-endian header length N, N bytes of JSON (``{name: {dtype, shape, data_offsets}}`` plus an
+optional ``__metadata__`` of strings), then the data buffer; offsets are relative to the buffer start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsFile:
+    """One memory-mapped safetensors file. ``get`` returns a zero-copy tensor view (read-only use)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > MAX_HEADER or 8 + header_len > size:
+                    raise CheckpointError(
+                        f"{self.path}: corrupt or truncated safetensors header (length {header_len}, file size "
+                        f"{size}); re-download or re-save the file"
+                    )
+                raw = f.read(header_len)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(
+                f"{self.path}: corrupt safetensors header (not JSON); re-download the file"
+            ) from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + header_len
+        data_len = size - self.data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                code, shape, (begin, end) = (
+                    info["dtype"],
+                    tuple(int(s) for s in info["shape"]),
+                    info["data_offsets"],
+                )
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor '{name}' has a malformed header entry") from None
+            if code not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype '{code}'")
+            dtype = DTYPES[code]
+            nbytes = math.prod(shape) * element_size(dtype)
+            if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' has offsets [{begin}, {end}) that do not fit its shape "
+                    f"{list(shape)} or the file ({data_len} data bytes); the file is truncated or corrupt"
+                )
+            self.entries[name] = (dtype, shape, begin, end)
+        spans = sorted((b, e, n) for n, (_, _, b, e) in self.entries.items() if e > b)
+        for (_, e1, n1), (b2, _, n2) in itertools.pairwise(spans):
+            if b2 < e1:
+                raise CheckpointError(
+                    f"{self.path}: tensors '{n1}' and '{n2}' overlap in the file; it is corrupt"
+                )
+        self._mmap: mmap.mmap | None = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: a private mapping, writable as far as torch.frombuffer is concerned; the file is
+                # never modified and pages are shared with the page cache until written (they never are).
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mmap
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype, shape, _, _ = self.entries[name]
+        return dtype, shape
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, _end = self.entries[name]
+        count = math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._map(), dtype=dtype, count=count, offset=self.data_start + begin)
+        return flat.reshape(shape)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            with contextlib.suppress(BufferError):  # a tensor view still exists: freed with it
+                self._mmap.close()
+            self._mmap = None
+
+
+class ShardWriter:
+    """Writes one safetensors file whose layout is fixed at construction; tensors arrive in any order."""
+
+    def __init__(
+        self, path: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+    ):
+        self.path = Path(path)
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        self.offsets: dict[str, tuple[int, int]] = {}
+        for name, dtype, shape in tensors:
+            nbytes = math.prod(shape) * element_size(dtype)
+            header[name] = {
+                "dtype": DTYPE_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self.offsets[name] = (offset, nbytes)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data buffer aligned to 8 bytes
+        self.data_start = 8 + len(raw)
+        self.total = self.data_start + offset
+        self.remaining = set(self.offsets)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        os.ftruncate(self.fd, self.total)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, nbytes = self.offsets[name]
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != nbytes:
+            raise AssertionError(f"{name}: {data.nbytes} bytes for a slot of {nbytes}")
+        view = memoryview(data)
+        position = self.data_start + offset
+        while view.nbytes:  # pwrite may write less than asked (large buffers, full disk reports an error)
+            written = os.pwrite(self.fd, view, position)
+            view = view[written:]
+            position += written
+        self.remaining.discard(name)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def save_file(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a dict of tensors as one safetensors file (small helper for tests and tools)."""
+    writer = ShardWriter(
+        Path(path), [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata or {"format": "pt"}
+    )
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    finally:
+        writer.close()

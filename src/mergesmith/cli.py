@@ -1,0 +1,130 @@
+"""``mergesmith`` command line: ``merge`` and ``methods``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import textwrap
+
+from mergesmith.errors import MergeError
+
+
+def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, remove the temporary output
+    raise KeyboardInterrupt
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mergesmith.api import merge
+
+    result = merge(
+        args.recipe,
+        args.out,
+        force=args.force,
+        shard_size=args.shard_size,
+        threads=args.threads,
+        allow_pickle=args.allow_pickle,
+        seed=args.seed,
+        dtype=args.dtype,
+        compat=args.compat,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from mergesmith.methods import all_methods, get_method
+    from mergesmith.methods.base import REQUIRED
+
+    if args.name:
+        m = get_method(args.name)
+        print(f"{m.name}: {m.summary}")
+        print(f"  paper: {m.paper}")
+        print(
+            f"  base_model: {m.base.value}; models: >= {m.min_experts}"
+            + (f", <= {m.max_experts}" if m.max_experts else "")
+        )
+        print("  parameters:")
+        for p in m.params:
+            default = "required" if p.required else repr(p.default)
+            mk = (
+                f" (compat mergekit: {p.mergekit!r})"
+                if p.mergekit is not REQUIRED and p.mergekit != p.default
+                else ""
+            )
+            scope = "per model" if p.per_model else "shared"
+            choices = f" {{{', '.join(map(str, p.choices))}}}" if p.choices else ""
+            print(f"    {p.name} ({p.type.__name__}, {scope}) = {default}{mk}{choices}")
+            if p.help:
+                print(textwrap.indent(textwrap.fill(p.help, 96), "        "))
+        if m.aliases:
+            print("  mergekit spellings: " + ", ".join(f"{k} -> {v[0]}" for k, v in m.aliases.items()))
+        doc = sys.modules[m.rule.__module__].__doc__ or ""
+        if doc:
+            print()
+            print(textwrap.indent(doc.strip(), "  "))
+        return 0
+    for m in all_methods():
+        print(f"{m.name:<18} {m.summary}")
+        print(f"{'':<18} {m.paper}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergesmith", description="Merge neural-network checkpoints.")
+    from mergesmith import __version__
+
+    parser.add_argument("--version", action="version", version=f"mergesmith {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="merge the models a recipe names into an HF model folder")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 2GB, 500MB (default 5GB)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="tensors merged in parallel (default: min(4, cores))"
+    )
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)"
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the recipe)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="output dtype (default: recipe out_dtype/dtype, else each tensor's base dtype)",
+    )
+    p.add_argument(
+        "--compat",
+        default=None,
+        choices=["paper", "mergekit"],
+        help="paper defaults (default) or mergekit's choices wherever they differ",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("methods", help="list methods, or show one method's parameters and paper")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.func(args)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""The streaming engine: recipe + sources → plan (one job per output tensor) → rules run on a bounded thread
+pool → a sink (sharded safetensors, or a dict).
+
+Memory is bounded by the jobs in flight (2 × threads), each holding one tensor per input model plus its output:
+never the model. Methods that need a statistic of the whole model get it from ``prepare`` passes over the same
+jobs before the merge pass.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergesmith.checkpoint.reader import Source
+from mergesmith.errors import CheckpointError, RecipeError
+from mergesmith.methods.base import (
+    BasePolicy,
+    MergeMethod,
+    TensorContext,
+    TensorInputs,
+    get_method,
+    resolve_method_params,
+)
+from mergesmith.recipe import Recipe, layer_index, resolve_settings
+
+DTYPE_BY_NAME = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass
+class Job:
+    """One output tensor: where its inputs come from and the resolved parameters of its rule."""
+
+    name: str
+    dtype: torch.dtype  # output dtype
+    shape: tuple[int, ...]
+    base: tuple[Source, str] | None
+    experts: list[tuple[Source, str]]
+    params: dict[str, Any]
+    layer: int | None = None
+    copy: bool = False  # not merged (integer buffers): copied from the first input
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(torch.Size(self.shape).numel())
+
+
+@dataclass
+class Plan:
+    method: MergeMethod
+    jobs: list[Job]
+    seed: int
+    config: dict[str, Any] = field(default_factory=dict)
+    config_source: Source | None = None
+
+    def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(j.name, j.dtype, j.shape) for j in self.jobs]
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort ``layers.10`` after ``layers.9``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def num_layers_of(source: Source) -> int:
+    for key in NUM_LAYERS_KEYS:
+        value = source.config.get(key)
+        if isinstance(value, int):
+            return value
+    indices = [i for i in (layer_index(n) for n in source.keys()) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def _lookup(source: Source, name: str) -> tuple[Source, str]:
+    """Where to read ``name`` in ``source``: itself, or the input embedding for a tied ``lm_head``."""
+    if source.has(name):
+        return source, name
+    if name.endswith("lm_head.weight") and source.tied_embeddings:
+        for candidate in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
+            if source.has(candidate):
+                return source, candidate
+    raise CheckpointError(
+        f"tensor '{name}' is missing from {source.label}; the models do not share an architecture"
+    )
+
+
+def _check_same(name: str, reference: tuple[Source, str], other: tuple[Source, str]) -> None:
+    ref_shape = reference[0].info(reference[1])[1]
+    shape = other[0].info(other[1])[1]
+    if ref_shape != shape:
+        raise CheckpointError(
+            f"tensor '{name}': shape {list(ref_shape)} in {reference[0].label} but {list(shape)} in "
+            f"{other[0].label}; these models cannot be merged tensor by tensor"
+        )
+
+
+def _assign_roles(
+    method: MergeMethod, base_path: str | None, entries: list[tuple[str, dict[str, Any]]]
+) -> tuple[str | None, list[tuple[str, dict[str, Any]]]]:
+    """Split (model, settings) entries into the method's base and experts."""
+    if method.base is BasePolicy.IGNORED:
+        return None, entries
+    if method.base is BasePolicy.REQUIRED and not base_path:
+        raise RecipeError(
+            f"method '{method.name}' needs base_model (the model the task vectors are taken from)"
+        )
+    experts = [e for e in entries if e[0] != base_path]
+    return base_path, experts
+
+
+class Planner:
+    """Turns a recipe and opened sources into a Plan, validating names, shapes and parameters."""
+
+    def __init__(self, recipe: Recipe, sources: dict[str, Source], out_dtype: str | None = None):
+        self.recipe = recipe
+        self.sources = sources
+        self.method = get_method(recipe.merge_method)
+        self.out_dtype = DTYPE_BY_NAME[out_dtype] if out_dtype else None
+
+    def _job(
+        self,
+        out_name: str,
+        reference: tuple[Source, str],
+        base: tuple[Source, str] | None,
+        experts: list[tuple[Source, str]],
+        shared: dict[str, Any],
+        per_model: list[dict[str, Any]],
+        t: float,
+        layer: int | None,
+    ) -> Job:
+        for other in ([base] if base else []) + experts:
+            _check_same(out_name, reference, other)
+        dtype, shape = reference[0].info(reference[1])
+        if not dtype.is_floating_point:
+            return Job(out_name, dtype, shape, base, experts or [reference], {}, layer, copy=True)
+        params = resolve_method_params(
+            self.method,
+            resolve_settings(shared, reference[1], t),
+            [resolve_settings(settings, name, t) for (_, name), settings in zip(experts, per_model)],
+            compat=self.recipe.compat,
+            where=f"tensor '{out_name}'",
+        )
+        return Job(out_name, self.out_dtype or dtype, shape, base, experts, params, layer)
+
+    def plan(self) -> Plan:
+        recipe = self.recipe
+        jobs = self._plan_slices() if recipe.slices else self._plan_whole()
+        jobs.sort(key=lambda j: natural_key(j.name))
+        first = self._config_source()
+        config = dict(first.config)
+        if recipe.slices:
+            total = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in recipe.slices)
+            old = num_layers_of(first)
+            for key in NUM_LAYERS_KEYS:
+                if key in config:
+                    config[key] = total
+            if isinstance(config.get("layer_types"), list) and len(config["layer_types"]) == old:
+                config["layer_types"] = [
+                    first.config["layer_types"][s.sources[0].layer_range[0] + i]
+                    for s in recipe.slices
+                    for i in range(s.sources[0].layer_range[1] - s.sources[0].layer_range[0])
+                ]
+        return Plan(self.method, jobs, recipe.seed, config, first)
+
+    def _config_source(self) -> Source:
+        recipe = self.recipe
+        if recipe.base_model:
+            return self.sources[recipe.base_model]
+        if recipe.models:
+            return self.sources[recipe.models[0].model]
+        return self.sources[recipe.slices[0].sources[0].model]  # type: ignore[index]
+
+    def _plan_whole(self) -> list[Job]:
+        recipe, method = self.recipe, self.method
+        if not recipe.models:
+            raise RecipeError("the recipe lists no models (add `models:` or `slices:`)")
+        base_path, experts = _assign_roles(
+            method, recipe.base_model, [(m.model, m.parameters) for m in recipe.models]
+        )
+        method.check_expert_count(len(experts))
+        base = self.sources[base_path] if base_path else None
+        expert_sources = [self.sources[p] for p, _ in experts]
+        reference = base or expert_sources[0]
+        names = reference.keys()
+        self._check_names(reference, [s for s in ([base] if base else []) + expert_sources])
+        n_layers = num_layers_of(reference)
+        jobs = []
+        for name in names:
+            layer = layer_index(name)
+            t = self._t(layer, n_layers)
+            jobs.append(
+                self._job(
+                    name,
+                    (reference, name),
+                    (base, name) if base else None,
+                    [_lookup(s, name) for s in expert_sources],
+                    recipe.parameters,
+                    [settings for _, settings in experts],
+                    t,
+                    layer,
+                )
+            )
+        return jobs
+
+    @staticmethod
+    def _t(layer: int | None, n_layers: int) -> float:
+        if layer is None:
+            return 0.0
+        return layer / (n_layers - 1) if n_layers > 1 else 1.0
+
+    def _check_names(self, reference: Source, others: list[Source]) -> None:
+        ref = set(reference.keys())
+        for other in others:
+            if other is reference:
+                continue
+            names = set(other.keys())
+            missing = sorted(ref - names, key=natural_key)
+            missing = [n for n in missing if not (n.endswith("lm_head.weight") and other.tied_embeddings)]
+            extra = sorted(names - ref, key=natural_key)
+            extra = [n for n in extra if not (n.endswith("lm_head.weight") and reference.tied_embeddings)]
+            if missing:
+                raise CheckpointError(
+                    f"tensor '{missing[0]}' is in {reference.label} but not in {other.label} "
+                    f"({len(missing)} missing); the models do not share an architecture"
+                )
+            if extra:
+                raise CheckpointError(
+                    f"tensor '{extra[0]}' is in {other.label} but not in {reference.label} "
+                    f"({len(extra)} extra); the models do not share an architecture"
+                )
+
+    def _plan_slices(self) -> list[Job]:
+        recipe, method = self.recipe, self.method
+        assert recipe.slices is not None
+        jobs: list[Job] = []
+        out_layer = 0
+        for k, slc in enumerate(recipe.slices):
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in slc.sources}
+            if len(lengths) != 1:
+                raise RecipeError(
+                    f"slices[{k}]: every source must have the same number of layers, got {sorted(lengths)}"
+                )
+            for src in slc.sources:
+                available = num_layers_of(self.sources[src.model])
+                if src.layer_range[1] > available:
+                    raise RecipeError(
+                        f"slices[{k}]: layer_range {list(src.layer_range)} of {src.model} is out of bounds "
+                        f"(it has {available} layers)"
+                    )
+            base_path, experts = _assign_roles(
+                method, recipe.base_model, [(s.model, s.parameters) for s in slc.sources]
+            )
+            method.check_expert_count(len(experts))
+            shared = {**recipe.parameters, **slc.parameters}
+            count = lengths.pop()
+            base_src = next((s for s in slc.sources if s.model == base_path), None)
+            if base_path and base_src is None:
+                raise RecipeError(f"slices[{k}]: base_model {base_path} is not among the slice's sources")
+            expert_srcs = [next(s for s in slc.sources if s.model == p) for p, _ in experts]
+            for i in range(count):
+                t = i / (count - 1) if count > 1 else 1.0
+                reference_src = base_src or expert_srcs[0]
+                reference = self.sources[reference_src.model]
+                in_layer = reference_src.layer_range[0] + i
+                for name in reference.keys():
+                    if layer_index(name) != in_layer:
+                        continue
+                    out_name = _renumber(name, out_layer + i)
+
+                    def locate(src, name=name, i=i):
+                        source_name = _renumber(name, src.layer_range[0] + i)
+                        return _lookup(self.sources[src.model], source_name)
+
+                    jobs.append(
+                        self._job(
+                            out_name,
+                            (reference, name),
+                            locate(base_src) if base_src else None,
+                            [locate(s) for s in expert_srcs],
+                            shared,
+                            [settings for _, settings in experts],
+                            t,
+                            out_layer + i,
+                        )
+                    )
+            out_layer += count
+        # tensors outside the layers: embeddings from the first slice's sources, the rest from the last's
+        first, last = recipe.slices[0], recipe.slices[-1]
+        for name in self.sources[first.sources[0].model].keys():
+            if layer_index(name) is not None:
+                continue
+            slc = first if ("embed" in name or "wte" in name or "wpe" in name) else last
+            base_path, experts = _assign_roles(
+                method, recipe.base_model, [(s.model, s.parameters) for s in slc.sources]
+            )
+            base = self.sources[base_path] if base_path else None
+            expert_sources = [self.sources[p] for p, _ in experts]
+            reference = base or expert_sources[0]
+            jobs.append(
+                self._job(
+                    name,
+                    _lookup(reference, name),
+                    (base, name) if base else None,
+                    [_lookup(s, name) for s in expert_sources],
+                    {**recipe.parameters, **slc.parameters},
+                    [settings for _, settings in experts],
+                    0.0,
+                    None,
+                )
+            )
+        return jobs
+
+
+def _renumber(name: str, new_index: int) -> str:
+    return re.sub(
+        r"((?:^|\.)(?:layers|layer|h|blocks|block)\.)(\d+)(\.)",
+        lambda m: f"{m.group(1)}{new_index}{m.group(3)}",
+        name,
+        count=1,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Execution
+
+
+def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _load(job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    base = job.base[0].get(job.base[1]) if job.base else None
+    experts = [src.get(name) for src, name in job.experts]
+    dtype = _compute_dtype(([base] if base is not None else []) + experts)
+    return (base.to(dtype) if base is not None else None), [e.to(dtype) for e in experts]
+
+
+def stream_inputs(plan: Plan) -> Callable[[], Iterator[TensorInputs]]:
+    """A pass over every merged tensor's inputs, for ``prepare``."""
+
+    def one_pass() -> Iterator[TensorInputs]:
+        for job in plan.jobs:
+            if job.copy:
+                continue
+            base, experts = _load(job)
+            yield TensorInputs(job.name, base, experts, job.params)
+
+    return one_pass
+
+
+def run_job(plan: Plan, job: Job, state: Any) -> torch.Tensor:
+    if job.copy:
+        src, name = job.base or job.experts[0]
+        return src.get(name)
+    if plan.method.structural:
+        src, name = job.experts[0]
+        raw = src.get(name)
+        experts = [raw if job.params.get("scale", [1.0])[0] == 1.0 else raw.to(_compute_dtype([raw]))]
+        base = None
+    else:
+        base, experts = _load(job)
+    ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer)
+    out = plan.method.rule(base, experts, job.params, ctx)
+    if tuple(out.shape) != tuple(job.shape):
+        raise AssertionError(
+            f"{plan.method.name} returned shape {list(out.shape)} for '{job.name}' {list(job.shape)}"
+        )
+    return out.to(job.dtype)
+
+
+def execute(
+    plan: Plan,
+    write: Callable[[str, torch.Tensor], None],
+    threads: int = 1,
+    progress: bool = True,
+) -> None:
+    """Run every job; ``write(name, tensor)`` receives each result (from worker threads)."""
+    state = None
+    if plan.method.prepare is not None:
+        first = next((j for j in plan.jobs if not j.copy), None)
+        if first is not None:
+            state = plan.method.prepare(stream_inputs(plan), first.params, plan.seed)
+    bar = tqdm(
+        total=sum(j.nbytes for j in plan.jobs),
+        unit="B",
+        unit_scale=True,
+        desc=f"merge ({plan.method.name})",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
+
+    def work(job: Job) -> int:
+        write(job.name, run_job(plan, job, state))
+        return job.nbytes
+
+    done = 0
+    try:
+        if threads <= 1:
+            for job in plan.jobs:
+                bar.update(work(job))
+                done += 1
+                bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
+            return
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith") as pool:
+            pending: set[Future[int]] = set()
+            for job in plan.jobs:
+                if len(pending) >= 2 * threads:  # bound the tensors in flight
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        bar.update(f.result())
+                        done += 1
+                pending.add(pool.submit(work, job))
+            for f in pending:
+                bar.update(f.result())
+                done += 1
+    finally:
+        bar.close()

@@ -1,0 +1,20 @@
+"""Merge methods: one module each, registered on import. ``get_method(name)`` and ``all_methods()``."""
+
+from mergesmith.methods import (  # noqa: F401  (each import registers its methods)
+    dare,
+    linear,
+    passthrough,
+    task_arithmetic,
+    ties,
+)
+from mergesmith.methods.base import (
+    BasePolicy,
+    MergeMethod,
+    Param,
+    TensorContext,
+    all_methods,
+    get_method,
+    register,
+)
+
+__all__ = ["BasePolicy", "MergeMethod", "Param", "TensorContext", "all_methods", "get_method", "register"]

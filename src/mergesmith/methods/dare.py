@@ -1,0 +1,103 @@
+"""DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): Drop And REscale task vectors.
+
+δ̂_t = (δ_t ⊙ m_t) / (1 − p),  m_t ~ Bernoulli(1 − p) elementwise, then merge the δ̂_t:
+- ``dare_linear``: θ = θ₀ + λ Σ_t w_t δ̂_t (DARE + task arithmetic);
+- ``dare_ties``:   TIES sign election + disjoint merge over the δ̂_t (DARE + TIES, no magnitude trim).
+
+``density`` = 1 − p (the keep rate, as mergekit). The drop mask is drawn from a generator seeded by
+(seed, tensor name, model index): the same seed gives the same bits whatever the thread count.
+
+Paper vs mergekit (``compat: mergekit``):
+- rescale: the paper divides by the keep rate 1 − p (``rescale: inverse``, E[δ̂] = δ); mergekit matches the L1
+  norm of each tensor before and after the drop (``rescale: l1``).
+- dare_ties disjoint merge: the paper (MergeLM's TIES) takes the mean over agreeing experts; mergekit's
+  ``dare_ties`` sums (normalize: false).
+- default density: the official LLM script's drop rate p = 0.1 → 0.9 here; mergekit 1.0 (no drop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from mergesmith.methods.base import MergeMethod, Param, TensorContext, register
+from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
+from mergesmith.methods.taskvec import rescale_kept
+
+PAPER = "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024 (arXiv:2311.03099)"
+
+DENSITY = Param(
+    "density",
+    float,
+    0.9,
+    "keep rate 1 − p of the random drop",
+    per_model=True,
+    low=0.0,
+    high=1.0,
+    mergekit=1.0,
+)
+RESCALE = Param(
+    "rescale",
+    str,
+    "inverse",
+    "inverse: divide by 1 − p (paper); l1: match the L1 norm (mergekit); none",
+    choices=("inverse", "l1", "none"),
+    mergekit="l1",
+)
+# mergekit spells the rescale choice as a boolean
+RESCALE_ALIAS = {
+    "rescale": ("rescale", {True: "l1", False: "none", "inverse": "inverse", "l1": "l1", "none": "none"})
+}
+
+
+def drop_and_rescale(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
+    density = params["density"][i]
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    probs = torch.full(delta.shape, density, dtype=torch.float32)
+    mask = torch.bernoulli(probs, generator=ctx.generator(f"dare{i}")).to(delta.dtype)
+    return rescale_kept(delta, mask, density, params["rescale"])
+
+
+def dare_linear_rule(base, experts, params, ctx):
+    return merge_task_vectors(base, experts, params, ctx, sparsify=drop_and_rescale)
+
+
+def dare_ties_rule(base, experts, params, ctx):
+    return merge_task_vectors(base, experts, params, ctx, sparsify=drop_and_rescale, consensus=True)
+
+
+def _majority_pass(stream, params, seed):
+    from mergesmith.methods.ties import prepare_ties
+
+    return prepare_ties(stream, {**params, "trim_scope": "tensor"}, seed, sparsify=drop_and_rescale)
+
+
+register(
+    MergeMethod(
+        name="dare_linear",
+        rule=dare_linear_rule,
+        summary="random drop with rescale, then task arithmetic",
+        paper=PAPER,
+        params=(WEIGHT, DENSITY, LAMBDA, RESCALE, Param("normalize", bool, False, "divide by Σ_t w_t")),
+        aliases=dict(RESCALE_ALIAS),
+        random=True,
+    )
+)
+
+register(
+    MergeMethod(
+        name="dare_ties",
+        rule=dare_ties_rule,
+        summary="random drop with rescale, then TIES sign election and disjoint merge",
+        paper=PAPER,
+        params=(WEIGHT, DENSITY, LAMBDA, RESCALE, replace(DISJOINT, mergekit="sum"), SIGN_ZERO),
+        prepare=_majority_pass,
+        aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
+        random=True,
+    )
+)

@@ -1,0 +1,61 @@
+"""The generalized task-arithmetic pipeline that TA, TIES, DARE, Breadcrumbs and DELLA share.
+
+Per tensor: τ_t = θ_t − θ₀ → sparsify τ_t (method-specific) → weight w_t τ_t → either a plain (optionally
+normalized) sum, or TIES sign election + disjoint merge → θ = θ₀ + λ · τ_m.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mergesmith.methods.base import Param, TensorContext
+from mergesmith.methods.taskvec import disjoint_merge, elect_signs, per_model, stack_deltas, weighted_sum
+
+# sparsify(delta of expert i, i, params, ctx) -> sparsified delta
+Sparsifier = Callable[[torch.Tensor, int, dict[str, Any], TensorContext], torch.Tensor]
+
+WEIGHT = Param("weight", float, 1.0, "per-model coefficient w_t applied to its task vector", per_model=True)
+LAMBDA = Param("lambda", float, 1.0, "global scale λ of the merged task vector")
+DISJOINT = Param(
+    "disjoint",
+    str,
+    "mean",
+    "disjoint merge over sign-agreeing experts: mean (paper's dis-mean; mergekit normalize: true) or sum",
+    choices=("mean", "sum"),
+)
+SIGN_ZERO = Param(
+    "sign_zero",
+    str,
+    "majority",
+    "elected sign where Σ_t τ̂_t = 0: majority (paper: sign of the whole model's elected signs) or positive "
+    "(mergekit)",
+    choices=("majority", "positive"),
+    mergekit="positive",
+)
+# mergekit spells the disjoint-merge choice as a boolean `normalize`.
+NORMALIZE_ALIAS = {"normalize": ("disjoint", {True: "mean", False: "sum"})}
+
+
+def merge_task_vectors(
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    params: dict[str, Any],
+    ctx: TensorContext,
+    sparsify: Sparsifier | None = None,
+    consensus: bool = False,
+) -> torch.Tensor:
+    deltas = stack_deltas(base, experts)
+    if sparsify is not None:
+        deltas = torch.stack([sparsify(deltas[i], i, params, ctx) for i in range(len(experts))])
+    weights = per_model(params["weight"], deltas)
+    deltas = deltas * weights
+    if consensus:
+        majority = ctx.state.get("majority", 1.0) if isinstance(ctx.state, dict) else 1.0
+        signs = elect_signs(deltas, params["sign_zero"], majority)
+        merged = disjoint_merge(deltas, weights, signs, params["disjoint"])
+    else:
+        merged = weighted_sum(deltas, weights, params.get("normalize", False))
+    return base + params["lambda"] * merged

@@ -1,0 +1,35 @@
+"""Linear merge / model soup (Wortsman et al., ICML 2022, "Model soups").
+
+θ = Σ_i w_i θ_i / Σ_i w_i  (``normalize: true``, the default), or Σ_i w_i θ_i.
+
+Every listed model is an input; ``base_model`` plays no special role (as in mergekit). With equal weights this is
+the uniform soup.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.methods.base import BasePolicy, MergeMethod, Param, register
+from mergesmith.methods.taskvec import per_model, weighted_sum
+
+
+def linear_rule(base, experts, params, ctx):
+    stacked = torch.stack(experts)
+    return weighted_sum(stacked, per_model(params["weight"], stacked), params["normalize"])
+
+
+METHOD = register(
+    MergeMethod(
+        name="linear",
+        rule=linear_rule,
+        summary="weighted average of the models (model soup)",
+        paper="Wortsman et al., Model soups: averaging weights of multiple fine-tuned models, ICML 2022 "
+        "(arXiv:2203.05482)",
+        params=(
+            Param("weight", float, 1.0, "per-model weight w_i", per_model=True),
+            Param("normalize", bool, True, "divide by Σ w_i"),
+        ),
+        base=BasePolicy.IGNORED,
+    )
+)

@@ -1,0 +1,28 @@
+"""Passthrough: copy one model's tensor unchanged (optionally scaled).
+
+With ``slices`` this is layer stacking ("frankenmerges"): the plan picks which source layer feeds each output layer
+(renumbered), and this rule copies it. θ_out = s · θ_src, ``scale`` s = 1 by default.
+"""
+
+from __future__ import annotations
+
+from mergesmith.methods.base import BasePolicy, MergeMethod, Param, register
+
+
+def passthrough_rule(base, experts, params, ctx):
+    scale = params["scale"][0]
+    return experts[0] if scale == 1.0 else experts[0] * scale
+
+
+METHOD = register(
+    MergeMethod(
+        name="passthrough",
+        rule=passthrough_rule,
+        summary="copy one model's tensors (layer stacking with slices)",
+        paper="mergekit passthrough (Goddard et al., Arcee's MergeKit, EMNLP 2024 industry track, arXiv:2403.13257)",
+        params=(Param("scale", float, 1.0, "multiply the copied tensor", per_model=True),),
+        base=BasePolicy.IGNORED,
+        max_experts=1,
+        structural=True,
+    )
+)

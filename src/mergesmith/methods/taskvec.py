@@ -1,0 +1,109 @@
+"""Pieces shared by the task-vector methods (TA, TIES, DARE, Breadcrumbs, DELLA, Consensus, ...).
+
+Every function is pure and works on a stack of task vectors ``deltas`` of shape ``[T, *shape]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def stack_deltas(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """τ_t = θ_t − θ₀, stacked: ``[T, *shape]``."""
+    return torch.stack([e - base for e in experts])
+
+
+def per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """A per-model scalar list as a tensor that broadcasts against a ``[T, *shape]`` stack."""
+    return torch.tensor(list(values), dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def kth_largest(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count``-th largest value of a flat tensor, by selection (no sort)."""
+    n = magnitudes.numel()
+    return magnitudes.reshape(-1).kthvalue(n - count + 1).values
+
+
+def paper_keep_count(numel: int, density: float) -> int:
+    """How many entries the official TIES code keeps: it thresholds at the (D − ⌊D·K⌋)-th smallest |τ| and keeps
+    every entry >= it, i.e. ⌊D·K⌋ + 1 entries (more on ties)."""
+    return min(numel, int(numel * density) + 1)
+
+
+def mergekit_keep_count(numel: int, density: float) -> int:
+    """How many entries mergekit's per-tensor magnitude sparsifier keeps: max(1, ⌊density·n⌋)."""
+    return max(1, int(density * numel))
+
+
+def magnitude_mask(delta: torch.Tensor, density: float, count_rule: str) -> torch.Tensor:
+    """Keep the largest-|δ| fraction ``density`` of one tensor (per-tensor trim)."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    magnitudes = delta.abs()
+    rule = paper_keep_count if count_rule == "paper" else mergekit_keep_count
+    threshold = kth_largest(magnitudes, rule(delta.numel(), density))
+    return magnitudes >= threshold
+
+
+def rescale_kept(delta: torch.Tensor, mask: torch.Tensor, keep_prob: float | torch.Tensor, how: str) -> torch.Tensor:
+    """Apply a drop mask and rescale what survives.
+
+    ``inverse`` (DARE / DELLA papers): divide by the keep probability, so that E[result] = δ.
+    ``l1`` (mergekit): multiply by ‖δ‖₁ / ‖δ ⊙ m‖₁, matching the L1 norm of the tensor (equal in expectation only).
+    ``none``: just drop.
+    """
+    kept = delta * mask
+    if how == "none":
+        return kept
+    if how == "inverse":
+        return kept / keep_prob
+    if how == "l1":
+        before = delta.abs().sum()
+        after = kept.abs().sum()
+        eps = 1e-7
+        if before < eps or after < eps:
+            return kept
+        return kept * (before / after)
+    raise ValueError(f"unknown rescale {how!r}")
+
+
+def elect_signs(deltas: torch.Tensor, zero: str, majority: float = 1.0) -> torch.Tensor:
+    """TIES sign election by mass: γ = sign(Σ_t τ̂_t), as ±1.
+
+    Where the sum is exactly 0 the paper uses the sign of the whole model's elected signs (``majority``, computed
+    by a pass over the model and passed in); mergekit takes + (``positive``).
+    """
+    total = deltas.sum(dim=0)
+    if zero == "positive":
+        return torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
+    sign = torch.sign(total)
+    return torch.where(sign == 0, torch.as_tensor(majority, dtype=deltas.dtype), sign)
+
+
+def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Tensor, how: str) -> torch.Tensor:
+    """TIES disjoint merge over the experts whose (weighted) entry agrees with the elected sign.
+
+    ``deltas`` are already weighted. ``mean`` divides by the total weight of the agreeing experts (the paper's
+    dis-mean when weights are 1; mergekit's ``normalize: true``), ``sum`` does not (dis-sum).
+    """
+    agree = torch.sign(deltas) == signs  # zero entries never agree: they are trimmed or dropped
+    merged = (deltas * agree).sum(dim=0)
+    if how == "sum":
+        return merged
+    divisor = (weights * agree).sum(dim=0)
+    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return merged / divisor
+
+
+def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Σ_t w_t τ_t, divided by Σ_t w_t when ``normalize`` (a weighted mean)."""
+    merged = (deltas * weights).sum(dim=0)
+    if normalize:
+        total = float(weights.sum())
+        if abs(total) >= 1e-8:
+            merged = merged / total
+    return merged

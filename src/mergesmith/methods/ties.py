@@ -1,0 +1,150 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023, "Resolving Interference When Merging Models").
+
+1. Trim: τ̂_t = τ_t ⊙ 1{|τ_t| ≥ κ_t}, keeping the top ``density`` fraction of |τ_t|.
+2. Elect: γ = sign(Σ_t w_t τ̂_t) (sign by mass).
+3. Disjoint merge: τ_m = Σ_{t∈A} w_t τ̂_t / Σ_{t∈A} w_t over A = {t : sign(τ̂_t) = γ} (``mean``) or without the
+   division (``sum``).
+4. θ = θ₀ + λ τ_m.
+
+Paper vs mergekit (``compat: mergekit`` switches every item):
+- trim scope: the paper's code ranks each expert's task vector over the *whole network* (κ_t is one threshold per
+  expert, found by an exact streaming selection over all tensors: two histogram passes over the float bits);
+  mergekit ranks per tensor. ``trim_scope: global | tensor``.
+- kept count: the paper's code keeps |τ| ≥ the (D − ⌊D·K⌋)-th smallest value, i.e. ⌊D·K⌋ + 1 entries; mergekit
+  keeps max(1, ⌊K·n⌋). Follows ``trim_scope``.
+- sign of an exact zero sum: paper = the sign of the sum of all elected signs of the model (one more pass);
+  mergekit = +. ``sign_zero: majority | positive``.
+- default density: paper K = 20 % (``density: 0.2``); mergekit 1.0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergesmith.errors import RecipeError
+from mergesmith.methods.base import MergeMethod, Param, TensorContext, TensorStream, register
+from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
+from mergesmith.methods.taskvec import elect_signs, magnitude_mask, paper_keep_count, per_model, stack_deltas
+
+_BINS = 1 << 16
+
+
+def _magnitude_bits(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    """|τ_t| as fp32 bit patterns, ``[T, n]`` int64. For non-negative floats the bit order is the value order."""
+    mags = stack_deltas(base, experts).abs().to(torch.float32).reshape(len(experts), -1)
+    return mags.view(torch.int32).to(torch.int64)
+
+
+def global_thresholds(stream: TensorStream, densities: list[float]) -> list[float]:
+    """Exact κ_t per expert over the whole model: the (⌊D·K_t⌋ + 1)-th largest |τ_t|, with O(1) memory.
+
+    Radix selection on the fp32 bit pattern: pass 1 histograms the high 16 bits, pass 2 the low 16 bits of the
+    entries that fall in the bucket holding the wanted rank.
+    """
+    count = len(densities)
+    high = torch.zeros(count, _BINS, dtype=torch.int64)
+    total = 0
+    for item in stream():
+        bits = _magnitude_bits(item.base, item.experts)
+        total += bits.shape[1]
+        for t in range(count):
+            high[t] += torch.bincount(bits[t] >> 16, minlength=_BINS)
+    # rank (1-based, ascending) of the threshold = D − keep + 1
+    ranks = [total - paper_keep_count(total, d) + 1 for d in densities]
+    buckets, residual = [], []
+    for t in range(count):
+        cumulative = high[t].cumsum(0)
+        bucket = int(torch.searchsorted(cumulative, torch.tensor(ranks[t])))
+        buckets.append(bucket)
+        residual.append(ranks[t] - (int(cumulative[bucket - 1]) if bucket > 0 else 0))
+    low = torch.zeros(count, _BINS, dtype=torch.int64)
+    for item in stream():
+        bits = _magnitude_bits(item.base, item.experts)
+        for t in range(count):
+            row = bits[t]
+            selected = row[(row >> 16) == buckets[t]]
+            low[t] += torch.bincount(selected & 0xFFFF, minlength=_BINS)
+    thresholds = []
+    for t in range(count):
+        lo = int(torch.searchsorted(low[t].cumsum(0), torch.tensor(residual[t])))
+        pattern = torch.tensor([(buckets[t] << 16) | lo], dtype=torch.int32)
+        thresholds.append(float(pattern.view(torch.float32)))
+    return thresholds
+
+
+def _trim(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
+    if params["trim_scope"] == "global":
+        if params["density"][i] >= 1:
+            return delta
+        return delta * (delta.abs().to(torch.float32) >= ctx.state["thresholds"][i])
+    return delta * magnitude_mask(delta, params["density"][i], "mergekit")
+
+
+def _constant_densities(stream: TensorStream) -> list[float]:
+    densities: list[float] | None = None
+    for item in stream():
+        if densities is None:
+            densities = list(item.params["density"])
+        elif list(item.params["density"]) != densities:
+            raise RecipeError(
+                f"tensor '{item.name}': with trim_scope: global each model's density must be the same for every "
+                "tensor (it is one top-k over the whole network); use trim_scope: tensor for per-tensor densities"
+            )
+    return densities or []
+
+
+def prepare_ties(stream: TensorStream, shared: dict[str, Any], seed: int = 0, sparsify=_trim) -> dict[str, Any]:
+    """The whole-model passes: global thresholds (trim_scope: global) and the majority sign (sign_zero: majority)."""
+    state: dict[str, Any] = {}
+    if shared["trim_scope"] == "global":
+        densities = _constant_densities(stream)
+        state["thresholds"] = (
+            global_thresholds(stream, densities) if any(d < 1 for d in densities) else [0.0] * len(densities)
+        )
+    if shared["sign_zero"] == "majority":
+        ctx = TensorContext(name="", state=state, seed=seed)
+        total = 0.0
+        for item in stream():
+            ctx.name = item.name
+            deltas = stack_deltas(item.base, item.experts)
+            deltas = torch.stack([sparsify(deltas[i], i, item.params, ctx) for i in range(len(item.experts))])
+            deltas = deltas * per_model(item.params["weight"], deltas)
+            total += float(elect_signs(deltas, "positive").sum()) - float((deltas.sum(0) == 0).sum())
+        state["majority"] = float(torch.sign(torch.tensor(total)))
+    return state
+
+
+def ties_rule(base, experts, params, ctx):
+    return merge_task_vectors(base, experts, params, ctx, sparsify=_trim, consensus=True)
+
+
+TRIM_SCOPE = Param(
+    "trim_scope",
+    str,
+    "global",
+    "rank |τ| over each expert's whole network (paper) or per tensor (mergekit)",
+    choices=("global", "tensor"),
+    mergekit="tensor",
+)
+
+METHOD = register(
+    MergeMethod(
+        name="ties",
+        rule=ties_rule,
+        summary="trim to top-k |τ|, elect signs by mass, disjoint mean",
+        paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708)",
+        params=(
+            WEIGHT,
+            Param("density", float, 0.2, "fraction of |τ| kept (paper K = 20 %)", per_model=True, low=0.0,
+                  high=1.0, mergekit=1.0),
+            LAMBDA,
+            DISJOINT,
+            TRIM_SCOPE,
+            SIGN_ZERO,
+        ),
+        prepare=prepare_ties,
+        aliases=dict(NORMALIZE_ALIAS),
+    )
+)
