@@ -85,14 +85,14 @@ def merge_state_dicts(
         sources[key] = DictSource(sd, f"model {i}")
         settings = {}
         for name, value in params.items():
-            if name in per_model_names and isinstance(value, (list, tuple)):
+            if _is_per_model_list(name, value, per_model_names):
                 if len(value) != len(experts):
                     raise RecipeError(
                         f"parameter '{name}' has {len(value)} values for {len(experts)} experts"
                     )
                 settings[name] = value[i]
         models.append({"model": key, "parameters": settings})
-    shared = {k: v for k, v in params.items() if not (k in per_model_names and isinstance(v, (list, tuple)))}
+    shared = {k: v for k, v in params.items() if not _is_per_model_list(k, v, per_model_names)}
     recipe = load_recipe(
         {
             "merge_method": method,
@@ -107,6 +107,15 @@ def merge_state_dicts(
     out: dict[str, torch.Tensor] = {}
     execute(plan, out.__setitem__, threads=threads, progress=False)
     return {j.name: out[j.name] for j in plan.jobs}
+
+
+def _is_per_model_list(name: str, value: Any, per_model_names: set[str]) -> bool:
+    """A list for a per-model parameter holds one value per expert, unless it is a filter list (of dicts)."""
+    return (
+        name in per_model_names
+        and isinstance(value, (list, tuple))
+        and not all(isinstance(v, dict) for v in value)
+    )
 
 
 def _per_model_names(method: str) -> set[str]:

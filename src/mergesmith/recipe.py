@@ -122,7 +122,15 @@ class Recipe(BaseModel):
 
 def _format_validation_error(e: ValidationError, where: str) -> str:
     first = e.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "recipe"
+    parts = [str(p) for p in first["loc"]]
+    if "parameters" in parts and parts.index("parameters") + 1 < len(parts):
+        i = parts.index("parameters")
+        owner = ".".join(parts[:i]) or "top level"
+        return (
+            f"{where}: parameter '{parts[i + 1]}' ({owner}) must be a number, bool or string, a list of them "
+            "(a gradient over layers), or a list of {filter, value} entries"
+        )
+    loc = ".".join(parts) or "recipe"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         known = ", ".join(Recipe.model_fields)

@@ -51,8 +51,8 @@ def merge_task_vectors(
     if sparsify is not None:
         deltas = torch.stack([sparsify(deltas[i], i, params, ctx) for i in range(len(experts))])
     weights = per_model(params["weight"], deltas)
-    deltas = deltas * weights
     if consensus:
+        deltas = deltas * weights
         majority = ctx.state.get("majority", 1.0) if isinstance(ctx.state, dict) else 1.0
         signs = elect_signs(deltas, params["sign_zero"], majority)
         merged = disjoint_merge(deltas, weights, signs, params["disjoint"])

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny Llama checkpoints built locally with random init (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_llama(path: Path, seed: int, base: Path | None = None, scale: float = 0.02, *, layers: int = 4,
+                tied: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny LlamaForCausalLM saved as safetensors. With ``base``, a 'fine-tune': base + seeded noise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                         max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    if base is not None:
+        reference = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model.load_state_dict(reference.state_dict())
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * scale)
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llamas(tmp_path_factory) -> dict[str, Path]:
+    """base + three fine-tunes (float32, untied, 4 layers)."""
+    root = tmp_path_factory.mktemp("llamas")
+    base = build_llama(root / "base", 0)
+    return {"base": base, **{name: build_llama(root / name, seed, base) for name, seed in
+                              (("a", 1), ("b", 2), ("c", 3))}}
+
+
+@pytest.fixture(scope="session")
+def tied_llamas(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tied")
+    base = build_llama(root / "base", 10, tied=True)
+    return {"base": base, "a": build_llama(root / "a", 11, base, tied=True),
+            "b": build_llama(root / "b", 12, base, tied=True)}
+
+
+@pytest.fixture(scope="session")
+def bf16_llamas(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bf16")
+    base = build_llama(root / "base", 20, dtype=torch.bfloat16)
+    return {"base": base, "a": build_llama(root / "a", 21, base, dtype=torch.bfloat16),
+            "b": build_llama(root / "b", 22, base, dtype=torch.bfloat16)}
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an output folder (single or sharded), via the reference safetensors library."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
