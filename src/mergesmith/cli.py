@@ -65,10 +65,35 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print()
             print(textwrap.indent(doc.strip(), "  "))
         return 0
+    if args.markdown:
+        print(methods_markdown())
+        return 0
     for m in all_methods():
         print(f"{m.name:<18} {m.summary}")
         print(f"{'':<18} {m.paper}")
     return 0
+
+
+def _fmt(value: object) -> str:
+    return f"`{value}`"
+
+
+def methods_markdown() -> str:
+    """Two Markdown tables generated from the registry: the methods, and every paper-vs-mergekit difference."""
+    from mergesmith.methods import all_methods
+    from mergesmith.methods.base import REQUIRED
+
+    rows = ["| method | base | parameters (default) | paper |", "|---|---|---|---|"]
+    diffs = ["| method | parameter | paper default | `compat: mergekit` |", "|---|---|---|---|"]
+    for m in all_methods():
+        params = ", ".join(
+            f"`{p.name}`{'*' if p.per_model else ''}={'required' if p.required else p.default!r}" for p in m.params
+        )
+        rows.append(f"| `{m.name}` | {m.base.value} | {params} | {m.paper} |")
+        for p in m.params:
+            if p.mergekit is not REQUIRED and p.mergekit != p.default:
+                diffs.append(f"| `{m.name}` | `{p.name}` | {_fmt(p.default)} | {_fmt(p.mergekit)} |")
+    return "\n".join(rows) + "\n\n`*` = per-model parameter.\n\n" + "\n".join(diffs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list methods, or show one method's parameters and paper")
     p.add_argument("name", nargs="?")
+    p.add_argument("--markdown", action="store_true", help="print the method and difference tables as Markdown")
     p.set_defaults(func=cmd_methods)
     return parser
 
