@@ -43,7 +43,7 @@ def recipes(m: dict[str, Path]) -> dict[str, dict]:
                             "models": [{"model": a, "parameters": graded}, {"model": b, "parameters": {"weight": 0.4}}]},
         "ties": {"merge_method": "ties", "base_model": base, "parameters": {"lambda": 1.2}, "models": two},
         "ties_sum": {"merge_method": "ties", "base_model": base, "parameters": {"normalize": False},
-                     "models": two + [{"model": c, "parameters": {"weight": 0.3, "density": 0.7}}]},
+                     "models": [*two, {"model": c, "parameters": {"weight": 0.3, "density": 0.7}}]},
         "dare_linear": {"merge_method": "dare_linear", "base_model": base,
                         "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}]},
         "dare_ties": {"merge_method": "dare_ties", "base_model": base, "parameters": {"lambda": 0.9},

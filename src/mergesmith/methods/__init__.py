@@ -1,11 +1,20 @@
 """Merge methods: one module each, registered on import. ``get_method(name)`` and ``all_methods()``."""
 
 from mergesmith.methods import (  # noqa: F401  (each import registers its methods)
+    breadcrumbs,
+    consensus,
     dare,
+    della,
+    karcher,
     linear,
+    model_stock,
+    nuslerp,
     passthrough,
+    pcb,
+    slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from mergesmith.methods.base import (
     BasePolicy,

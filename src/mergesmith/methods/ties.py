@@ -8,7 +8,8 @@
 
 Paper vs mergekit (``compat: mergekit`` switches every item):
 - trim scope: the paper's code ranks each expert's task vector over the *whole network* (κ_t is one threshold per
-  expert, found by an exact streaming selection over all tensors: two histogram passes over the float bits);
+  expert, found by an exact streaming selection over all tensors: two histogram passes over the float bits,
+  ``selection.order_statistics``);
   mergekit ranks per tensor. ``trim_scope: global | tensor``.
 - kept count: the paper's code keeps |τ| ≥ the (D − ⌊D·K⌋)-th smallest value, i.e. ⌊D·K⌋ + 1 entries; mergekit
   keeps max(1, ⌊K·n⌋). Follows ``trim_scope``.
@@ -19,6 +20,7 @@ Paper vs mergekit (``compat: mergekit`` switches every item):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,52 +28,27 @@ import torch
 from mergesmith.errors import RecipeError
 from mergesmith.methods.base import MergeMethod, Param, TensorContext, TensorStream, register
 from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
+from mergesmith.methods.selection import order_statistics
 from mergesmith.methods.taskvec import elect_signs, magnitude_mask, paper_keep_count, per_model, stack_deltas
 
-_BINS = 1 << 16
 
-
-def _magnitude_bits(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-    """|τ_t| as fp32 bit patterns, ``[T, n]`` int64. For non-negative floats the bit order is the value order."""
-    mags = stack_deltas(base, experts).abs().to(torch.float32).reshape(len(experts), -1)
-    return mags.view(torch.int32).to(torch.int64)
+def _magnitude_rows(stream: TensorStream) -> Iterator[torch.Tensor]:
+    """One pass: |τ_t| of each tensor as fp32 ``[T, n]`` rows (the chunks that the radix selection ranks)."""
+    for item in stream():
+        yield stack_deltas(item.base, item.experts).abs().to(torch.float32).reshape(len(item.experts), -1)
 
 
 def global_thresholds(stream: TensorStream, densities: list[float]) -> list[float]:
     """Exact κ_t per expert over the whole model: the (⌊D·K_t⌋ + 1)-th largest |τ_t|, with O(1) memory.
 
-    Radix selection on the fp32 bit pattern: pass 1 histograms the high 16 bits, pass 2 the low 16 bits of the
-    entries that fall in the bucket holding the wanted rank.
+    Radix selection on the fp32 bit patterns (``selection.order_statistics``): two histogram passes.
     """
-    count = len(densities)
-    high = torch.zeros(count, _BINS, dtype=torch.int64)
-    total = 0
-    for item in stream():
-        bits = _magnitude_bits(item.base, item.experts)
-        total += bits.shape[1]
-        for t in range(count):
-            high[t] += torch.bincount(bits[t] >> 16, minlength=_BINS)
-    # rank (1-based, ascending) of the threshold = D − keep + 1
-    ranks = [total - paper_keep_count(total, d) + 1 for d in densities]
-    buckets, residual = [], []
-    for t in range(count):
-        cumulative = high[t].cumsum(0)
-        bucket = int(torch.searchsorted(cumulative, torch.tensor(ranks[t])))
-        buckets.append(bucket)
-        residual.append(ranks[t] - (int(cumulative[bucket - 1]) if bucket > 0 else 0))
-    low = torch.zeros(count, _BINS, dtype=torch.int64)
-    for item in stream():
-        bits = _magnitude_bits(item.base, item.experts)
-        for t in range(count):
-            row = bits[t]
-            selected = row[(row >> 16) == buckets[t]]
-            low[t] += torch.bincount(selected & 0xFFFF, minlength=_BINS)
-    thresholds = []
-    for t in range(count):
-        lo = int(torch.searchsorted(low[t].cumsum(0), torch.tensor(residual[t])))
-        pattern = torch.tensor([(buckets[t] << 16) | lo], dtype=torch.int32)
-        thresholds.append(float(pattern.view(torch.float32)))
-    return thresholds
+
+    def ranks(total: int) -> list[list[int]]:
+        # rank (1-based, ascending) of the threshold = D − keep + 1
+        return [[total - paper_keep_count(total, d) + 1] for d in densities]
+
+    return [row[0] for row in order_statistics(lambda: _magnitude_rows(stream), ranks)]
 
 
 def _trim(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
