@@ -66,3 +66,21 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def run_method(name: str, base: dict, experts: list[dict], shared: dict | None = None,
+               per_model: list[dict] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Run one method over dicts of tensors as the engine does: ``prepare`` over a stream, then the rule."""
+    from mergesmith.methods import get_method
+    from mergesmith.methods.base import TensorContext, TensorInputs, resolve_method_params
+
+    method = get_method(name)
+    params = resolve_method_params(method, shared or {}, per_model or [{} for _ in experts])
+
+    def stream():
+        for key in base:
+            yield TensorInputs(key, base[key], [e[key] for e in experts], params)
+
+    state = method.prepare(stream, params, seed) if method.prepare else None
+    return {key: method.rule(base[key], [e[key] for e in experts], params,
+                             TensorContext(key, seed=seed, state=state)) for key in base}

@@ -81,8 +81,8 @@ def test_ties_global_trim_matches_official_code(density, how):
 
 
 def test_ties_global_threshold_is_exact_selection():
-    from mergesmith.methods.ties import global_thresholds
     from mergesmith.methods.base import TensorInputs
+    from mergesmith.methods.ties import global_thresholds
 
     base, experts = random_models(2, seed=3, shapes=((64, 33), (128,), (5, 5)))
     items = [TensorInputs(n, base[n], [e[n] for e in experts], {}) for n in base]

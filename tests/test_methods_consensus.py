@@ -7,22 +7,12 @@ import pytest
 import torch
 
 from mergesmith.methods import get_method
-from mergesmith.methods.base import TensorContext, TensorInputs, resolve_method_params
+from mergesmith.methods.base import resolve_method_params
+from tests.conftest import run_method
 
 
 def merge_model(base, experts, shared=None, per_model=None, seed=0):
-    method = get_method("consensus")
-    params = resolve_method_params(method, shared or {}, per_model or [{} for _ in experts])
-
-    def stream():
-        for name in base:
-            yield TensorInputs(name, base[name], [e[name] for e in experts], params)
-
-    state = method.prepare(stream, params, seed)
-    return {
-        name: method.rule(base[name], [e[name] for e in experts], params, TensorContext(name, seed=seed, state=state))
-        for name in base
-    }
+    return run_method("consensus", base, experts, shared, per_model, seed)
 
 
 def run(base, experts, shared=None, per_model=None):

@@ -7,23 +7,12 @@ import torch
 
 from mergesmith.errors import RecipeError
 from mergesmith.methods import get_method
-from mergesmith.methods.base import TensorContext, TensorInputs, resolve_method_params
+from mergesmith.methods.base import TensorInputs, resolve_method_params
+from tests.conftest import run_method
 
 
 def merge_model(base, experts, shared=None, per_model=None, seed=0):
-    """Run pcb over a dict of tensors the way the engine does: prepare over a stream, then the rule per tensor."""
-    method = get_method("pcb")
-    params = resolve_method_params(method, shared or {}, per_model or [{} for _ in experts])
-
-    def stream():
-        for name in base:
-            yield TensorInputs(name, base[name], [e[name] for e in experts], params)
-
-    state = method.prepare(stream, params, seed)
-    return {
-        name: method.rule(base[name], [e[name] for e in experts], params, TensorContext(name, seed=seed, state=state))
-        for name in base
-    }
+    return run_method("pcb", base, experts, shared, per_model, seed)
 
 
 # --- a straight port of the official code (duguodong7/pcb-merging, pcb-merging.py and vision pcb.py) ---------
