@@ -406,24 +406,27 @@ def execute(
         return job.nbytes
 
     done = 0
+
+    def finished(nbytes: int) -> None:
+        nonlocal done
+        done += 1
+        bar.update(nbytes)
+        bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
+
     try:
         if threads <= 1:
             for job in plan.jobs:
-                bar.update(work(job))
-                done += 1
-                bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
+                finished(work(job))
             return
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith") as pool:
             pending: set[Future[int]] = set()
             for job in plan.jobs:
                 if len(pending) >= 2 * threads:  # bound the tensors in flight
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        bar.update(f.result())
-                        done += 1
+                    complete, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in complete:
+                        finished(f.result())
                 pending.add(pool.submit(work, job))
             for f in pending:
-                bar.update(f.result())
-                done += 1
+                finished(f.result())
     finally:
         bar.close()
