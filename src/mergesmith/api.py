@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,9 +18,10 @@ import yaml
 
 from mergesmith import __version__
 from mergesmith.checkpoint.reader import CheckpointSource, DictSource, Source
-from mergesmith.checkpoint.writer import FolderWriter, parse_size
+from mergesmith.checkpoint.writer import FolderWriter, parse_size, sha256_file
 from mergesmith.engine import Plan, Planner, execute
 from mergesmith.errors import MergeError, RecipeError
+from mergesmith.output import OutputLock, PartialFolder, check_free_space, fingerprint
 from mergesmith.recipe import Recipe, load_recipe
 
 TOKENIZER_FILES = (
@@ -48,12 +48,14 @@ class MergeResult:
     bytes: int
     shards: int
     seconds: float
+    resumed_shards: int = 0
 
     def summary(self) -> str:
         return (
             f"merged {self.tensors} tensors ({self.bytes / 1e6:.1f} MB, {self.shards} shard"
             f"{'s' if self.shards != 1 else ''}) with {self.method} in {self.seconds:.1f} s "
             f"({self.bytes / 1e6 / max(self.seconds, 1e-9):.0f} MB/s) -> {self.out_dir}"
+            + (f" (resumed: {self.resumed_shards} finished shards reused)" if self.resumed_shards else "")
         )
 
 
@@ -125,14 +127,6 @@ def _per_model_names(method: str) -> set[str]:
     return {p.name for p in m.params if p.per_model}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _open_sources(recipe: Recipe, allow_pickle: bool, where: str) -> dict[str, Source]:
     sources: dict[str, Source] = {}
     for path in recipe.model_paths():
@@ -170,6 +164,8 @@ def merge(
     shard_size: str | int = DEFAULT_SHARD_SIZE,
     threads: int | None = None,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    resume: bool = False,
     seed: int | None = None,
     dtype: str | None = None,
     compat: str | None = None,
@@ -177,8 +173,9 @@ def merge(
 ) -> MergeResult:
     """Merge the checkpoints a recipe names into ``out_dir`` (an HF model folder), atomically.
 
-    The output is written into a hidden temporary sibling folder and renamed at the end; on any error or
-    interrupt the temporary folder is removed and nothing is left at ``out_dir``.
+    The output is built in a hidden sibling ``.NAME.partial`` folder and renamed into place at the end. An error
+    removes it; a kill leaves it for ``resume=True``, which reuses the shards it finished after checking their
+    sha256. ``out_dir`` itself never exists half-written.
     """
     start = time.perf_counter()
     where = str(recipe) if isinstance(recipe, (str, Path)) else "recipe"
@@ -197,53 +194,52 @@ def merge(
     out = Path(out_dir)
     _check_output(out, recipe, force)
     sources = _open_sources(recipe, allow_pickle, where)
-    plan = Planner(recipe, sources, out_dtype).plan()
-    threads = threads or min(4, os.cpu_count() or 1)
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        with ThreadPoolExecutor(max_workers=1) as hasher:
-            inputs = {label: src for label, src in sources.items()}
-            hashes = hasher.submit(
-                lambda: {label: {str(p): _sha256(p) for p in src.files()} for label, src in inputs.items()}
-            )
-            writer = FolderWriter(tmp, plan.specs(), size)
+        plan = Planner(recipe, sources, out_dtype).plan()
+        plan.allow_nonfinite = allow_nonfinite
+        threads = threads or min(4, os.cpu_count() or 1)
+        input_files = [f for src in sources.values() for f in src.files()]
+        with OutputLock(out):
+            key = fingerprint(recipe.to_yaml(), {"dtype": out_dtype, "shard_size": size, "version": __version__},
+                              input_files)
+            partial = PartialFolder(out, key, resume)
             try:
-                execute(plan, writer.write, threads=threads, progress=progress)
-            finally:
-                writer.close()
-            input_hashes = hashes.result()
-        seconds = time.perf_counter() - start
-        _write_metadata(tmp, recipe, plan, input_hashes, seconds, writer.file_names)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                try:
+                    writer = FolderWriter(partial.path, plan.specs(), size, partial.finished, partial.shard_done)
+                    output_hashes, input_hashes = _write_all(plan, writer, sources, threads, progress)
+                    writer.write_index()
+                    _write_metadata(partial.path, recipe, plan, input_hashes, output_hashes,
+                                    time.perf_counter() - start, partial.resumed_from)
+                    partial.publish(out)
+                except OSError as e:  # disk full, file too large, I/O error: one line, then clean up
+                    raise MergeError(f"{out}: writing the output failed ({e.strerror}); nothing was written") from None
+            except (KeyboardInterrupt, SystemExit):
+                raise  # interrupted or killed: the partial folder stays for --resume
+            except BaseException:
+                partial.discard()
+                raise
     finally:
         for src in sources.values():
             with contextlib.suppress(Exception):
                 src.close()  # type: ignore[attr-defined]
-    return MergeResult(
-        out,
-        recipe.merge_method,
-        len(plan.jobs),
-        sum(j.nbytes for j in plan.jobs),
-        len(writer.file_names),
-        time.perf_counter() - start,
-    )
+    return MergeResult(out, recipe.merge_method, len(plan.jobs), sum(j.nbytes for j in plan.jobs),
+                       len(writer.file_names), time.perf_counter() - start, partial.resumed_from)
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
+def _write_all(plan: Plan, writer: FolderWriter, sources: dict[str, Source], threads: int,
+               progress: bool) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Merge every tensor still to do into the writer while the input files are hashed for the manifest."""
+    todo = writer.pending()
+    check_free_space(writer.folder, sum(j.nbytes for j in plan.jobs if j.name in todo))
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        hashes = hasher.submit(lambda: {label: {str(p): sha256_file(p) for p in src.files()}
+                                        for label, src in sources.items()})
+        try:
+            execute(plan, writer.write, threads=threads, progress=progress, only=todo)
+            output_hashes = writer.finalize()
+        finally:
+            writer.close()
+        return output_hashes, hashes.result()
 
 
 def _write_metadata(
@@ -251,8 +247,9 @@ def _write_metadata(
     recipe: Recipe,
     plan: Plan,
     input_hashes: dict[str, dict[str, str]],
+    output_hashes: dict[str, str],
     seconds: float,
-    shards: list[str],
+    resumed_shards: int,
 ) -> None:
     config_src = plan.config_source
     if plan.config:
@@ -281,7 +278,8 @@ def _write_metadata(
         "seed": recipe.seed,
         "wall_time_s": round(seconds, 3),
         "inputs": input_hashes,
-        "outputs": shards,
+        "output_sha256": output_hashes,
+        "resumed_shards": resumed_shards,
         "torch_version": torch.__version__,
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -24,6 +24,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         threads=args.threads,
         allow_pickle=args.allow_pickle,
+        allow_nonfinite=args.allow_nonfinite,
+        resume=args.resume,
         seed=args.seed,
         dtype=args.dtype,
         compat=args.compat,
@@ -71,6 +73,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for m in all_methods():
         print(f"{m.name:<18} {m.summary}")
         print(f"{'':<18} {m.paper}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mergesmith.output import verify
+
+    problems = verify(args.out)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        print(f"{args.out}: {len(problems)} problem(s)")
+        return 1
+    print(f"{args.out}: OK (every shard matches its recorded sha256)")
     return 0
 
 
@@ -162,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)"
     )
+    p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN or Inf")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge of the same recipe, reusing its verified finished shards")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the recipe)")
     p.add_argument(
@@ -178,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("verify", help="recheck an output folder against the sha256 in its manifest")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("zoo", help="build a benchmark model zoo (offline): `mergesmith zoo build text8`")
     p.add_argument("action", choices=["build"])
@@ -221,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
+        print("interrupted: no output was written (rerun with --resume to reuse the finished shards)",
+              file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

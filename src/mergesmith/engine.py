@@ -63,6 +63,7 @@ class Plan:
     seed: int
     config: dict[str, Any] = field(default_factory=dict)
     config_source: Source | None = None
+    allow_nonfinite: bool = False
 
     def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [(j.name, j.dtype, j.shape) for j in self.jobs]
@@ -339,9 +340,19 @@ def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _load(job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    base = job.base[0].get(job.base[1]) if job.base else None
-    experts = [src.get(name) for src, name in job.experts]
+def _read(source: Source, name: str, check_finite: bool) -> torch.Tensor:
+    tensor = source.get(name)
+    if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CheckpointError(
+            f"{source.label}: tensor '{name}' contains NaN or Inf; repair the checkpoint, or pass --allow-nonfinite "
+            "to merge it anyway"
+        )
+    return tensor
+
+
+def _load(job: Job, check_finite: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    base = _read(*job.base, check_finite) if job.base else None
+    experts = [_read(src, name, check_finite) for src, name in job.experts]
     dtype = _compute_dtype(([base] if base is not None else []) + experts)
     return (base.to(dtype) if base is not None else None), [e.to(dtype) for e in experts]
 
@@ -353,7 +364,7 @@ def stream_inputs(plan: Plan) -> Callable[[], Iterator[TensorInputs]]:
         for job in plan.jobs:
             if job.copy:
                 continue
-            base, experts = _load(job)
+            base, experts = _load(job, not plan.allow_nonfinite)
             yield TensorInputs(job.name, base, experts, job.params)
 
     return one_pass
@@ -365,11 +376,11 @@ def run_job(plan: Plan, job: Job, state: Any) -> torch.Tensor:
         return src.get(name)
     if plan.method.structural:
         src, name = job.experts[0]
-        raw = src.get(name)
+        raw = _read(src, name, not plan.allow_nonfinite)
         experts = [raw if job.params.get("scale", [1.0])[0] == 1.0 else raw.to(_compute_dtype([raw]))]
         base = None
     else:
-        base, experts = _load(job)
+        base, experts = _load(job, not plan.allow_nonfinite)
     ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer)
     out = plan.method.rule(base, experts, job.params, ctx)
     if tuple(out.shape) != tuple(job.shape):
@@ -384,15 +395,18 @@ def execute(
     write: Callable[[str, torch.Tensor], None],
     threads: int = 1,
     progress: bool = True,
+    only: set[str] | None = None,
 ) -> None:
-    """Run every job; ``write(name, tensor)`` receives each result (from worker threads)."""
+    """Run every job (or those named in ``only``: a resume); ``write(name, tensor)`` receives each result, from
+    worker threads. ``prepare`` passes always stream the whole model."""
     state = None
     if plan.method.prepare is not None:
         first = next((j for j in plan.jobs if not j.copy), None)
         if first is not None:
             state = plan.method.prepare(stream_inputs(plan), first.params, plan.seed)
+    jobs = [j for j in plan.jobs if only is None or j.name in only]
     bar = tqdm(
-        total=sum(j.nbytes for j in plan.jobs),
+        total=sum(j.nbytes for j in jobs),
         unit="B",
         unit_scale=True,
         desc=f"merge ({plan.method.name})",
@@ -411,16 +425,16 @@ def execute(
         nonlocal done
         done += 1
         bar.update(nbytes)
-        bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
+        bar.set_postfix_str(f"{done}/{len(jobs)} tensors", refresh=False)
 
     try:
         if threads <= 1:
-            for job in plan.jobs:
+            for job in jobs:
                 finished(work(job))
             return
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith") as pool:
             pending: set[Future[int]] = set()
-            for job in plan.jobs:
+            for job in jobs:
                 if len(pending) >= 2 * threads:  # bound the tensors in flight
                     complete, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in complete:

@@ -175,7 +175,6 @@ class ShardWriter:
             written = os.pwrite(self.fd, view, position)
             view = view[written:]
             position += written
-        self.remaining.discard(name)
 
     def close(self) -> None:
         if self.fd >= 0:

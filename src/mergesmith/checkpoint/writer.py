@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,50 +44,94 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-class FolderWriter:
-    """Assigns planned tensors to shards (in plan order, a new shard when the next tensor would overflow) and
-    writes each tensor at its offset as it arrives. Thread-safe."""
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    def __init__(self, folder: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int):
+
+def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> dict[str, list]:
+    """File name → the specs it holds, in plan order; a new shard when the next tensor would overflow."""
+    groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    used = 0
+    for spec in specs:
+        nbytes = math.prod(spec[2]) * element_size(spec[1])
+        if groups[-1] and used + nbytes > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(spec)
+        used += nbytes
+    count = len(groups)
+    names = (["model.safetensors"] if count == 1
+             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+    return dict(zip(names, groups))
+
+
+class FolderWriter:
+    """Writes planned tensors into their shards as they arrive (any order, any thread).
+
+    When the last tensor of a shard arrives the shard is synced to disk, hashed, and reported to ``on_done``
+    (the resume journal). Shards listed in ``finished`` (verified by the caller) are not rewritten: their
+    tensors are not expected.
+    """
+
+    def __init__(self, folder: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int,
+                 finished: dict[str, str] | None = None,
+                 on_done: Callable[[str, str], None] | None = None):
         self.folder = Path(folder)
-        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
-        used = 0
-        for spec in specs:
-            nbytes = math.prod(spec[2]) * element_size(spec[1])
-            if groups[-1] and used + nbytes > shard_size:
-                groups.append([])
-                used = 0
-            groups[-1].append(spec)
-            used += nbytes
-        count = len(groups)
-        self.file_names = (
-            ["model.safetensors"]
-            if count == 1
-            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        )
+        layout = plan_shards(specs, shard_size)
+        self.file_names = list(layout)
         self.total_size = sum(math.prod(s[2]) * element_size(s[1]) for s in specs)
-        self.shards: list[ShardWriter] = []
-        self.shard_of: dict[str, ShardWriter] = {}
-        self.weight_map: dict[str, str] = {}
+        self.weight_map = {name: file for file, group in layout.items() for name, _, _ in group}
+        self.hashes: dict[str, str] = dict(finished or {})
+        self.on_done = on_done
+        self.shards: dict[str, ShardWriter] = {}
         self._lock = threading.Lock()
         try:
-            for file_name, group in zip(self.file_names, groups):
-                shard = ShardWriter(self.folder / file_name, group, {"format": "pt"})
-                self.shards.append(shard)
-                for name, _, _ in group:
-                    self.shard_of[name] = shard
-                    self.weight_map[name] = file_name
+            for file_name, group in layout.items():
+                if file_name not in self.hashes:
+                    self.shards[file_name] = ShardWriter(self.folder / file_name, group, {"format": "pt"})
         except BaseException:
             self.close()
             raise
 
+    def pending(self) -> set[str]:
+        """Tensor names still to be written (those of unfinished shards)."""
+        return {name for name, file in self.weight_map.items() if file not in self.hashes}
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.shard_of[name].write(name, tensor)
+        file_name = self.weight_map[name]
+        shard = self.shards[file_name]
+        shard.write(name, tensor)
+        with self._lock:
+            shard.remaining.discard(name)
+            complete = not shard.remaining and file_name not in self.hashes
+            if complete:
+                self.hashes[file_name] = ""  # claimed: only one thread finishes a shard
+        if complete:
+            shard.close()
+            digest = sha256_file(shard.path)
+            with self._lock:
+                self.hashes[file_name] = digest
+                if self.on_done is not None:
+                    self.on_done(file_name, digest)
+
+    def finalize(self) -> dict[str, str]:
+        """After every tensor was written: hash any shard not reported yet (an empty model's only shard)."""
+        for file_name, shard in self.shards.items():
+            if not self.hashes.get(file_name):
+                shard.close()
+                self.hashes[file_name] = sha256_file(shard.path)
+        return {f: self.hashes[f] for f in self.file_names}
 
     def close(self) -> None:
-        for shard in self.shards:
+        for shard in self.shards.values():
             shard.close()
-        if len(self.shards) > 1:
+
+    def write_index(self) -> None:
+        if len(self.file_names) > 1:
             index = {
                 "metadata": {"total_size": self.total_size},
                 "weight_map": dict(sorted(self.weight_map.items())),

@@ -132,12 +132,16 @@ def reference_rows(zoo: Zoo) -> dict[str, dict[str, Any]]:
 
 
 def run_bench(zoo: Zoo, methods: Sequence[str] | None = None, seeds: int = 3, val_limit: int | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, search: bool = True) -> dict[str, Any]:
+    """Grid-search each method on validation, then test the paper default and the best setting.
+    ``search=False`` tests the paper defaults only (the demo)."""
     bench = Bench(zoo, val_limit, progress)
     started = time.perf_counter()
     results: dict[str, Any] = {"zoo": zoo.manifest["zoo"], "tasks": zoo.tasks, "seeds": seeds,
                                "config": zoo.manifest["config"], "reference": reference_rows(zoo), "methods": {}}
     chosen = [BENCH_METHODS[m] for m in (methods or BENCH_METHODS)]
+    if not search:
+        chosen = [BenchMethod(m.method, m.default, [m.default], m.note) for m in chosen]
     total = sum(len(m.search) for m in chosen)
     bar = tqdm(total=total, desc="validation grid", unit="setting", disable=not progress)
     for spec in chosen:

@@ -56,7 +56,7 @@ class ZooConfig:
 
     @classmethod
     def quick(cls) -> ZooConfig:
-        return cls(n_train=240, n_val=80, n_test=200, epochs=2)
+        return cls(n_train=160, n_val=80, n_test=200, epochs=2)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -176,6 +176,21 @@ def summarize(acc: dict[str, float], finetuned: dict[str, float]) -> dict[str, f
     return {"average": mean(acc.values()), "normalized": mean(normalized_accuracy(acc, finetuned).values())}
 
 
+def _load_stages(root: Path, task: str, config: ZooConfig) -> dict:
+    path = root / "tasks" / task / "stages.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("config") == asdict(config):
+            return saved["stages"]
+    return {}
+
+
+def _save_stages(root: Path, task: str, config: ZooConfig, stages: dict) -> None:
+    path = root / "tasks" / task / "stages.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": asdict(config), "stages": stages}, indent=1) + "\n")
+
+
 def build_zoo(tasks: Sequence[str] | None = None, quick: bool = False, cache: Path | None = None,
               rebuild: bool = False, config: ZooConfig | None = None, multitask: bool = True,
               loader=None, base_model: Path | None = None) -> Path:
@@ -217,35 +232,51 @@ def build_zoo(tasks: Sequence[str] | None = None, quick: bool = False, cache: Pa
     splits: dict[str, dict[str, Encoded]] = {}
     heads: dict[str, dict[str, torch.Tensor]] = {}
     base_encoder = load_encoder(base)
+    # Each task's stages are recorded in tasks/<task>/stages.json with the config they were made with, so an
+    # interrupted build resumes at the first unfinished task instead of starting over.
     for task in tqdm(tasks, desc="data + probes", unit="task"):
-        data = load(task)
-        parts = text8_data.make_splits(data, config.seed, config.n_train, config.n_val, config.n_test)
-        parts = {("val" if split == "validation" else split): part for split, part in parts.items()}
-        manifest["label_names"][task] = list(data.label_names)
-        manifest["data"][task] = {s: {"n": len(p.labels), "sha256": _write_jsonl(root / "data" / task / f"{s}.jsonl",
-                                                                                   p.texts, p.labels)}
-                                  for s, p in parts.items()}
-        manifest["data"][task]["source"] = data.source
-        splits[task] = {s: encode(tokenizer, p.texts, p.labels) for s, p in parts.items()}
-        features = pooled(base_encoder, splits[task]["train"], bf16=config.bf16)
-        heads[task] = fit_linear_probe(features, splits[task]["train"].labels, len(data.label_names), config.seed,
-                                       steps=config.probe_steps)
-        (root / "tasks" / task).mkdir(parents=True, exist_ok=True)
-        save_file(heads[task], root / "tasks" / task / "head.safetensors")
-        manifest["accuracy"]["zeroshot"][task] = {
-            s: accuracy(base_encoder, heads[task], splits[task][s], bf16=config.bf16) for s in ("val", "test")}
+        stages = _load_stages(root, task, config)
+        if "probe" in stages:
+            texts = {s: read_jsonl(root / "data" / task / f"{s}.jsonl") for s in ("train", "val", "test")}
+            splits[task] = {s: encode(tokenizer, *texts[s]) for s in texts}
+            heads[task] = load_file(root / "tasks" / task / "head.safetensors")
+        else:
+            data = load(task)
+            parts = text8_data.make_splits(data, config.seed, config.n_train, config.n_val, config.n_test)
+            parts = {("val" if split == "validation" else split): part for split, part in parts.items()}
+            hashes = {s: {"n": len(p.labels), "sha256": _write_jsonl(root / "data" / task / f"{s}.jsonl", p.texts,
+                                                                      p.labels)} for s, p in parts.items()}
+            splits[task] = {s: encode(tokenizer, p.texts, p.labels) for s, p in parts.items()}
+            features = pooled(base_encoder, splits[task]["train"], bf16=config.bf16)
+            heads[task] = fit_linear_probe(features, splits[task]["train"].labels, len(data.label_names),
+                                           config.seed, steps=config.probe_steps)
+            (root / "tasks" / task).mkdir(parents=True, exist_ok=True)
+            save_file(heads[task], root / "tasks" / task / "head.safetensors")
+            stages["probe"] = {
+                "label_names": list(data.label_names), "data": {**hashes, "source": data.source},
+                "zeroshot": {s: accuracy(base_encoder, heads[task], splits[task][s], bf16=config.bf16)
+                             for s in ("val", "test")}}
+            _save_stages(root, task, config, stages)
+        manifest["label_names"][task] = stages["probe"]["label_names"]
+        manifest["data"][task] = stages["probe"]["data"]
+        manifest["accuracy"]["zeroshot"][task] = stages["probe"]["zeroshot"]
 
     train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, bf16=config.bf16,
                         seed=config.seed)
     for task in tasks:
-        encoder = load_encoder(base)
-        torch.manual_seed(config.seed)
-        manifest["train"][task] = fine_tune(encoder, [(task, splits[task]["train"], heads[task])], train,
-                                            desc=f"fine-tune {task}")
-        encoder.save_pretrained(root / "tasks" / task / "encoder")
-        tokenizer.save_pretrained(root / "tasks" / task / "encoder")
-        manifest["accuracy"]["finetuned"][task] = {
-            s: accuracy(encoder, heads[task], splits[task][s], bf16=config.bf16) for s in ("val", "test")}
+        stages = _load_stages(root, task, config)
+        if "finetune" not in stages:
+            encoder = load_encoder(base)
+            torch.manual_seed(config.seed)
+            timing = fine_tune(encoder, [(task, splits[task]["train"], heads[task])], train,
+                               desc=f"fine-tune {task}")
+            encoder.save_pretrained(root / "tasks" / task / "encoder")
+            tokenizer.save_pretrained(root / "tasks" / task / "encoder")
+            stages["finetune"] = {"train": timing, "accuracy": {
+                s: accuracy(encoder, heads[task], splits[task][s], bf16=config.bf16) for s in ("val", "test")}}
+            _save_stages(root, task, config, stages)
+        manifest["train"][task] = stages["finetune"]["train"]
+        manifest["accuracy"]["finetuned"][task] = stages["finetune"]["accuracy"]
     if multitask:
         encoder = load_encoder(base)
         manifest["train"]["multitask"] = fine_tune(
