@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo demo-llama test lint install clean zoo bench
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,8 +18,20 @@ $(STAMP): pyproject.toml constraints-dev.txt
 
 install: $(STAMP)
 
+# the quick text8 zoo (MiniLM-L6 on eight real text tasks), merged with a handful of methods: table + chart
 demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.zoo.demo
+
+# three tiny Llama models (base, Python expert, prose expert) trained here, merged, losses per domain
+demo-llama: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.demo
+
+# the full text8 zoo (~30 min on 2 cores) and the full benchmark (results in bench/results/)
+zoo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/mergesmith zoo build text8
+
+bench: zoo
+	HF_HUB_OFFLINE=1 $(BIN)/mergesmith bench --zoo text8 --seeds 3 --val-limit 100
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider

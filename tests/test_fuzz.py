@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from mergesmith import RecipeError, load_recipe
 from mergesmith.checkpoint.safetensors_io import SafetensorsFile
 from mergesmith.errors import CheckpointError
-from mergesmith.methods.base import resolve_method_params
 from mergesmith.methods import get_method
+from mergesmith.methods.base import resolve_method_params
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

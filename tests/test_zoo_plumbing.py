@@ -98,7 +98,8 @@ def test_bench_and_reports(zoo, tmp_path, monkeypatch):
     assert [g["params"] for g in ta["grid"]] == [{"lambda": 0.3}, {"lambda": 1.0}]
     best = max(ta["grid"], key=lambda g: g["val_average"])["params"]
     assert ta["best"]["params"] == best
-    assert len(results["methods"]["dare_linear"]["default"]["runs"]) == 2  # random: one run per seed
+    assert len(results["methods"]["dare_linear"]["best"]["runs"]) == 2  # random: one run per seed at the chosen
+    assert len(results["methods"]["dare_linear"]["default"]["runs"]) == 1
     assert len(results["methods"]["linear"]["default"]["runs"]) == 1
     row = ta["default"]
     assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / 2)

@@ -52,15 +52,21 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pooled(encoder, data: Encoded, batch_size: int = 128, bf16: bool = True) -> torch.Tensor:
-    """Mean-pooled features of every example (no gradients), fp32."""
+    """Mean-pooled features of every example (no gradients), fp32. Examples are batched in order of length so
+    that batches carry little padding; the result is in the original order."""
     outs = []
+    order = torch.argsort(data.attention_mask.sum(1), stable=True)
     encoder.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(data), batch_size):
-            b = data.batch(slice(start, start + batch_size))
+            b = data.batch(order[start : start + batch_size])
             hidden = encoder(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
             outs.append(mean_pool(hidden.float(), b.attention_mask))
-    return torch.cat(outs) if outs else torch.zeros(0, encoder.config.hidden_size)
+    if not outs:
+        return torch.zeros(0, encoder.config.hidden_size)
+    features = torch.empty(len(data), outs[0].shape[1])
+    features[order] = torch.cat(outs)
+    return features
 
 
 def fit_linear_probe(

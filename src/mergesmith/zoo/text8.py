@@ -112,6 +112,7 @@ class Zoo:
         self.tasks: list[str] = list(self.manifest["tasks"])
         self._tokenizer = None
         self._encoded: dict[tuple[str, str], Encoded] = {}
+        self._encoder = None
 
     @property
     def base(self) -> Path:
@@ -159,8 +160,11 @@ class Zoo:
     def _as_encoder(self, obj):
         if isinstance(obj, (str, Path)):
             return load_encoder(obj)
-        if isinstance(obj, dict):
-            return load_encoder(self.base, obj)
+        if isinstance(obj, dict):  # a merge: reuse one encoder instance, swap its weights
+            if self._encoder is None:
+                self._encoder = load_encoder(self.base)
+            self._encoder.load_state_dict(obj, strict=False)
+            return self._encoder
         return obj
 
     def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
