@@ -5,23 +5,33 @@ checkpoint that keeps much of each expert's skill, without any training. Everyth
 few minutes, with no downloads:
 
 1. Text found on every Debian/Python machine, in two domains: **Python source** (the standard library's
-   ``*.py`` files) and **English prose** (the license texts in ``/usr/share/common-licenses``, paragraphs
-   de-duplicated; where that folder is missing, the English reference text in the stdlib's ``pydoc_data``).
+   ``*.py`` files) and **English prose** (the license texts in ``/usr/share/common-licenses`` and the English
+   reference text ``pydoc`` shows, from the stdlib's ``pydoc_data``; code examples and repeats left out).
    Each domain gets a fixed, seeded train / held-out split (by file for Python, by paragraph for prose).
 2. A byte-level BPE tokenizer trained on the training text of both domains, saved with every model so that
    ``AutoTokenizer.from_pretrained(folder)`` works.
-3. A **base** Llama (random init, fixed seed) trained briefly on both domains, then two **experts**
-   fine-tuned from it, one on each domain. Saved as HF folders (safetensors) under ``<out>/models``, with a
-   marker file so a second run reuses them (``--rebuild`` retrains).
+3. A **base** Llama (random init, fixed seed; 2 layers, hidden 128, untied embeddings, 0.8M parameters)
+   trained briefly on both domains, then two **experts** fine-tuned from it, one on each domain. Saved as HF
+   folders (safetensors) under ``<out>/models``, with a marker file so a second run reuses them
+   (``--rebuild`` retrains).
 4. Merges of the two experts with ``mergesmith.merge``: TIES from the example recipe ``examples/demo.yaml``,
-   and linear and task arithmetic from in-process dict recipes.
+   and from in-process dict recipes the plain average (linear) and task arithmetic (base + the sum of both
+   task vectors, which is what TIES refines: it trims small changes and drops the ones whose sign disagrees).
 5. A table of held-out loss (mean token cross-entropy, and perplexity) on each domain for the base, each
-   expert and each merge: an expert is good on its own domain and worse on the other; a good merge is close
-   to both experts on their own domains, so its average is the best of the lot.
+   expert and each merge. Each expert is better than the base on its own domain and worse on the other. The
+   linear and TIES merges keep part of each expert's gain and lose less of the other domain, so on average
+   they beat the base and both experts; task arithmetic at full weight (the plain sum) overshoots: the
+   interference between task vectors that TIES was designed to reduce.
+
+The experts fine-tune the transformer layers and keep the base's embeddings and output head frozen
+(``freeze_vocab``). At this size a fully fine-tuned output head mostly learns which tokens its domain never
+uses (a large loss on the other domain, a small gain on its own), and that change dominates the interference
+between the experts; freezing it leaves task vectors that merge well. Set ``freeze_vocab=False`` to see the
+full fine-tune: the experts forget more, and no merge does much better than the base.
 
 Training runs in fp32: on CPUs without native bf16 (AVX2 only, like the one this was tuned on) bf16 autocast
-is several times slower. Everything is seeded (weights, data order, splits); a rebuild on the same machine
-with the same thread count gives the same numbers.
+is several times slower. Everything is seeded (weights, data order, splits, tokenizer); a rebuild on the
+same machine gives the same numbers.
 
 Run: ``python -m mergesmith.demo [--out demo-out] [--rebuild] [--threads N]``.
 """
@@ -50,8 +60,19 @@ ROLES = ("base", "python", "prose")
 DEFAULT_OUT = Path("demo-out")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 # stdlib folders that are not ordinary hand-written Python (tests, data tables, vendored packages)
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "pydoc_data",
-             "lib2to3", "turtledemo", "ensurepip", "__pycache__"}
+SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "encodings",
+    "pydoc_data",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+}
 LICENSES = Path("/usr/share/common-licenses")
 
 
@@ -60,18 +81,19 @@ class DemoConfig:
     """Model size, training and data settings. The defaults take about two minutes to train on two cores."""
 
     hidden: int = 128
-    layers: int = 4
+    layers: int = 2
     heads: int = 4
     vocab: int = 1024
     seq_len: int = 128
     batch: int = 8
-    base_steps: int = 300
-    expert_steps: int = 200
+    base_steps: int = 800
+    expert_steps: int = 250
     base_lr: float = 3e-3
     expert_lr: float = 1e-3
+    freeze_vocab: bool = True  # experts keep the base's embeddings and output head (see the module docstring)
     python_chars: int = 1_200_000  # how much stdlib source to read (a seeded sample of files)
     heldout_frac: float = 0.1
-    eval_blocks: int = 48  # at most this many held-out windows of seq_len tokens per domain
+    eval_blocks: int = 128  # at most this many held-out windows of seq_len tokens per domain
     seed: int = 0
 
 
@@ -106,31 +128,40 @@ def paragraphs(text: str) -> list[str]:
     return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
+def is_prose(paragraph: str) -> bool:
+    """A sentence or more of mostly letters and spaces (drops headings, code examples, tables)."""
+    return len(paragraph) >= 40 and sum(c.isalpha() or c == " " for c in paragraph) >= 0.85 * len(paragraph)
+
+
 def prose_documents() -> list[str]:
     """English prose, one document per paragraph, exact repeats removed (the GPL family shares many).
 
-    The license texts of ``/usr/share/common-licenses`` (Debian's base-files); where that folder is missing
-    or nearly empty, the English reference text of the stdlib's ``pydoc_data.topics``.
+    Two sources every Debian machine with Python has: the license texts in ``/usr/share/common-licenses``
+    (Debian's base-files) and the English reference text that ``pydoc`` shows (the stdlib's
+    ``pydoc_data.topics``), code examples left out. Either alone is enough where the other is missing.
     """
-    texts: list[str] = []
+    from pydoc_data.topics import topics
+
+    texts = [topics[key] for key in sorted(topics)]
     if LICENSES.is_dir():
         for path in sorted({p.resolve() for p in LICENSES.iterdir() if p.is_file()}):
             try:
                 texts.append(path.read_text(encoding="utf-8", errors="replace"))
             except OSError:
                 continue
-    if sum(len(t) for t in texts) < 50_000:
-        from pydoc_data.topics import topics
-
-        texts = [topics[key] for key in sorted(topics)]
-    return list(dict.fromkeys(p for t in texts for p in paragraphs(t) if len(p) > 1))
+    docs = list(dict.fromkeys(p for t in texts for p in paragraphs(t) if is_prose(p)))
+    if not docs:
+        raise RuntimeError("no English prose found (pydoc_data, /usr/share/common-licenses)")
+    return docs
 
 
 def split_documents(docs: list[str], frac: float, seed: int) -> tuple[list[str], list[str]]:
-    """A seeded train / held-out split of whole documents (at least one held out), order kept."""
+    """A seeded train / held-out split of whole documents (at least one of each), order kept."""
+    if len(docs) < 2:
+        raise ValueError(f"need at least 2 documents to split, got {len(docs)}")
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    held = set(order[: max(1, round(frac * len(docs)))])
+    held = set(order[: min(len(docs) - 1, max(1, round(frac * len(docs))))])
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
 
 
@@ -154,11 +185,20 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-                                   clean_up_tokenization_spaces=False, model_max_length=1 << 20)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=EOS,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20,
+    )
 
 
 def encode(tokenizer, docs: list[str]) -> torch.Tensor:
@@ -194,10 +234,17 @@ def make_model(cfg: DemoConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        max_position_embeddings=cfg.seq_len, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden,
+        intermediate_size=4 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.seq_len,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(config)
@@ -212,12 +259,14 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, streams: list[torch.Tensor], cfg: DemoConfig, steps: int, lr: float, seed: int,
-          desc: str) -> float:
+def train(
+    model, streams: list[torch.Tensor], cfg: DemoConfig, steps: int, lr: float, seed: int, desc: str
+) -> float:
     """AdamW on random windows of ``seq_len`` tokens; batch rows cycle over ``streams`` (a mix of domains
     when more than one). Returns the mean loss of the last 10 % of steps."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     model.train()
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
@@ -232,7 +281,7 @@ def train(model, streams: list[torch.Tensor], cfg: DemoConfig, steps: int, lr: f
             group["lr"] = lr_at(step, steps, lr)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -268,7 +317,10 @@ def heldout_loss(model, blocks: torch.Tensor, batch: int = 16) -> float:
 
 
 def _stamp(cfg: DemoConfig, role: str) -> dict[str, Any]:
-    return {"role": role, "config": asdict(cfg)}
+    """What a saved model depends on: every setting but the evaluation size."""
+    config = asdict(cfg)
+    del config["eval_blocks"]
+    return {"role": role, "config": config}
 
 
 def is_complete(folder: Path, cfg: DemoConfig, role: str) -> bool:
@@ -289,8 +341,12 @@ def save(model, tokenizer, folder: Path, cfg: DemoConfig, role: str, info: dict[
     (folder / MARKER).write_text(json.dumps(_stamp(cfg, role), indent=2) + "\n")  # written last
 
 
-def build_models(out: str | Path, cfg: DemoConfig | None = None, rebuild: bool = False,
-                 corpora: dict[str, tuple[list[str], list[str]]] | None = None) -> dict[str, Path]:
+def build_models(
+    out: str | Path,
+    cfg: DemoConfig | None = None,
+    rebuild: bool = False,
+    corpora: dict[str, tuple[list[str], list[str]]] | None = None,
+) -> dict[str, Path]:
     """Train (or reuse) the tokenizer, the base and the two experts; returns role -> model folder.
 
     A model is reused when its folder's marker matches ``cfg``; retraining the base retrains the experts.
@@ -310,13 +366,23 @@ def build_models(out: str | Path, cfg: DemoConfig | None = None, rebuild: bool =
         tokenizer = train_tokenizer(tokenizer_texts(corpora), cfg.vocab)
         streams = {name: encode(tokenizer, train_docs) for name, (train_docs, _) in corpora.items()}
         tokens = ", ".join(f"{name} {len(s) / 1e3:.0f}k" for name, s in streams.items())
-        print(f"tokenizer: {len(tokenizer)} tokens ({time.perf_counter() - start:.1f} s); training tokens: {tokens}")
+        print(
+            f"tokenizer: {len(tokenizer)} tokens ({time.perf_counter() - start:.1f} s); training tokens: {tokens}"
+        )
         model = make_model(cfg, tokenizer)
-        print(f"model: Llama, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, vocab {len(tokenizer)})")
+        print(
+            f"model: Llama, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+            f"({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, vocab {len(tokenizer)})"
+        )
         loss = train(model, list(streams.values()), cfg, cfg.base_steps, cfg.base_lr, cfg.seed, "base")
-        save(model, tokenizer, folders["base"], cfg, "base", {"domains": list(streams), "steps": cfg.base_steps,
-                                                              "final_loss": loss})
+        save(
+            model,
+            tokenizer,
+            folders["base"],
+            cfg,
+            "base",
+            {"domains": list(streams), "steps": cfg.base_steps, "final_loss": loss},
+        )
         rebuild = True  # the experts must start from this base
     else:
         tokenizer = AutoTokenizer.from_pretrained(folders["base"])
@@ -326,9 +392,18 @@ def build_models(out: str | Path, cfg: DemoConfig | None = None, rebuild: bool =
         if not rebuild and is_complete(folders[role], cfg, role):
             continue
         model = LlamaForCausalLM.from_pretrained(folders["base"], dtype=torch.float32)
+        if cfg.freeze_vocab:
+            model.get_input_embeddings().weight.requires_grad_(False)
+            model.get_output_embeddings().weight.requires_grad_(False)
         loss = train(model, [streams[role]], cfg, cfg.expert_steps, cfg.expert_lr, cfg.seed + i, role)
-        save(model, tokenizer, folders[role], cfg, role, {"domains": [role], "steps": cfg.expert_steps,
-                                                          "final_loss": loss})
+        save(
+            model,
+            tokenizer,
+            folders[role],
+            cfg,
+            role,
+            {"domains": [role], "steps": cfg.expert_steps, "final_loss": loss},
+        )
     return folders
 
 
@@ -348,13 +423,23 @@ def demo_recipes(recipe_path: Path, out: Path) -> dict[str, str | Path | dict[st
     same_place = out.resolve() == DEFAULT_OUT.resolve()
     base = moved(ties["base_model"])
     experts = [moved(m["model"]) for m in ties["models"]]
-    ties = {**ties, "base_model": base, "models": [{**m, "model": e} for m, e in zip(ties["models"], experts)]}
+    ties = {
+        **ties,
+        "base_model": base,
+        "models": [{**m, "model": e} for m, e in zip(ties["models"], experts)],
+    }
     return {
-        "linear": {"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 0.5}} for e in experts],
-                   "dtype": "float32"},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
-                            "models": [{"model": e, "parameters": {"weight": 0.7}} for e in experts],
-                            "dtype": "float32"},
+        "linear": {
+            "merge_method": "linear",
+            "models": [{"model": e, "parameters": {"weight": 0.5}} for e in experts],
+            "dtype": "float32",
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts],
+            "dtype": "float32",
+        },
         "ties": recipe_path if same_place else ties,
     }
 
@@ -372,14 +457,18 @@ def run_merges(out: Path, recipe_path: Path) -> dict[str, Path]:
     return folders
 
 
-def evaluate(folders: dict[str, Path], corpora: dict[str, tuple[list[str], list[str]]],
-             cfg: DemoConfig) -> dict[str, dict[str, float]]:
+def evaluate(
+    folders: dict[str, Path], corpora: dict[str, tuple[list[str], list[str]]], cfg: DemoConfig
+) -> dict[str, dict[str, float]]:
     """Row name -> domain -> held-out loss, every model loaded from its folder with transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(next(iter(folders.values())))
     blocks = {name: eval_blocks(encode(tokenizer, held), cfg) for name, (_, held) in corpora.items()}
-    print("held-out tokens: " + ", ".join(f"{n} {b.numel()}" for n, b in blocks.items()))
+    print(
+        "\nheld-out loss in nats per token (lower is better) on "
+        + " and ".join(f"{b.numel()} {n} tokens" for n, b in blocks.items())
+    )
     results = {}
     for name, folder in folders.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -388,27 +477,54 @@ def evaluate(folders: dict[str, Path], corpora: dict[str, tuple[list[str], list[
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Rows of held-out loss and perplexity per domain, and the mean loss over the domains."""
     domains = list(next(iter(results.values())))
-    head = f"{'model':<18}" + "".join(f"{d + ' loss':>13}{d + ' ppl':>12}" for d in domains) + f"{'avg loss':>10}"
+    width = max(len(name) for name in results) + 2
+    head = (
+        f"{'model':<{width}}"
+        + "".join(f"{d + ' loss':>13}{d + ' ppl':>12}" for d in domains)
+        + f"{'avg loss':>10}"
+    )
     lines = [head, "-" * len(head)]
     for name, losses in results.items():
         avg = sum(losses.values()) / len(losses)
         cells = "".join(f"{losses[d]:>13.3f}{math.exp(losses[d]):>12.1f}" for d in domains)
-        lines.append(f"{name:<18}{cells}{avg:>10.3f}")
+        lines.append(f"{name:<{width}}{cells}{avg:>10.3f}")
     return "\n".join(lines)
+
+
+def free_cores() -> int:
+    """Cores not busy with other work (by the 1-minute load average), at least 1. On a shared machine
+    one thread is many times faster than threads that wait on each other. The numbers do not depend on it
+    (1 and 2 threads give bit-identical training here); pass --threads to pin it anyway."""
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mergesmith.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root (default: demo-out)")
     parser.add_argument("--rebuild", action="store_true", help="retrain the models even if they exist")
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the TIES recipe (examples/demo.yaml)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--recipe", type=Path, default=DEFAULT_RECIPE, help="the TIES recipe (examples/demo.yaml)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the cores not already busy, at least 1)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or free_cores())
+    print(f"mergesmith demo: models and merges in {args.out}/, {torch.get_num_threads()} torch thread(s)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # only the training bars: loading and saving are instant at this size
     if not args.recipe.exists():
         parser.error(f"recipe {args.recipe} not found; pass --recipe path/to/demo.yaml")
     cfg = DemoConfig()
@@ -419,8 +535,8 @@ def main(argv: list[str] | None = None) -> None:
     merged = run_merges(args.out, args.recipe)
     names = {"base": "base", "python": "python expert", "prose": "prose expert"}
     rows = {names[k]: v for k, v in models.items()} | {f"merge: {k}": v for k, v in merged.items()}
-    print()
-    print(format_table(evaluate(rows, corpora, cfg)))
+    results = evaluate(rows, corpora, cfg)
+    print(format_table(results))
     print(f"\ntotal wall time: {time.perf_counter() - start:.0f} s")
 
 
