@@ -210,9 +210,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     best_err = [results["methods"][m]["best"]["normalized_std"] for m in methods]
     fig, ax = plt.subplots(figsize=(11, 4.8))
     x = range(len(methods))
-    ax.bar([i - 0.2 for i in x], [100 * v for v in default], 0.4, label="paper default")
-    ax.bar([i + 0.2 for i in x], [100 * v for v in best], 0.4, yerr=[100 * e for e in best_err], capsize=3,
-           label="best on validation")
+    searched = any(results["methods"][m]["best"] is not results["methods"][m]["default"]
+                   and results["methods"][m]["best"]["params"] != results["methods"][m]["default"]["params"]
+                   for m in methods)
+    width = 0.4 if searched else 0.6
+    ax.bar([i - (0.2 if searched else 0) for i in x], [100 * v for v in default], width, label="paper default")
+    if searched:
+        ax.bar([i + 0.2 for i in x], [100 * v for v in best], width, yerr=[100 * e for e in best_err], capsize=3,
+               label="best on validation")
+    shown = [*default, *best] + [r["normalized"] for r in results["reference"].values()]
+    ax.set_ylim(max(0.0, 100 * min(shown) - 5), 102)  # the differences live in the last few points
     for key, style in (("zeroshot", ":"), ("multitask", "--")):
         if key in results["reference"]:
             ax.axhline(100 * results["reference"][key]["normalized"], linestyle=style, color="gray",
