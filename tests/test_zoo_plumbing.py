@@ -108,3 +108,15 @@ def test_bench_and_reports(zoo, tmp_path, monkeypatch):
     assert "fine-tuned" in table and "`task_arithmetic`" in table and "norm. avg" in table
     assert paths["png"].stat().st_size > 1000
     assert json.loads(paths["json"].read_text())["tasks"] == ["a", "b"]
+
+
+def test_combine_runs_in_method_order():
+    from mergesmith.zoo.bench import combine
+
+    base = {"tasks": ["a"], "config": {"n": 1}, "reference": {}, "seconds": 1.0}
+    part1 = {**base, "methods": {"tsv": {"x": 1}}}
+    part2 = {**base, "methods": {"linear": {"x": 2}}, "seconds": 2.0}
+    joined = combine([part1, part2])
+    assert list(joined["methods"]) == ["linear", "tsv"] and joined["seconds"] == 3.0
+    with pytest.raises(ValueError):
+        combine([part1, {**part2, "tasks": ["b"]}])

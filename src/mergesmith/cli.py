@@ -130,9 +130,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mergesmith.zoo.bench import markdown_table, run_bench, write_reports
     from mergesmith.zoo.text8 import Zoo, build_zoo
 
+    if args.report:  # only join finished runs and write the reports
+        import json
+
+        from mergesmith.zoo.bench import combine
+
+        results = combine([json.loads(Path(p).read_text()) for p in args.report])
+        paths = write_reports(results, Path(args.out), args.name or args.zoo)
+        print(markdown_table(results))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     zoo = Zoo(build_zoo(quick=args.quick))
-    results = run_bench(zoo, methods=args.methods, seeds=args.seeds, val_limit=args.val_limit)
-    paths = write_reports(results, Path(args.out), args.name or (f"{args.zoo}-quick" if args.quick else args.zoo))
+    name = args.name or (f"{args.zoo}-quick" if args.quick else args.zoo)
+    results = run_bench(zoo, methods=args.methods, seeds=args.seeds, val_limit=args.val_limit,
+                        checkpoint=Path(args.out) / f"{name}.partial.json")
+    paths = write_reports(results, Path(args.out), name)
+    (Path(args.out) / f"{name}.partial.json").unlink(missing_ok=True)
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -225,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", type=int, default=None, help="validation examples per task for the grid")
     p.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown and PNG results")
     p.add_argument("--name", default=None, help="file name stem (default: the zoo's name)")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="join finished runs (e.g. methods run in parallel) and write the reports; no merging")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list methods, or show one method's parameters and paper")

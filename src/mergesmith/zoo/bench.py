@@ -127,7 +127,7 @@ def reference_rows(zoo: Zoo) -> dict[str, dict[str, Any]]:
 
 
 def run_bench(zoo: Zoo, methods: Sequence[str] | None = None, seeds: int = 3, val_limit: int | None = None,
-              progress: bool = True, search: bool = True) -> dict[str, Any]:
+              progress: bool = True, search: bool = True, checkpoint: Path | None = None) -> dict[str, Any]:
     """Grid-search each method on validation, then test the paper default and the best setting.
     ``search=False`` tests the paper defaults only (the demo)."""
     bench = Bench(zoo, val_limit, progress)
@@ -162,6 +162,9 @@ def run_bench(zoo: Zoo, methods: Sequence[str] | None = None, seeds: int = 3, va
             entry["best"] = entry["default"]
         entry["seconds"] = round(time.perf_counter() - method_start, 1)
         results["methods"][spec.method] = entry
+        if checkpoint is not None:  # a long run keeps what it has finished
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(json.dumps(results, indent=1) + "\n")
     bar.close()
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
@@ -232,6 +235,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Join benchmark runs of the same zoo that covered different methods (e.g. run in parallel), in the
+    canonical method order."""
+    first = parts[0]
+    for other in parts[1:]:
+        if other["tasks"] != first["tasks"] or other["config"] != first["config"]:
+            raise ValueError("these results come from different zoos")
+    methods = {name: entry for part in parts for name, entry in part["methods"].items()}
+    order = [m for m in BENCH_METHODS if m in methods] + [m for m in methods if m not in BENCH_METHODS]
+    return {**first, "methods": {m: methods[m] for m in order},
+            "seconds": round(sum(p.get("seconds", 0.0) for p in parts), 1)}
 
 
 def write_reports(results: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
