@@ -4,7 +4,6 @@ a single ``.safetensors`` file, or an in-memory state dict. Tensors are read one
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,6 @@ class CheckpointSource(Source):
         self._files: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
         self._index_file: Path | None = None
-        self._lock = threading.Lock()
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or folder; check the model path in the recipe")
         if self.path.is_dir():
@@ -188,11 +186,7 @@ class CheckpointSource(Source):
 
     def get(self, name: str) -> torch.Tensor:
         f = self._files[self._where[name]]
-        if isinstance(f, SafetensorsFile):
-            with self._lock:  # the first call maps the file
-                f._map()
-            return f.get(name)
-        return f[name]
+        return f.get(name) if isinstance(f, SafetensorsFile) else f[name]
 
     def files(self) -> list[Path]:
         out = []

@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +106,19 @@ class SafetensorsFile:
                     f"{self.path}: tensors '{n1}' and '{n2}' overlap in the file; it is corrupt"
                 )
         self._mmap: mmap.mmap | None = None
+        self._map_lock = threading.Lock()  # worker threads may ask for the first tensor at the same time
 
     def _map(self) -> mmap.mmap:
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                # ACCESS_COPY: a private mapping, writable as far as torch.frombuffer is concerned; the file is
-                # never modified and pages are shared with the page cache until written (they never are).
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        with self._map_lock:
+            if self._mmap is None:
+                self._mmap = self._open_map()
         return self._mmap
+
+    def _open_map(self) -> mmap.mmap:
+        with open(self.path, "rb") as f:
+            # ACCESS_COPY: a private mapping, writable as far as torch.frombuffer is concerned; the file is
+            # never modified and pages are shared with the page cache until written (they never are).
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
     def keys(self) -> list[str]:
         return list(self.entries)
