@@ -64,6 +64,7 @@ class Plan:
     config: dict[str, Any] = field(default_factory=dict)
     config_source: Source | None = None
     allow_nonfinite: bool = False
+    fitted: Any = None  # a data-driven method's FitResult, handed to every rule as ctx.fitted
 
     def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [(j.name, j.dtype, j.shape) for j in self.jobs]
@@ -381,7 +382,7 @@ def run_job(plan: Plan, job: Job, state: Any) -> torch.Tensor:
         base = None
     else:
         base, experts = _load(job, not plan.allow_nonfinite)
-    ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer)
+    ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer, fitted=plan.fitted)
     out = plan.method.rule(base, experts, job.params, ctx)
     if tuple(out.shape) != tuple(job.shape):
         raise AssertionError(

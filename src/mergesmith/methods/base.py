@@ -99,6 +99,7 @@ class TensorContext:
     name: str
     seed: int = 0
     state: Any = None  # what the method's prepare() returned
+    fitted: Any = None  # a data-driven method's FitResult (mergesmith.learn.task): statistics, masks, coefficients
     layer: int | None = None
     num_layers: int | None = None
 
@@ -125,6 +126,15 @@ class TensorInputs:
 TensorStream = Callable[[], Iterator[TensorInputs]]
 Rule = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], TensorContext], torch.Tensor]
 Prepare = Callable[[TensorStream, dict[str, Any], int], Any]  # (stream, params, seed) -> state
+Fit = Callable[[Any], Any]  # (learn.task.FitInputs) -> learn.task.FitResult
+
+
+class DataNeed(str, Enum):
+    """What data a data-driven method's ``fit`` needs per expert."""
+
+    NONE = "none"
+    LABELED = "labeled"  # Fisher (empirical) and Twin-Merging's router: texts with labels (or task identity)
+    UNLABELED = "unlabeled"  # RegMean, exact Fisher, AdaMerging, Concrete, DAM: input texts only
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,10 @@ class MergeMethod:
     random: bool = False
     # Only one input tensor is used by the rule (passthrough): the engine does not read the others.
     structural: bool = False
+    # Data-driven methods: ``fit`` runs the models on each expert's data before the streaming merge; its
+    # FitResult reaches the rule as ``ctx.fitted``.
+    fit: Fit | None = None
+    data: DataNeed = DataNeed.NONE
 
     def param(self, name: str) -> Param:
         for p in self.params:
