@@ -84,3 +84,11 @@ def run_method(name: str, base: dict, experts: list[dict], shared: dict | None =
     state = method.prepare(stream, params, seed) if method.prepare else None
     return {key: method.rule(base[key], [e[key] for e in experts], params,
                              TensorContext(key, seed=seed, state=state)) for key in base}
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """A two-task text zoo on a tiny random BERT (tests/zoo_fixtures.py): base, experts, heads, splits."""
+    from zoo_fixtures import build_tiny_zoo
+
+    return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))

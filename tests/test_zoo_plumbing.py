@@ -9,46 +9,11 @@ import pytest
 import torch
 
 from mergesmith.zoo.text8 import Zoo, ZooConfig, build_zoo, normalized_accuracy, summarize
-from mergesmith.zoo.text8_data import TaskData
-
-WORDS = ["apple", "banana", "cherry", "river", "mountain", "forest", "red", "blue", "green", "fast", "slow"]
-
-
-def tiny_bert(path):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    path.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(path)
-    return path
-
-
-def fixture_task(name: str) -> TaskData:
-    """Fruit vs landscape words (task 'a') or colour vs speed words (task 'b'): separable, so accuracy is high."""
-    groups = {"a": (WORDS[0:3], WORDS[3:6]), "b": (WORDS[6:9], WORDS[9:11])}[name]
-    texts, labels = [], []
-    for i in range(120):
-        label, n = i % 2, i // 2
-        pool, words = groups[label], []
-        for _ in range(6):  # the digits of n in base len(pool): every text is distinct
-            words.append(pool[n % len(pool)])
-            n //= len(pool)
-        texts.append(" ".join(words))
-        labels.append(label)
-    return TaskData(name, texts, labels, ["x", "y"], "fixture")
-
+from zoo_fixtures import fixture_task
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    config = ZooConfig(n_train=40, n_val=20, n_test=20, epochs=1, batch_size=8, lr=1e-3, probe_steps=50, bf16=False)
-    path = build_zoo(tasks=["a", "b"], cache=root, config=config, loader=fixture_task,
-                     base_model=tiny_bert(root / "tiny-bert"))
-    return Zoo(path)
+def zoo(tiny_zoo):
+    return tiny_zoo
 
 
 def test_zoo_layout_and_manifest(zoo):

@@ -144,6 +144,23 @@ class Zoo:
         data = self._encoded[key]
         return data if limit is None or limit >= len(data) else data.batch(slice(0, limit))
 
+    def shared_module(self):
+        """One encoder instance (the base architecture) that data-driven methods run with any weights."""
+        if self._encoder is None:
+            self._encoder = load_encoder(self.base)
+        return self._encoder
+
+    def task(self, task: str, split: str = "train", limit: int | None = None, labeled: bool = True):
+        """``task`` as a :class:`mergesmith.learn.task.Task`: its head on the shared encoder, and a split's
+        examples (the first ``limit``; splits are already shuffled). ``labeled=False`` hides the labels (-1):
+        test-time methods (AdaMerging, Concrete, DAM) see test inputs only."""
+        from mergesmith.learn.task import Task, TaskModel
+
+        data = self.split(task, split, limit)
+        if not labeled:
+            data = Encoded(data.input_ids, data.attention_mask, torch.full_like(data.labels, -1))
+        return Task(task, TaskModel(self.shared_module(), self.head(task)), data, labeled)
+
     def state_dict(self, path: Path) -> dict[str, torch.Tensor]:
         return load_file(path / "model.safetensors")
 
