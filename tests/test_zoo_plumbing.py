@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from zoo_fixtures import fixture_task
 
 from mergesmith.zoo.text8 import Zoo, ZooConfig, build_zoo, normalized_accuracy, summarize
-from zoo_fixtures import fixture_task
+
 
 @pytest.fixture(scope="module")
 def zoo(tiny_zoo):

@@ -151,7 +151,7 @@ class FitResult:
             with safe_open(str(path), framework="pt") as f:
                 info = json.loads((f.metadata() or {}).get("info", "{}"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001  (any parse failure is the user's file)
+        except Exception as e:
             raise CheckpointError(f"{path}: not a readable fit file ({e})") from None
         return cls(tensors, info)
 
