@@ -67,6 +67,8 @@ def merge_state_dicts(
     seed: int = 0,
     compat: str = "paper",
     threads: int = 1,
+    tasks: Sequence[Any] | None = None,
+    fitted: Any = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with the same engine and rules as checkpoint merges.
@@ -74,7 +76,59 @@ def merge_state_dicts(
     Shared parameters are scalars (``lambda=0.5``); a per-model parameter is a scalar for every expert or a list
     with one value per expert (``weight=[1.0, 0.5]``). For methods that ignore the base (linear, karcher) the
     experts are all the models. Returns tensors in the reference model's dtype.
+
+    Data-driven methods (Fisher, RegMean, AdaMerging, ...) need ``tasks`` (one :class:`mergesmith.learn.task.Task`
+    per expert) to fit on, or a ``fitted`` result from :func:`fit_state_dicts` to replay.
     """
+    plan = _plan_state_dicts(base, experts, method, seed, compat, params)
+    if plan.method.fit is not None:
+        if fitted is None:
+            if tasks is None:
+                raise RecipeError(f"method '{method}' learns from data: pass tasks=[...] (one per expert) or fitted=")
+            fitted = _fit(plan, base, experts, tasks)
+        plan.fitted = fitted
+    out: dict[str, torch.Tensor] = {}
+    execute(plan, out.__setitem__, threads=threads, progress=False)
+    return {j.name: out[j.name] for j in plan.jobs}
+
+
+def fit_state_dicts(
+    base: Mapping[str, torch.Tensor] | None,
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    method: str,
+    tasks: Sequence[Any],
+    *,
+    seed: int = 0,
+    compat: str = "paper",
+    progress: bool = False,
+    **params: Any,
+) -> Any:
+    """Run a data-driven method's fit (statistics, learned coefficients or masks) and return its FitResult,
+    which ``merge_state_dicts(..., fitted=result)`` replays and ``result.save(path)`` stores."""
+    plan = _plan_state_dicts(base, experts, method, seed, compat, params)
+    if plan.method.fit is None:
+        raise RecipeError(f"method '{method}' does not learn from data; merge it directly")
+    return _fit(plan, base, experts, tasks, progress)
+
+
+def _fit(plan: Plan, base: Mapping[str, torch.Tensor] | None, experts: Sequence[Mapping[str, torch.Tensor]],
+         tasks: Sequence[Any], progress: bool = False) -> Any:
+    from mergesmith.learn.task import FitInputs
+
+    if len(tasks) != len(experts):
+        raise RecipeError(f"method '{plan.method.name}' needs one task per expert: got {len(tasks)} for "
+                          f"{len(experts)} experts")
+    names = [n for n in tasks[0].model.merge_names() if n in experts[0]]
+    first = next((j for j in plan.jobs if not j.copy), None)
+    inputs = FitInputs(
+        base={n: base[n].float() for n in names} if base is not None else None,
+        experts=[{n: e[n].float() for n in names} for e in experts],
+        tasks=list(tasks), params=dict(first.params) if first else {}, seed=plan.seed, progress=progress)
+    return plan.method.fit(inputs)
+
+
+def _plan_state_dicts(base: Mapping[str, torch.Tensor] | None, experts: Sequence[Mapping[str, torch.Tensor]],
+                      method: str, seed: int, compat: str, params: dict[str, Any]) -> Plan:
     sources: dict[str, Source] = {}
     models = []
     base_key = None
@@ -105,10 +159,7 @@ def merge_state_dicts(
             "seed": seed,
         }
     )
-    plan = Planner(recipe, sources).plan()
-    out: dict[str, torch.Tensor] = {}
-    execute(plan, out.__setitem__, threads=threads, progress=False)
-    return {j.name: out[j.name] for j in plan.jobs}
+    return Planner(recipe, sources).plan()
 
 
 def _is_per_model_list(name: str, value: Any, per_model_names: set[str]) -> bool:
