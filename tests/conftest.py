@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the tests never write into the user's cache (input hashes, zoos)
+os.environ.setdefault("MERGESMITH_CACHE", tempfile.mkdtemp(prefix="mergesmith-test-cache-"))
 
 
 def build_llama(path: Path, seed: int, base: Path | None = None, scale: float = 0.02, *, layers: int = 4,

@@ -11,12 +11,12 @@ WORDS = ["apple", "banana", "cherry", "river", "mountain", "forest", "red", "blu
 
 
 def tiny_bert(path):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     path.mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(path)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=32)).save_pretrained(path)

@@ -18,7 +18,7 @@ import yaml
 
 from mergesmith import __version__
 from mergesmith.checkpoint.reader import CheckpointSource, DictSource, Source
-from mergesmith.checkpoint.writer import FolderWriter, parse_size, sha256_file
+from mergesmith.checkpoint.writer import FolderWriter, input_sha256, parse_size
 from mergesmith.engine import Plan, Planner, execute
 from mergesmith.errors import MergeError, RecipeError
 from mergesmith.output import OutputLock, PartialFolder, check_free_space, fingerprint
@@ -113,6 +113,8 @@ def fit_state_dicts(
 
 def _fit(plan: Plan, base: Mapping[str, torch.Tensor] | None, experts: Sequence[Mapping[str, torch.Tensor]],
          tasks: Sequence[Any], progress: bool = False) -> Any:
+    """The one fit path (``merge``, ``merge_state_dicts``, ``fit_state_dicts``): the experts' mergeable parameters
+    (the task model's, minus its head) in fp32, and the method's shared parameters as resolved for the plan."""
     from mergesmith.learn.task import FitInputs
 
     if len(tasks) != len(experts):
@@ -227,6 +229,11 @@ def merge(
     The output is built in a hidden sibling ``.NAME.partial`` folder and renamed into place at the end. An error
     removes it; a kill leaves it for ``resume=True``, which reuses the shards it finished after checking their
     sha256. ``out_dir`` itself never exists half-written.
+
+    A data-driven method (Fisher, RegMean, AdaMerging, ...) first fits on each model's ``data:`` (see
+    :mod:`mergesmith.learn.recipe_tasks` for how the models and their heads are loaded; the fit holds whole models
+    in memory, the merge itself still streams), or replays ``fitted:``. The fit is saved as
+    ``mergesmith_fit.safetensors`` in the output and summarised under ``fit`` in ``manifest.json``.
     """
     start = time.perf_counter()
     where = str(recipe) if isinstance(recipe, (str, Path)) else "recipe"
@@ -246,21 +253,23 @@ def merge(
     _check_output(out, recipe, force)
     sources = _open_sources(recipe, allow_pickle, where)
     try:
-        plan = Planner(recipe, sources, out_dtype).plan()
+        setup = _prepare_fit(recipe, sources)
+        plan = Planner(recipe, sources, out_dtype, setup.task_heads if setup else frozenset()).plan()
         plan.allow_nonfinite = allow_nonfinite
         threads = threads or min(4, os.cpu_count() or 1)
-        input_files = [f for src in sources.values() for f in src.files()]
+        input_files = [f for src in sources.values() for f in src.files()] + (setup.files if setup else [])
         with OutputLock(out):
             key = fingerprint(recipe.to_yaml(), {"dtype": out_dtype, "shard_size": size, "version": __version__},
                               input_files)
             partial = PartialFolder(out, key, resume)
             try:
                 try:
+                    fit_report = _fit_recipe(plan, setup, sources, partial.path, progress) if setup else None
                     writer = FolderWriter(partial.path, plan.specs(), size, partial.finished, partial.shard_done)
                     output_hashes, input_hashes = _write_all(plan, writer, sources, threads, progress)
                     writer.write_index()
                     _write_metadata(partial.path, recipe, plan, input_hashes, output_hashes,
-                                    time.perf_counter() - start, partial.resumed_from)
+                                    time.perf_counter() - start, partial.resumed_from, fit_report)
                     partial.publish(out)
                 except OSError as e:  # disk full, file too large, I/O error: one line, then clean up
                     raise MergeError(f"{out}: writing the output failed ({e.strerror}); nothing was written") from None
@@ -277,16 +286,54 @@ def merge(
                        len(writer.file_names), time.perf_counter() - start, partial.resumed_from)
 
 
+def _prepare_fit(recipe: Recipe, sources: dict[str, Source]) -> Any:
+    """A data-driven method's tasks (or the fit to replay), checked before anything is written; else None."""
+    from mergesmith.methods import get_method
+
+    method = get_method(recipe.merge_method)
+    if method.fit is None:
+        return None
+    from mergesmith.learn.recipe_tasks import prepare_fit
+
+    return prepare_fit(recipe, method, sources)
+
+
+def _fit_recipe(plan: Plan, setup: Any, sources: dict[str, Source], folder: Path, progress: bool) -> dict[str, Any]:
+    """Run (or replay) the fit, set ``plan.fitted`` and save the result in the output ``folder`` at once, so that a
+    resumed merge reuses it. Returns what the manifest records about the fit."""
+    from mergesmith.learn.recipe_tasks import SourceTensors
+    from mergesmith.learn.task import FIT_FILE, FitResult
+
+    started = time.perf_counter()
+    report: dict[str, Any] = {"file": FIT_FILE}
+    if setup.replay is not None:
+        fitted, report["replayed_from"] = setup.replay, setup.replayed_from
+    elif (folder / FIT_FILE).exists():  # a resumed merge: the fit of the interrupted run (same inputs)
+        fitted, report["resumed"] = FitResult.load(folder / FIT_FILE), True
+    else:
+        base = SourceTensors(sources[setup.base_path]) if setup.base_path else None
+        experts = [SourceTensors(sources[p]) for p in setup.expert_paths]
+        fitted = _fit(plan, base, experts, setup.tasks, progress)
+    if not (folder / FIT_FILE).exists():
+        fitted.save(folder / FIT_FILE)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["examples"] = {name: d["examples"] for name, d in setup.data.items()}
+    report["data"] = setup.data
+    report["info"] = fitted.info
+    plan.fitted = fitted
+    return report
+
+
 def _write_all(plan: Plan, writer: FolderWriter, sources: dict[str, Source], threads: int,
                progress: bool) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """Merge every tensor still to do into the writer while the input files are hashed for the manifest."""
     todo = writer.pending()
     check_free_space(writer.folder, sum(j.nbytes for j in plan.jobs if j.name in todo))
     with ThreadPoolExecutor(max_workers=1) as hasher:
-        hashes = hasher.submit(lambda: {label: {str(p): sha256_file(p) for p in src.files()}
+        hashes = hasher.submit(lambda: {label: {str(p): input_sha256(p) for p in src.files()}
                                         for label, src in sources.items()})
         try:
-            execute(plan, writer.write, threads=threads, progress=progress, only=todo)
+            execute(plan, writer.write, threads=threads, progress=progress, only=todo, write_rows=writer.write_rows)
             output_hashes = writer.finalize()
         finally:
             writer.close()
@@ -301,6 +348,7 @@ def _write_metadata(
     output_hashes: dict[str, str],
     seconds: float,
     resumed_shards: int,
+    fit: dict[str, Any] | None = None,
 ) -> None:
     config_src = plan.config_source
     if plan.config:
@@ -333,6 +381,8 @@ def _write_metadata(
         "resumed_shards": resumed_shards,
         "torch_version": torch.__version__,
     }
+    if fit is not None:
+        manifest["fit"] = fit
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "README.md").write_text(_model_card(recipe))
 

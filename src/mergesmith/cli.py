@@ -47,6 +47,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
             f"  base_model: {m.base.value}; models: >= {m.min_experts}"
             + (f", <= {m.max_experts}" if m.max_experts else "")
         )
+        if m.fit is not None:
+            print(f"  data: {m.data.value} examples per model (`data:` in the recipe; `fitted:` replays a fit)")
         print("  parameters:")
         for p in m.params:
             default = "required" if p.required else repr(p.default)
@@ -71,7 +73,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(methods_markdown())
         return 0
     for m in all_methods():
-        print(f"{m.name:<18} {m.summary}")
+        print(f"{m.name:<18} {m.summary}" + (f" [needs {m.data.value} data]" if m.fit is not None else ""))
         print(f"{'':<18} {m.paper}")
     return 0
 
@@ -160,17 +162,19 @@ def methods_markdown() -> str:
     from mergesmith.methods import all_methods
     from mergesmith.methods.base import REQUIRED
 
-    rows = ["| method | base | parameters (default) | paper |", "|---|---|---|---|"]
+    rows = ["| method | base | data | parameters (default) | paper |", "|---|---|---|---|---|"]
     diffs = ["| method | parameter | paper default | `compat: mergekit` |", "|---|---|---|---|"]
     for m in all_methods():
         params = ", ".join(
             f"`{p.name}`{'*' if p.per_model else ''}={'required' if p.required else p.default!r}" for p in m.params
         )
-        rows.append(f"| `{m.name}` | {m.base.value} | {params} | {m.paper} |")
+        data = m.data.value if m.fit is not None else "—"
+        rows.append(f"| `{m.name}` | {m.base.value} | {data} | {params} | {m.paper} |")
         for p in m.params:
             if p.mergekit is not REQUIRED and p.mergekit != p.default:
                 diffs.append(f"| `{m.name}` | `{p.name}` | {_fmt(p.default)} | {_fmt(p.mergekit)} |")
-    return "\n".join(rows) + "\n\n`*` = per-model parameter.\n\n" + "\n".join(diffs)
+    return ("\n".join(rows) + "\n\n`*` = per-model parameter; data: what a data-driven method fits on (`data:` in "
+            "the recipe).\n\n" + "\n".join(diffs))
 
 
 def build_parser() -> argparse.ArgumentParser:

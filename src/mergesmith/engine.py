@@ -8,7 +8,9 @@ jobs before the merge pass.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -124,11 +126,15 @@ def _assign_roles(
 class Planner:
     """Turns a recipe and opened sources into a Plan, validating names, shapes and parameters."""
 
-    def __init__(self, recipe: Recipe, sources: dict[str, Source], out_dtype: str | None = None):
+    def __init__(self, recipe: Recipe, sources: dict[str, Source], out_dtype: str | None = None,
+                 task_heads: frozenset[str] = frozenset()):
         self.recipe = recipe
         self.sources = sources
         self.method = get_method(recipe.merge_method)
         self.out_dtype = DTYPE_BY_NAME[out_dtype] if out_dtype else None
+        # Task-specific heads (each expert's classifier, seen by a data-driven fit): never merged. The output keeps
+        # the reference model's (the base, else the first model) when it has one; the others may differ in shape.
+        self.task_heads = task_heads
 
     def _job(
         self,
@@ -200,6 +206,10 @@ class Planner:
         jobs = []
         for name in names:
             layer = layer_index(name)
+            if name in self.task_heads:
+                dtype, shape = reference.info(name)
+                jobs.append(Job(name, self.out_dtype or dtype, shape, (reference, name), [], {}, layer, copy=True))
+                continue
             t = self._t(layer, n_layers)
             jobs.append(
                 self._job(
@@ -222,11 +232,11 @@ class Planner:
         return layer / (n_layers - 1) if n_layers > 1 else 1.0
 
     def _check_names(self, reference: Source, others: list[Source]) -> None:
-        ref = set(reference.keys())
+        ref = set(reference.keys()) - self.task_heads
         for other in others:
             if other is reference:
                 continue
-            names = set(other.keys())
+            names = set(other.keys()) - self.task_heads
             missing = sorted(ref - names, key=natural_key)
             missing = [n for n in missing if not (n.endswith("lm_head.weight") and other.tied_embeddings)]
             extra = sorted(names - ref, key=natural_key)
@@ -335,15 +345,31 @@ def _renumber(name: str, new_index: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Execution
+#
+# Big tensors of elementwise methods (linear, task arithmetic, TIES, DARE: the output at a position depends only
+# on the inputs at that position, plus whole-model or per-tensor statistics) are merged in row blocks of at most
+# PART_ELEMENTS elements: memory is bounded by a few blocks whatever the model size, and the blocks of one large
+# tensor (an embedding) spread over the threads. Other methods (SVD, norms, sorts of a whole tensor) see whole
+# tensors.
+
+PART_ELEMENTS = 1 << 20
 
 
 def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _read(source: Source, name: str, check_finite: bool) -> torch.Tensor:
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # A NaN or Inf anywhere makes the fp32 sum non-finite, and a vectorised sum is ~10× cheaper than isfinite()
+    # on bf16; only a non-finite sum (or a sum that overflowed) pays for the exact elementwise check.
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+
+
+def _read(source: Source, name: str, check_finite: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
     tensor = source.get(name)
-    if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if rows is not None:
+        tensor = tensor[rows[0] : rows[1]]  # a view of the mapped file: only these rows are read
+    if check_finite and tensor.is_floating_point() and not _all_finite(tensor):
         raise CheckpointError(
             f"{source.label}: tensor '{name}' contains NaN or Inf; repair the checkpoint, or pass --allow-nonfinite "
             "to merge it anyway"
@@ -351,44 +377,101 @@ def _read(source: Source, name: str, check_finite: bool) -> torch.Tensor:
     return tensor
 
 
-def _load(job: Job, check_finite: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    base = _read(*job.base, check_finite) if job.base else None
-    experts = [_read(src, name, check_finite) for src, name in job.experts]
+def _load(job: Job, check_finite: bool = True, rows: tuple[int, int] | None = None
+          ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    base = _read(*job.base, check_finite, rows) if job.base else None
+    experts = [_read(src, name, check_finite, rows) for src, name in job.experts]
     dtype = _compute_dtype(([base] if base is not None else []) + experts)
     return (base.to(dtype) if base is not None else None), [e.to(dtype) for e in experts]
 
 
+def _elementwise(plan: Plan, job: Job) -> bool:
+    flag = plan.method.elementwise
+    return bool(flag(job.params) if callable(flag) else flag)
+
+
+def parts_of(plan: Plan, job: Job) -> list[tuple[int, int] | None]:
+    """Row blocks of at most PART_ELEMENTS elements for a large tensor of an elementwise rule, else [None]."""
+    numel = int(torch.Size(job.shape).numel())
+    if job.copy or plan.method.structural or numel <= PART_ELEMENTS or not job.shape or not _elementwise(plan, job):
+        return [None]
+    rows = job.shape[0]
+    per_row = numel // rows
+    step = max(1, PART_ELEMENTS // per_row)
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
 def stream_inputs(plan: Plan) -> Callable[[], Iterator[TensorInputs]]:
-    """A pass over every merged tensor's inputs, for ``prepare``."""
+    """A pass over every merged tensor's inputs, for ``prepare`` (large tensors of elementwise methods arrive in
+    row blocks, several items with the same name)."""
 
     def one_pass() -> Iterator[TensorInputs]:
         for job in plan.jobs:
             if job.copy:
                 continue
-            base, experts = _load(job, not plan.allow_nonfinite)
-            yield TensorInputs(job.name, base, experts, job.params)
+            for rows in parts_of(plan, job):
+                base, experts = _load(job, not plan.allow_nonfinite, rows)
+                yield TensorInputs(job.name, base, experts, job.params, rows)
 
     return one_pass
 
 
-def run_job(plan: Plan, job: Job, state: Any) -> torch.Tensor:
+def _tensor_stream(plan: Plan, job: Job, parts: list[tuple[int, int] | None]) -> Callable[[], Iterator[TensorInputs]]:
+    def one_pass() -> Iterator[TensorInputs]:
+        for rows in parts:
+            base, experts = _load(job, not plan.allow_nonfinite, rows)
+            yield TensorInputs(job.name, base, experts, job.params, rows)
+
+    return one_pass
+
+
+def run_job(plan: Plan, job: Job, state: Any, rows: tuple[int, int] | None = None,
+            tensor_state: Any = None) -> torch.Tensor:
+    """The merged tensor (or the block ``rows`` of it), in the output dtype."""
     if job.copy:
         src, name = job.base or job.experts[0]
-        return src.get(name)
+        return src.get(name).to(job.dtype)  # integer buffers keep their dtype; a copied task head follows --dtype
     if plan.method.structural:
         src, name = job.experts[0]
         raw = _read(src, name, not plan.allow_nonfinite)
         experts = [raw if job.params.get("scale", [1.0])[0] == 1.0 else raw.to(_compute_dtype([raw]))]
         base = None
     else:
-        base, experts = _load(job, not plan.allow_nonfinite)
-    ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer, fitted=plan.fitted)
+        base, experts = _load(job, not plan.allow_nonfinite, rows)
+    ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer, fitted=plan.fitted,
+                        rows=rows, tensor_state=tensor_state)
     out = plan.method.rule(base, experts, job.params, ctx)
-    if tuple(out.shape) != tuple(job.shape):
+    expected = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+    if tuple(out.shape) != tuple(expected):
         raise AssertionError(
-            f"{plan.method.name} returned shape {list(out.shape)} for '{job.name}' {list(job.shape)}"
+            f"{plan.method.name} returned shape {list(out.shape)} for '{job.name}' {list(expected)}"
         )
     return out.to(job.dtype)
+
+
+class _Assembler:
+    """Collects the row blocks of a tensor for a ``write`` that takes whole tensors (in-memory merges)."""
+
+    def __init__(self, plan: Plan, write: Callable[[str, torch.Tensor], None]):
+        self.write = write
+        self.jobs = {j.name: j for j in plan.jobs}
+        self.pending: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str, first_row: int, block: torch.Tensor) -> None:
+        job = self.jobs[name]
+        with self.lock:
+            if name not in self.pending:
+                self.pending[name] = (torch.empty(job.shape, dtype=job.dtype), [job.shape[0]])
+            full, left = self.pending[name]
+        full[first_row : first_row + block.shape[0]] = block
+        with self.lock:
+            left[0] -= block.shape[0]
+            done = left[0] == 0
+            if done:
+                del self.pending[name]
+        if done:
+            self.write(name, full)
 
 
 def execute(
@@ -397,15 +480,51 @@ def execute(
     threads: int = 1,
     progress: bool = True,
     only: set[str] | None = None,
+    write_rows: Callable[[str, int, torch.Tensor], None] | None = None,
 ) -> None:
-    """Run every job (or those named in ``only``: a resume); ``write(name, tensor)`` receives each result, from
-    worker threads. ``prepare`` passes always stream the whole model."""
+    """Run every job (or those named in ``only``: a resume). ``write(name, tensor)`` receives each whole result,
+    from worker threads; blocks of large tensors go to ``write_rows(name, first_row, block)`` when given (the
+    folder writer puts them straight into the file), else they are assembled for ``write``.
+
+    Work units — a whole tensor, one row block, or a tensor with per-tensor statistics and its blocks — run on
+    ``threads`` workers with at most 2 × threads units in flight, so memory is bounded by a few blocks.
+    """
     state = None
     if plan.method.prepare is not None:
         first = next((j for j in plan.jobs if not j.copy), None)
         if first is not None:
             state = plan.method.prepare(stream_inputs(plan), first.params, plan.seed)
     jobs = [j for j in plan.jobs if only is None or j.name in only]
+    put_rows = write_rows or _Assembler(plan, write)
+
+    def whole(job: Job) -> int:
+        write(job.name, run_job(plan, job, state))
+        return job.nbytes
+
+    def block(job: Job, rows: tuple[int, int], tensor_state: Any = None) -> int:
+        put_rows(job.name, rows[0], run_job(plan, job, state, rows, tensor_state))
+        return job.nbytes * (rows[1] - rows[0]) // job.shape[0]
+
+    def with_stats(job: Job, parts: list[tuple[int, int] | None]) -> int:
+        # per-tensor statistics (a per-tensor top-k threshold, a norm) need every block before any is merged
+        ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer, fitted=plan.fitted)
+        tensor_state = plan.method.tensor_stats(_tensor_stream(plan, job, parts), job.params, ctx)
+        if parts == [None]:
+            write(job.name, run_job(plan, job, state, None, tensor_state))
+            return job.nbytes
+        return sum(block(job, rows, tensor_state) for rows in parts if rows is not None)
+
+    units: list[Callable[[], int]] = []
+    for job in jobs:
+        parts = parts_of(plan, job)
+        if (plan.method.tensor_stats is not None and not job.copy and not plan.method.structural
+                and plan.method.uses_tensor_stats(job.params)):
+            units.append(lambda job=job, parts=parts: with_stats(job, parts))
+        elif parts == [None]:
+            units.append(lambda job=job: whole(job))
+        else:
+            units += [lambda job=job, rows=rows: block(job, rows) for rows in parts]
+
     bar = tqdm(
         total=sum(j.nbytes for j in jobs),
         unit="B",
@@ -415,33 +534,39 @@ def execute(
         dynamic_ncols=True,
         leave=False,
     )
-
-    def work(job: Job) -> int:
-        write(job.name, run_job(plan, job, state))
-        return job.nbytes
-
     done = 0
 
     def finished(nbytes: int) -> None:
         nonlocal done
         done += 1
         bar.update(nbytes)
-        bar.set_postfix_str(f"{done}/{len(jobs)} tensors", refresh=False)
+        bar.set_postfix_str(f"{done}/{len(units)} blocks", refresh=False)
 
     try:
         if threads <= 1:
-            for job in jobs:
-                finished(work(job))
+            for unit in units:
+                finished(unit())
             return
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith") as pool:
+        with _torch_threads(1), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith") as pool:
+            # one torch thread per worker: the workers are the parallelism (no oversubscribed cores)
             pending: set[Future[int]] = set()
-            for job in jobs:
-                if len(pending) >= 2 * threads:  # bound the tensors in flight
+            for unit in units:
+                if len(pending) >= 2 * threads:  # bound the units in flight
                     complete, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in complete:
                         finished(f.result())
-                pending.add(pool.submit(work, job))
+                pending.add(pool.submit(unit))
             for f in pending:
                 finished(f.result())
     finally:
         bar.close()
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,10 @@ out_dtype: bfloat16
 compat: paper                    # or mergekit: every paper-vs-mergekit choice switches to mergekit's
 seed: 0
 ```
+Data-driven methods (Fisher, RegMean, AdaMerging, ...) also read ``data:`` (per model, or top-level for every model
+without its own; see :mod:`mergesmith.data`), optionally a model's ``head:`` (a safetensors linear head over
+mean-pooled encoder states), and ``fitted: PATH`` to replay an earlier fit instead of running it.
+
 ``slices`` (with ``sources: [{model, layer_range: [start, end)}]``) stacks or merges layer ranges.
 """
 
@@ -30,6 +34,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mergesmith.data import DataSpec
 from mergesmith.errors import RecipeError
 
 Scalar = Union[bool, int, float, str]  # noqa: UP007 (a runtime alias pydantic reads on 3.10)
@@ -48,6 +53,8 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    data: DataSpec | None = None  # data-driven methods: this model's examples (else the recipe's data:)
+    head: str | None = None  # a safetensors {weight, bias} linear head over mean-pooled encoder states
 
 
 class SliceSource(BaseModel):
@@ -95,6 +102,8 @@ class Recipe(BaseModel):
     seed: int = 0
     tokenizer_source: str | None = None
     name: str | None = None
+    data: DataSpec | None = None  # data-driven methods: examples for every model without its own data:
+    fitted: str | None = None  # an earlier output folder (or its mergesmith_fit.safetensors): replay, do not fit
 
     @field_validator("models", mode="before")
     @classmethod
@@ -131,13 +140,22 @@ def _format_validation_error(e: ValidationError, where: str) -> str:
             "(a gradient over layers), or a list of {filter, value} entries"
         )
     loc = ".".join(parts) or "recipe"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")  # our validators' messages are complete sentences
     if first["type"] == "extra_forbidden":
-        known = ", ".join(Recipe.model_fields)
-        return f"{where}: unknown key '{loc}' (known top-level keys: {known})"
+        owner, fields = _key_owner(parts)
+        return f"{where}: unknown key '{loc}' (known {owner} keys: {', '.join(fields)})"
     if first["type"] == "missing":
         return f"{where}: missing required key '{loc}'"
     return f"{where}: {loc}: {msg}"
+
+
+def _key_owner(parts: list[str]) -> tuple[str, Any]:
+    """Which mapping an unknown key was found in, and its known keys."""
+    if "data" in parts[:-1]:
+        return "data", DataSpec.model_fields
+    if len(parts) == 3 and parts[0] == "models":
+        return "model entry", ModelEntry.model_fields
+    return "top-level", Recipe.model_fields
 
 
 def load_recipe(source: str | Path | dict[str, Any] | Recipe) -> Recipe:

@@ -170,17 +170,21 @@ class ShardWriter:
         os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self.fd, self.total)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> int:
+        """Write ``tensor`` (or rows ``first_row…`` of it) into its slot; returns the bytes written."""
         offset, nbytes = self.offsets[name]
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if data.nbytes != nbytes:
-            raise AssertionError(f"{name}: {data.nbytes} bytes for a slot of {nbytes}")
+        row_bytes = data.nbytes // tensor.shape[0] if tensor.dim() and tensor.shape[0] else 0
+        start = first_row * row_bytes
+        if start + data.nbytes > nbytes or (first_row == 0 and tensor.dim() == 0 and data.nbytes != nbytes):
+            raise AssertionError(f"{name}: {data.nbytes} bytes at {start} for a slot of {nbytes}")
         view = memoryview(data)
-        position = self.data_start + offset
+        position = self.data_start + offset + start
         while view.nbytes:  # pwrite may write less than asked (large buffers, full disk reports an error)
             written = os.pwrite(self.fd, view, position)
             view = view[written:]
             position += written
+        return data.nbytes
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -52,6 +54,47 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def input_sha256(path: Path) -> str:
+    """sha256 of an input file for the manifest, remembered across merges by (device, inode, size, mtime in ns).
+
+    Hashing every input costs about 1 s per GB — as much as a whole linear merge — and the same checkpoints are
+    merged again and again (a grid of recipes), so the digest is cached like git's index caches file stats: a file
+    rewritten in place changes its mtime and is hashed again. The cache is ``<cache>/input-sha256.json``
+    (``$MERGESMITH_CACHE``, else ``~/.cache/mergesmith``); an unwritable cache only costs the re-hash.
+    """
+    from mergesmith.zoo.cache import cache_dir
+
+    st = os.stat(path)
+    key = str(Path(path).resolve())
+    stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    store = cache_dir() / "input-sha256.json"
+    with _HASH_LOCK:
+        try:
+            cached = json.loads(store.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        entry = cached.get(key)
+        if isinstance(entry, dict) and entry.get("stat") == stamp:
+            return str(entry["sha256"])
+    digest = sha256_file(path)
+    with _HASH_LOCK, contextlib.suppress(OSError):
+        try:
+            cached = json.loads(store.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        cached[key] = {"stat": stamp, "sha256": digest}
+        if len(cached) > 10000:  # keep the most recent entries
+            cached = dict(list(cached.items())[-10000:])
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f"{store.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(cached))
+        os.replace(tmp, store)
+    return digest
+
+
+_HASH_LOCK = threading.Lock()
+
+
 def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> dict[str, list]:
     """File name → the specs it holds, in plan order; a new shard when the next tensor would overflow."""
     groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
@@ -89,6 +132,7 @@ class FolderWriter:
         self.on_done = on_done
         self.shards: dict[str, ShardWriter] = {}
         self._lock = threading.Lock()
+        self._left: dict[str, int] = {}  # bytes of each tensor still to be written (it may come in row blocks)
         try:
             for file_name, group in layout.items():
                 if file_name not in self.hashes:
@@ -102,11 +146,18 @@ class FolderWriter:
         return {name for name, file in self.weight_map.items() if file not in self.hashes}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, first_row: int, block: torch.Tensor) -> None:
+        """Write rows ``first_row…`` of tensor ``name`` (the whole tensor when they are all of it)."""
         file_name = self.weight_map[name]
         shard = self.shards[file_name]
-        shard.write(name, tensor)
+        written = shard.write(name, block, first_row)
         with self._lock:
-            shard.remaining.discard(name)
+            left = self._left.get(name, shard.offsets[name][1]) - written
+            self._left[name] = left
+            if left == 0:
+                shard.remaining.discard(name)
             complete = not shard.remaining and file_name not in self.hashes
             if complete:
                 self.hashes[file_name] = ""  # claimed: only one thread finishes a shard

@@ -100,13 +100,16 @@ class TensorContext:
     seed: int = 0
     state: Any = None  # what the method's prepare() returned
     fitted: Any = None  # a data-driven method's FitResult (mergesmith.learn.task): statistics, masks, coefficients
+    rows: tuple[int, int] | None = None  # the row block being merged (elementwise methods, large tensors)
+    tensor_state: Any = None  # what the method's tensor_stats() returned for this tensor
     layer: int | None = None
     num_layers: int | None = None
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A generator seeded from (seed, tensor name, salt): random rules are reproducible and independent
         of the order (or thread) in which tensors are merged."""
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{salt}".encode()).digest()
+        block = f"\0rows{self.rows[0]}" if self.rows is not None else ""  # each row block draws its own bits
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{salt}{block}".encode()).digest()
         gen = torch.Generator()
         gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
         return gen
@@ -120,6 +123,7 @@ class TensorInputs:
     base: torch.Tensor | None
     experts: list[torch.Tensor]
     params: dict[str, Any]
+    rows: tuple[int, int] | None = None  # the row block, when a large tensor of an elementwise method is split
 
 
 # A pass over the model: calling it yields each mergeable tensor's inputs once.
@@ -159,6 +163,13 @@ class MergeMethod:
     # FitResult reaches the rule as ``ctx.fitted``.
     fit: Fit | None = None
     data: DataNeed = DataNeed.NONE
+    # True (or a function of the resolved parameters) when the output at a position depends only on the inputs at
+    # that position (plus prepare/tensor_stats/fit results): the engine then merges large tensors in row blocks.
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False
+    # Per-tensor statistics over the tensor's blocks, before its blocks are merged (a per-tensor top-k threshold):
+    # (stream of this tensor's blocks, params, ctx) -> ctx.tensor_state.
+    tensor_stats: Callable[[TensorStream, dict[str, Any], TensorContext], Any] | None = None
+    uses_tensor_stats: Callable[[dict[str, Any]], bool] = lambda params: True
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import MergeMethod, Param, TensorContext, register
+from mergesmith.methods.base import MergeMethod, Param, TensorContext, TensorStream, register
 from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
-from mergesmith.methods.taskvec import rescale_kept
+from mergesmith.methods.taskvec import rescale_kept, stack_deltas
 
 PAPER = "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024 (arXiv:2311.03099)"
 
@@ -58,9 +58,31 @@ def drop_and_rescale(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: T
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    probs = torch.full(delta.shape, density, dtype=torch.float32)
-    mask = torch.bernoulli(probs, generator=ctx.generator(f"dare{i}")).to(delta.dtype)
+    mask = _drop_mask(delta, density, i, ctx)
+    if params["rescale"] == "l1" and ctx.tensor_state is not None:  # L1 norms of the whole tensor, from its blocks
+        return delta * mask * ctx.tensor_state[i]
     return rescale_kept(delta, mask, density, params["rescale"])
+
+
+def _drop_mask(delta: torch.Tensor, density: float, i: int, ctx: TensorContext) -> torch.Tensor:
+    probs = torch.full(delta.shape, density, dtype=torch.float32)
+    return torch.bernoulli(probs, generator=ctx.generator(f"dare{i}")).to(delta.dtype)
+
+
+def l1_ratios(stream: TensorStream, params: dict[str, Any], ctx: TensorContext) -> list[float]:
+    """mergekit's L1 rescale over a tensor that arrives in row blocks: ‖δ‖₁ / ‖δ ⊙ m‖₁ per expert, with the same
+    masks the rule draws (the generator is keyed by the block), and no rescale when either norm is below 1e-7."""
+    before = [0.0] * len(params["density"])
+    after = [0.0] * len(params["density"])
+    for item in stream():
+        ctx.rows = item.rows
+        for i, delta in enumerate(stack_deltas(item.base, item.experts)):
+            density = params["density"][i]
+            if 0 < density < 1:
+                before[i] += float(delta.abs().sum())
+                after[i] += float((delta * _drop_mask(delta, density, i, ctx)).abs().sum())
+    ctx.rows = None
+    return [b / a if b >= 1e-7 and a >= 1e-7 else 1.0 for b, a in zip(before, after)]
 
 
 def dare_linear_rule(base, experts, params, ctx):
@@ -86,6 +108,9 @@ register(
         params=(WEIGHT, DENSITY, LAMBDA, RESCALE, Param("normalize", bool, False, "divide by Σ_t w_t")),
         aliases=dict(RESCALE_ALIAS),
         random=True,
+        elementwise=True,
+        tensor_stats=l1_ratios,
+        uses_tensor_stats=lambda params: params["rescale"] == "l1",
     )
 )
 
@@ -99,5 +124,9 @@ register(
         prepare=_majority_pass,
         aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
         random=True,
+        # the majority-sign pass with an L1 rescale would need whole tensors; every other setting merges in blocks
+        elementwise=lambda params: params["rescale"] != "l1" or params["sign_zero"] == "positive",
+        tensor_stats=l1_ratios,
+        uses_tensor_stats=lambda params: params["rescale"] == "l1",
     )
 )

@@ -23,6 +23,7 @@ METHOD = register(
     MergeMethod(
         name="linear",
         rule=linear_rule,
+        elementwise=True,
         summary="weighted average of the models (model soup)",
         paper="Wortsman et al., Model soups: averaging weights of multiple fine-tuned models, ICML 2022 "
         "(arXiv:2203.05482)",

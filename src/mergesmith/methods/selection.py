@@ -38,7 +38,8 @@ def sortable_keys(values: torch.Tensor, width: int | None = None) -> tuple[torch
     if width == 64:
         bits = values.to(torch.float64).contiguous().view(torch.int64)
         return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits), 64
-    bits = values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    # int32 keys: the same order, at a fraction of the cost of widening to int64 (digits are widened later)
+    bits = values.to(torch.float32).contiguous().view(torch.int32)
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits), 32
 
 
@@ -62,6 +63,7 @@ def _signed_top(digit: int) -> int:
 
 def _accumulate(hist: torch.Tensor, index: torch.Tensor) -> None:
     """hist[index] += 1 for a flat int64 histogram: scatter for small inputs, bincount for large ones."""
+    index = index.to(torch.int64)
     if index.numel() < 4 * _BINS:
         hist.index_add_(0, index, torch.ones_like(index))
     else:

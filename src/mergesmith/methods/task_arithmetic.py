@@ -16,6 +16,7 @@ METHOD = register(
     MergeMethod(
         name="task_arithmetic",
         rule=lambda base, experts, params, ctx: merge_task_vectors(base, experts, params, ctx),
+        elementwise=True,
         summary="θ₀ + λ Σ w_t (θ_t − θ₀)",
         paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
         params=(

@@ -20,6 +20,7 @@ Paper vs mergekit (``compat: mergekit`` switches every item):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +30,14 @@ from mergesmith.errors import RecipeError
 from mergesmith.methods.base import MergeMethod, Param, TensorContext, TensorStream, register
 from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
 from mergesmith.methods.selection import order_statistics
-from mergesmith.methods.taskvec import elect_signs, magnitude_mask, paper_keep_count, per_model, stack_deltas
+from mergesmith.methods.taskvec import (
+    elect_signs,
+    magnitude_mask,
+    mergekit_keep_count,
+    paper_keep_count,
+    per_model,
+    stack_deltas,
+)
 
 
 def _magnitude_rows(stream: TensorStream) -> Iterator[torch.Tensor]:
@@ -56,7 +64,22 @@ def _trim(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContex
         if params["density"][i] >= 1:
             return delta
         return delta * (delta.abs().to(torch.float32) >= ctx.state["thresholds"][i])
+    if ctx.tensor_state is not None:  # per-tensor thresholds, found over the tensor's row blocks
+        return delta * (delta.abs().to(torch.float32) >= ctx.tensor_state[i])
     return delta * magnitude_mask(delta, params["density"][i], "mergekit")
+
+
+def tensor_thresholds(stream: TensorStream, params: dict[str, Any], ctx: TensorContext) -> list[float]:
+    """Per-tensor trim (mergekit): κ_t = the max(1, ⌊K_t·n⌋)-th largest |τ_t| of this tensor, by an exact radix
+    selection over its row blocks (the same value as a kthvalue over the whole tensor, in bounded memory)."""
+    densities = list(params["density"])
+
+    def ranks(total: int) -> list[list[int]]:
+        return [[total - mergekit_keep_count(total, d) + 1] if total else [1] for d in densities]
+
+    found = [row[0] for row in order_statistics(lambda: _magnitude_rows(stream), ranks)]
+    # density ≥ 1 keeps everything, ≤ 0 nothing (as magnitude_mask)
+    return [-math.inf if d >= 1 else math.inf if d <= 0 else k for d, k in zip(densities, found)]
 
 
 def _constant_densities(stream: TensorStream) -> list[float]:
@@ -84,7 +107,7 @@ def prepare_ties(stream: TensorStream, shared: dict[str, Any], seed: int = 0, sp
         ctx = TensorContext(name="", state=state, seed=seed)
         total = 0.0
         for item in stream():
-            ctx.name = item.name
+            ctx.name, ctx.rows = item.name, item.rows  # a row block draws the same random bits as in the rule
             deltas = stack_deltas(item.base, item.experts)
             deltas = torch.stack([sparsify(deltas[i], i, item.params, ctx) for i in range(len(item.experts))])
             deltas = deltas * per_model(item.params["weight"], deltas)
@@ -123,5 +146,9 @@ METHOD = register(
         ),
         prepare=prepare_ties,
         aliases=dict(NORMALIZE_ALIAS),
+        # the majority-sign pass of a per-tensor trim needs whole tensors; every other setting merges in blocks
+        elementwise=lambda params: params["trim_scope"] == "global" or params["sign_zero"] == "positive",
+        tensor_stats=tensor_thresholds,
+        uses_tensor_stats=lambda params: params["trim_scope"] == "tensor" and any(d < 1 for d in params["density"]),
     )
 )

@@ -1,0 +1,153 @@
+"""The data-driven methods on the text8 zoo: Fisher, RegMean, AdaMerging(++), Concrete, Twin-Merging, DAM.
+
+``mergesmith bench --data`` (``make bench-data``). Each method fits on the data its paper uses — Fisher and
+RegMean on each task's *training* texts (Fisher's exact estimator needs no labels), AdaMerging, Concrete and DAM
+on each task's *unlabeled test* inputs (test-time adaptation, as in their papers), Twin-Merging's router on the
+training texts labeled by task — then merges through the same engine and is evaluated on the test split with
+each task's head. Every row records the fit's seconds and examples. Two data-free anchors (task arithmetic and
+TIES at their defaults) are re-run on the same zoo build so that the rows compare like with like.
+
+CPU budget: the papers' step counts (AdaMerging 500, Concrete 2000 / 1000 + 1000) cost about 3 s per step for
+eight MiniLM tasks on two cores, hours per run; ``STEP_SCALE`` shrinks every step count (documented in each row's
+settings), and the fit sizes (Fisher's examples) are capped for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergesmith.api import fit_state_dicts, merge_state_dicts
+from mergesmith.zoo.bench import aggregate
+from mergesmith.zoo.text8 import Zoo, summarize
+
+
+@dataclass(frozen=True)
+class DataBenchRow:
+    """One benchmark row: a method, its settings, and which split (and how much of it) its fit reads."""
+
+    key: str
+    method: str
+    params: dict[str, Any]
+    split: str  # "train" (labeled statistics) or "test" (unlabeled test-time adaptation)
+    limit: int | None = None
+    labeled: bool = False
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rows(step_scale: float = 0.1) -> list[DataBenchRow]:
+    def steps(n: int) -> int:
+        return max(1, round(n * step_scale))
+
+    return [
+        DataBenchRow("task_arithmetic", "task_arithmetic", {"lambda": 0.3}, "none", note="data-free anchor"),
+        DataBenchRow("ties", "ties", {"density": 0.2, "lambda": 1.0}, "none", note="data-free anchor"),
+        DataBenchRow("fisher", "fisher", {"n_examples": 32}, "train",
+                     note="exact Fisher (paper), 32 training examples per task (paper 4096)"),
+        DataBenchRow("regmean", "regmean", {"alpha": 0.9, "n_examples": 256}, "train",
+                     note="Grams on 256 training texts per task (official 1000)"),
+        DataBenchRow("adamerging_task", "adamerging", {"granularity": "task", "steps": steps(500)}, "test",
+                     note="task-wise, unlabeled test inputs"),
+        DataBenchRow("adamerging", "adamerging", {"steps": steps(500)}, "test",
+                     note="layer-wise, unlabeled test inputs"),
+        DataBenchRow("adamerging_pp", "adamerging", {"ties": True, "steps": steps(500)}, "test",
+                     note="layer-wise over TIES-trimmed vectors"),
+        DataBenchRow("concrete_task_arithmetic", "concrete_task_arithmetic", {"steps": steps(2000)}, "test"),
+        DataBenchRow("concrete_adamerging", "concrete_adamerging",
+                     {"meta_steps": steps(1000), "adamerging_steps": steps(1000)}, "test"),
+        DataBenchRow("dam", "dam", {"meta_steps": steps(1000), "adamerging_steps": steps(1000)}, "test",
+                     note="Concrete AdaMerging + learned embedding perturbation (released algorithm)"),
+        DataBenchRow("twin", "twin", {}, "train", labeled=False, note="shared TA λ=0.3 + rank-10 % exclusive parts, "
+                     "router on training texts, per-batch routing at test time"),
+    ]
+
+
+class DataBench:
+    def __init__(self, zoo: Zoo, progress: bool = True):
+        self.zoo = zoo
+        self.progress = progress
+        self.base = zoo.state_dict(zoo.base)
+        self.experts = [zoo.state_dict(zoo.encoder_path(t)) for t in zoo.tasks]
+        self.finetuned = zoo.finetuned_accuracy("test")
+
+    def tasks(self, split: str, limit: int | None, labeled: bool):
+        return [self.zoo.task(t, split, limit, labeled=labeled) for t in self.zoo.tasks]
+
+    def run(self, row: DataBenchRow, seed: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        info: dict[str, Any] = {}
+        examples = 0
+        if row.method == "twin":
+            from mergesmith.learn.twin import build_twin, evaluate
+
+            tasks = self.tasks("train", row.limit, False)
+            twin = build_twin(self.base, self.experts, tasks, seed=seed, progress=self.progress, **row.params)
+            fit_seconds = time.perf_counter() - started
+            report = evaluate(twin, self.tasks("test", None, True), progress=self.progress)
+            acc = {t: float(report["accuracy"][t]) for t in self.zoo.tasks}
+            info["router_accuracy"] = report.get("router_accuracy")
+            examples = sum(len(t.data) for t in tasks)
+        else:
+            if row.split == "none":
+                merged = merge_state_dicts(self.base, self.experts, row.method, seed=seed, threads=2, **row.params)
+                fit_seconds = 0.0
+            else:
+                tasks = self.tasks(row.split, row.limit, row.labeled)
+                fitted = fit_state_dicts(self.base, self.experts, row.method, tasks, seed=seed,
+                                         progress=self.progress, **row.params)
+                fit_seconds = time.perf_counter() - started
+                merged = merge_state_dicts(self.base, self.experts, row.method, seed=seed, threads=2,
+                                           fitted=fitted, **row.params)
+                info = {k: v for k, v in fitted.info.items() if k in ("examples", "examples_used", "seconds",
+                                                                       "estimator", "lambdas", "final_loss")}
+                examples = _count_examples(fitted.info, tasks)
+            acc = self.zoo.evaluate(merged, "test")
+        return {"seed": seed, "accuracy": acc, "fit_seconds": round(fit_seconds, 1),
+                "seconds": round(time.perf_counter() - started, 1), "examples": examples, "info": info,
+                **summarize(acc, self.finetuned)}
+
+
+def _count_examples(info: dict[str, Any], tasks) -> int:
+    for key in ("examples_used", "examples"):
+        value = info.get(key)
+        if isinstance(value, dict):
+            return int(sum(v for v in value.values() if isinstance(v, (int, float))))
+        if isinstance(value, list):
+            return int(sum(value))
+        if isinstance(value, (int, float)):
+            return int(value)
+    return sum(len(t.data) for t in tasks)
+
+
+def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list[str] | None = None,
+                   progress: bool = True, checkpoint: Path | None = None) -> dict[str, Any]:
+    bench = DataBench(zoo, progress)
+    results: dict[str, Any] = {"zoo": zoo.manifest["zoo"], "tasks": zoo.tasks, "seeds": seeds,
+                               "step_scale": step_scale, "finetuned": bench.finetuned, "methods": {}}
+    if checkpoint is not None and checkpoint.exists():
+        saved = json.loads(checkpoint.read_text())
+        if saved.get("step_scale") == step_scale and saved.get("tasks") == zoo.tasks:
+            results["methods"] = saved["methods"]
+    torch.manual_seed(0)
+    for row in tqdm([r for r in rows(step_scale) if only is None or r.key in only], desc="data methods",
+                    disable=not progress):
+        if row.key in results["methods"]:
+            continue
+        n = 1 if row.split == "none" and row.method != "dare_ties" else seeds
+        runs = [bench.run(row, seed) for seed in range(n)]
+        entry = aggregate(runs) | {"params": row.params, "method": row.method, "note": row.note,
+                                   "fit_split": row.split,
+                                   "fit_seconds": sum(r["fit_seconds"] for r in runs) / len(runs),
+                                   "examples": runs[0]["examples"]}
+        results["methods"][row.key] = entry
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(json.dumps(results, indent=1) + "\n")
+    return results

@@ -1,0 +1,149 @@
+"""The engine's memory bound and thread safety: large tensors of elementwise methods are merged in row blocks.
+
+With the block size lowered to a few hundred elements, the tiny Llamas' embeddings (2048 elements) and MLP
+weights are split into blocks. The merged output must equal the whole-tensor merge (bit for bit, except DARE
+whose drop masks are drawn per block), no rule call may see more than one block's worth of elements, no more
+than ``threads`` rule calls may run at once, and 1 and 4 threads must write identical files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import torch
+import yaml
+from conftest import load_tensors
+
+from mergesmith import engine
+from mergesmith.api import merge
+from mergesmith.methods import get_method
+
+BLOCK = 256
+
+RECIPES = {
+    "linear": ({"merge_method": "linear"}, {"weight": 0.7}),
+    "task_arithmetic": ({"merge_method": "task_arithmetic", "parameters": {"lambda": 0.8}}, {"weight": 0.5}),
+    "ties_paper": ({"merge_method": "ties", "parameters": {"density": 0.3}}, {"weight": 1.0}),
+    "ties_mergekit": ({"merge_method": "ties", "compat": "mergekit", "parameters": {"normalize": True}},
+                      {"weight": 1.0, "density": 0.4}),
+    "dare_ties_mergekit": ({"merge_method": "dare_ties", "compat": "mergekit", "seed": 3},
+                           {"weight": 1.0, "density": 0.6}),
+    "dare_linear": ({"merge_method": "dare_linear", "seed": 5}, {"weight": 1.0, "density": 0.7}),
+}
+
+
+def _recipe(llamas, name: str) -> dict:
+    top, per_model = RECIPES[name]
+    recipe = {**top, "models": [{"model": str(llamas[k]), "parameters": per_model} for k in ("a", "b", "c")]}
+    if top["merge_method"] != "linear":
+        recipe["base_model"] = str(llamas["base"])
+    return recipe
+
+
+def _merge(llamas, tmp_path, name: str, block: int, threads: int, monkeypatch, tag: str) -> dict:
+    monkeypatch.setattr(engine, "PART_ELEMENTS", block)
+    path = tmp_path / f"{name}-{tag}.yaml"
+    path.write_text(yaml.safe_dump(_recipe(llamas, name)))
+    out = tmp_path / f"out-{name}-{tag}"
+    merge(path, out, threads=threads, progress=False)
+    return load_tensors(out)
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties_paper", "ties_mergekit"])
+def test_blocks_equal_whole_tensors(llamas, tmp_path, monkeypatch, name):
+    whole = _merge(llamas, tmp_path, name, 10**9, 1, monkeypatch, "whole")
+    blocks = _merge(llamas, tmp_path, name, BLOCK, 3, monkeypatch, "blocks")
+    assert whole.keys() == blocks.keys()
+    for key in whole:
+        assert torch.equal(whole[key], blocks[key]), key
+
+
+@pytest.mark.parametrize("name", ["dare_ties_mergekit", "dare_linear"])
+def test_random_blocks_are_reproducible_across_threads(llamas, tmp_path, monkeypatch, name):
+    one = _merge(llamas, tmp_path, name, BLOCK, 1, monkeypatch, "t1")
+    four = _merge(llamas, tmp_path, name, BLOCK, 4, monkeypatch, "t4")
+    assert all(torch.equal(one[k], four[k]) for k in one)
+
+
+def test_dare_l1_rescale_over_blocks_matches_whole_tensor_norms(llamas, tmp_path, monkeypatch):
+    """mergekit's L1 rescale must use the whole tensor's norms even when the tensor arrives in blocks."""
+    from mergesmith.checkpoint.reader import CheckpointSource
+
+    out = _merge(llamas, tmp_path, "dare_ties_mergekit", BLOCK, 2, monkeypatch, "l1")
+    # one expert alone: θ = θ₀ + τ ⊙ m · ‖τ‖₁/‖τ ⊙ m‖₁, so the merged task vector's L1 norm equals ‖τ‖₁ per tensor
+    recipe = _recipe(llamas, "dare_ties_mergekit")
+    recipe["models"] = recipe["models"][:1]
+    path = tmp_path / "single.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    merge(path, tmp_path / "single", threads=2, progress=False)
+    single = load_tensors(tmp_path / "single")
+    base, expert = CheckpointSource(llamas["base"]), CheckpointSource(llamas["a"])
+    name = "model.embed_tokens.weight"  # 2048 elements: 8 blocks
+    tau = expert.get(name).float() - base.get(name).float()
+    merged_tau = single[name].float() - base.get(name).float()
+    assert float(merged_tau.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
+    assert (merged_tau != 0).float().mean() == pytest.approx(0.6, abs=0.05)
+    assert out.keys() == single.keys()
+
+
+def test_memory_bound_and_concurrency(llamas, tmp_path, monkeypatch):
+    """No rule call sees more than one block of elements, and at most ``threads`` calls run at once."""
+    method = get_method("ties")
+    rule = method.rule
+    largest, running, most = [0], [0], [0]
+    lock = threading.Lock()
+
+    def watched(base, experts, params, ctx):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            largest[0] = max(largest[0], max(e.numel() for e in experts))
+        try:
+            return rule(base, experts, params, ctx)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    object.__setattr__(method, "rule", watched)  # the registry entry is a frozen dataclass
+    try:
+        out4 = _merge(llamas, tmp_path, "ties_mergekit", BLOCK, 4, monkeypatch, "watched")
+    finally:
+        object.__setattr__(method, "rule", rule)
+    assert largest[0] <= BLOCK
+    assert 1 <= most[0] <= 4
+    out1 = _merge(llamas, tmp_path, "ties_mergekit", BLOCK, 1, monkeypatch, "serial")
+    assert all(torch.equal(out1[k], out4[k]) for k in out1)
+
+
+def test_blocks_of_a_tensor_cover_it_exactly(monkeypatch):
+    monkeypatch.setattr(engine, "PART_ELEMENTS", 20)
+    plan = engine.Plan(get_method("linear"), [], 0)
+    parts = engine.parts_of(plan, engine.Job("w", torch.float32, (10, 7), None, [], {}, None))
+    assert parts[0][0] == 0 and parts[-1][1] == 10
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+    assert all((r1 - r0) * 7 <= 20 for r0, r1 in parts)
+    # methods that need whole tensors (SVD, norms) are never split
+    assert engine.parts_of(engine.Plan(get_method("tsv"), [], 0),
+                           engine.Job("w", torch.float32, (10, 7), None, [], {}, None)) == [None]
+
+
+def test_input_hash_cache(tmp_path, monkeypatch):
+    """Input digests are remembered by file identity and mtime; a rewritten file is hashed again."""
+    import os
+
+    from mergesmith.checkpoint import writer
+
+    monkeypatch.setenv("MERGESMITH_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc" * 1000)
+    first = writer.input_sha256(f)
+    assert first == writer.sha256_file(f)
+    calls = []
+    real = writer.sha256_file
+    monkeypatch.setattr(writer, "sha256_file", lambda p: calls.append(p) or real(p))
+    assert writer.input_sha256(f) == first and calls == []  # from the cache
+    f.write_bytes(b"abd" * 1000)
+    os.utime(f, ns=(1, 1))
+    assert writer.input_sha256(f) == real(f) != first and len(calls) == 1
