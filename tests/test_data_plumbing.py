@@ -328,3 +328,20 @@ def test_resume_reuses_the_saved_fit(zoo_cache, tmp_path, monkeypatch):
     merge(zoo_recipe(zoo_cache), out, progress=False, resume=True)  # the saved fit, not a new one
     assert torch.equal(FitResult.load(out).tensors["entropy"], saved.tensors["entropy"])
     assert json.loads((out / "manifest.json").read_text())["fit"]["resumed"] is True
+
+
+def test_adamerging_recipe_writes_a_replayable_learned_recipe(zoo_cache, tmp_path):
+    """A recipe-level AdaMerging merge leaves learned_recipe.yaml: a plain task_arithmetic recipe with the learned
+    coefficients that gives the same tensors without data."""
+    zoo = zoo_cache
+    out = tmp_path / "adamerged"
+    recipe = zoo_recipe(zoo, merge_method="adamerging", parameters={"steps": 2, "batch_size": 4})
+    merge(recipe, out, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fit"]["learned_recipe"] == "learned_recipe.yaml"
+    replayed = tmp_path / "replayed"
+    merge(out / "learned_recipe.yaml", replayed, progress=False)
+    a, b = load_tensors(out), load_tensors(replayed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6)

@@ -265,6 +265,13 @@ def merge(
             try:
                 try:
                     fit_report = _fit_recipe(plan, setup, sources, partial.path, progress) if setup else None
+                    if fit_report is not None and recipe.merge_method == "adamerging":
+                        # learned coefficients replay as a plain task_arithmetic recipe (AdaMerging++ cannot)
+                        from mergesmith.learn.adamerging import write_learned_recipe
+
+                        learned = write_learned_recipe(plan.fitted, recipe, partial.path)
+                        if learned is not None:
+                            fit_report["learned_recipe"] = learned.name
                     writer = FolderWriter(partial.path, plan.specs(), size, partial.finished, partial.shard_done)
                     output_hashes, input_hashes = _write_all(plan, writer, sources, threads, progress)
                     writer.write_index()

@@ -8,15 +8,12 @@ the uniform soup.
 
 from __future__ import annotations
 
-import torch
-
 from mergesmith.methods.base import BasePolicy, MergeMethod, Param, register
-from mergesmith.methods.taskvec import per_model, weighted_sum
+from mergesmith.methods.taskvec import weighted_sum_of
 
 
 def linear_rule(base, experts, params, ctx):
-    stacked = torch.stack(experts)
-    return weighted_sum(stacked, per_model(params["weight"], stacked), params["normalize"])
+    return weighted_sum_of(experts, params["weight"], params["normalize"])
 
 
 METHOD = register(

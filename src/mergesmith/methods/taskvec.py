@@ -99,6 +99,18 @@ def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Ten
     return merged / divisor
 
 
+def weighted_sum_of(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """Σ_t w_t x_t (÷ Σ_t w_t when ``normalize``) accumulated in place: no stacked copy of the inputs, one pass
+    per input (the linear merge is memory-bound, so every avoided copy is time)."""
+    out = tensors[0] * weights[0]
+    for tensor, weight in zip(tensors[1:], weights[1:]):
+        out.add_(tensor, alpha=weight)
+    total = float(sum(weights))
+    if normalize and abs(total) >= 1e-8:
+        out.div_(total)
+    return out
+
+
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Σ_t w_t τ_t, divided by Σ_t w_t when ``normalize`` (a weighted mean)."""
     merged = (deltas * weights).sum(dim=0)
