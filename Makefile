@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-llama test lint install clean zoo bench
+.PHONY: demo demo-llama test lint install clean zoo bench bench-data bench-speed
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,15 @@ zoo: $(STAMP)
 
 bench: zoo
 	HF_HUB_OFFLINE=1 $(BIN)/mergesmith bench --zoo text8 --seeds 3 --val-limit 100
+
+# the data-driven methods and the backdoor scenario on the text8 zoo, added to bench/results/text8.*
+# (about an hour on 2 cores at the default --step-scale 0.04 with one seed; --seeds 3 triples it)
+bench-data: zoo
+	HF_HUB_OFFLINE=1 $(BIN)/mergesmith bench --zoo text8 --data --seeds 1
+
+# mergesmith vs mergekit on 135M / 542M / 1.1B bf16 Llamas (~40 min; needs ~12 GB of disk in $$TMPDIR)
+bench-speed: $(STAMP)
+	$(BIN)/python -m mergesmith.speed --out bench/results/speed
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider

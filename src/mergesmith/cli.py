@@ -142,8 +142,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(markdown_table(results))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
-    zoo = Zoo(build_zoo(quick=args.quick))
+    zoo = Zoo(build_zoo(quick=args.quick, multitask=not args.data))
     name = args.name or (f"{args.zoo}-quick" if args.quick else args.zoo)
+    if args.data:  # the data-driven methods and the backdoor scenario, added to an existing <name>.json
+        from mergesmith.zoo import databench
+
+        target = Path(args.out) / f"{name}.json"
+        if not target.exists():
+            raise MergeError(f"{target}: run the data-free benchmark first (`mergesmith bench`); the data-driven "
+                             "rows are added to its results")
+        runs = Path(args.out) / "runs"
+        data = databench.run_data_bench(zoo, seeds=args.seeds, step_scale=args.step_scale, only=args.methods,
+                                        checkpoint=runs / f"{name}-data.json")
+        backdoor = databench.run_backdoor_bench(zoo, seeds=args.seeds, step_scale=args.step_scale,
+                                                checkpoint=runs / f"{name}-backdoor.json")
+        databench.attach(target, data, backdoor)
+        print(databench.data_markdown(data) + "\n" + databench.backdoor_markdown(backdoor))
+        return 0
     results = run_bench(zoo, methods=args.methods, seeds=args.seeds, val_limit=args.val_limit,
                         checkpoint=Path(args.out) / f"{name}.partial.json")
     paths = write_reports(results, Path(args.out), name)
@@ -242,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", type=int, default=None, help="validation examples per task for the grid")
     p.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown and PNG results")
     p.add_argument("--name", default=None, help="file name stem (default: the zoo's name)")
+    p.add_argument("--data", action="store_true",
+                   help="the data-driven methods (Fisher, RegMean, AdaMerging, Concrete, Twin, DAM) and the backdoor "
+                        "scenario, added to the existing results")
+    p.add_argument("--step-scale", type=float, default=0.04,
+                   help="with --data: fraction of the papers' step counts (CPU budget; default 0.04)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="join finished runs (e.g. methods run in parallel) and write the reports; no merging")
     p.set_defaults(func=cmd_bench)

@@ -515,7 +515,9 @@ def execute(
         return sum(block(job, rows, tensor_state) for rows in parts if rows is not None)
 
     units: list[Callable[[], int]] = []
-    for job in jobs:
+    # largest tensors first: a big tensor that is one unit (per-tensor statistics) must not be the straggler that
+    # leaves the other threads idle at the end
+    for job in sorted(jobs, key=lambda j: -j.nbytes) if threads > 1 else jobs:
         parts = parts_of(plan, job)
         if (plan.method.tensor_stats is not None and not job.copy and not plan.method.structural
                 and plan.method.uses_tensor_stats(job.params)):

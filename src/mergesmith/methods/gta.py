@@ -47,15 +47,17 @@ def merge_task_vectors(
     sparsify: Sparsifier | None = None,
     consensus: bool = False,
 ) -> torch.Tensor:
-    deltas = stack_deltas(base, experts)
+    deltas = stack_deltas(base, experts)  # our own buffer: updated in place below
     if sparsify is not None:
-        deltas = torch.stack([sparsify(deltas[i], i, params, ctx) for i in range(len(experts))])
+        for i in range(len(experts)):
+            deltas[i] = sparsify(deltas[i], i, params, ctx)
     weights = per_model(params["weight"], deltas)
     if consensus:
-        deltas = deltas * weights
+        if any(w != 1 for w in params["weight"]):
+            deltas.mul_(weights)
         majority = ctx.state.get("majority", 1.0) if isinstance(ctx.state, dict) else 1.0
         signs = elect_signs(deltas, params["sign_zero"], majority)
         merged = disjoint_merge(deltas, weights, signs, params["disjoint"])
     else:
         merged = weighted_sum(deltas, weights, params.get("normalize", False))
-    return base + params["lambda"] * merged
+    return merged.mul_(params["lambda"]).add_(base)

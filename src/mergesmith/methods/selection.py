@@ -40,6 +40,8 @@ def sortable_keys(values: torch.Tensor, width: int | None = None) -> tuple[torch
         return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits), 64
     # int32 keys: the same order, at a fraction of the cost of widening to int64 (digits are widened later)
     bits = values.to(torch.float32).contiguous().view(torch.int32)
+    if bits.numel() and int(bits.min()) >= 0:  # magnitudes (the common case): the bits are already the keys
+        return bits, 32
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits), 32
 
 
@@ -96,8 +98,9 @@ def _first_pass(chunks: Chunks, forced: int | None) -> tuple[torch.Tensor | None
         if hists is None:
             hists = torch.zeros(rows.shape[0] * _BINS, dtype=torch.int64)
         total += rows.shape[1]
-        offsets = torch.arange(rows.shape[0]).unsqueeze(1) * _BINS
-        _accumulate(hists, (_top_digit(keys, width) + offsets).reshape(-1))
+        digits = _top_digit(keys, width)
+        for r in range(rows.shape[0]):  # one histogram per row (no widened row-offset copy of the digits)
+            _accumulate(hists[r * _BINS : (r + 1) * _BINS], digits[r])
     return hists, total, width or 32
 
 

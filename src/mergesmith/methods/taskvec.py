@@ -11,8 +11,11 @@ import torch
 
 
 def stack_deltas(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """τ_t = θ_t − θ₀, stacked: ``[T, *shape]``."""
-    return torch.stack([e - base for e in experts])
+    """τ_t = θ_t − θ₀, stacked: ``[T, *shape]`` (written straight into one buffer: no per-expert temporaries)."""
+    deltas = torch.empty((len(experts), *base.shape), dtype=base.dtype)
+    for i, e in enumerate(experts):
+        torch.sub(e, base, out=deltas[i])
+    return deltas
 
 
 def per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -90,13 +93,14 @@ def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Ten
     ``deltas`` are already weighted. ``mean`` divides by the total weight of the agreeing experts (the paper's
     dis-mean when weights are 1; mergekit's ``normalize: true``), ``sum`` does not (dis-sum).
     """
-    agree = torch.sign(deltas) == signs  # zero entries never agree: they are trimmed or dropped
-    merged = (deltas * agree).sum(dim=0)
+    # τ_t·[sign τ_t = γ] = γ·relu(γ·τ_t): float arithmetic only (no boolean masks, which are slow on CPU);
+    # zero entries never agree (they were trimmed or dropped)
+    aligned = (deltas * signs).relu_()
+    merged = aligned.sum(dim=0).mul_(signs)
     if how == "sum":
         return merged
-    divisor = (weights * agree).sum(dim=0)
-    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return merged / divisor
+    divisor = (aligned.sign_() * weights).sum(dim=0)  # Σ w_t over the agreeing experts
+    return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
 def weighted_sum_of(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:

@@ -151,3 +151,158 @@ def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The backdoor scenario (DAM's setting): some experts were fine-tuned on poisoned data
+
+BACKDOOR_TASKS = {"sentiment": 0, "austen": 0}  # poisoned task → target class
+
+
+def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progress: bool = True,
+                       checkpoint: Path | None = None, poisoned: dict[str, int] | None = None) -> dict[str, Any]:
+    """Replace the experts of ``poisoned`` (default ``BACKDOOR_TASKS``) by poisoned fine-tunes (trigger "cf" in 10 % of non-target
+    training texts, relabelled to the target), merge all eight with task arithmetic, TIES, AdaMerging, Concrete
+    AdaMerging and DAM, and report clean test accuracy (every task) and attack success rate (the poisoned tasks'
+    triggered test inputs classified as the target). The test-time methods adapt on *clean* unlabeled test
+    inputs: the defender knows neither the trigger nor which experts are poisoned."""
+    from mergesmith.zoo.backdoor import (
+        attack_success_rate,
+        backdoor_facts,
+        build_backdoor_experts,
+        triggered_split,
+    )
+
+    poisoned = dict(poisoned or BACKDOOR_TASKS)
+    paths = build_backdoor_experts(zoo, list(poisoned), dict(poisoned), progress=progress)
+    bench = DataBench(zoo, progress)
+    for i, task in enumerate(zoo.tasks):
+        if task in paths:
+            bench.experts[i] = zoo.state_dict(paths[task])
+
+    def steps(n: int) -> int:
+        return max(1, round(n * step_scale))
+
+    settings = [
+        DataBenchRow("task_arithmetic", "task_arithmetic", {"lambda": 0.3}, "none"),
+        DataBenchRow("ties", "ties", {"density": 0.2, "lambda": 1.0}, "none"),
+        DataBenchRow("adamerging", "adamerging", {"steps": steps(500)}, "test"),
+        DataBenchRow("concrete_adamerging", "concrete_adamerging",
+                     {"meta_steps": steps(1000), "adamerging_steps": steps(1000)}, "test"),
+        DataBenchRow("dam", "dam", {"meta_steps": steps(1000), "adamerging_steps": steps(1000)}, "test"),
+    ]
+    attack = {t: triggered_split(zoo, t, target) for t, target in poisoned.items()}
+    results: dict[str, Any] = {"tasks": zoo.tasks, "poisoned": poisoned, "step_scale": step_scale,
+                               "experts": {t: backdoor_facts(zoo, t) for t in poisoned}, "methods": {}}
+    if checkpoint is not None and checkpoint.exists():
+        results["methods"] = json.loads(checkpoint.read_text()).get("methods", {})
+    for row in settings:
+        if row.key in results["methods"]:
+            continue
+        runs = []
+        for seed in range(1 if row.split == "none" else seeds):
+            started = time.perf_counter()
+            if row.split == "none":
+                merged = merge_state_dicts(bench.base, bench.experts, row.method, seed=seed, threads=2, **row.params)
+            else:
+                fitted = fit_state_dicts(bench.base, bench.experts, row.method, bench.tasks("test", None, False),
+                                         seed=seed, progress=progress, **row.params)
+                merged = merge_state_dicts(bench.base, bench.experts, row.method, seed=seed, threads=2,
+                                           fitted=fitted, **row.params)
+            seconds = time.perf_counter() - started
+            acc = zoo.evaluate(merged, "test")
+            asr = {}
+            for task, target in poisoned.items():
+                model = zoo.task(task, "test", 1).model
+                asr[task] = attack_success_rate(model, {n: merged[n] for n in model.merge_names()}, attack[task],
+                                                target)
+            runs.append({"seed": seed, "accuracy": acc, "asr": asr, "seconds": round(seconds, 1),
+                         **summarize(acc, bench.finetuned)})
+        results["methods"][row.key] = {
+            "params": row.params, "runs": runs,
+            "clean_average": sum(r["average"] for r in runs) / len(runs),
+            "clean_normalized": sum(r["normalized"] for r in runs) / len(runs),
+            "asr": {t: sum(r["asr"][t] for r in runs) / len(runs) for t in poisoned}}
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports: the rows join bench/results/text8.{json,md,png}
+
+
+def data_markdown(data: dict[str, Any]) -> str:
+    from mergesmith.zoo.bench import SHORT, _cell
+
+    tasks = data["tasks"]
+    head = ["method", "setting", *[SHORT.get(t, t) for t in tasks], "avg", "norm. avg", "fit s", "examples"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ft = data["finetuned"]
+    lines.append("| " + " | ".join(["fine-tuned (this build)", "—", *[_cell(ft[t]) for t in tasks],
+                                    _cell(sum(ft.values()) / len(ft)), "100.0", "—", "—"]) + " |")
+    for key, row in data["methods"].items():
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "—"
+        lines.append("| " + " | ".join([
+            f"`{key}`", params, *[_cell(row["accuracy"][t]) for t in tasks],
+            _cell(row["average"], row["average_std"]), _cell(row["normalized"], row["normalized_std"]),
+            f"{row['fit_seconds']:.0f}", str(row["examples"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def backdoor_markdown(backdoor: dict[str, Any]) -> str:
+    poisoned = list(backdoor["poisoned"])
+    head = ["method", "clean avg", "clean norm.", *[f"ASR {t}" for t in poisoned]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in poisoned:
+        facts = backdoor["experts"][t]
+        lines.append(f"| poisoned `{t}` expert alone | {100 * facts['clean_accuracy']:.1f} ({t}) | — | "
+                     + " | ".join(f"{100 * facts['attack_success_rate']:.1f}" if u == t else "—" for u in poisoned)
+                     + " |")
+    for key, row in backdoor["methods"].items():
+        lines.append(f"| `{key}` | {100 * row['clean_average']:.1f} | {100 * row['clean_normalized']:.1f} | "
+                     + " | ".join(f"{100 * row['asr'][t]:.1f}" for t in poisoned) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_data(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(data["methods"])
+    values = [100 * data["methods"][k]["normalized"] for k in keys]
+    errors = [100 * data["methods"][k]["normalized_std"] for k in keys]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    colors = ["gray" if data["methods"][k]["fit_split"] == "none" else "tab:blue" for k in keys]
+    ax.bar(range(len(keys)), values, 0.6, yerr=errors, capsize=3, color=colors)
+    ax.set_ylim(max(0.0, min(values) - 5), 102)
+    ax.axhline(100, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), keys, rotation=35, ha="right")
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_title(f"{data['zoo']}: data-driven methods (blue) vs data-free anchors (gray), test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def attach(results_path: Path, data: dict[str, Any] | None, backdoor: dict[str, Any] | None) -> None:
+    """Add the data-driven rows (and the backdoor scenario) to an existing text8.json and rewrite its .md/.png."""
+    from mergesmith.zoo.bench import write_reports
+
+    results = json.loads(results_path.read_text())
+    if data is not None:
+        results["data_methods"] = data
+    if backdoor is not None:
+        results["backdoor"] = backdoor
+    paths = write_reports(results, results_path.parent, results_path.stem)
+    extra = ""
+    if "data_methods" in results:
+        plot_data(results["data_methods"], results_path.with_name(results_path.stem + "-data.png"))
+        extra += ("\n## Data-driven methods (same zoo recipe, rebuilt; two data-free anchors re-run on it)\n\n"
+                  + data_markdown(results["data_methods"]))
+    if "backdoor" in results:
+        extra += "\n## Backdoor scenario (two poisoned experts, trigger \"cf\")\n\n" + backdoor_markdown(results["backdoor"])
+    paths["md"].write_text(paths["md"].read_text() + extra)
