@@ -35,6 +35,7 @@ SIZES: dict[str, dict[str, int]] = {
     "135m": {"hidden_size": 1024, "num_hidden_layers": 6, "intermediate_size": 2816},
     "542m": {"hidden_size": 2048, "num_hidden_layers": 8, "intermediate_size": 5632},
     "1.1b": {"hidden_size": 2048, "num_hidden_layers": 18, "intermediate_size": 5632},
+    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64},  # the harness's own test
 }
 VOCAB = 32000
 
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="135m,542m,1.1b")
     parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,ties_paper")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs-by-size", default="", help="per-size run counts, e.g. 135m=2,1.1b=1")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mergesmith-speed")
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed"))
     parser.add_argument("--no-mergekit", action="store_true")
@@ -282,6 +284,8 @@ def run_benchmark(args) -> dict:
     from mergesmith import __version__
 
     results["machine"]["mergesmith"] = __version__
+    runs_by_size = {k: int(v) for k, v in (item.split("=") for item in args.runs_by_size.split(",") if item)}
+    results["runs_by_size"] = {size: runs_by_size.get(size, args.runs) for size in args.sizes.split(",")}
     for size in args.sizes.split(","):
         print(f"[{size}] creating checkpoints", flush=True)
         base = make_checkpoint(work / size / "base", size, 0)
@@ -305,7 +309,7 @@ def run_benchmark(args) -> dict:
                     tools[kind] = [sys.executable, "-m", "mergesmith.speed", "floor", kind, str(recipe_path),
                                    str(outs[kind])]
             runs: dict[str, list[Measured]] = {t: [] for t in tools}
-            for i in range(args.runs):
+            for i in range(runs_by_size.get(size, args.runs)):
                 for tool, cmd in tools.items():
                     shutil.rmtree(outs[tool], ignore_errors=True)
                     m = run_measured(cmd, log=log)
@@ -331,6 +335,10 @@ def run_benchmark(args) -> dict:
     return results
 
 
+def _num(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "–"
 
@@ -338,7 +346,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 def markdown(results: dict) -> str:
     lines = [
         f"Machine: {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, mergekit "
-        f"{results['machine'].get('mergekit', '–')}; medians of {results['runs']} runs per tool, run alternately.",
+        f"{results['machine'].get('mergekit', '–')}; medians of the runs per tool (runs per size: "
+        f"{results.get('runs_by_size', results['runs'])}), tools run alternately.",
         "",
         "| size | method | mergesmith s | mergekit s | speed-up | mergesmith anon MB | mergekit anon MB | "
         "mergesmith RSS MB | mergekit RSS MB | max |Δ| vs mergekit |",
@@ -350,11 +359,13 @@ def markdown(results: dict) -> str:
             t = e["tools"]
             ms, mk = t["mergesmith"], t.get("mergekit", {})
             cmp = e.get("compare")
+            diff = (f"{cmp['max_abs_diff']:.2g}; {100 * cmp['beyond_one_bf16_ulp'] / cmp['elements']:.3f} % of "
+                    "elements beyond 1 bf16 ulp") if cmp else "–"
             lines.append(
-                f"| {size} | {method} | {ms['median_seconds']:.2f} | {mk.get('median_seconds', '–')} | "
+                f"| {size} | {method} | {ms['median_seconds']:.2f} | {_num(mk.get('median_seconds'), 2)} | "
                 f"{_ratio(mk.get('median_seconds'), ms['median_seconds'])} | {ms['peak_anon_mb']:.0f} | "
-                f"{mk.get('peak_anon_mb', '–')} | {ms['peak_rss_mb']:.0f} | {mk.get('peak_rss_mb', '–')} | "
-                f"{cmp['max_abs_diff']:.2g} ({cmp['beyond_one_bf16_ulp']} beyond 1 ulp)" if cmp else "| – |")
+                f"{_num(mk.get('peak_anon_mb'), 0)} | {ms['peak_rss_mb']:.0f} | {_num(mk.get('peak_rss_mb'), 0)} | "
+                f"{diff} |")
             if "io" in t:
                 floors.append(
                     f"| {size} | {t['io']['median_seconds']:.2f} | {t['naive']['median_seconds']:.2f} | "
