@@ -17,7 +17,7 @@ Pieces reused by DAM (``learn/dam.py``): :class:`ConcreteMask`, :func:`merged_pa
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -236,6 +236,10 @@ def _mask_info(mask: ConcreteMask) -> dict[str, float]:
             "share_kept": float((logits > 0).float().mean())}
 
 
+# (base, task vectors, batch streams) -> (mask, meta-loss curve, extra fit tensors, extra fit info)
+MetaLearn = Callable[[Any, Any, Any], tuple[Any, list, dict[str, torch.Tensor], dict[str, Any]]]
+
+
 def fit_concrete_task_arithmetic(inputs: FitInputs) -> FitResult:
     """Concrete TA. Tensors: ``mask.{name}`` (final mask, rescaled by its mean), ``lambda.{name}`` = scaling."""
     start = time.perf_counter()
@@ -263,39 +267,56 @@ def fit_concrete_task_arithmetic(inputs: FitInputs) -> FitResult:
     return FitResult(tensors, info)
 
 
-def fit_concrete_adamerging(inputs: FitInputs) -> FitResult:
-    """Concrete AdaMerging: meta-learn the mask, freeze it (``eval_mask_type``), then AdaMerging on the masked
-    task vectors. Tensors: ``mask.{name}``, ``lambda.{name}`` (K,) and ``fallback.lambda``."""
+def fit_masked_adamerging(inputs: FitInputs, method: str, label: str, meta_learn: MetaLearn,
+                          meta_batches_per_step: int) -> FitResult:
+    """The two stages Concrete AdaMerging and DAM share: meta-learn the mask (``meta_learn(base, vectors,
+    streams) -> (mask, meta curve, extra tensors, extra info)``), freeze it (``eval_mask_type``), then AdaMerging
+    on the masked task vectors. Tensors: ``mask.{name}``, ``lambda.{name}`` (K,), ``fallback.lambda`` and the
+    extra ones."""
     start = time.perf_counter()
     p = inputs.params
-    base = require_base(inputs, "concrete_adamerging")
+    base = require_base(inputs, method)
     vectors = task_vectors(base, inputs.experts)
     streams = task_streams(inputs.tasks, p["batch_size"], inputs.seed)
     with eval_mode(inputs.tasks):
-        mask, meta_curve = learn_concrete_adamerging(
-            inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
-            meta_steps=p["meta_steps"], base_lr=p["base_lr"], lr=p["lr"], temperature=p["temperature"],
-            init_logit=p["init_logit"], batch_size=p["batch_size"], seed=inputs.seed, progress=inputs.progress,
-            streams=streams)
+        mask, meta_curve, extra_tensors, extra_info = meta_learn(base, vectors, streams)
         final = mask.final(p["eval_mask_type"], seeded_generator(inputs.seed, "final mask"))
         coefficients, curve = learn_coefficients(
             inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
             steps=p["adamerging_steps"], lr=p["adamerging_lr"], batch_size=p["batch_size"], seed=inputs.seed,
-            mask=final, progress=inputs.progress, desc="Concrete AdaMerging (λ)", streams=streams)
+            mask=final, progress=inputs.progress, desc=f"{label} (λ)", streams=streams)
     tensors = {f"mask.{name}": m for name, m in final.items()}
     tensors.update(coefficients.tensors())
+    tensors.update(extra_tensors)
     info: dict[str, Any] = {
-        "method": "concrete_adamerging",
+        "method": method,
         "granularity": p["granularity"],
         "clamp": bool(p["clamp"]),
         "meta_steps": p["meta_steps"],
         "adamerging_steps": p["adamerging_steps"],
         "eval_mask_type": p["eval_mask_type"],
+        **extra_info,
         "meta_loss": meta_curve,
         "loss": curve,
         "lambda": coefficients.table(),
         "mask": _mask_info(mask),
-        "examples": examples_used(inputs.tasks, 2 * p["meta_steps"] + p["adamerging_steps"], p["batch_size"]),
+        "examples": examples_used(inputs.tasks, meta_batches_per_step * p["meta_steps"] + p["adamerging_steps"],
+                                  p["batch_size"]),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return FitResult(tensors, info)
+
+
+def fit_concrete_adamerging(inputs: FitInputs) -> FitResult:
+    """Concrete AdaMerging: meta-learn the mask, freeze it, then AdaMerging on the masked task vectors."""
+    p = inputs.params
+
+    def meta_learn(base, vectors, streams):
+        mask, curve = learn_concrete_adamerging(
+            inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
+            meta_steps=p["meta_steps"], base_lr=p["base_lr"], lr=p["lr"], temperature=p["temperature"],
+            init_logit=p["init_logit"], batch_size=p["batch_size"], seed=inputs.seed, progress=inputs.progress,
+            streams=streams)
+        return mask, curve, {}, {}
+
+    return fit_masked_adamerging(inputs, "concrete_adamerging", "Concrete AdaMerging", meta_learn, 2)

@@ -25,9 +25,7 @@ MiniLM, s ≈ 0.056, so the same lr moves δ about 18 times further relative to 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +34,13 @@ from tqdm.auto import tqdm
 from mergesmith.learn.adamerging import (
     LOG_EVERY,
     Coefficients,
-    eval_mode,
-    examples_used,
-    learn_coefficients,
     merged_params,
     next_batches,
-    require_base,
     seeded_generator,
     task_streams,
 )
-from mergesmith.learn.concrete import ConcreteMask, _mask_info, inner_lambda_step
-from mergesmith.learn.task import FitInputs, FitResult, Task, entropy, task_vectors
+from mergesmith.learn.concrete import ConcreteMask, fit_masked_adamerging, inner_lambda_step
+from mergesmith.learn.task import FitInputs, FitResult, Task, entropy
 from mergesmith.zoo.models import Encoded
 
 REGULARIZERS = ("entropy", "consistency")
@@ -175,44 +169,19 @@ def fit_dam(inputs: FitInputs) -> FitResult:
     """DAM: meta-learn the safety-aware mask with the perturbations, freeze the mask (``eval_mask_type``), then
     AdaMerging on the masked task vectors. Tensors: ``mask.{name}``, ``lambda.{name}`` (K,), ``fallback.lambda``
     (read by the rule) and ``delta.{k}`` (the learned perturbations, for inspection only)."""
-    start = time.perf_counter()
     p = inputs.params
-    base = require_base(inputs, "dam")
-    vectors = task_vectors(base, inputs.experts)
-    streams = task_streams(inputs.tasks, p["batch_size"], inputs.seed)
-    with eval_mode(inputs.tasks):
-        mask, perturbations, meta_curve = learn_dam(
+
+    def meta_learn(base, vectors, streams):
+        mask, perturbations, curve = learn_dam(
             inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
             meta_steps=p["meta_steps"], base_lr=p["base_lr"], lr=p["lr"], adv_lr=p["adv_lr"],
             adv_weight=p["adv_weight"], regularizer=p["regularizer"], perturbation_units=p["perturbation_units"],
             temperature=p["temperature"], init_logit=p["init_logit"], batch_size=p["batch_size"],
             seed=inputs.seed, progress=inputs.progress, streams=streams)
-        final = mask.final(p["eval_mask_type"], seeded_generator(inputs.seed, "final mask"))
-        coefficients, curve = learn_coefficients(
-            inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
-            steps=p["adamerging_steps"], lr=p["adamerging_lr"], batch_size=p["batch_size"], seed=inputs.seed,
-            mask=final, progress=inputs.progress, desc="DAM (λ)", streams=streams)
-    tensors = {f"mask.{name}": m for name, m in final.items()}
-    tensors.update(coefficients.tensors())
-    tensors.update(perturbations.tensors())
-    info: dict[str, Any] = {
-        "method": "dam",
-        "granularity": p["granularity"],
-        "clamp": bool(p["clamp"]),
-        "meta_steps": p["meta_steps"],
-        "adamerging_steps": p["adamerging_steps"],
-        "eval_mask_type": p["eval_mask_type"],
-        "regularizer": p["regularizer"],
-        "adv_weight": p["adv_weight"],
-        "perturbation_units": p["perturbation_units"],
-        "perturbation_scale": perturbations.scale,
-        "perturbation_rms": [float(perturbations.delta(k).detach().pow(2).mean().sqrt())
-                             for k in range(len(inputs.tasks))],
-        "meta_loss": meta_curve,
-        "loss": curve,
-        "lambda": coefficients.table(),
-        "mask": _mask_info(mask),
-        "examples": examples_used(inputs.tasks, 3 * p["meta_steps"] + p["adamerging_steps"], p["batch_size"]),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    return FitResult(tensors, info)
+        info = {"regularizer": p["regularizer"], "adv_weight": p["adv_weight"],
+                "perturbation_units": p["perturbation_units"], "perturbation_scale": perturbations.scale,
+                "perturbation_rms": [float(perturbations.delta(k).detach().pow(2).mean().sqrt())
+                                     for k in range(len(inputs.tasks))]}
+        return mask, curve, perturbations.tensors(), info
+
+    return fit_masked_adamerging(inputs, "dam", "DAM", meta_learn, 3)

@@ -76,6 +76,12 @@ register(
     )
 )
 
+# shared with DAM, which is Concrete AdaMerging plus a safety branch
+CLAMP = Param("clamp", bool, False, "clamp λ to [0, 1] in the forward (FusionBench and the released DAM code: false)")
+BASE_LR = Param("base_lr", float, 1.0, "Adam learning rate of the one inner step on λ", low=0.0)
+ADAMERGING_STEPS = Param("adamerging_steps", int, 1000, "AdaMerging steps on λ with the frozen mask", low=0)
+ADAMERGING_LR = Param("adamerging_lr", float, 1e-3, "Adam learning rate on λ after the mask is frozen", low=0.0)
+
 register(
     MergeMethod(
         name="concrete_adamerging",
@@ -85,12 +91,12 @@ register(
         params=(
             GRANULARITY,
             INIT,
-            Param("clamp", bool, False, "clamp λ to [0, 1] in the forward (FusionBench: false)"),
+            CLAMP,
             Param("meta_steps", int, 1000, "meta steps learning the mask", low=0),
-            Param("base_lr", float, 1.0, "Adam learning rate of the one inner step on λ", low=0.0),
+            BASE_LR,
             LR,
-            Param("adamerging_steps", int, 1000, "AdaMerging steps on λ with the frozen mask", low=0),
-            Param("adamerging_lr", float, 1e-3, "Adam learning rate on λ after the mask is frozen", low=0.0),
+            ADAMERGING_STEPS,
+            ADAMERGING_LR,
             TEMPERATURE,
             INIT_LOGIT,
             BATCH_SIZE,

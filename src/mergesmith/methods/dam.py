@@ -41,7 +41,17 @@ from __future__ import annotations
 from mergesmith.learn.dam import PERTURBATION_UNITS, REGULARIZERS, fit_dam
 from mergesmith.methods.adamerging import BATCH_SIZE, GRANULARITY, INIT
 from mergesmith.methods.base import DataNeed, MergeMethod, Param, register
-from mergesmith.methods.concrete import EVAL_MASK, INIT_LOGIT, LR, TEMPERATURE, concrete_rule
+from mergesmith.methods.concrete import (
+    ADAMERGING_LR,
+    ADAMERGING_STEPS,
+    BASE_LR,
+    CLAMP,
+    EVAL_MASK,
+    INIT_LOGIT,
+    LR,
+    TEMPERATURE,
+    concrete_rule,
+)
 
 METHOD = register(
     MergeMethod(
@@ -54,9 +64,9 @@ METHOD = register(
         params=(
             GRANULARITY,
             INIT,
-            Param("clamp", bool, False, "clamp λ to [0, 1] in the forward (released code: false)"),
+            CLAMP,
             Param("meta_steps", int, 1000, "meta steps learning the mask and the perturbations", low=0),
-            Param("base_lr", float, 1.0, "Adam learning rate of the one inner step on λ", low=0.0),
+            BASE_LR,
             LR,
             Param("adv_lr", float, 1e-4, "Adam learning rate on the perturbations δ_k", low=0.0),
             Param("adv_weight", float, 0.1, "weight α of the perturbed-input term of the mask loss", low=0.0),
@@ -64,8 +74,8 @@ METHOD = register(
                   "consistency CE(f(x+δ), argmax f(x)) ('regu1')", choices=REGULARIZERS),
             Param("perturbation_units", str, "embedding_rms", "δ in units of the base token embeddings' RMS "
                   "(embedding_rms) or raw (absolute)", choices=PERTURBATION_UNITS),
-            Param("adamerging_steps", int, 1000, "AdaMerging steps on λ with the frozen mask", low=0),
-            Param("adamerging_lr", float, 1e-3, "Adam learning rate on λ after the mask is frozen", low=0.0),
+            ADAMERGING_STEPS,
+            ADAMERGING_LR,
             TEMPERATURE,
             INIT_LOGIT,
             BATCH_SIZE,
