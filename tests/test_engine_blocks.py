@@ -147,3 +147,17 @@ def test_input_hash_cache(tmp_path, monkeypatch):
     f.write_bytes(b"abd" * 1000)
     os.utime(f, ns=(1, 1))
     assert writer.input_sha256(f) == real(f) != first and len(calls) == 1
+
+
+def test_in_memory_merge_assembles_blocks(llamas, monkeypatch):
+    """merge_state_dicts (no file to write blocks into) assembles the blocks into whole tensors."""
+    from mergesmith.api import merge_state_dicts
+    from mergesmith.checkpoint.reader import CheckpointSource
+
+    states = {k: {n: CheckpointSource(p).get(n).clone() for n in CheckpointSource(p).keys()}
+              for k, p in llamas.items()}
+    experts = [states[k] for k in ("a", "b", "c")]
+    whole = merge_state_dicts(states["base"], experts, "ties", density=0.3, threads=1)
+    monkeypatch.setattr(engine, "PART_ELEMENTS", BLOCK)
+    blocks = merge_state_dicts(states["base"], experts, "ties", density=0.3, threads=3)
+    assert whole.keys() == blocks.keys() and all(torch.equal(whole[k], blocks[k]) for k in whole)
