@@ -335,7 +335,11 @@ def _write_all(plan: Plan, writer: FolderWriter, sources: dict[str, Source], thr
                progress: bool) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """Merge every tensor still to do into the writer while the input files are hashed for the manifest."""
     todo = writer.pending()
-    check_free_space(writer.folder, sum(j.nbytes for j in plan.jobs if j.name in todo))
+    try:  # the writer's shard files are open: a refusal must close them too (else their space stays in use)
+        check_free_space(writer.folder, sum(j.nbytes for j in plan.jobs if j.name in todo))
+    except BaseException:
+        writer.close()
+        raise
     with ThreadPoolExecutor(max_workers=1) as hasher:
         hashes = hasher.submit(lambda: {label: {str(p): input_sha256(p) for p in src.files()}
                                         for label, src in sources.items()})
