@@ -160,7 +160,8 @@ BACKDOOR_TASKS = {"sentiment": 0, "austen": 0}  # poisoned task → target class
 
 
 def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progress: bool = True,
-                       checkpoint: Path | None = None, poisoned: dict[str, int] | None = None) -> dict[str, Any]:
+                       checkpoint: Path | None = None, poisoned: dict[str, int] | None = None,
+                       compress_lr: bool = True) -> dict[str, Any]:
     """Replace the experts of ``poisoned`` (default ``BACKDOOR_TASKS``) by poisoned fine-tunes (trigger "cf" in 10 % of non-target
     training texts, relabelled to the target), merge all eight with task arithmetic, TIES, AdaMerging, Concrete
     AdaMerging and DAM, and report clean test accuracy (every task) and attack success rate (the poisoned tasks'
@@ -183,16 +184,22 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
     def steps(n: int) -> int:
         return max(1, round(n * step_scale))
 
+    # A shortened schedule keeps the papers' total movement (learning rate × steps): with a few dozen steps at
+    # the papers' learning rates λ and the mask would barely leave their initial values and every learned merge
+    # would be task arithmetic. The scaled rates are in each row's settings.
+    scale = 1.0 / step_scale if compress_lr else 1.0
+    learned = {"meta_steps": steps(1000), "adamerging_steps": steps(1000), "lr": 1e-3 * scale,
+               "adamerging_lr": 1e-3 * scale}
     settings = [
         DataBenchRow("task_arithmetic", "task_arithmetic", {"lambda": 0.3}, "none"),
         DataBenchRow("ties", "ties", {"density": 0.2, "lambda": 1.0}, "none"),
-        DataBenchRow("adamerging", "adamerging", {"steps": steps(500)}, "test"),
-        DataBenchRow("concrete_adamerging", "concrete_adamerging",
-                     {"meta_steps": steps(1000), "adamerging_steps": steps(1000)}, "test"),
-        DataBenchRow("dam", "dam", {"meta_steps": steps(1000), "adamerging_steps": steps(1000)}, "test"),
+        DataBenchRow("adamerging", "adamerging", {"steps": steps(500), "lr": 1e-3 * scale}, "test"),
+        DataBenchRow("concrete_adamerging", "concrete_adamerging", dict(learned), "test"),
+        DataBenchRow("dam", "dam", {**learned, "adv_lr": 1e-4 * scale}, "test"),
     ]
     attack = {t: triggered_split(zoo, t, target) for t, target in poisoned.items()}
     results: dict[str, Any] = {"tasks": zoo.tasks, "poisoned": poisoned, "step_scale": step_scale,
+                               "lr_scale": scale,
                                "experts": {t: backdoor_facts(zoo, t) for t in poisoned}, "methods": {}}
     if checkpoint is not None and checkpoint.exists():
         results["methods"] = json.loads(checkpoint.read_text()).get("methods", {})
