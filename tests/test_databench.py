@@ -26,7 +26,16 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
     only = ["task_arithmetic", "regmean", "adamerging", "twin"]
     data = databench.run_data_bench(zoo_copy, seeds=2, step_scale=0.004, only=only, progress=False,
                                     checkpoint=tmp_path / "part.json")
-    assert list(data["methods"]) == only
+    # every grid row gets a "(val)" row chosen on validation, right after its default row
+    assert list(data["methods"]) == ["task_arithmetic", "task_arithmetic_val", "regmean", "regmean_val",
+                                     "adamerging", "twin", "twin_val"]
+    grid = data["methods"]["regmean_val"]["val_grid"]
+    assert [g["params"]["alpha"] for g in grid] == [0.1, 0.5, 0.9, 1.0]
+    best = max(grid, key=lambda g: g["val_average"])["params"]["alpha"]
+    assert data["methods"]["regmean_val"]["params"]["alpha"] == best
+    assert len(data["methods"]["regmean"]["runs"]) == 2  # calibration statistics: one run per seed
+    assert data["lr_scale"] == pytest.approx(1 / 0.004)
+    assert data["methods"]["adamerging"]["params"]["lr"] == pytest.approx(1e-3 / 0.004)
     assert len(data["methods"]["adamerging"]["runs"]) == 2  # learned: one run per seed
     assert len(data["methods"]["task_arithmetic"]["runs"]) == 1  # deterministic anchor: one run
     for key, row in data["methods"].items():
@@ -52,3 +61,20 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
     assert (tmp_path / "tiny-data.png").stat().st_size > 1000
     stored = json.loads(paths["json"].read_text())
     assert stored["data_methods"]["methods"].keys() == data["methods"].keys() and "backdoor" in stored
+
+
+def test_seeds_read_disjoint_calibration_windows(tiny_zoo):
+    from mergesmith.zoo.databench import DataBench
+
+    bench = DataBench(tiny_zoo, progress=False)
+    task = tiny_zoo.tasks[0]
+    n = len(tiny_zoo.split(task, "train"))
+    first, second = (bench.tasks("train", n // 2, False, offset=s * (n // 2))[0].data for s in (0, 1))
+    full = tiny_zoo.split(task, "train")
+    assert (first.input_ids == full.input_ids[: n // 2]).all()
+    assert (second.input_ids == full.input_ids[n // 2: 2 * (n // 2)]).all()
+    # past the end the window slides back to the last full window instead of failing on a small zoo
+    last = bench.tasks("train", n // 2, False, offset=5 * n)[0].data
+    assert (last.input_ids == full.input_ids[n - n // 2:]).all()
+    with pytest.raises(ValueError, match="asked for"):
+        tiny_zoo.split(task, "train", n, offset=1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,42 +30,62 @@ from mergesmith.zoo.text8 import Zoo, summarize
 
 @dataclass(frozen=True)
 class DataBenchRow:
-    """One benchmark row: a method, its settings, and which split (and how much of it) its fit reads."""
+    """One benchmark row: a method, its paper-default settings, which split (and how much of it) its fit reads,
+    and the validation grid (overrides of ``params``) that its "(val)" row is chosen from."""
 
     key: str
     method: str
     params: dict[str, Any]
-    split: str  # "train" (labeled statistics) or "test" (unlabeled test-time adaptation)
-    limit: int | None = None
+    split: str  # "none" (data-free), "train" (statistics on training texts) or "test" (unlabeled test inputs)
+    limit: int | None = None  # examples per task the fit reads; seed s reads window s (a new calibration sample)
     labeled: bool = False
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    search: tuple[dict[str, Any], ...] = ()
+    merge_only: tuple[str, ...] = ()  # params the fit does not read: the grid reuses one fit
 
 
-def rows(step_scale: float = 0.1) -> list[DataBenchRow]:
+VAL_LIMIT = 200  # validation examples per task for the grids (the test split is never used to choose)
+
+
+def learned_lr_scale(step_scale: float, compress_lr: bool = True) -> float:
+    """A shortened schedule keeps the papers' total movement (learning rate × steps): with a few dozen steps at
+    the papers' learning rates λ and the mask would barely leave their initial values and every learned merge
+    would be task arithmetic. The scaled rates are in each row's settings."""
+    return 1.0 / step_scale if compress_lr else 1.0
+
+
+def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow]:
+    from mergesmith.zoo.bench import BENCH_METHODS
+
     def steps(n: int) -> int:
         return max(1, round(n * step_scale))
 
+    lr = 1e-3 * learned_lr_scale(step_scale, compress_lr)
+    two_stage = {"meta_steps": steps(1000), "adamerging_steps": steps(1000), "lr": lr, "adamerging_lr": lr}
+    ta, ties = BENCH_METHODS["task_arithmetic"], BENCH_METHODS["ties"]
     return [
-        DataBenchRow("task_arithmetic", "task_arithmetic", {"lambda": 0.3}, "none", note="data-free anchor"),
-        DataBenchRow("ties", "ties", {"density": 0.2, "lambda": 1.0}, "none", note="data-free anchor"),
-        DataBenchRow("fisher", "fisher", {"n_examples": 32}, "train",
+        DataBenchRow("task_arithmetic", "task_arithmetic", ta.default, "none", note="data-free anchor",
+                     search=tuple(ta.search)),
+        DataBenchRow("ties", "ties", ties.default, "none", note="data-free anchor", search=tuple(ties.search)),
+        DataBenchRow("fisher", "fisher", {"n_examples": 32}, "train", limit=32,
                      note="exact Fisher (paper), 32 training examples per task (paper 4096)"),
-        DataBenchRow("regmean", "regmean", {"alpha": 0.9, "n_examples": 256}, "train",
-                     note="Grams on 256 training texts per task (official 1000)"),
-        DataBenchRow("adamerging_task", "adamerging", {"granularity": "task", "steps": steps(500)}, "test",
+        DataBenchRow("regmean", "regmean", {"alpha": 0.9, "n_examples": 256}, "train", limit=256,
+                     note="Grams on 256 training texts per task (official 1000)",
+                     search=tuple({"alpha": a} for a in (0.1, 0.5, 0.9, 1.0)), merge_only=("alpha",)),
+        DataBenchRow("adamerging_task", "adamerging", {"granularity": "task", "steps": steps(500), "lr": lr}, "test",
                      note="task-wise, unlabeled test inputs"),
-        DataBenchRow("adamerging", "adamerging", {"steps": steps(500)}, "test",
+        DataBenchRow("adamerging", "adamerging", {"steps": steps(500), "lr": lr}, "test",
                      note="layer-wise, unlabeled test inputs"),
-        DataBenchRow("adamerging_pp", "adamerging", {"ties": True, "steps": steps(500)}, "test",
+        DataBenchRow("adamerging_pp", "adamerging", {"ties": True, "steps": steps(500), "lr": lr}, "test",
                      note="layer-wise over TIES-trimmed vectors"),
-        DataBenchRow("concrete_task_arithmetic", "concrete_task_arithmetic", {"steps": steps(2000)}, "test"),
-        DataBenchRow("concrete_adamerging", "concrete_adamerging",
-                     {"meta_steps": steps(1000), "adamerging_steps": steps(1000)}, "test"),
-        DataBenchRow("dam", "dam", {"meta_steps": steps(1000), "adamerging_steps": steps(1000)}, "test",
-                     note="Concrete AdaMerging + learned embedding perturbation (released algorithm)"),
-        DataBenchRow("twin", "twin", {}, "train", labeled=False, note="shared TA λ=0.3 + rank-10 % exclusive parts, "
-                     "router on training texts, per-batch routing at test time"),
+        DataBenchRow("twin", "twin", {}, "train", note="shared TA λ=0.3 + rank-10 % exclusive parts, "
+                     "router on training texts, per-batch routing at test time",
+                     search=tuple({"mask_rate": r} for r in (0.8, 0.9, 0.95))),
+        DataBenchRow("concrete_task_arithmetic", "concrete_task_arithmetic", {"steps": steps(2000), "lr": lr},
+                     "test"),
+        DataBenchRow("concrete_adamerging", "concrete_adamerging", dict(two_stage), "test"),
+        DataBenchRow("dam", "dam", {**two_stage, "adv_lr": 1e-4 * learned_lr_scale(step_scale, compress_lr)},
+                     "test", note="Concrete AdaMerging + learned embedding perturbation (released algorithm)"),
     ]
 
 
@@ -76,42 +96,59 @@ class DataBench:
         self.base = zoo.state_dict(zoo.base)
         self.experts = [zoo.state_dict(zoo.encoder_path(t)) for t in zoo.tasks]
         self.finetuned = zoo.finetuned_accuracy("test")
+        self._fits: dict[Any, Any] = {}  # (row, seed, fit params) → fitted state / Twin model, reused by grids
 
-    def tasks(self, split: str, limit: int | None, labeled: bool):
-        return [self.zoo.task(t, split, limit, labeled=labeled) for t in self.zoo.tasks]
+    def tasks(self, split: str, limit: int | None, labeled: bool, offset: int = 0):
+        out = []
+        for t in self.zoo.tasks:
+            n = len(self.zoo.split(t, split))
+            start = 0 if limit is None else min(offset, max(0, n - limit))  # small zoos: overlapping windows
+            out.append(self.zoo.task(t, split, limit, labeled=labeled, offset=start))
+        return out
 
-    def run(self, row: DataBenchRow, seed: int) -> dict[str, Any]:
-        started = time.perf_counter()
+    def _fit(self, row: DataBenchRow, params: dict[str, Any], seed: int):
+        key = (row.key, seed, tuple(sorted((k, repr(v)) for k, v in params.items() if k not in row.merge_only)))
+        if key not in self._fits:
+            started = time.perf_counter()
+            tasks = self.tasks(row.split, row.limit, row.labeled, offset=seed * (row.limit or 0))
+            if row.method == "twin":
+                from mergesmith.learn.twin import build_twin
+
+                fitted = build_twin(self.base, self.experts, tasks, seed=seed, progress=self.progress, **params)
+                examples = sum(len(t.data) for t in tasks)
+            else:
+                fitted = fit_state_dicts(self.base, self.experts, row.method, tasks, seed=seed,
+                                         progress=self.progress, **params)
+                examples = _count_examples(fitted.info, tasks)
+            self._fits = {k: v for k, v in self._fits.items() if k[0] == row.key}  # keep memory to one row
+            self._fits[key] = (fitted, time.perf_counter() - started, examples)
+        return self._fits[key]
+
+    def run(self, row: DataBenchRow, seed: int, overrides: dict[str, Any] | None = None,
+            split: str = "test") -> dict[str, Any]:
+        """Fit (cached across a grid), merge and evaluate one setting on ``split`` ("val" for the grids)."""
+        params = {**row.params, **(overrides or {})}
+        limit = VAL_LIMIT if split == "val" else None
         info: dict[str, Any] = {}
-        examples = 0
+        fit_seconds, examples = 0.0, 0
         if row.method == "twin":
-            from mergesmith.learn.twin import build_twin, evaluate
+            from mergesmith.learn.twin import evaluate
 
-            tasks = self.tasks("train", row.limit, False)
-            twin = build_twin(self.base, self.experts, tasks, seed=seed, progress=self.progress, **row.params)
-            fit_seconds = time.perf_counter() - started
-            report = evaluate(twin, self.tasks("test", None, True), progress=self.progress)
+            twin, fit_seconds, examples = self._fit(row, params, seed)
+            report = evaluate(twin, [self.zoo.task(t, split, limit) for t in self.zoo.tasks], progress=self.progress)
             acc = {t: float(report["accuracy"][t]) for t in self.zoo.tasks}
             info["router_accuracy"] = report.get("router_accuracy")
-            examples = sum(len(t.data) for t in tasks)
         else:
-            if row.split == "none":
-                merged = merge_state_dicts(self.base, self.experts, row.method, seed=seed, threads=2, **row.params)
-                fit_seconds = 0.0
-            else:
-                tasks = self.tasks(row.split, row.limit, row.labeled)
-                fitted = fit_state_dicts(self.base, self.experts, row.method, tasks, seed=seed,
-                                         progress=self.progress, **row.params)
-                fit_seconds = time.perf_counter() - started
-                merged = merge_state_dicts(self.base, self.experts, row.method, seed=seed, threads=2,
-                                           fitted=fitted, **row.params)
+            fitted = None
+            if row.split != "none":
+                fitted, fit_seconds, examples = self._fit(row, params, seed)
                 info = {k: v for k, v in fitted.info.items() if k in ("examples", "examples_used", "seconds",
                                                                        "estimator", "lambdas", "final_loss")}
-                examples = _count_examples(fitted.info, tasks)
-            acc = self.zoo.evaluate(merged, "test")
-        return {"seed": seed, "accuracy": acc, "fit_seconds": round(fit_seconds, 1),
-                "seconds": round(time.perf_counter() - started, 1), "examples": examples, "info": info,
-                **summarize(acc, self.finetuned)}
+            merged = merge_state_dicts(self.base, self.experts, row.method, seed=seed, threads=2, fitted=fitted,
+                                       **params)
+            acc = self.zoo.evaluate(merged, split, limit=limit)
+        return {"seed": seed, "accuracy": acc, "fit_seconds": round(fit_seconds, 1), "examples": examples,
+                "info": info, **summarize(acc, self.finetuned)}
 
 
 def _count_examples(info: dict[str, Any], tasks) -> int:
@@ -126,30 +163,56 @@ def _count_examples(info: dict[str, Any], tasks) -> int:
     return sum(len(t.data) for t in tasks)
 
 
+def _entry(row: DataBenchRow, params: dict[str, Any], runs: list[dict[str, Any]], note: str) -> dict[str, Any]:
+    return aggregate(runs) | {"params": params, "method": row.method, "note": note, "fit_split": row.split,
+                              "fit_seconds": sum(r["fit_seconds"] for r in runs) / len(runs),
+                              "examples": runs[0]["examples"]}
+
+
 def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list[str] | None = None,
-                   progress: bool = True, checkpoint: Path | None = None) -> dict[str, Any]:
+                   progress: bool = True, checkpoint: Path | None = None, search: bool = True,
+                   compress_lr: bool = True) -> dict[str, Any]:
+    """Every row at its paper defaults (``seeds`` runs: learned rows reseed their sampling, train-data rows read
+    a new calibration window per seed), then — for rows with a grid — the setting with the best average
+    validation accuracy (seed 0, ``VAL_LIMIT`` examples per task), tested like the default as ``<key>_val``."""
     bench = DataBench(zoo, progress)
+    scale = learned_lr_scale(step_scale, compress_lr)
     results: dict[str, Any] = {"zoo": zoo.manifest["zoo"], "tasks": zoo.tasks, "seeds": seeds,
-                               "step_scale": step_scale, "finetuned": bench.finetuned, "methods": {}}
+                               "step_scale": step_scale, "lr_scale": scale, "val_limit": VAL_LIMIT,
+                               "finetuned": bench.finetuned, "methods": {}}
     if checkpoint is not None and checkpoint.exists():
         saved = json.loads(checkpoint.read_text())
-        if saved.get("step_scale") == step_scale and saved.get("tasks") == zoo.tasks:
+        if (saved.get("step_scale"), saved.get("lr_scale"), saved.get("tasks"), saved.get("seeds")) == (
+                step_scale, scale, zoo.tasks, seeds):
             results["methods"] = saved["methods"]
     torch.manual_seed(0)
-    for row in tqdm([r for r in rows(step_scale) if only is None or r.key in only], desc="data methods",
-                    disable=not progress):
-        if row.key in results["methods"]:
-            continue
-        n = 1 if row.split == "none" and row.method != "dare_ties" else seeds
-        runs = [bench.run(row, seed) for seed in range(n)]
-        entry = aggregate(runs) | {"params": row.params, "method": row.method, "note": row.note,
-                                   "fit_split": row.split,
-                                   "fit_seconds": sum(r["fit_seconds"] for r in runs) / len(runs),
-                                   "examples": runs[0]["examples"]}
-        results["methods"][row.key] = entry
+
+    def save() -> None:
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text(json.dumps(results, indent=1) + "\n")
+
+    for row in tqdm([r for r in rows(step_scale, compress_lr) if only is None or r.key in only],
+                    desc="data methods", disable=not progress):
+        n = 1 if row.split == "none" else seeds
+        if row.key not in results["methods"]:
+            runs = [bench.run(row, seed) for seed in range(n)]
+            results["methods"][row.key] = _entry(row, row.params, runs, row.note)
+            save()
+        if not search or not row.search or f"{row.key}_val" in results["methods"]:
+            continue
+        scores = []
+        for overrides in row.search:
+            scores.append({"params": overrides, "val_average": bench.run(row, 0, overrides, "val")["average"]})
+        best = max(scores, key=lambda s: s["val_average"])["params"]
+        params = {**row.params, **best}
+        if params == row.params:  # validation chose the default: the same runs
+            runs = results["methods"][row.key]["runs"]
+        else:
+            runs = [bench.run(row, seed, best) for seed in range(n)]
+        entry = _entry(row, params, runs, f"best of {len(scores)} settings on validation")
+        results["methods"][f"{row.key}_val"] = entry | {"val_grid": scores}
+        save()
     return results
 
 
@@ -184,10 +247,7 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
     def steps(n: int) -> int:
         return max(1, round(n * step_scale))
 
-    # A shortened schedule keeps the papers' total movement (learning rate × steps): with a few dozen steps at
-    # the papers' learning rates λ and the mask would barely leave their initial values and every learned merge
-    # would be task arithmetic. The scaled rates are in each row's settings.
-    scale = 1.0 / step_scale if compress_lr else 1.0
+    scale = learned_lr_scale(step_scale, compress_lr)
     learned = {"meta_steps": steps(1000), "adamerging_steps": steps(1000), "lr": 1e-3 * scale,
                "adamerging_lr": 1e-3 * scale}
     settings = [

@@ -136,13 +136,19 @@ class Zoo:
             self._tokenizer = AutoTokenizer.from_pretrained(self.base)
         return self._tokenizer
 
-    def split(self, task: str, split: str, limit: int | None = None) -> Encoded:
+    def split(self, task: str, split: str, limit: int | None = None, offset: int = 0) -> Encoded:
+        """Examples ``offset`` … ``offset + limit`` of a split (splits are already shuffled, so disjoint windows
+        are independent samples: the data bench gives each seed its own calibration window)."""
         key = (task, split)
         if key not in self._encoded:
             texts, labels = read_jsonl(self.root / "data" / task / f"{split}.jsonl")
             self._encoded[key] = encode(self.tokenizer, texts, labels)
         data = self._encoded[key]
-        return data if limit is None or limit >= len(data) else data.batch(slice(0, limit))
+        if offset == 0 and (limit is None or limit >= len(data)):
+            return data
+        if offset + (limit or 0) > len(data):
+            raise ValueError(f"{task}/{split}: {len(data)} examples, asked for {offset}..{offset + (limit or 0)}")
+        return data.batch(slice(offset, None if limit is None else offset + limit))
 
     def shared_module(self):
         """One encoder instance (the base architecture) that data-driven methods run with any weights."""
@@ -150,13 +156,14 @@ class Zoo:
             self._encoder = load_encoder(self.base)
         return self._encoder
 
-    def task(self, task: str, split: str = "train", limit: int | None = None, labeled: bool = True):
+    def task(self, task: str, split: str = "train", limit: int | None = None, labeled: bool = True,
+             offset: int = 0):
         """``task`` as a :class:`mergesmith.learn.task.Task`: its head on the shared encoder, and a split's
         examples (the first ``limit``; splits are already shuffled). ``labeled=False`` hides the labels (-1):
         test-time methods (AdaMerging, Concrete, DAM) see test inputs only."""
         from mergesmith.learn.task import Task, TaskModel
 
-        data = self.split(task, split, limit)
+        data = self.split(task, split, limit, offset)
         if not labeled:
             data = Encoded(data.input_ids, data.attention_mask, torch.full_like(data.labels, -1))
         return Task(task, TaskModel(self.shared_module(), self.head(task)), data, labeled)
