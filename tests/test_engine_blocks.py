@@ -161,3 +161,14 @@ def test_in_memory_merge_assembles_blocks(llamas, monkeypatch):
     monkeypatch.setattr(engine, "PART_ELEMENTS", BLOCK)
     blocks = merge_state_dicts(states["base"], experts, "ties", density=0.3, threads=3)
     assert whole.keys() == blocks.keys() and all(torch.equal(whole[k], blocks[k]) for k in whole)
+
+
+def test_allocator_keeps_freed_blocks_on_glibc():
+    """Block temporaries are reused instead of being unmapped and page-faulted in again (glibc's mallopt)."""
+    import platform
+
+    from mergesmith.engine import keep_freed_blocks
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_blocks() is glibc
+    assert keep_freed_blocks() is glibc  # idempotent

@@ -354,6 +354,32 @@ def _renumber(name: str, new_index: int) -> str:
 
 PART_ELEMENTS = 1 << 20
 
+# glibc serves every allocation above a dynamic threshold with a fresh mmap and returns it to the kernel on free,
+# so each block's temporaries (a few MB) page-fault in anew: up to 4× the arithmetic itself in a task-arithmetic
+# block. Raising the thresholds lets freed blocks be reused; what stays cached is bounded by TRIM_BYTES per arena.
+MMAP_THRESHOLD_BYTES = 64 << 20
+TRIM_BYTES = 256 << 20
+
+
+def keep_freed_blocks() -> bool:
+    """Tell glibc's malloc to reuse freed block buffers instead of unmapping them (once; False off glibc)."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is None:
+        _ALLOCATOR_TUNED = False
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+            _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(
+                libc.mallopt(m_trim_threshold, TRIM_BYTES))
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+            pass
+    return _ALLOCATOR_TUNED
+
+
+_ALLOCATOR_TUNED: bool | None = None
+
 
 def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -489,6 +515,7 @@ def execute(
     Work units — a whole tensor, one row block, or a tensor with per-tensor statistics and its blocks — run on
     ``threads`` workers with at most 2 × threads units in flight, so memory is bounded by a few blocks.
     """
+    keep_freed_blocks()
     state = None
     if plan.method.prepare is not None:
         first = next((j for j in plan.jobs if not j.copy), None)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from mergesmith.methods.base import Param, TensorContext
-from mergesmith.methods.taskvec import disjoint_merge, elect_signs, per_model, stack_deltas, weighted_sum
+from mergesmith.methods.taskvec import disjoint_merge, elect_signs, per_model, stack_deltas
 
 # sparsify(delta of expert i, i, params, ctx) -> sparsified delta
 Sparsifier = Callable[[torch.Tensor, int, dict[str, Any], TensorContext], torch.Tensor]
@@ -47,17 +47,33 @@ def merge_task_vectors(
     sparsify: Sparsifier | None = None,
     consensus: bool = False,
 ) -> torch.Tensor:
+    if not consensus:
+        return _summed(base, experts, params, ctx, sparsify)
     deltas = stack_deltas(base, experts)  # our own buffer: updated in place below
     if sparsify is not None:
         for i in range(len(experts)):
             deltas[i] = sparsify(deltas[i], i, params, ctx)
     weights = per_model(params["weight"], deltas)
-    if consensus:
-        if any(w != 1 for w in params["weight"]):
-            deltas.mul_(weights)
-        majority = ctx.state.get("majority", 1.0) if isinstance(ctx.state, dict) else 1.0
-        signs = elect_signs(deltas, params["sign_zero"], majority)
-        merged = disjoint_merge(deltas, weights, signs, params["disjoint"])
-    else:
-        merged = weighted_sum(deltas, weights, params.get("normalize", False))
+    if any(w != 1 for w in params["weight"]):
+        deltas.mul_(weights)
+    majority = ctx.state.get("majority", 1.0) if isinstance(ctx.state, dict) else 1.0
+    signs = elect_signs(deltas, params["sign_zero"], majority)
+    merged = disjoint_merge(deltas, weights, signs, params["disjoint"])
     return merged.mul_(params["lambda"]).add_(base)
+
+
+def _summed(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext,
+            sparsify: Sparsifier | None) -> torch.Tensor:
+    """θ₀ + λ Σ_t w_t s(τ_t) (÷ Σ_t w_t when ``normalize``), one task vector at a time in a scratch buffer: no
+    [T, *shape] stack, and the sum accumulates in place (the merge is memory-bound)."""
+    weights = [float(w) for w in params["weight"]]
+    total = sum(weights)
+    scale = params["lambda"] / total if params.get("normalize", False) and abs(total) >= 1e-8 else params["lambda"]
+    merged = torch.zeros_like(base)
+    scratch = torch.empty_like(base)
+    for i, (expert, weight) in enumerate(zip(experts, weights, strict=True)):
+        delta = torch.sub(expert, base, out=scratch)
+        if sparsify is not None:
+            delta = sparsify(delta, i, params, ctx)
+        merged.add_(delta, alpha=weight)
+    return merged.mul_(scale).add_(base)
