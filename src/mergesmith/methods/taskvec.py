@@ -74,17 +74,27 @@ def rescale_kept(delta: torch.Tensor, mask: torch.Tensor, keep_prob: float | tor
     raise ValueError(f"unknown rescale {how!r}")
 
 
+def sum_rows(stack: torch.Tensor) -> torch.Tensor:
+    """Σ over the first dimension of a ``[T, *shape]`` stack, as T − 1 in-place adds (on CPU a reduction over the
+    leading dimension is ~3× slower than adding the rows)."""
+    out = stack[0].clone()
+    for row in stack[1:]:
+        out.add_(row)
+    return out
+
+
 def elect_signs(deltas: torch.Tensor, zero: str, majority: float = 1.0) -> torch.Tensor:
     """TIES sign election by mass: γ = sign(Σ_t τ̂_t), as ±1.
 
     Where the sum is exactly 0 the paper uses the sign of the whole model's elected signs (``majority``, computed
     by a pass over the model and passed in); mergekit takes + (``positive``).
     """
-    total = deltas.sum(dim=0)
+    # float arithmetic in place on the fresh sum (torch.where with scalars is ~15× slower on CPU)
+    total = sum_rows(deltas)
     if zero == "positive":
-        return torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
-    sign = torch.sign(total)
-    return torch.where(sign == 0, torch.as_tensor(majority, dtype=deltas.dtype), sign)
+        return total.ge_(0).mul_(2).sub_(1)  # [Σ ≥ 0] → +1, else −1
+    sign = total.sign_()
+    return sign.add_(sign.abs().mul_(-majority).add_(majority))  # 0 → majority, ±1 unchanged
 
 
 def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Tensor, how: str) -> torch.Tensor:
@@ -96,10 +106,10 @@ def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Ten
     # τ_t·[sign τ_t = γ] = γ·relu(γ·τ_t): float arithmetic only (no boolean masks, which are slow on CPU);
     # zero entries never agree (they were trimmed or dropped)
     aligned = (deltas * signs).relu_()
-    merged = aligned.sum(dim=0).mul_(signs)
+    merged = sum_rows(aligned).mul_(signs)
     if how == "sum":
         return merged
-    divisor = (aligned.sign_() * weights).sum(dim=0)  # Σ w_t over the agreeing experts
+    divisor = sum_rows(aligned.sign_().mul_(weights))  # Σ w_t over the agreeing experts
     return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
