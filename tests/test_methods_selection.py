@@ -36,6 +36,30 @@ def test_matches_a_full_sort(dtype):
         assert local.tolist() == got[row]
 
 
+@pytest.mark.parametrize("magnitudes", [True, False])
+def test_large_chunks_take_the_fast_histograms_and_stay_exact(magnitudes):
+    # chunks of >= 4 × 65 536 columns take the bincount paths (non-negative keys: shift-only top digit and the
+    # clamped last digit); signed values fall back to the general path. Both must equal a full sort.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 700_000, generator=gen) * torch.logspace(-4, 2, 700_000)
+    x[:, :5000] = 0.0
+    x[0, 5000:60000] = 0.25  # a bucket crowded with equal values
+    if magnitudes:
+        x = x.abs()
+
+    def chunks():
+        for start in range(0, x.shape[1], 300_000):
+            yield x[:, start:start + 300_000]
+
+    def ranks(total):
+        return [[1, 5000, 5001, 30000, 350_000, total], [2, 123_456, total - 3, total]]
+
+    got = order_statistics(chunks, ranks)
+    ordered = x.sort(dim=1).values
+    for row, wanted in enumerate(ranks(x.shape[1])):
+        assert got[row] == [float(ordered[row, k - 1]) for k in wanted]
+
+
 def test_rejects_out_of_range_ranks():
     with pytest.raises(ValueError):
         order_statistics(lambda: iter([torch.ones(1, 4)]), lambda total: [[total + 1]])

@@ -43,7 +43,7 @@ from mergesmith.methods.taskvec import (
 def _magnitude_rows(stream: TensorStream) -> Iterator[torch.Tensor]:
     """One pass: |τ_t| of each tensor as fp32 ``[T, n]`` rows (the chunks that the radix selection ranks)."""
     for item in stream():
-        yield stack_deltas(item.base, item.experts).abs().to(torch.float32).reshape(len(item.experts), -1)
+        yield stack_deltas(item.base, item.experts).abs_().to(torch.float32).reshape(len(item.experts), -1)
 
 
 def global_thresholds(stream: TensorStream, densities: list[float]) -> list[float]:
@@ -63,10 +63,19 @@ def _trim(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContex
     if params["trim_scope"] == "global":
         if params["density"][i] >= 1:
             return delta
-        return delta * (delta.abs().to(torch.float32) >= ctx.state["thresholds"][i])
+        return _keep_at_least(delta, ctx.state["thresholds"][i])
     if ctx.tensor_state is not None:  # per-tensor thresholds, found over the tensor's row blocks
-        return delta * (delta.abs().to(torch.float32) >= ctx.tensor_state[i])
+        return _keep_at_least(delta, ctx.tensor_state[i])
     return delta * magnitude_mask(delta, params["density"][i], "mergekit")
+
+
+def _keep_at_least(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """δ ⊙ [|δ| ≥ κ] with a float 0/1 mask (a float × bool product is ~4× slower on CPU); the thresholds are
+    fp32 values, so fp64 deltas compare in fp32 as the selection ranked them."""
+    magnitude = delta.abs()
+    if magnitude.dtype != torch.float32:
+        return delta * (magnitude.to(torch.float32) >= threshold)
+    return delta * magnitude.ge_(threshold)
 
 
 def tensor_thresholds(stream: TensorStream, params: dict[str, Any], ctx: TensorContext) -> list[float]:
