@@ -161,3 +161,23 @@ def test_dare_density_one_is_plain_merge():
     dare = merge_state_dicts(base, experts, "dare_linear", density=1.0, **{"lambda": 0.5})
     ta = merge_state_dicts(base, experts, "task_arithmetic", **{"lambda": 0.5})
     assert all(torch.equal(dare[k], ta[k]) for k in base)
+
+
+def test_bernoulli_mask_is_the_exact_32_bit_law():
+    import numpy as np
+
+    from mergesmith.methods.taskvec import bernoulli_mask
+
+    keep, seed, shape = 0.3, 1234, (100, 1001)  # odd count: the last 64-bit word is half used
+    mask = bernoulli_mask(shape, keep, seed)
+    assert mask.dtype == torch.float32 and mask.shape == shape
+    # the definition: word t (little-endian int32 halves of PCG64's raw output) is kept iff w_t < ⌊keep·2³²⌋ − 2³¹
+    words = np.random.PCG64(seed).random_raw(50_051).view(np.int32)[: 100 * 1001].astype(np.int64)
+    assert torch.equal(mask.reshape(-1), torch.from_numpy(words < int(keep * 2**32) - 2**31).float())
+    n = mask.numel()
+    assert abs(float(mask.mean()) - keep) < 5 * (keep * (1 - keep) / n) ** 0.5
+    assert torch.equal(bernoulli_mask(shape, keep, seed, torch.float64), mask.double())  # same bits in any dtype
+    assert not torch.equal(bernoulli_mask(shape, keep, seed + 1), mask)
+    assert bernoulli_mask((3,), 1.0, 0).tolist() == [1.0] * 3 and bernoulli_mask((3,), 0.0, 0).sum() == 0
+    # extreme keep rates stay exact: ⌊keep·2³²⌋ words out of 2³² pass
+    assert float(bernoulli_mask((4096,), 2**-32, 7).sum()) <= 1

@@ -7,6 +7,7 @@ traceback, and leave nothing behind (neither the output nor the hidden partial f
 from __future__ import annotations
 
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -333,3 +334,26 @@ def test_byte_identical_across_thread_counts(tmp_path, llamas, method, params):
     m1 = json.loads((tmp_path / "t1" / "manifest.json").read_text())
     m4 = json.loads((tmp_path / "t4" / "manifest.json").read_text())
     assert m1["output_sha256"] == m4["output_sha256"]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_nonfinite_in_a_late_block_is_refused_by_multi_pass_methods(tmp_path, llamas, monkeypatch, method):
+    """Per-tensor statistics read a tensor several times; the NaN check runs on the first pass only and must still
+    see every block (here the last one of a tensor split in row blocks)."""
+    from mergesmith import engine
+
+    monkeypatch.setattr(engine, "PART_ELEMENTS", 64)
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors = load_tensors(llamas["a"])
+    tensors[name][-1, -1] = float("inf")
+    bad = tmp_path / "inf"
+    bad.mkdir()
+    save_file(tensors, bad / "model.safetensors")
+    (bad / "config.json").write_text((llamas["a"] / "config.json").read_text())
+    recipe = {"merge_method": method, "base_model": str(llamas["base"]),
+              "models": [{"model": str(bad), "parameters": {"weight": 1.0, "density": 0.5}},
+                         {"model": str(llamas["b"]), "parameters": {"weight": 1.0, "density": 0.5}}],
+              "parameters": {"trim_scope": "tensor"} if method == "ties" else {"rescale": "l1",
+                                                                                "sign_zero": "positive"}}
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' contains NaN or Inf"):
+        merge(recipe, tmp_path / "out", progress=False)

@@ -9,6 +9,7 @@ jobs before the merge pass.
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -442,17 +443,24 @@ def stream_inputs(plan: Plan) -> Callable[[], Iterator[TensorInputs]]:
     return one_pass
 
 
-def _tensor_stream(plan: Plan, job: Job, parts: list[tuple[int, int] | None]) -> Callable[[], Iterator[TensorInputs]]:
+def _tensor_stream(plan: Plan, job: Job, parts: list[tuple[int, int] | None],
+                   checked: list[bool]) -> Callable[[], Iterator[TensorInputs]]:
+    """The passes of ``tensor_stats`` over one tensor. Only the first checks the inputs for NaN/Inf (the check reads
+    every input, and the later passes and the merge read the same bytes); ``checked[0]`` is set once a whole pass
+    has checked them."""
+
     def one_pass() -> Iterator[TensorInputs]:
+        check = not checked[0] and not plan.allow_nonfinite
         for rows in parts:
-            base, experts = _load(job, not plan.allow_nonfinite, rows)
+            base, experts = _load(job, check, rows)
             yield TensorInputs(job.name, base, experts, job.params, rows)
+        checked[0] = True
 
     return one_pass
 
 
 def run_job(plan: Plan, job: Job, state: Any, rows: tuple[int, int] | None = None,
-            tensor_state: Any = None) -> torch.Tensor:
+            tensor_state: Any = None, checked: bool = False) -> torch.Tensor:
     """The merged tensor (or the block ``rows`` of it), in the output dtype."""
     if job.copy:
         src, name = job.base or job.experts[0]
@@ -463,7 +471,7 @@ def run_job(plan: Plan, job: Job, state: Any, rows: tuple[int, int] | None = Non
         experts = [raw if job.params.get("scale", [1.0])[0] == 1.0 else raw.to(_compute_dtype([raw]))]
         base = None
     else:
-        base, experts = _load(job, not plan.allow_nonfinite, rows)
+        base, experts = _load(job, not (plan.allow_nonfinite or checked), rows)
     ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer, fitted=plan.fitted,
                         rows=rows, tensor_state=tensor_state)
     out = plan.method.rule(base, experts, job.params, ctx)
@@ -516,6 +524,32 @@ def execute(
     ``threads`` workers with at most 2 × threads units in flight, so memory is bounded by a few blocks.
     """
     keep_freed_blocks()
+    with _no_cyclic_gc():
+        _execute(plan, write, threads, progress, only, write_rows)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    # Every block allocates a few tensors, so Python's cyclic collector runs all the time, and its full passes walk
+    # every object torch and transformers created at import while holding the GIL: it stalled the workers a fifth
+    # of a DARE merge. Tensors are freed by reference counting; the few cycles wait until the end.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _execute(
+    plan: Plan,
+    write: Callable[[str, torch.Tensor], None],
+    threads: int,
+    progress: bool,
+    only: set[str] | None,
+    write_rows: Callable[[str, int, torch.Tensor], None] | None,
+) -> None:
     state = None
     if plan.method.prepare is not None:
         first = next((j for j in plan.jobs if not j.copy), None)
@@ -528,18 +562,19 @@ def execute(
         write(job.name, run_job(plan, job, state))
         return job.nbytes
 
-    def block(job: Job, rows: tuple[int, int], tensor_state: Any = None) -> int:
-        put_rows(job.name, rows[0], run_job(plan, job, state, rows, tensor_state))
+    def block(job: Job, rows: tuple[int, int], tensor_state: Any = None, checked: bool = False) -> int:
+        put_rows(job.name, rows[0], run_job(plan, job, state, rows, tensor_state, checked))
         return job.nbytes * (rows[1] - rows[0]) // job.shape[0]
 
     def with_stats(job: Job, parts: list[tuple[int, int] | None]) -> int:
         # per-tensor statistics (a per-tensor top-k threshold, a norm) need every block before any is merged
         ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer, fitted=plan.fitted)
-        tensor_state = plan.method.tensor_stats(_tensor_stream(plan, job, parts), job.params, ctx)
+        checked = [False]
+        tensor_state = plan.method.tensor_stats(_tensor_stream(plan, job, parts, checked), job.params, ctx)
         if parts == [None]:
-            write(job.name, run_job(plan, job, state, None, tensor_state))
+            write(job.name, run_job(plan, job, state, None, tensor_state, checked[0]))
             return job.nbytes
-        return sum(block(job, rows, tensor_state) for rows in parts if rows is not None)
+        return sum(block(job, rows, tensor_state, checked[0]) for rows in parts if rows is not None)
 
     units: list[Callable[[], int]] = []
     # largest tensors first: a big tensor that is one unit (per-tensor statistics) must not be the straggler that

@@ -108,11 +108,15 @@ class TensorContext:
     def generator(self, salt: str = "") -> torch.Generator:
         """A generator seeded from (seed, tensor name, salt): random rules are reproducible and independent
         of the order (or thread) in which tensors are merged."""
+        gen = torch.Generator()
+        gen.manual_seed(self.seed_for(salt))
+        return gen
+
+    def seed_for(self, salt: str = "") -> int:
+        """The 63-bit seed of (seed, tensor name, salt, row block) that ``generator`` uses."""
         block = f"\0rows{self.rows[0]}" if self.rows is not None else ""  # each row block draws its own bits
         digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{salt}{block}".encode()).digest()
-        gen = torch.Generator()
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        return gen
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass

@@ -98,7 +98,7 @@ def _accumulate_bucket(hist: torch.Tensor, keys: torch.Tensor, prefix: int, fixe
         # [0, 2^16) outside it; clamping the outsiders into two spill bins avoids a boolean gather (with keys of
         # both signs the difference could overflow int32)
         low = prefix << fixed_shift
-        if nonnegative and 0 <= low and low + _BINS <= (1 << 31):
+        if nonnegative and low >= 0 and low + _BINS <= (1 << 31):
             offset = (keys - low).clamp_(-1, _BINS).add_(1)
             hist += torch.bincount(offset, minlength=_BINS + 2)[1 : _BINS + 1]
             return
