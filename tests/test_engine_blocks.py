@@ -172,3 +172,58 @@ def test_allocator_keeps_freed_blocks_on_glibc():
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_blocks() is glibc
     assert keep_freed_blocks() is glibc  # idempotent
+
+
+def test_streaming_digest_matches_the_file_for_out_of_order_threaded_writes(tmp_path):
+    """The shard's sha256 is advanced while blocks arrive in any order from several threads; it must equal the
+    digest of the finished file, and a shard with an unreported range falls back to hashing the file."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mergesmith.checkpoint.safetensors_io import ShardWriter
+    from mergesmith.checkpoint.writer import sha256_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(rows, 300, generator=gen).to(torch.bfloat16)
+               for i, rows in enumerate([700, 1, 0, 2000, 37])}
+    writer = ShardWriter(tmp_path / "a.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                         {"format": "pt"})
+    writer.digest.CHUNK = 4096  # many chunks per range
+    blocks = [(n, r, t[r:r + 50]) for n, t in tensors.items() for r in range(0, max(t.shape[0], 1), 50)]
+    random.Random(1).shuffle(blocks)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda b: writer.write(b[0], b[2], b[1]), blocks))
+    writer.close()
+    assert writer.sha256() == sha256_file(tmp_path / "a.safetensors")
+
+    partial = ShardWriter(tmp_path / "b.safetensors", [("x", torch.float32, (4, 4))], {"format": "pt"})
+    partial.write("x", torch.ones(2, 4), 0)  # rows 2..3 never written
+    partial.close()
+    assert partial.sha256() is None
+
+
+def test_output_layout_follows_the_merge_order_and_not_the_threads(llamas, tmp_path, monkeypatch):
+    """Large per-tensor-statistics tensors come first in the shard, largest first, then the rest in model order
+    (the digest advances while the merge runs); the bytes do not depend on the thread count."""
+    import json
+    import math
+    import struct
+
+    monkeypatch.setattr(engine, "PART_ELEMENTS", BLOCK)
+    files = {}
+    for threads in (1, 3):
+        path = tmp_path / f"ties-{threads}.yaml"
+        path.write_text(yaml.safe_dump(_recipe(llamas, "ties_mergekit")))
+        merge(path, tmp_path / f"out{threads}", threads=threads, progress=False)
+        files[threads] = (tmp_path / f"out{threads}" / "model.safetensors").read_bytes()
+    assert files[1] == files[3]
+    raw = files[1]
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    header.pop("__metadata__")
+    order = sorted(header, key=lambda n: header[n]["data_offsets"][0])
+    size = {n: math.prod(header[n]["shape"]) for n in header}
+    big = [n for n in order if size[n] > BLOCK]
+    assert order[:len(big)] == big and [size[n] for n in big] == sorted((size[n] for n in big), reverse=True)
+    model_order = list(load_tensors(llamas["a"]))  # the checkpoint's own order (the plan's)
+    rest = [n for n in order if size[n] <= BLOCK]
+    assert rest == [n for n in model_order if n in rest]

@@ -70,7 +70,9 @@ class Plan:
     fitted: Any = None  # a data-driven method's FitResult, handed to every rule as ctx.fitted
 
     def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        return [(j.name, j.dtype, j.shape) for j in self.jobs]
+        """The output tensors in the order the engine merges them, which is also their order in the shards: the
+        shard's sha256 then advances while the merge runs (see ``unit_order``)."""
+        return [(j.name, j.dtype, j.shape) for j in unit_order(self, self.jobs)]
 
 
 def natural_key(name: str) -> list[Any]:
@@ -542,6 +544,24 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
+def _indivisible(plan: Plan, job: Job) -> bool:
+    """A large tensor merged as one unit of work: per-tensor statistics, or a rule that needs the whole tensor."""
+    if job.copy or int(torch.Size(job.shape).numel()) <= PART_ELEMENTS:
+        return False
+    stats = (plan.method.tensor_stats is not None and not plan.method.structural
+             and plan.method.uses_tensor_stats(job.params))
+    return stats or parts_of(plan, job) == [None]
+
+
+def unit_order(plan: Plan, jobs: list[Job]) -> list[Job]:
+    """Large indivisible tensors first, largest first (such a unit must not be the straggler that leaves the other
+    threads idle at the end), then everything else in plan order (row blocks spread over the threads anyway).
+    The output shards are laid out in this order, so the bytes become final roughly front to back and the shard's
+    digest follows the merge. It does not depend on the thread count: outputs stay byte-identical."""
+    big = sorted((j for j in jobs if _indivisible(plan, j)), key=lambda j: -j.nbytes)
+    return big + [j for j in jobs if not _indivisible(plan, j)]
+
+
 def _execute(
     plan: Plan,
     write: Callable[[str, torch.Tensor], None],
@@ -577,9 +597,7 @@ def _execute(
         return sum(block(job, rows, tensor_state, checked[0]) for rows in parts if rows is not None)
 
     units: list[Callable[[], int]] = []
-    # largest tensors first: a big tensor that is one unit (per-tensor statistics) must not be the straggler that
-    # leaves the other threads idle at the end
-    for job in sorted(jobs, key=lambda j: -j.nbytes) if threads > 1 else jobs:
+    for job in unit_order(plan, jobs):
         parts = parts_of(plan, job)
         if (plan.method.tensor_stats is not None and not job.copy and not plan.method.structural
                 and plan.method.uses_tensor_stats(job.params)):

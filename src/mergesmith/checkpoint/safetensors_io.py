@@ -12,6 +12,7 @@ optional ``__metadata__`` of strings), then the data buffer; offsets are relativ
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -142,6 +143,99 @@ class SafetensorsFile:
             self._mmap = None
 
 
+class StreamingDigest:
+    """sha256 of a file written out of order, advanced while it is written.
+
+    Writers report each finished byte range; whichever thread extends the contiguous finished prefix hashes it
+    (read back from the page cache) and asks the kernel to start writing it to disk, so that when the last byte
+    arrives only the tail is left to hash and to fsync (both were ~1.5 s per GB at the end of a merge).
+    """
+
+    CHUNK = 1 << 24
+
+    def __init__(self, fd: int, total: int):
+        self.fd = fd
+        self.total = total
+        self.upto = 0
+        self._digest = hashlib.sha256()
+        self._finished: dict[int, int] = {}  # start → end of finished ranges beyond the prefix
+        self._lock = threading.Condition()
+        self._hashing = False
+        self._failed = False
+
+    def finished(self, start: int, end: int) -> None:
+        with self._lock:
+            if end > start:
+                # adjacent ranges chain through the dict: start → end, end → next end, ...
+                self._finished[start] = end
+            if self._hashing:
+                return  # the thread that is hashing will pick this range up
+            self._hashing = True
+        try:
+            while True:
+                with self._lock:
+                    end = self._finished.pop(self.upto, None)
+                    if end is None:
+                        return
+                    start = self.upto
+                self._hash(start, end)
+                with self._lock:
+                    self.upto = end
+        except BaseException:
+            with self._lock:
+                self._failed = True  # the caller falls back to hashing the file (and reports its error)
+            raise
+        finally:
+            with self._lock:
+                self._hashing = False
+                self._lock.notify_all()
+
+    def wait(self) -> None:
+        """Until no thread is hashing (before the file is closed)."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self._hashing)
+
+    def _hash(self, start: int, end: int) -> None:
+        position = start
+        while position < end:
+            data = os.pread(self.fd, min(self.CHUNK, end - position), position)
+            if not data:
+                raise OSError(f"short read at {position} while hashing")
+            self._digest.update(data)
+            position += len(data)
+        _start_writeback(self.fd, start, end - start)
+
+    def hexdigest(self) -> str | None:
+        """The digest once every byte was reported and hashed, else None (the caller hashes the file)."""
+        self.wait()
+        with self._lock:
+            return self._digest.hexdigest() if self.upto == self.total and not self._failed else None
+
+
+def _start_writeback(fd: int, offset: int, count: int) -> None:
+    """Linux sync_file_range(SYNC_FILE_RANGE_WRITE): start writing these pages now, without waiting, so the final
+    fsync has little left to do. Elsewhere (or if it fails) the fsync does all the work, as before."""
+    if _SYNC_FILE_RANGE is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        _SYNC_FILE_RANGE(fd, offset, count, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+def _load_sync_file_range():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL("libc.so.6", use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+
+
 class ShardWriter:
     """Writes one safetensors file whose layout is fixed at construction; tensors arrive in any order."""
 
@@ -169,6 +263,8 @@ class ShardWriter:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self.fd, self.total)
+        self.digest = StreamingDigest(self.fd, self.total)
+        self.digest.finished(0, self.data_start)
 
     def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> int:
         """Write ``tensor`` (or rows ``first_row…`` of it) into its slot; returns the bytes written."""
@@ -179,15 +275,21 @@ class ShardWriter:
         if start + data.nbytes > nbytes or (first_row == 0 and tensor.dim() == 0 and data.nbytes != nbytes):
             raise AssertionError(f"{name}: {data.nbytes} bytes at {start} for a slot of {nbytes}")
         view = memoryview(data)
-        position = self.data_start + offset + start
+        first = position = self.data_start + offset + start
         while view.nbytes:  # pwrite may write less than asked (large buffers, full disk reports an error)
             written = os.pwrite(self.fd, view, position)
             view = view[written:]
             position += written
+        self.digest.finished(first, position)
         return data.nbytes
+
+    def sha256(self) -> str | None:
+        """The file's sha256 when every byte was written through ``write`` (else None)."""
+        return self.digest.hexdigest()
 
     def close(self) -> None:
         if self.fd >= 0:
+            self.digest.wait()  # a thread may still be reading the file to hash it
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1

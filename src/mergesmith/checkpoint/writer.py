@@ -163,7 +163,7 @@ class FolderWriter:
                 self.hashes[file_name] = ""  # claimed: only one thread finishes a shard
         if complete:
             shard.close()
-            digest = sha256_file(shard.path)
+            digest = shard.sha256() or sha256_file(shard.path)
             with self._lock:
                 self.hashes[file_name] = digest
                 if self.on_done is not None:
