@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed"))
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--update", action="store_true",
-                        help="replace only the sizes run in an existing <out>.json (the others are kept)")
+                        help="replace only the (size, method) entries run in an existing <out>.json")
     args = parser.parse_args(argv)
     if args.command == "floor":
         floor(args.kind, args.recipe, args.out)
@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     existing = args.out.with_suffix(".json")
     if args.update and existing.exists():
         old = json.loads(existing.read_text())
-        results["sizes"] = {**old.get("sizes", {}), **results["sizes"]}
+        sizes = old.get("sizes", {})
+        for size, entry in results["sizes"].items():  # replace only the (size, method) entries that were run
+            kept = sizes.get(size, {}).get("methods", {})
+            sizes[size] = {**entry, "methods": {**kept, **entry["methods"]}}
+        results["sizes"] = sizes
         results["runs_by_size"] = {**old.get("runs_by_size", {}), **results["runs_by_size"]}
         order = ["135m", "542m", "1.1b"]
         results["sizes"] = dict(sorted(results["sizes"].items(),
@@ -330,7 +334,7 @@ def run_benchmark(args) -> dict:
                     runs[tool].append(m)
                     print(f"[{size}] {method:16s} {tool:10s} run {i + 1}: {m.seconds:7.2f} s  "
                           f"anon {m.peak_anon_mb:7.0f} MB  rss {m.peak_rss_mb:7.0f} MB", flush=True)
-            entry: dict = {"recipe": r, "tools": {}}
+            entry: dict = {"recipe": r, "tools": {}, "commit": _git_commit()}
             for tool, ms in runs.items():
                 entry["tools"][tool] = {
                     "seconds": [round(m.seconds, 3) for m in ms],
@@ -345,6 +349,16 @@ def run_benchmark(args) -> dict:
             for out in outs.values():
                 shutil.rmtree(out, ignore_errors=True)
     return results
+
+
+def _git_commit() -> str | None:
+    """The mergesmith commit measured (entries of one report can come from different runs: ``--update``)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _warm(models: list[Path]) -> float:
@@ -369,12 +383,12 @@ def _ratio(a: float | None, b: float | None) -> str:
 def markdown(results: dict) -> str:
     lines = [
         f"Machine: {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, mergekit "
-        f"{results['machine'].get('mergekit', '–')}; medians of the runs per tool (runs per size: "
-        f"{results.get('runs_by_size', results['runs'])}), tools run alternately.",
+        f"{results['machine'].get('mergekit', '–')}; medians of the runs per tool (`runs` per row), tools run "
+        "alternately.",
         "",
-        "| size | method | mergesmith s | mergekit s | speed-up | mergesmith anon MB | mergekit anon MB | "
+        "| size | method | runs | mergesmith s | mergekit s | speed-up | mergesmith anon MB | mergekit anon MB | "
         "mergesmith RSS MB | mergekit RSS MB | max |Δ| vs mergekit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors = []
     for size, sr in results["sizes"].items():
@@ -385,7 +399,7 @@ def markdown(results: dict) -> str:
             diff = (f"{cmp['max_abs_diff']:.2g}; {100 * cmp['beyond_one_bf16_ulp'] / cmp['elements']:.3f} % of "
                     "elements beyond 1 bf16 ulp") if cmp else "–"
             lines.append(
-                f"| {size} | {method} | {ms['median_seconds']:.2f} | {_num(mk.get('median_seconds'), 2)} | "
+                f"| {size} | {method} | {len(ms['seconds'])} | {ms['median_seconds']:.2f} | {_num(mk.get('median_seconds'), 2)} | "
                 f"{_ratio(mk.get('median_seconds'), ms['median_seconds'])} | {ms['peak_anon_mb']:.0f} | "
                 f"{_num(mk.get('peak_anon_mb'), 0)} | {ms['peak_rss_mb']:.0f} | {_num(mk.get('peak_rss_mb'), 0)} | "
                 f"{diff} |")
