@@ -15,6 +15,7 @@ settings), and the fit sizes (Fisher's examples) are capped for the same reason.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,8 @@ def _count_examples(info: dict[str, Any], tasks) -> int:
 
 def _entry(row: DataBenchRow, params: dict[str, Any], runs: list[dict[str, Any]], note: str) -> dict[str, Any]:
     return aggregate(runs) | {"params": params, "method": row.method, "note": note, "fit_split": row.split,
-                              "fit_seconds": sum(r["fit_seconds"] for r in runs) / len(runs),
+                              # median: one run slowed by other work on the machine does not skew the cost
+                              "fit_seconds": statistics.median(r["fit_seconds"] for r in runs),
                               "examples": runs[0]["examples"]}
 
 
