@@ -306,17 +306,18 @@ def data_markdown(data: dict[str, Any]) -> str:
     from mergesmith.zoo.bench import SHORT, _cell
 
     tasks = data["tasks"]
-    head = ["method", "setting", *[SHORT.get(t, t) for t in tasks], "avg", "norm. avg", "fit s", "examples"]
+    head = ["method", "setting", *[SHORT.get(t, t) for t in tasks], "avg", "norm. avg", "runs", "fit s",
+            "examples"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ft = data["finetuned"]
     lines.append("| " + " | ".join(["fine-tuned (this build)", "—", *[_cell(ft[t]) for t in tasks],
-                                    _cell(sum(ft.values()) / len(ft)), "100.0", "—", "—"]) + " |")
+                                    _cell(sum(ft.values()) / len(ft)), "100.0", "—", "—", "—"]) + " |")
     for key, row in data["methods"].items():
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "—"
         lines.append("| " + " | ".join([
             f"`{key}`", params, *[_cell(row["accuracy"][t]) for t in tasks],
             _cell(row["average"], row["average_std"]), _cell(row["normalized"], row["normalized_std"]),
-            f"{row['fit_seconds']:.0f}", str(row["examples"])]) + " |")
+            str(len(row["runs"])), f"{row['fit_seconds']:.0f}", str(row["examples"])]) + " |")
     return "\n".join(lines) + "\n"
 
 
