@@ -9,6 +9,7 @@ jobs before the merge pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import re
 import threading
@@ -364,24 +365,19 @@ MMAP_THRESHOLD_BYTES = 64 << 20
 TRIM_BYTES = 256 << 20
 
 
+@functools.cache
 def keep_freed_blocks() -> bool:
     """Tell glibc's malloc to reuse freed block buffers instead of unmapping them (once; False off glibc)."""
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED is None:
-        _ALLOCATOR_TUNED = False
-        try:
-            import ctypes
+    try:
+        import ctypes
 
-            libc = ctypes.CDLL("libc.so.6")
-            m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-            _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(
-                libc.mallopt(m_trim_threshold, TRIM_BYTES))
-        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
-            pass
-    return _ALLOCATOR_TUNED
-
-
-_ALLOCATOR_TUNED: bool | None = None
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt = getattr(libc, "mallopt", None)
+    return mallopt is not None and bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(m_trim_threshold, TRIM_BYTES))
 
 
 def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -544,13 +540,17 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
+def _uses_tensor_stats(plan: Plan, job: Job) -> bool:
+    """Whether the tensor is merged after a ``tensor_stats`` pass over its blocks (one unit of work)."""
+    return (plan.method.tensor_stats is not None and not job.copy and not plan.method.structural
+            and plan.method.uses_tensor_stats(job.params))
+
+
 def _indivisible(plan: Plan, job: Job) -> bool:
     """A large tensor merged as one unit of work: per-tensor statistics, or a rule that needs the whole tensor."""
     if job.copy or int(torch.Size(job.shape).numel()) <= PART_ELEMENTS:
         return False
-    stats = (plan.method.tensor_stats is not None and not plan.method.structural
-             and plan.method.uses_tensor_stats(job.params))
-    return stats or parts_of(plan, job) == [None]
+    return _uses_tensor_stats(plan, job) or parts_of(plan, job) == [None]
 
 
 def unit_order(plan: Plan, jobs: list[Job]) -> list[Job]:
@@ -558,8 +558,10 @@ def unit_order(plan: Plan, jobs: list[Job]) -> list[Job]:
     threads idle at the end), then everything else in plan order (row blocks spread over the threads anyway).
     The output shards are laid out in this order, so the bytes become final roughly front to back and the shard's
     digest follows the merge. It does not depend on the thread count: outputs stay byte-identical."""
-    big = sorted((j for j in jobs if _indivisible(plan, j)), key=lambda j: -j.nbytes)
-    return big + [j for j in jobs if not _indivisible(plan, j)]
+    big, rest = [], []
+    for job in jobs:
+        (big if _indivisible(plan, job) else rest).append(job)
+    return sorted(big, key=lambda j: -j.nbytes) + rest
 
 
 def _execute(
@@ -599,8 +601,7 @@ def _execute(
     units: list[Callable[[], int]] = []
     for job in unit_order(plan, jobs):
         parts = parts_of(plan, job)
-        if (plan.method.tensor_stats is not None and not job.copy and not plan.method.structural
-                and plan.method.uses_tensor_stats(job.params)):
+        if _uses_tensor_stats(plan, job):
             units.append(lambda job=job, parts=parts: with_stats(job, parts))
         elif parts == [None]:
             units.append(lambda job=job: whole(job))

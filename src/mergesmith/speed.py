@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             sizes[size] = {**entry, "methods": {**kept, **entry["methods"]}}
         results["sizes"] = sizes
         results["runs_by_size"] = {**old.get("runs_by_size", {}), **results["runs_by_size"]}
-        order = ["135m", "542m", "1.1b"]
+        order = list(SIZES)
         results["sizes"] = dict(sorted(results["sizes"].items(),
                                        key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     write_reports(results, args.out)

@@ -222,6 +222,7 @@ def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list
 # The backdoor scenario (DAM's setting): some experts were fine-tuned on poisoned data
 
 BACKDOOR_TASKS = {"sentiment": 0, "austen": 0}  # poisoned task → target class
+BACKDOOR_METHODS = ("task_arithmetic", "ties", "adamerging", "concrete_adamerging", "dam")
 
 
 def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progress: bool = True,
@@ -246,19 +247,9 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
         if task in paths:
             bench.experts[i] = zoo.state_dict(paths[task])
 
-    def steps(n: int) -> int:
-        return max(1, round(n * step_scale))
-
     scale = learned_lr_scale(step_scale, compress_lr)
-    learned = {"meta_steps": steps(1000), "adamerging_steps": steps(1000), "lr": 1e-3 * scale,
-               "adamerging_lr": 1e-3 * scale}
-    settings = [
-        DataBenchRow("task_arithmetic", "task_arithmetic", {"lambda": 0.3}, "none"),
-        DataBenchRow("ties", "ties", {"density": 0.2, "lambda": 1.0}, "none"),
-        DataBenchRow("adamerging", "adamerging", {"steps": steps(500), "lr": 1e-3 * scale}, "test"),
-        DataBenchRow("concrete_adamerging", "concrete_adamerging", dict(learned), "test"),
-        DataBenchRow("dam", "dam", {**learned, "adv_lr": 1e-4 * scale}, "test"),
-    ]
+    # the same settings as the data bench's rows of these methods (paper defaults, shortened schedules)
+    settings = [r for r in rows(step_scale, compress_lr) if r.key in BACKDOOR_METHODS]
     attack = {t: triggered_split(zoo, t, target) for t, target in poisoned.items()}
     results: dict[str, Any] = {"tasks": zoo.tasks, "poisoned": poisoned, "step_scale": step_scale,
                                "lr_scale": scale,
