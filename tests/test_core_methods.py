@@ -168,16 +168,31 @@ def test_bernoulli_mask_is_the_exact_32_bit_law():
 
     from mergesmith.methods.taskvec import bernoulli_mask
 
-    keep, seed, shape = 0.3, 1234, (100, 1001)  # odd count: the last 64-bit word is half used
-    mask = bernoulli_mask(shape, keep, seed)
-    assert mask.dtype == torch.float32 and mask.shape == shape
-    # the definition: word t (little-endian int32 halves of PCG64's raw output) is kept iff w_t < ⌊keep·2³²⌋ − 2³¹
-    words = np.random.PCG64(seed).random_raw(50_051).view(np.int32)[: 100 * 1001].astype(np.int64)
-    assert torch.equal(mask.reshape(-1), torch.from_numpy(words < int(keep * 2**32) - 2**31).float())
-    n = mask.numel()
-    assert abs(float(mask.mean()) - keep) < 5 * (keep * (1 - keep) / n) ** 0.5
-    assert torch.equal(bernoulli_mask(shape, keep, seed, torch.float64), mask.double())  # same bits in any dtype
-    assert not torch.equal(bernoulli_mask(shape, keep, seed + 1), mask)
+    shape = (100, 1001)  # an odd count: the last random word is part used
+    count = 100 * 1001
+
+    def plane_bits(seed: int, planes: int) -> np.ndarray:  # [planes, count] bits, little-endian within words
+        raw = np.random.PCG64(seed).random_raw((planes, -(-count // 64)))
+        return np.stack([np.unpackbits(p.view(np.uint8), bitorder="little")[:count] for p in raw]).astype(np.int64)
+
+    # the definition, regime by regime, with N = ⌊keep·2³²⌋ = n·2^(32−b), n odd
+    cases = {
+        0.3: lambda seed: (np.random.PCG64(seed).random_raw(-(-count // 2)).view(np.int32)[:count].astype(np.int64)
+                           < int(0.3 * 2**32) - 2**31),  # b = 30: one int32 word per element
+        0.5 + 2**-12: lambda seed: (np.random.PCG64(seed).random_raw(-(-count // 4)).view(np.int16)[:count]
+                                    .astype(np.int64) < 2049 * 16 - 2**15),  # b = 12: one int16 word per element
+        0.75: lambda seed: (2 * plane_bits(seed, 2)[0] + plane_bits(seed, 2)[1]) < 3,  # b = 2: U from two planes
+        0.5: lambda seed: plane_bits(seed, 1)[0] < 1,  # b = 1: one bit per element
+        3 / 256: lambda seed: (2 ** np.arange(7, -1, -1)) @ plane_bits(seed, 8) < 3,  # b = 8: U from 8 planes
+    }
+    for keep, definition in cases.items():
+        mask = bernoulli_mask(shape, keep, 1234)
+        assert mask.dtype == torch.float32 and mask.shape == shape
+        assert torch.equal(mask.reshape(-1), torch.from_numpy(np.asarray(definition(1234))).float()), keep
+        assert abs(float(mask.mean()) - keep) < 5 * (keep * (1 - keep) / count) ** 0.5
+        for dtype in (torch.float64, torch.bfloat16):  # the same bits in any dtype
+            assert torch.equal(bernoulli_mask(shape, keep, 1234, dtype).float(), mask)
+        assert not torch.equal(bernoulli_mask(shape, keep, 1235), mask)
     assert bernoulli_mask((3,), 1.0, 0).tolist() == [1.0] * 3 and bernoulli_mask((3,), 0.0, 0).sum() == 0
     # extreme keep rates stay exact: ⌊keep·2³²⌋ words out of 2³² pass
     assert float(bernoulli_mask((4096,), 2**-32, 7).sum()) <= 1

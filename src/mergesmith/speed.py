@@ -8,7 +8,9 @@ two floors:
 - the I/O floor: read every input tensor and write the output with safetensors alone, no arithmetic;
 - the naive loop: the plainest merge script (per tensor: load, fp32 weighted sum, cast, save), no engine.
 
-Per run it records the wall time, the peak anonymous memory (RssAnon, polled every few ms) and the peak total
+Every run starts after ``sync`` (no dirty pages of the previous run's output: mergesmith fsyncs its output before
+renaming it into place, mergekit does not, so its writeback would otherwise land in the next run). Per run it
+records the wall time, the peak anonymous memory (RssAnon, polled every few ms) and the peak total
 RSS (VmHWM), and compares the outputs tensor by tensor. Results: ``bench/results/speed.{json,md}``.
 """
 
@@ -328,6 +330,9 @@ def run_benchmark(args) -> dict:
             for i in range(runs_by_size.get(size, args.runs)):
                 for tool, cmd in tools.items():
                     shutil.rmtree(outs[tool], ignore_errors=True)
+                    # no run pays for the previous one's writeback: mergekit leaves its output dirty in the page
+                    # cache (mergesmith fsyncs its own), and the disk writes it back during the next run
+                    os.sync()
                     m = run_measured(cmd, log=log)
                     if m.returncode != 0:
                         raise RuntimeError(f"{tool} failed on {size}/{method} (see {log})")

@@ -59,7 +59,7 @@ def merge_task_vectors(
     majority = ctx.state.get("majority", 1.0) if isinstance(ctx.state, dict) else 1.0
     signs = elect_signs(deltas, params["sign_zero"], majority)
     merged = disjoint_merge(deltas, weights, signs, params["disjoint"])
-    return merged.mul_(params["lambda"]).add_(base)
+    return (merged if params["lambda"] == 1 else merged.mul_(params["lambda"])).add_(base)
 
 
 def _summed(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext,
@@ -69,11 +69,15 @@ def _summed(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, A
     weights = [float(w) for w in params["weight"]]
     total = sum(weights)
     scale = params["lambda"] / total if params.get("normalize", False) and abs(total) >= 1e-8 else params["lambda"]
-    merged = torch.zeros_like(base)
-    scratch = torch.empty_like(base)
-    for i, (expert, weight) in enumerate(zip(experts, weights, strict=True)):
-        delta = torch.sub(expert, base, out=scratch)
+    merged = torch.sub(experts[0], base)  # the first task vector is written straight into the sum
+    if sparsify is not None:
+        merged = sparsify(merged, 0, params, ctx)
+    if weights[0] != 1:
+        merged.mul_(weights[0])
+    scratch = torch.empty_like(base) if len(experts) > 1 else merged
+    for i in range(1, len(experts)):
+        delta = torch.sub(experts[i], base, out=scratch)
         if sparsify is not None:
             delta = sparsify(delta, i, params, ctx)
-        merged.add_(delta, alpha=weight)
-    return merged.mul_(scale).add_(base)
+        merged.add_(delta, alpha=weights[i])
+    return (merged if scale == 1 else merged.mul_(scale)).add_(base)

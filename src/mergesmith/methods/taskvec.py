@@ -58,20 +58,51 @@ def bernoulli_mask(shape: Sequence[int] | torch.Size, keep: float, seed: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """m ~ Bernoulli(keep) elementwise, as 0/1 in ``dtype``, with P(m = 1) = ⌊keep · 2³²⌋ / 2³² exactly.
 
-    Each element takes one 32-bit word of PCG64 (numpy, seeded by ``seed``), read as a signed int32 w, and is kept
-    iff w < ⌊keep · 2³²⌋ − 2³¹: one comparison written straight into the float mask. torch.rand + compare costs
-    ~4× more (a Mersenne-Twister draw and an int→float conversion per element), and the drop mask is most of a
-    DARE merge. The words are little-endian on every platform numpy supports in practice.
+    With N = ⌊keep · 2³²⌋ = n · 2^(32−b) (n odd), the law needs b random bits per element: m = [U < n] for U
+    uniform on b bits (one bit for keep = 0.5, two for 0.25 or 0.75). The bits are PCG64's raw output (numpy,
+    seeded by ``seed``, little-endian):
+    - b ≤ 8: as b bit planes, 64 elements per 64-bit word (plane k holds bit k of every U, most significant
+      first), compared with n bitwise — 1/64 of a word per element at keep = 0.5;
+    - else one 16- or 32-bit word w per element, read as a signed integer and kept iff w < n − 2^(W−1).
+    The mask is most of a DARE merge's arithmetic: torch.rand + compare costs ~10× more.
     """
     count = math.prod(shape)
-    if keep >= 1:
+    numerator = int(keep * 2**32) if keep < 1 else 2**32  # keep is a double: keep · 2³² is exact, the floor is the law
+    if numerator >= 2**32:
         return torch.ones(tuple(shape), dtype=dtype)
-    if keep <= 0:
+    if numerator <= 0:
         return torch.zeros(tuple(shape), dtype=dtype)
-    words = np.random.PCG64(seed).random_raw((count + 1) // 2).view(np.int32)[:count]
-    threshold = int(keep * 2**32) - 2**31  # keep is a double: keep · 2³² is exact, the floor is the law
+    zeros = (numerator & -numerator).bit_length() - 1
+    bits, n = 32 - zeros, numerator >> zeros
+    generator = np.random.PCG64(seed)
     out = torch.empty(tuple(shape), dtype=dtype)
-    return torch.lt(torch.from_numpy(words).reshape(tuple(shape)), threshold, out=out)
+    if bits <= 8:
+        kept = _less_than_planes(generator.random_raw((bits, -(-count // 64))), n)
+        bytes_ = np.unpackbits(kept.view(np.uint8), count=count, bitorder="little")
+        return out.copy_(torch.from_numpy(bytes_).reshape(tuple(shape)))
+    width = 16 if bits <= 16 else 32
+    word = np.int16 if width == 16 else np.int32
+    words = generator.random_raw(-(-count // (64 // width))).view(word)[:count]
+    threshold = word((n << (width - bits)) - 2 ** (width - 1))
+    if dtype in (torch.float32, torch.float64):  # straight into the float mask (torch's int < scalar is slower)
+        np.less(words, threshold, out=out.numpy().reshape(-1), casting="unsafe")
+        return out
+    return out.copy_(torch.lt(torch.from_numpy(words), int(threshold)).reshape(tuple(shape)))
+
+
+def _less_than_planes(planes: np.ndarray, n: int) -> np.ndarray:
+    """Bitwise [U < n] for 64 elements per word, U's bits given as planes (most significant first): U < n at the
+    first bit where they differ with U's bit 0 and n's bit 1."""
+    bits = planes.shape[0]
+    less = np.zeros(planes.shape[1], dtype=np.uint64)
+    equal = np.full(planes.shape[1], np.iinfo(np.uint64).max, dtype=np.uint64)  # U = n on the bits so far
+    for k, plane in enumerate(planes):
+        if (n >> (bits - 1 - k)) & 1:
+            less |= equal & ~plane
+            equal &= plane
+        else:
+            equal &= ~plane
+    return less
 
 
 def rescale_kept(delta: torch.Tensor, mask: torch.Tensor, keep_prob: float | torch.Tensor, how: str) -> torch.Tensor:
@@ -99,8 +130,10 @@ def rescale_kept(delta: torch.Tensor, mask: torch.Tensor, keep_prob: float | tor
 def sum_rows(stack: torch.Tensor) -> torch.Tensor:
     """Σ over the first dimension of a ``[T, *shape]`` stack, as T − 1 in-place adds (on CPU a reduction over the
     leading dimension is ~3× slower than adding the rows)."""
-    out = stack[0].clone()
-    for row in stack[1:]:
+    if len(stack) == 1:
+        return stack[0].clone()
+    out = torch.add(stack[0], stack[1])  # one pass for the first two rows (not a copy and an add)
+    for row in stack[2:]:
         out.add_(row)
     return out
 
@@ -122,16 +155,18 @@ def elect_signs(deltas: torch.Tensor, zero: str, majority: float = 1.0) -> torch
 def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Tensor, how: str) -> torch.Tensor:
     """TIES disjoint merge over the experts whose (weighted) entry agrees with the elected sign.
 
-    ``deltas`` are already weighted. ``mean`` divides by the total weight of the agreeing experts (the paper's
-    dis-mean when weights are 1; mergekit's ``normalize: true``), ``sum`` does not (dis-sum).
+    ``deltas`` are already weighted, and overwritten (the callers pass their own scratch stack). ``mean`` divides
+    by the total weight of the agreeing experts (the paper's dis-mean when weights are 1; mergekit's
+    ``normalize: true``), ``sum`` does not (dis-sum).
     """
     # τ_t·[sign τ_t = γ] = γ·relu(γ·τ_t): float arithmetic only (no boolean masks, which are slow on CPU);
     # zero entries never agree (they were trimmed or dropped)
-    aligned = (deltas * signs).relu_()
+    aligned = deltas.mul_(signs).relu_()
     merged = sum_rows(aligned).mul_(signs)
     if how == "sum":
         return merged
-    divisor = sum_rows(aligned.sign_().mul_(weights))  # Σ w_t over the agreeing experts
+    agreeing = aligned.sign_()  # 1 where expert t agrees, else 0
+    divisor = sum_rows(agreeing if bool((weights == 1).all()) else agreeing.mul_(weights))  # Σ w_t over them
     # where no expert agrees the sum is 0: any non-zero divisor keeps it 0. With positive weights a clamp does it
     # (masked_fill is ~40× slower on CPU); other weights can sum to 0 with agreeing experts: keep those at 0/1
     if bool((weights > 0).all()):

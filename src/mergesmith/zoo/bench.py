@@ -110,8 +110,13 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("average", "normalized"):
         values = [r[key] for r in runs]
         row[key] = mean(values)
-        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row[f"{key}_std"] = sample_std(values)
     return row
+
+
+def sample_std(values: list[float]) -> float:
+    """The spread reported as ± over seeds (0 for a single run)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def reference_rows(zoo: Zoo) -> dict[str, dict[str, Any]]:

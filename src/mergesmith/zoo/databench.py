@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergesmith.api import fit_state_dicts, merge_state_dicts
-from mergesmith.zoo.bench import aggregate
+from mergesmith.zoo.bench import aggregate, sample_std
 from mergesmith.zoo.text8 import Zoo, summarize
 
 
@@ -251,16 +251,20 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
     # the same settings as the data bench's rows of these methods (paper defaults, shortened schedules)
     settings = [r for r in rows(step_scale, compress_lr) if r.key in BACKDOOR_METHODS]
     attack = {t: triggered_split(zoo, t, target) for t, target in poisoned.items()}
-    results: dict[str, Any] = {"tasks": zoo.tasks, "poisoned": poisoned, "step_scale": step_scale,
+    results: dict[str, Any] = {"tasks": zoo.tasks, "poisoned": poisoned, "seeds": seeds, "step_scale": step_scale,
                                "lr_scale": scale,
                                "experts": {t: backdoor_facts(zoo, t) for t in poisoned}, "methods": {}}
+    saved: dict[str, Any] = {}
     if checkpoint is not None and checkpoint.exists():
-        results["methods"] = json.loads(checkpoint.read_text()).get("methods", {})
+        old = json.loads(checkpoint.read_text())
+        if (old.get("poisoned"), old.get("step_scale"), old.get("lr_scale")) == (poisoned, step_scale, scale):
+            saved = old.get("methods", {})
     for row in settings:
-        if row.key in results["methods"]:
-            continue
-        runs = []
-        for seed in range(1 if row.split == "none" else seeds):
+        count = 1 if row.split == "none" else seeds
+        # resume: the runs of a checkpoint made with the same settings are kept, only the missing seeds run
+        runs = [r for r in saved.get(row.key, {}).get("runs", []) if r["seed"] < count] \
+            if saved.get(row.key, {}).get("params") == row.params else []
+        for seed in range(len(runs), count):
             started = time.perf_counter()
             if row.split == "none":
                 merged = merge_state_dicts(bench.base, bench.experts, row.method, seed=seed, threads=2, **row.params)
@@ -280,9 +284,11 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
                          **summarize(acc, bench.finetuned)})
         results["methods"][row.key] = {
             "params": row.params, "runs": runs,
-            "clean_average": sum(r["average"] for r in runs) / len(runs),
-            "clean_normalized": sum(r["normalized"] for r in runs) / len(runs),
-            "asr": {t: sum(r["asr"][t] for r in runs) / len(runs) for t in poisoned}}
+            "clean_average": statistics.mean(r["average"] for r in runs),
+            "clean_normalized": statistics.mean(r["normalized"] for r in runs),
+            "clean_normalized_std": sample_std([r["normalized"] for r in runs]),
+            "asr": {t: statistics.mean(r["asr"][t] for r in runs) for t in poisoned},
+            "asr_std": {t: sample_std([r["asr"][t] for r in runs]) for t in poisoned}}
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text(json.dumps(results, indent=1) + "\n")
@@ -313,17 +319,22 @@ def data_markdown(data: dict[str, Any]) -> str:
 
 
 def backdoor_markdown(backdoor: dict[str, Any]) -> str:
+    from mergesmith.zoo.bench import _cell
+
     poisoned = list(backdoor["poisoned"])
-    head = ["method", "clean avg", "clean norm.", *[f"ASR {t}" for t in poisoned]]
+    head = ["method", "runs", "clean avg", "clean norm.", *[f"ASR {t}" for t in poisoned]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in poisoned:
         facts = backdoor["experts"][t]
-        lines.append(f"| poisoned `{t}` expert alone | {100 * facts['clean_accuracy']:.1f} ({t}) | — | "
+        lines.append(f"| poisoned `{t}` expert alone | — | {100 * facts['clean_accuracy']:.1f} ({t}) | — | "
                      + " | ".join(f"{100 * facts['attack_success_rate']:.1f}" if u == t else "—" for u in poisoned)
                      + " |")
     for key, row in backdoor["methods"].items():
-        lines.append(f"| `{key}` | {100 * row['clean_average']:.1f} | {100 * row['clean_normalized']:.1f} | "
-                     + " | ".join(f"{100 * row['asr'][t]:.1f}" for t in poisoned) + " |")
+        asr_std = row.get("asr_std", {})
+        cells = [f"`{key}`", str(len(row["runs"])), _cell(row["clean_average"]),
+                 _cell(row["clean_normalized"], row.get("clean_normalized_std", 0.0)),
+                 *[_cell(row["asr"][t], asr_std.get(t, 0.0)) for t in poisoned]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
