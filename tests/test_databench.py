@@ -47,10 +47,21 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
                                      checkpoint=tmp_path / "part.json")
     assert again["methods"] == json.loads((tmp_path / "part.json").read_text())["methods"]
 
-    backdoor = databench.run_backdoor_bench(zoo_copy, step_scale=0.002, progress=False, poisoned={"a": 0})
-    assert set(backdoor["methods"]) == {"task_arithmetic", "ties", "adamerging", "concrete_adamerging", "dam"}
-    for row in backdoor["methods"].values():
+    saved = tmp_path / "backdoor.json"
+    first = databench.run_backdoor_bench(zoo_copy, step_scale=0.002, progress=False, poisoned={"a": 0},
+                                         checkpoint=saved)
+    assert set(first["methods"]) == {"task_arithmetic", "ties", "adamerging", "concrete_adamerging", "dam"}
+    for row in first["methods"].values():
         assert 0.0 <= row["asr"]["a"] <= 1.0
+    # more seeds later: the checkpoint's runs are kept and only the missing seeds run
+    backdoor = databench.run_backdoor_bench(zoo_copy, seeds=2, step_scale=0.002, progress=False,
+                                            poisoned={"a": 0}, checkpoint=saved)
+    for key, row in backdoor["methods"].items():
+        learned = key not in ("task_arithmetic", "ties")
+        assert [r["seed"] for r in row["runs"]] == ([0, 1] if learned else [0]), key
+        assert row["runs"][0] == first["methods"][key]["runs"][0], key
+        assert row["asr"]["a"] == pytest.approx(sum(r["asr"]["a"] for r in row["runs"]) / len(row["runs"]))
+    assert "| runs |" in databench.backdoor_markdown(backdoor)
 
     from mergesmith.zoo.bench import run_bench
 
