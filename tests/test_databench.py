@@ -61,6 +61,7 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
         assert [r["seed"] for r in row["runs"]] == ([0, 1] if learned else [0]), key
         assert row["runs"][0] == first["methods"][key]["runs"][0], key
         assert row["asr"]["a"] == pytest.approx(sum(r["asr"]["a"] for r in row["runs"]) / len(row["runs"]))
+    assert json.loads(saved.read_text())["methods"] == backdoor["methods"]
     assert "| runs |" in databench.backdoor_markdown(backdoor)
 
     from mergesmith.zoo.bench import run_bench

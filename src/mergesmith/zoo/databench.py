@@ -259,6 +259,7 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
         old = json.loads(checkpoint.read_text())
         if (old.get("poisoned"), old.get("step_scale"), old.get("lr_scale")) == (poisoned, step_scale, scale):
             saved = old.get("methods", {})
+            results["methods"] = dict(saved)  # rewritten row by row: a crash keeps what was saved before
     for row in settings:
         count = 1 if row.split == "none" else seeds
         # resume: the runs of a checkpoint made with the same settings are kept, only the missing seeds run
