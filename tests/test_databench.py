@@ -28,7 +28,7 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
                                     checkpoint=tmp_path / "part.json")
     # every grid row gets a "(val)" row chosen on validation, right after its default row
     assert list(data["methods"]) == ["task_arithmetic", "task_arithmetic_val", "regmean", "regmean_val",
-                                     "adamerging", "twin", "twin_val"]
+                                     "adamerging", "adamerging_val", "twin", "twin_val"]
     grid = data["methods"]["regmean_val"]["val_grid"]
     assert [g["params"]["alpha"] for g in grid] == [0.1, 0.5, 0.9, 1.0]
     best = max(grid, key=lambda g: g["val_average"])["params"]["alpha"]

@@ -64,6 +64,7 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
     lr = 1e-3 * learned_lr_scale(step_scale, compress_lr)
     two_stage = {"meta_steps": steps(1000), "adamerging_steps": steps(1000), "lr": lr, "adamerging_lr": lr}
     ta, ties = BENCH_METHODS["task_arithmetic"], BENCH_METHODS["ties"]
+    lr_grid = tuple({"lr": lr * factor} for factor in (0.5, 1.0, 2.0))  # AdaMerging's one free setting
     return [
         DataBenchRow("task_arithmetic", "task_arithmetic", ta.default, "none", note="data-free anchor",
                      search=tuple(ta.search)),
@@ -74,11 +75,11 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
                      note="Grams on 256 training texts per task (official 1000)",
                      search=tuple({"alpha": a} for a in (0.1, 0.5, 0.9, 1.0)), merge_only=("alpha",)),
         DataBenchRow("adamerging_task", "adamerging", {"granularity": "task", "steps": steps(500), "lr": lr}, "test",
-                     note="task-wise, unlabeled test inputs"),
+                     note="task-wise, unlabeled test inputs", search=lr_grid),
         DataBenchRow("adamerging", "adamerging", {"steps": steps(500), "lr": lr}, "test",
-                     note="layer-wise, unlabeled test inputs"),
+                     note="layer-wise, unlabeled test inputs", search=lr_grid),
         DataBenchRow("adamerging_pp", "adamerging", {"ties": True, "steps": steps(500), "lr": lr}, "test",
-                     note="layer-wise over TIES-trimmed vectors"),
+                     note="layer-wise over TIES-trimmed vectors", search=lr_grid),
         DataBenchRow("twin", "twin", {}, "train", note="shared TA λ=0.3 + rank-10 % exclusive parts, "
                      "router on training texts, per-batch routing at test time",
                      search=tuple({"mask_rate": r} for r in (0.8, 0.9, 0.95))),
