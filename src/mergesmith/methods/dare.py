@@ -24,7 +24,7 @@ import torch
 
 from mergesmith.methods.base import MergeMethod, Param, TensorContext, TensorStream, register
 from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
-from mergesmith.methods.taskvec import bernoulli_mask, stack_deltas
+from mergesmith.methods.taskvec import bernoulli_mask, l1_ratio, rescale_kept, stack_deltas
 
 PAPER = "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024 (arXiv:2311.03099)"
 
@@ -53,28 +53,15 @@ RESCALE_ALIAS = {
 
 
 def drop_and_rescale(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
-    """δ̂ = rescale(δ ⊙ m), written over ``delta`` (every caller passes its own scratch copy of the task vector:
-    the drop is memory-bound, so no temporaries)."""
+    """δ̂ = rescale(δ ⊙ m), written over ``delta``; the L1 factor of a tensor merged in blocks comes from
+    ``l1_ratios`` (``ctx.tensor_state``)."""
     density = params["density"][i]
     if density >= 1:
         return delta
     if density <= 0:
         return delta.zero_()
-    rescale, state = params["rescale"], ctx.tensor_state
-    # l1 without per-tensor statistics (the whole tensor is here): ‖δ‖₁ before the drop overwrites δ
-    before = float(torch.linalg.vector_norm(delta, 1)) if rescale == "l1" and state is None else 0.0
-    kept = delta.mul_(_drop_mask(delta, density, i, ctx))  # m ∈ {0, 1}: exact; one rounding in the rescale
-    if rescale == "none":
-        return kept
-    if rescale == "inverse":
-        return kept.div_(density)
-    # l1: ‖δ‖₁ / ‖δ ⊙ m‖₁ of the whole tensor (from its blocks when it arrives in blocks)
-    return kept.mul_(state[i] if state is not None else l1_ratio(before, float(torch.linalg.vector_norm(kept, 1))))
-
-
-def l1_ratio(before: float, after: float) -> float:
-    """mergekit's L1 rescale factor ‖δ‖₁ / ‖δ ⊙ m‖₁, or 1 when either norm is below 1e-7."""
-    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+    ratio = ctx.tensor_state[i] if params["rescale"] == "l1" and ctx.tensor_state is not None else None
+    return rescale_kept(delta, _drop_mask(delta, density, i, ctx), density, params["rescale"], ratio)
 
 
 def _drop_mask(delta: torch.Tensor, density: float, i: int, ctx: TensorContext) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 from mergesmith.methods.base import Param, TensorContext
 from mergesmith.methods.taskvec import disjoint_merge, elect_signs, per_model, stack_deltas
 
-# sparsify(delta of expert i, i, params, ctx) -> sparsified delta
+# sparsify(delta of expert i, i, params, ctx) -> sparsified delta; ``delta`` is the caller's own scratch copy, which
+# a sparsifier may overwrite (the drop and trim are memory-bound: no temporaries)
 Sparsifier = Callable[[torch.Tensor, int, dict[str, Any], TensorContext], torch.Tensor]
 
 WEIGHT = Param("weight", float, 1.0, "per-model coefficient w_t applied to its task vector", per_model=True)
@@ -74,10 +75,9 @@ def _summed(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, A
         merged = sparsify(merged, 0, params, ctx)
     if weights[0] != 1:
         merged.mul_(weights[0])
-    scratch = torch.empty_like(base) if len(experts) > 1 else merged
+    scratch: torch.Tensor | None = None  # allocated by the second task vector, reused by the rest
     for i in range(1, len(experts)):
-        delta = torch.sub(experts[i], base, out=scratch)
-        if sparsify is not None:
-            delta = sparsify(delta, i, params, ctx)
+        scratch = torch.sub(experts[i], base, out=scratch)
+        delta = scratch if sparsify is None else sparsify(scratch, i, params, ctx)
         merged.add_(delta, alpha=weights[i])
     return (merged if scale == 1 else merged.mul_(scale)).add_(base)

@@ -105,26 +105,31 @@ def _less_than_planes(planes: np.ndarray, n: int) -> np.ndarray:
     return less
 
 
-def rescale_kept(delta: torch.Tensor, mask: torch.Tensor, keep_prob: float | torch.Tensor, how: str) -> torch.Tensor:
-    """Apply a drop mask and rescale what survives.
+def rescale_kept(delta: torch.Tensor, mask: torch.Tensor, keep_prob: float | torch.Tensor, how: str,
+                 ratio: float | None = None) -> torch.Tensor:
+    """Apply a drop mask and rescale what survives, written over ``delta`` (the callers' own scratch copy of the
+    task vector: the drop is memory-bound, so no temporaries).
 
     ``inverse`` (DARE / DELLA papers): divide by the keep probability, so that E[result] = δ.
-    ``l1`` (mergekit): multiply by ‖δ‖₁ / ‖δ ⊙ m‖₁, matching the L1 norm of the tensor (equal in expectation only).
+    ``l1`` (mergekit): multiply by ‖δ‖₁ / ‖δ ⊙ m‖₁, matching the L1 norm of the tensor (equal in expectation only);
+    ``ratio`` is that factor when the tensor arrives in blocks (computed over all of them first).
     ``none``: just drop.
     """
-    kept = delta * mask
+    if how not in ("none", "inverse", "l1"):
+        raise ValueError(f"unknown rescale {how!r}")
+    # l1 over the whole tensor: ‖δ‖₁ before the drop overwrites δ
+    before = float(delta.abs().sum()) if how == "l1" and ratio is None else 0.0
+    kept = delta.mul_(mask)  # a 0/1 mask: exact; one rounding in the rescale
     if how == "none":
         return kept
     if how == "inverse":
-        return kept / keep_prob
-    if how == "l1":
-        before = delta.abs().sum()
-        after = kept.abs().sum()
-        eps = 1e-7
-        if before < eps or after < eps:
-            return kept
-        return kept * (before / after)
-    raise ValueError(f"unknown rescale {how!r}")
+        return kept.div_(keep_prob)
+    return kept.mul_(ratio if ratio is not None else l1_ratio(before, float(kept.abs().sum())))
+
+
+def l1_ratio(before: float, after: float) -> float:
+    """mergekit's L1 rescale factor ‖δ‖₁ / ‖δ ⊙ m‖₁, or 1 when either norm is below 1e-7."""
+    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
 
 def sum_rows(stack: torch.Tensor) -> torch.Tensor:
