@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mergesmith import RecipeError, load_recipe
@@ -66,6 +66,7 @@ entries = st.fixed_dictionaries({
 @FUZZ
 @given(header=st.dictionaries(st.text(max_size=6), st.one_of(entries, values), max_size=4),
        data=st.binary(max_size=64), cut=st.integers(0, 200), raw_len=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+@example(header={"\n": {"dtype": "F32", "shape": [], "data_offsets": []}}, data=b"", cut=65, raw_len=None)  # found
 def test_safetensors_reader_never_crashes(tmp_path, header, data, cut, raw_len):
     raw = json.dumps(header).encode()
     blob = struct.pack("<Q", len(raw) if raw_len is None else raw_len) + raw + data

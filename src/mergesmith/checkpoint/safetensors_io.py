@@ -89,14 +89,14 @@ class SafetensorsFile:
                     info["data_offsets"],
                 )
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor '{name}' has a malformed header entry") from None
-            if code not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype '{code}'")
+                raise CheckpointError(f"{self.path}: tensor '{_shown(name)}' has a malformed header entry") from None
+            if not isinstance(code, str) or code not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor '{_shown(name)}' has unsupported dtype '{_shown(code)}'")
             dtype = DTYPES[code]
             nbytes = math.prod(shape) * element_size(dtype)
             if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
                 raise CheckpointError(
-                    f"{self.path}: tensor '{name}' has offsets [{begin}, {end}) that do not fit its shape "
+                    f"{self.path}: tensor '{_shown(name)}' has offsets [{begin}, {end}) that do not fit its shape "
                     f"{list(shape)} or the file ({data_len} data bytes); the file is truncated or corrupt"
                 )
             self.entries[name] = (dtype, shape, begin, end)
@@ -104,7 +104,7 @@ class SafetensorsFile:
         for (_, e1, n1), (b2, _, n2) in itertools.pairwise(spans):
             if b2 < e1:
                 raise CheckpointError(
-                    f"{self.path}: tensors '{n1}' and '{n2}' overlap in the file; it is corrupt"
+                    f"{self.path}: tensors '{_shown(n1)}' and '{_shown(n2)}' overlap in the file; it is corrupt"
                 )
         self._mmap: mmap.mmap | None = None
         self._map_lock = threading.Lock()  # worker threads may ask for the first tensor at the same time
@@ -141,6 +141,13 @@ class SafetensorsFile:
             with contextlib.suppress(BufferError):  # a tensor view still exists: freed with it
                 self._mmap.close()
             self._mmap = None
+
+
+def _shown(text: object) -> str:
+    """A string from a file's header as it appears in a one-line error: the header is untrusted, so control
+    characters (a newline in a tensor name) are escaped."""
+    text = str(text)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class StreamingDigest:
