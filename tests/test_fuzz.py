@@ -28,6 +28,7 @@ recipes = st.dictionaries(keys, values, max_size=6)
 
 @FUZZ
 @given(recipes)
+@example({"merge_method": ""})  # found: an empty method name was accepted
 def test_recipe_parser_never_crashes(data):
     try:
         recipe = load_recipe(data)

@@ -105,6 +105,13 @@ class Recipe(BaseModel):
     data: DataSpec | None = None  # data-driven methods: examples for every model without its own data:
     fitted: str | None = None  # an earlier output folder (or its mergesmith_fit.safetensors): replay, do not fit
 
+    @field_validator("merge_method")
+    @classmethod
+    def _names_a_method(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a method (`mergesmith methods` lists them)")
+        return v
+
     @field_validator("models", mode="before")
     @classmethod
     def _strings_are_models(cls, v: Any) -> Any:
