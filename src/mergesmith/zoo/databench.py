@@ -64,7 +64,10 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
     lr = 1e-3 * learned_lr_scale(step_scale, compress_lr)
     two_stage = {"meta_steps": steps(1000), "adamerging_steps": steps(1000), "lr": lr, "adamerging_lr": lr}
     ta, ties = BENCH_METHODS["task_arithmetic"], BENCH_METHODS["ties"]
-    lr_grid = tuple({"lr": lr * factor} for factor in (0.5, 1.0, 2.0))  # AdaMerging's one free setting
+    factors = (0.5, 1.0, 2.0)
+    # the learned rows' one free setting: the learning rate (both stages' together for the bi-level methods)
+    lr_grid = tuple({"lr": lr * f} for f in factors)
+    two_stage_grid = tuple({"lr": lr * f, "adamerging_lr": lr * f} for f in factors)
     return [
         DataBenchRow("task_arithmetic", "task_arithmetic", ta.default, "none", note="data-free anchor",
                      search=tuple(ta.search)),
@@ -84,10 +87,12 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
                      "router on training texts, per-batch routing at test time",
                      search=tuple({"mask_rate": r} for r in (0.8, 0.9, 0.95))),
         DataBenchRow("concrete_task_arithmetic", "concrete_task_arithmetic", {"steps": steps(2000), "lr": lr},
-                     "test"),
-        DataBenchRow("concrete_adamerging", "concrete_adamerging", dict(two_stage), "test"),
+                     "test", search=lr_grid),
+        DataBenchRow("concrete_adamerging", "concrete_adamerging", dict(two_stage), "test", search=two_stage_grid),
+        # adv_lr stays fixed: clean validation accuracy would always favour the weakest perturbation
         DataBenchRow("dam", "dam", {**two_stage, "adv_lr": 1e-4 * learned_lr_scale(step_scale, compress_lr)},
-                     "test", note="Concrete AdaMerging + learned embedding perturbation (released algorithm)"),
+                     "test", note="Concrete AdaMerging + learned embedding perturbation (released algorithm)",
+                     search=two_stage_grid),
     ]
 
 
