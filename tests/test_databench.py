@@ -19,6 +19,23 @@ def zoo_copy(tiny_zoo, tmp_path_factory):
     return Zoo(root)
 
 
+def test_every_data_row_has_a_validation_grid_of_its_own_params():
+    """The issue asks for every method at its paper defaults *and* at validation-chosen settings."""
+    from mergesmith.methods.base import get_method
+    from mergesmith.zoo import databench
+
+    for row in databench.rows(step_scale=0.02):
+        names = {p.name for p in get_method(row.method).params}
+        assert row.search, row.key
+        assert set(row.params) <= names, row.key
+        for overrides in row.search:
+            assert set(overrides) <= names, (row.key, overrides)
+        assert len({repr(sorted(o.items())) for o in row.search}) == len(row.search), row.key  # no repeats
+        assert set(row.merge_only) <= names, row.key
+    fisher = next(r for r in databench.rows() if r.key == "fisher")
+    assert len(fisher.search) == 4 and set(fisher.merge_only) == {"normalize_fishers", "favor_target_model"}
+
+
 def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
     from mergesmith.zoo import databench
     from mergesmith.zoo.bench import write_reports

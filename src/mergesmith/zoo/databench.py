@@ -73,7 +73,11 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
                      search=tuple(ta.search)),
         DataBenchRow("ties", "ties", ties.default, "none", note="data-free anchor", search=tuple(ties.search)),
         DataBenchRow("fisher", "fisher", {"n_examples": 32}, "train", limit=32,
-                     note="exact Fisher (paper), 32 training examples per task (paper 4096)"),
+                     note="exact Fisher (paper), 32 training examples per task (paper 4096)",
+                     # the official code's two switches; both only change the merge, so one fit serves the grid
+                     search=tuple({"normalize_fishers": n, "favor_target_model": f}
+                                  for n in (True, False) for f in (True, False)),
+                     merge_only=("normalize_fishers", "favor_target_model")),
         DataBenchRow("regmean", "regmean", {"alpha": 0.9, "n_examples": 256}, "train", limit=256,
                      note="Grams on 256 training texts per task (official 1000)",
                      search=tuple({"alpha": a} for a in (0.1, 0.5, 0.9, 1.0)), merge_only=("alpha",)),
