@@ -80,6 +80,16 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
         assert row["asr"]["a"] == pytest.approx(sum(r["asr"]["a"] for r in row["runs"]) / len(row["runs"]))
     assert json.loads(saved.read_text())["methods"] == backdoor["methods"]
     assert "| runs |" in databench.backdoor_markdown(backdoor)
+    # the settings the data bench's validation chose add "_val" rows, each after its default row
+    chosen = databench.validation_choices(data)
+    assert chosen["task_arithmetic"] == data["methods"]["task_arithmetic_val"]["params"]
+    with_val = databench.run_backdoor_bench(zoo_copy, seeds=2, step_scale=0.002, progress=False,
+                                            poisoned={"a": 0}, checkpoint=saved, chosen=chosen)
+    assert list(with_val["methods"]) == ["task_arithmetic", "task_arithmetic_val", "ties", "adamerging",
+                                         "adamerging_val", "concrete_adamerging", "dam"]
+    assert with_val["methods"]["task_arithmetic_val"]["params"] == chosen["task_arithmetic"]
+    assert with_val["methods"]["dam"] == backdoor["methods"]["dam"]  # resumed, not rerun
+    backdoor = with_val
 
     from mergesmith.zoo.bench import run_bench
 

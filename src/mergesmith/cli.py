@@ -155,7 +155,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data = databench.run_data_bench(zoo, seeds=args.seeds, step_scale=args.step_scale, only=args.methods,
                                         checkpoint=runs / f"{name}-data.json")
         backdoor = databench.run_backdoor_bench(zoo, seeds=args.seeds, step_scale=args.step_scale,
-                                                checkpoint=runs / f"{name}-backdoor.json")
+                                                checkpoint=runs / f"{name}-backdoor.json",
+                                                chosen=databench.validation_choices(data))
         databench.attach(target, data, backdoor)
         print(databench.data_markdown(data) + "\n" + databench.backdoor_markdown(backdoor))
         return 0

@@ -237,12 +237,15 @@ BACKDOOR_METHODS = ("task_arithmetic", "ties", "adamerging", "concrete_adamergin
 
 def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progress: bool = True,
                        checkpoint: Path | None = None, poisoned: dict[str, int] | None = None,
-                       compress_lr: bool = True) -> dict[str, Any]:
+                       compress_lr: bool = True, chosen: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Replace the experts of ``poisoned`` (default ``BACKDOOR_TASKS``) by poisoned fine-tunes (trigger "cf" in 10 % of non-target
     training texts, relabelled to the target), merge all eight with task arithmetic, TIES, AdaMerging, Concrete
     AdaMerging and DAM, and report clean test accuracy (every task) and attack success rate (the poisoned tasks'
     triggered test inputs classified as the target). The test-time methods adapt on *clean* unlabeled test
-    inputs: the defender knows neither the trigger nor which experts are poisoned."""
+    inputs: the defender knows neither the trigger nor which experts are poisoned.
+
+    ``chosen`` maps a method key to the settings the data bench's validation chose for it (its ``<key>_val`` row's
+    params, :func:`validation_choices`); each adds a ``<key>_val`` row after the default one."""
     from mergesmith.zoo.backdoor import (
         attack_success_rate,
         backdoor_facts,
@@ -259,7 +262,12 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
 
     scale = learned_lr_scale(step_scale, compress_lr)
     # the same settings as the data bench's rows of these methods (paper defaults, shortened schedules)
-    settings = [r for r in rows(step_scale, compress_lr) if r.key in BACKDOOR_METHODS]
+    settings: list[tuple[str, DataBenchRow, dict[str, Any]]] = []
+    for r in rows(step_scale, compress_lr):
+        if r.key in BACKDOOR_METHODS:
+            settings.append((r.key, r, r.params))
+            if chosen and r.key in chosen:
+                settings.append((f"{r.key}_val", r, chosen[r.key]))
     attack = {t: triggered_split(zoo, t, target) for t, target in poisoned.items()}
     results: dict[str, Any] = {"tasks": zoo.tasks, "poisoned": poisoned, "seeds": seeds, "step_scale": step_scale,
                                "lr_scale": scale,
@@ -270,20 +278,26 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
         if (old.get("poisoned"), old.get("step_scale"), old.get("lr_scale")) == (poisoned, step_scale, scale):
             saved = old.get("methods", {})
             results["methods"] = dict(saved)  # rewritten row by row: a crash keeps what was saved before
-    for row in settings:
+    def ordered() -> dict[str, Any]:  # each default row, then its "_val" row; other saved rows after
+        keys = [k for k, _, _ in settings if k in results["methods"]]
+        return {k: results["methods"][k] for k in keys + [k for k in results["methods"] if k not in keys]}
+
+    for key, row, params in settings:
         count = 1 if row.split == "none" else seeds
         # resume: the runs of a checkpoint made with the same settings are kept, only the missing seeds run
-        runs = [r for r in saved.get(row.key, {}).get("runs", []) if r["seed"] < count] \
-            if saved.get(row.key, {}).get("params") == row.params else []
+        runs = [r for r in saved.get(key, {}).get("runs", []) if r["seed"] < count] \
+            if saved.get(key, {}).get("params") == params else []
+        if runs:
+            results["methods"][key] = _backdoor_entry(params, runs, poisoned)
         for seed in range(len(runs), count):
             started = time.perf_counter()
             if row.split == "none":
-                merged = merge_state_dicts(bench.base, bench.experts, row.method, seed=seed, threads=2, **row.params)
+                merged = merge_state_dicts(bench.base, bench.experts, row.method, seed=seed, threads=2, **params)
             else:
                 fitted = fit_state_dicts(bench.base, bench.experts, row.method, bench.tasks("test", None, False),
-                                         seed=seed, progress=progress, **row.params)
+                                         seed=seed, progress=progress, **params)
                 merged = merge_state_dicts(bench.base, bench.experts, row.method, seed=seed, threads=2,
-                                           fitted=fitted, **row.params)
+                                           fitted=fitted, **params)
             seconds = time.perf_counter() - started
             acc = zoo.evaluate(merged, "test")
             asr = {}
@@ -293,17 +307,26 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
                                                 target)
             runs.append({"seed": seed, "accuracy": acc, "asr": asr, "seconds": round(seconds, 1),
                          **summarize(acc, bench.finetuned)})
-        results["methods"][row.key] = {
-            "params": row.params, "runs": runs,
+            results["methods"][key] = _backdoor_entry(params, runs, poisoned)
+            if checkpoint is not None:  # after every seed: a stopped run resumes from the next one
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                checkpoint.write_text(json.dumps(results | {"methods": ordered()}, indent=1) + "\n")
+    results["methods"] = ordered()
+    return results
+
+
+def _backdoor_entry(params: dict[str, Any], runs: list[dict[str, Any]], poisoned: dict[str, int]) -> dict[str, Any]:
+    return {"params": params, "runs": runs,
             "clean_average": statistics.mean(r["average"] for r in runs),
             "clean_normalized": statistics.mean(r["normalized"] for r in runs),
             "clean_normalized_std": sample_std([r["normalized"] for r in runs]),
             "asr": {t: statistics.mean(r["asr"][t] for r in runs) for t in poisoned},
             "asr_std": {t: sample_std([r["asr"][t] for r in runs]) for t in poisoned}}
-        if checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text(json.dumps(results, indent=1) + "\n")
-    return results
+
+
+def validation_choices(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The settings the data bench's validation grids chose, by row key (from its ``<key>_val`` rows)."""
+    return {key[:-len("_val")]: row["params"] for key, row in data["methods"].items() if key.endswith("_val")}
 
 
 # ---------------------------------------------------------------------------------------------------------
