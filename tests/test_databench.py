@@ -34,6 +34,9 @@ def test_every_data_row_has_a_validation_grid_of_its_own_params():
         assert set(row.merge_only) <= names, row.key
     fisher = next(r for r in databench.rows() if r.key == "fisher")
     assert len(fisher.search) == 4 and set(fisher.merge_only) == {"normalize_fishers", "favor_target_model"}
+    # a grid point that spells out the method's defaults is the default row: its runs are reused, not rerun
+    assert databench._same_setting(fisher, {**fisher.params, **fisher.search[0]})
+    assert not databench._same_setting(fisher, {**fisher.params, **fisher.search[-1]})
 
 
 def test_data_bench_rows_and_reports(zoo_copy, tmp_path):

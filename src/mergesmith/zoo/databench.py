@@ -174,6 +174,15 @@ def _count_examples(info: dict[str, Any], tasks) -> int:
     return sum(len(t.data) for t in tasks)
 
 
+def _same_setting(row: DataBenchRow, params: dict[str, Any]) -> bool:
+    """Whether ``params`` is the row's default setting once the method's own defaults fill in what the row leaves
+    out (a grid may set a parameter the default row never names)."""
+    from mergesmith.methods.base import get_method
+
+    defaults = {p.name: p.default for p in get_method(row.method).params}
+    return all(row.params.get(k, defaults.get(k)) == v for k, v in params.items()) and set(row.params) <= set(params)
+
+
 def _entry(row: DataBenchRow, params: dict[str, Any], runs: list[dict[str, Any]], note: str) -> dict[str, Any]:
     return aggregate(runs) | {"params": params, "method": row.method, "note": note, "fit_split": row.split,
                               # median: one run slowed by other work on the machine does not skew the cost
@@ -218,7 +227,7 @@ def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list
             scores.append({"params": overrides, "val_average": bench.run(row, 0, overrides, "val")["average"]})
         best = max(scores, key=lambda s: s["val_average"])["params"]
         params = {**row.params, **best}
-        if params == row.params:  # validation chose the default: the same runs
+        if _same_setting(row, params):  # validation chose the default: the same runs
             runs = results["methods"][row.key]["runs"]
         else:
             runs = [bench.run(row, seed, best) for seed in range(n)]
