@@ -93,6 +93,10 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
     assert with_val["methods"]["task_arithmetic_val"]["params"] == chosen["task_arithmetic"]
     assert with_val["methods"]["dam"] == backdoor["methods"]["dam"]  # resumed, not rerun
     backdoor = with_val
+    alone = databench.run_backdoor_bench(zoo_copy, step_scale=0.002, progress=False, poisoned={"a": 0},
+                                         only=["task_arithmetic"])
+    assert list(alone["methods"]) == ["task_arithmetic"]
+    assert alone["methods"]["task_arithmetic"]["asr"] == backdoor["methods"]["task_arithmetic"]["asr"]
 
     from mergesmith.zoo.bench import run_bench
 

@@ -246,7 +246,8 @@ BACKDOOR_METHODS = ("task_arithmetic", "ties", "adamerging", "concrete_adamergin
 
 def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progress: bool = True,
                        checkpoint: Path | None = None, poisoned: dict[str, int] | None = None,
-                       compress_lr: bool = True, chosen: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                       compress_lr: bool = True, chosen: dict[str, dict[str, Any]] | None = None,
+                       only: list[str] | None = None) -> dict[str, Any]:
     """Replace the experts of ``poisoned`` (default ``BACKDOOR_TASKS``) by poisoned fine-tunes (trigger "cf" in 10 % of non-target
     training texts, relabelled to the target), merge all eight with task arithmetic, TIES, AdaMerging, Concrete
     AdaMerging and DAM, and report clean test accuracy (every task) and attack success rate (the poisoned tasks'
@@ -254,7 +255,8 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
     inputs: the defender knows neither the trigger nor which experts are poisoned.
 
     ``chosen`` maps a method key to the settings the data bench's validation chose for it (its ``<key>_val`` row's
-    params, :func:`validation_choices`); each adds a ``<key>_val`` row after the default one."""
+    params, :func:`validation_choices`); each adds a ``<key>_val`` row after the default one. ``only`` restricts
+    the methods (keys of ``BACKDOOR_METHODS``)."""
     from mergesmith.zoo.backdoor import (
         attack_success_rate,
         backdoor_facts,
@@ -273,7 +275,7 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
     # the same settings as the data bench's rows of these methods (paper defaults, shortened schedules)
     settings: list[tuple[str, DataBenchRow, dict[str, Any]]] = []
     for r in rows(step_scale, compress_lr):
-        if r.key in BACKDOOR_METHODS:
+        if r.key in BACKDOOR_METHODS and (only is None or r.key in only):
             settings.append((r.key, r, r.params))
             if chosen and r.key in chosen:
                 settings.append((f"{r.key}_val", r, chosen[r.key]))
