@@ -174,13 +174,19 @@ def _count_examples(info: dict[str, Any], tasks) -> int:
     return sum(len(t.data) for t in tasks)
 
 
+def _save_checkpoint(checkpoint: Path | None, results: dict[str, Any]) -> None:
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def _same_setting(row: DataBenchRow, params: dict[str, Any]) -> bool:
     """Whether ``params`` is the row's default setting once the method's own defaults fill in what the row leaves
     out (a grid may set a parameter the default row never names)."""
     from mergesmith.methods.base import get_method
 
     defaults = {p.name: p.default for p in get_method(row.method).params}
-    return all(row.params.get(k, defaults.get(k)) == v for k, v in params.items()) and set(row.params) <= set(params)
+    return {**defaults, **row.params} == {**defaults, **params}
 
 
 def _entry(row: DataBenchRow, params: dict[str, Any], runs: list[dict[str, Any]], note: str) -> dict[str, Any]:
@@ -209,9 +215,7 @@ def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list
     torch.manual_seed(0)
 
     def save() -> None:
-        if checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text(json.dumps(results, indent=1) + "\n")
+        _save_checkpoint(checkpoint, results)
 
     for row in tqdm([r for r in rows(step_scale, compress_lr) if only is None or r.key in only],
                     desc="data methods", disable=not progress):
@@ -319,9 +323,8 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
             runs.append({"seed": seed, "accuracy": acc, "asr": asr, "seconds": round(seconds, 1),
                          **summarize(acc, bench.finetuned)})
             results["methods"][key] = _backdoor_entry(params, runs, poisoned)
-            if checkpoint is not None:  # after every seed: a stopped run resumes from the next one
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                checkpoint.write_text(json.dumps(results | {"methods": ordered()}, indent=1) + "\n")
+            results["methods"] = ordered()
+            _save_checkpoint(checkpoint, results)  # after every seed: a stopped run resumes from the next one
     results["methods"] = ordered()
     return results
 
