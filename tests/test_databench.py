@@ -124,3 +124,44 @@ def test_seeds_read_disjoint_calibration_windows(tiny_zoo):
     assert (last.input_ids == full.input_ids[n - n // 2:]).all()
     with pytest.raises(ValueError, match="asked for"):
         tiny_zoo.split(task, "train", n, offset=1)
+
+
+def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo, tmp_path):
+    from mergesmith.zoo import databench
+    from mergesmith.zoo.bench import run_bench, write_reports
+    from mergesmith.zoo.databench import Check
+
+    data = databench.run_data_bench(tiny_zoo, seeds=2, step_scale=0.004, only=["adamerging", "fisher"],
+                                    progress=False, search=False)
+    checks = (Check("longer", "adamerging", "twice the steps at half the rate", step_scale=0.008, seeds=2),
+              Check("fisher_n8", "fisher", "8 texts per task", n_examples=8))
+    row = databench.check_row(checks[0])
+    assert row.params["steps"] == 2 * data["methods"]["adamerging"]["params"]["steps"]
+    assert row.params["lr"] == pytest.approx(data["methods"]["adamerging"]["params"]["lr"] / 2)
+    fisher = databench.check_row(checks[1])
+    assert fisher.params["n_examples"] == fisher.limit == 8 and fisher.params != next(r for r in databench.rows() if r.key == "fisher").params
+
+    out = databench.run_checks(tiny_zoo, tmp_path, progress=False, checks=checks)
+    saved = tmp_path / f"{tiny_zoo.manifest['zoo']}-check-longer.json"
+    longer = json.loads(saved.read_text())
+    assert [r["seed"] for r in longer["runs"]] == [0, 1] and longer["params"] == row.params
+    assert out["fisher_n8"]["runs"][0]["examples"] == 8 * len(tiny_zoo.tasks)
+    assert out["longer"]["entry"]["normalized"] == pytest.approx(
+        sum(r["normalized"] for r in longer["runs"]) / 2)
+    # a stopped check resumes at the next seed: seed 0's saved run is kept, seed 1 runs again, bit-identically
+    marked = {**longer["runs"][0], "marker": True}
+    saved.write_text(json.dumps({**longer, "runs": [marked]}))
+    again = databench.run_checks(tiny_zoo, tmp_path, only=["longer"], progress=False, checks=checks)
+    assert list(again) == ["longer"]
+    assert again["longer"]["runs"][0]["marker"] and again["longer"]["runs"][1]["accuracy"] == longer["runs"][1]["accuracy"]
+
+    table = databench.checks_markdown(out, data)
+    assert "| `longer` | `adamerging` | twice the steps at half the rate | 2 |" in table
+    assert table.count("\n") == 2 + len(checks)
+    paths = write_reports(run_bench(tiny_zoo, ["linear"], seeds=1, progress=False, search=False), tmp_path, "tiny")
+    databench.attach(paths["json"], data, None)
+    databench.attach(paths["json"], None, None, {"longer": out["longer"]})
+    databench.attach(paths["json"], None, None, {"fisher_n8": out["fisher_n8"]})  # merged with the saved checks
+    stored = json.loads(paths["json"].read_text())
+    assert set(stored["data_checks"]) == {"longer", "fisher_n8"}
+    assert "## Checks" in paths["md"].read_text() and "`fisher_n8`" in paths["md"].read_text()

@@ -127,14 +127,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from mergesmith.zoo.bench import markdown_table, run_bench, write_reports
     from mergesmith.zoo.text8 import Zoo, build_zoo
 
     if args.report:  # only join finished runs and write the reports
-        import json
-
         from mergesmith.zoo.bench import combine
 
         results = combine([json.loads(Path(p).read_text()) for p in args.report])
@@ -152,6 +151,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise MergeError(f"{target}: run the data-free benchmark first (`mergesmith bench`); the data-driven "
                              "rows are added to its results")
         runs = Path(args.out) / "runs"
+        if args.checks:  # rerun rows with the benchmark's CPU compromises undone, beside the committed rows
+            stored = json.loads(target.read_text())
+            if "data_methods" not in stored:
+                raise MergeError(f"{target}: run `mergesmith bench --data` first; the checks compare with its rows")
+            checks = databench.run_checks(zoo, runs, only=args.methods)
+            databench.attach(target, None, None, checks)
+            print(databench.checks_markdown(checks, stored["data_methods"]))
+            return 0
         data = databench.run_data_bench(zoo, seeds=args.seeds, step_scale=args.step_scale, only=args.methods,
                                         checkpoint=runs / f"{name}-data.json")
         backdoor = databench.run_backdoor_bench(zoo, seeds=args.seeds, step_scale=args.step_scale,
@@ -261,8 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="store_true",
                    help="the data-driven methods (Fisher, RegMean, AdaMerging, Concrete, Twin, DAM) and the backdoor "
                         "scenario, added to the existing results")
-    p.add_argument("--step-scale", type=float, default=0.04,
-                   help="with --data: fraction of the papers' step counts (CPU budget; default 0.04)")
+    p.add_argument("--step-scale", type=float, default=0.02,
+                   help="with --data: fraction of the papers' step counts (CPU budget; default 0.02, the committed "
+                        "rows')")
+    p.add_argument("--checks", action="store_true",
+                   help="with --data: rerun rows with a compromise undone (the papers' schedule, larger calibration "
+                        "samples; --methods picks checks by key) and compare with the committed rows")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="join finished runs (e.g. methods run in parallel) and write the reports; no merging")
     p.set_defaults(func=cmd_bench)

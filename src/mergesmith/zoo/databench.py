@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,85 @@ def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Checks of the benchmark's compromises: a row rerun with a longer schedule or a larger calibration sample
+
+
+@dataclass(frozen=True)
+class Check:
+    """One data row rerun with one of the benchmark's CPU compromises undone: its schedule at ``step_scale``
+    (``rows(step_scale)``: more steps, a smaller rate), or its calibration sample at ``n_examples`` per task.
+    Seeds 0 … ``seeds`` − 1, compared with the committed row's runs of the same seeds."""
+
+    key: str
+    row: str
+    what: str
+    step_scale: float = 0.02
+    n_examples: int | None = None
+    seeds: int = 1
+
+
+CHECKS = (
+    Check("adamerging_steps0.1", "adamerging", "5 × the steps at 1/5 of the rate (50 steps, lr 0.01)", 0.1),
+    Check("concrete_adamerging_steps0.1", "concrete_adamerging",
+          "5 × the steps at 1/5 of the rate (100 + 100 steps, lr 0.01)", 0.1),
+    Check("adamerging_steps1", "adamerging", "the paper's schedule (500 steps, lr 1e-3)", 1.0, seeds=3),
+    Check("fisher_n128", "fisher", "128 training texts per task (4 × the row's)", n_examples=128),
+    Check("fisher_n512", "fisher", "512 training texts per task (16 × the row's)", n_examples=512),
+)
+
+
+def check_row(check: Check) -> DataBenchRow:
+    """The data row ``check`` reruns, with its compromise undone."""
+    row = next(r for r in rows(check.step_scale) if r.key == check.row)
+    if check.n_examples is not None:
+        row = replace(row, params={**row.params, "n_examples": check.n_examples}, limit=check.n_examples)
+    return row
+
+
+def run_checks(zoo: Zoo, directory: Path, only: list[str] | None = None, progress: bool = True,
+               checks: tuple[Check, ...] = CHECKS) -> dict[str, Any]:
+    """Run every check (``only``: by key), each seed saved to ``directory/<zoo>-check-<key>.json`` as it ends:
+    the paper's schedule costs half an hour per seed, so a stopped run resumes at the next seed."""
+    bench = DataBench(zoo, progress)
+    out: dict[str, Any] = {}
+    for check in checks:
+        if only is not None and check.key not in only:
+            continue
+        row = check_row(check)
+        path = directory / f"{zoo.manifest['zoo']}-check-{check.key}.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if (saved.get("params"), saved.get("tasks")) != (row.params, zoo.tasks):
+            saved = {"tasks": zoo.tasks, "params": row.params, "runs": []}
+        saved["check"] = asdict(check)
+        for seed in range(len(saved["runs"]), check.seeds):
+            saved["runs"].append(bench.run(row, seed))
+            _save_checkpoint(path, saved)
+        saved["entry"] = {k: v for k, v in _entry(row, row.params, saved["runs"][:check.seeds], check.what).items()
+                          if k != "runs"}
+        _save_checkpoint(path, saved)
+        out[check.key] = saved
+    return out
+
+
+def checks_markdown(checks: dict[str, Any], data: dict[str, Any]) -> str:
+    """Each check beside the committed row's runs of the same seeds (normalized test accuracy, %)."""
+    from mergesmith.zoo.bench import _cell
+
+    lines = ["| check | row | what changed | seeds | committed row | check | fit s (row → check) |",
+             "|---|---|---|---|---|---|---|"]
+    for key, saved in checks.items():
+        check, entry = saved["check"], saved["entry"]
+        committed = data["methods"][check["row"]]
+        same = [r for r in committed["runs"] if r["seed"] < check["seeds"]]
+        base = aggregate(same)
+        fit = statistics.median(r["fit_seconds"] for r in same)
+        lines.append(f"| `{key}` | `{check['row']}` | {check['what']} | {check['seeds']} | "
+                     f"{_cell(base['normalized'], base['normalized_std'])} | "
+                     f"{_cell(entry['normalized'], entry['normalized_std'])} | {fit:.0f} → {entry['fit_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The backdoor scenario (DAM's setting): some experts were fine-tuned on poisoned data
 
 BACKDOOR_TASKS = {"sentiment": 0, "austen": 0}  # poisoned task → target class
@@ -408,8 +487,10 @@ def plot_data(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def attach(results_path: Path, data: dict[str, Any] | None, backdoor: dict[str, Any] | None) -> None:
-    """Add the data-driven rows (and the backdoor scenario) to an existing text8.json and rewrite its .md/.png."""
+def attach(results_path: Path, data: dict[str, Any] | None, backdoor: dict[str, Any] | None,
+           checks: dict[str, Any] | None = None) -> None:
+    """Add the data-driven rows (and the backdoor scenario, and the checks: ``run_checks``, merged with those
+    already there) to an existing text8.json and rewrite its .md/.png."""
     from mergesmith.zoo.bench import write_reports
 
     results = json.loads(results_path.read_text())
@@ -417,12 +498,17 @@ def attach(results_path: Path, data: dict[str, Any] | None, backdoor: dict[str, 
         results["data_methods"] = data
     if backdoor is not None:
         results["backdoor"] = backdoor
+    if checks:
+        results["data_checks"] = {**results.get("data_checks", {}), **checks}
     paths = write_reports(results, results_path.parent, results_path.stem)
     extra = ""
     if "data_methods" in results:
         plot_data(results["data_methods"], results_path.with_name(results_path.stem + "-data.png"))
         extra += ("\n## Data-driven methods (same zoo recipe, rebuilt; two data-free anchors re-run on it)\n\n"
                   + data_markdown(results["data_methods"]))
+    if "data_checks" in results and "data_methods" in results:
+        extra += ("\n## Checks: data rows rerun with a CPU compromise undone (normalized accuracy, %)\n\n"
+                  + checks_markdown(results["data_checks"], results["data_methods"]))
     if "backdoor" in results:
         extra += "\n## Backdoor scenario (two poisoned experts, trigger \"cf\")\n\n" + backdoor_markdown(results["backdoor"])
     paths["md"].write_text(paths["md"].read_text() + extra)
