@@ -263,6 +263,8 @@ CHECKS = (
     Check("adamerging_steps0.1", "adamerging", "5 × the steps at 1/5 of the rate (50 steps, lr 0.01)", 0.1),
     Check("concrete_adamerging_steps0.1", "concrete_adamerging",
           "5 × the steps at 1/5 of the rate (100 + 100 steps, lr 0.01)", 0.1),
+    Check("concrete_task_arithmetic_steps0.1", "concrete_task_arithmetic",
+          "5 × the steps at 1/5 of the rate (200 steps, lr 0.01)", 0.1),
     Check("adamerging_steps1", "adamerging", "the paper's schedule (500 steps, lr 1e-3)", 1.0, seeds=3),
     Check("fisher_n128", "fisher", "128 training texts per task (4 × the row's)", n_examples=128),
     Check("fisher_n512", "fisher", "512 training texts per task (16 × the row's)", n_examples=512),
