@@ -127,6 +127,7 @@ def test_seeds_read_disjoint_calibration_windows(tiny_zoo):
 
 
 def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo, tmp_path):
+    from mergesmith.errors import MergeError
     from mergesmith.zoo import databench
     from mergesmith.zoo.bench import run_bench, write_reports
     from mergesmith.zoo.databench import Check
@@ -154,6 +155,9 @@ def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo
     again = databench.run_checks(tiny_zoo, tmp_path, only=["longer"], progress=False, checks=checks)
     assert list(again) == ["longer"]
     assert again["longer"]["runs"][0]["marker"] and again["longer"]["runs"][1]["accuracy"] == longer["runs"][1]["accuracy"]
+
+    with pytest.raises(MergeError, match=r"unknown check.*nope.*the checks are longer, fisher_n8"):
+        databench.run_checks(tiny_zoo, tmp_path, only=["nope"], progress=False, checks=checks)
 
     table = databench.checks_markdown(out, data)
     assert "| `longer` | `adamerging` | twice the steps at half the rate | 2 |" in table

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergesmith.api import fit_state_dicts, merge_state_dicts
+from mergesmith.errors import MergeError
 from mergesmith.zoo.bench import aggregate, sample_std
 from mergesmith.zoo.text8 import Zoo, summarize
 
@@ -283,6 +284,9 @@ def run_checks(zoo: Zoo, directory: Path, only: list[str] | None = None, progres
                checks: tuple[Check, ...] = CHECKS) -> dict[str, Any]:
     """Run every check (``only``: by key), each seed saved to ``directory/<zoo>-check-<key>.json`` as it ends:
     the paper's schedule costs half an hour per seed, so a stopped run resumes at the next seed."""
+    unknown = sorted(set(only or ()) - {c.key for c in checks})
+    if unknown:
+        raise MergeError(f"unknown check(s) {', '.join(unknown)}; the checks are {', '.join(c.key for c in checks)}")
     bench = DataBench(zoo, progress)
     out: dict[str, Any] = {}
     for check in checks:
