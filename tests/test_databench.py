@@ -160,7 +160,9 @@ def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo
         databench.run_checks(tiny_zoo, tmp_path, only=["nope"], progress=False, checks=checks)
 
     table = databench.checks_markdown(out, data)
-    assert "| `longer` | `adamerging` | twice the steps at half the rate | 2 |" in table
+    steps, lr = row.params["steps"], row.params["lr"]
+    assert f"| `longer` | `adamerging` | twice the steps at half the rate (steps={steps}, lr={lr}) | 2 |" in table
+    assert "| `fisher_n8` | `fisher` | 8 texts per task (n_examples=8) | 1 |" in table
     assert table.count("\n") == 2 + len(checks)
     paths = write_reports(run_bench(tiny_zoo, ["linear"], seeds=1, progress=False, search=False), tmp_path, "tiny")
     databench.attach(paths["json"], data, None)
