@@ -214,17 +214,13 @@ def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list
                 step_scale, scale, zoo.tasks, seeds):
             results["methods"] = saved["methods"]
     torch.manual_seed(0)
-
-    def save() -> None:
-        _save_checkpoint(checkpoint, results)
-
     for row in tqdm([r for r in rows(step_scale, compress_lr) if only is None or r.key in only],
                     desc="data methods", disable=not progress):
         n = 1 if row.split == "none" else seeds
         if row.key not in results["methods"]:
             runs = [bench.run(row, seed) for seed in range(n)]
             results["methods"][row.key] = _entry(row, row.params, runs, row.note)
-            save()
+            _save_checkpoint(checkpoint, results)
         if not search or not row.search or f"{row.key}_val" in results["methods"]:
             continue
         scores = []
@@ -238,7 +234,7 @@ def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list
             runs = [bench.run(row, seed, best) for seed in range(n)]
         entry = _entry(row, params, runs, f"best of {len(scores)} settings on validation")
         results["methods"][f"{row.key}_val"] = entry | {"val_grid": scores}
-        save()
+        _save_checkpoint(checkpoint, results)
     return results
 
 
