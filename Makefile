@@ -20,11 +20,11 @@ install: $(STAMP)
 
 # the quick text8 zoo (MiniLM-L6 on eight real text tasks), merged with a handful of methods: table + chart
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.zoo.demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.zoo.demo
 
 # three tiny Llama models (base, Python expert, prose expert) trained here, merged, losses per domain
 demo-llama: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.llama_demo
 
 # the full text8 zoo (~30 min on 2 cores) and the full benchmark (results in bench/results/)
 zoo: $(STAMP)
@@ -45,7 +45,7 @@ bench-checks: zoo
 
 # mergesmith vs mergekit on 135M / 542M / 1.1B bf16 Llamas, 3 runs each (~60 min; needs ~12 GB of disk in $$TMPDIR)
 bench-speed: $(STAMP)
-	$(BIN)/python -m mergesmith.speed --runs 3 --out bench/results/speed
+	$(BIN)/python -m mergesmith.bench.speed --runs 3 --out bench/results/speed
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider

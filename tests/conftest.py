@@ -75,7 +75,8 @@ def run_method(name: str, base: dict, experts: list[dict], shared: dict | None =
                per_model: list[dict] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Run one method over dicts of tensors as the engine does: ``prepare`` over a stream, then the rule."""
     from mergesmith.methods import get_method
-    from mergesmith.methods.base import TensorContext, TensorInputs, resolve_method_params
+    from mergesmith.methods.base import resolve_method_params
+    from mergesmith.ops.stream import TensorContext, TensorInputs
 
     method = get_method(name)
     params = resolve_method_params(method, shared or {}, per_model or [{} for _ in experts])
@@ -84,7 +85,7 @@ def run_method(name: str, base: dict, experts: list[dict], shared: dict | None =
         for key in base:
             yield TensorInputs(key, base[key], [e[key] for e in experts], params)
 
-    state = method.prepare(stream, params, seed) if method.prepare else None
+    state = method.model_stats(stream, params, seed) if method.model_stats else None
     return {key: method.rule(base[key], [e[key] for e in experts], params,
                              TensorContext(key, seed=seed, state=state)) for key in base}
 

@@ -11,9 +11,9 @@ import yaml
 from torch import nn
 
 from mergesmith.api import fit_state_dicts, merge_state_dicts
-from mergesmith.checkpoint.reader import DictSource
-from mergesmith.engine import Planner, execute
-from mergesmith.learn.adamerging import (
+from mergesmith.engine.execute import execute
+from mergesmith.engine.plan import Planner
+from mergesmith.fit.adamerging import (
     FALLBACK_LAMBDA,
     Coefficients,
     adamerging_recipe,
@@ -23,10 +23,11 @@ from mergesmith.learn.adamerging import (
     ties_statistics,
     write_learned_recipe,
 )
-from mergesmith.learn.concrete import ConcreteMask, inner_lambda_step, relaxed_bernoulli, rescale_by_mean
-from mergesmith.learn.task import FitResult, Task, TaskModel, batches, task_vectors
+from mergesmith.fit.concrete import ConcreteMask, inner_lambda_step, relaxed_bernoulli, rescale_by_mean
+from mergesmith.fit.data import Encoded
+from mergesmith.fit.task import FitResult, Task, TaskModel, batches, task_vectors
+from mergesmith.io.reader import DictSource
 from mergesmith.recipe import load_recipe
-from mergesmith.zoo.models import Encoded
 
 # Few steps and a larger learning rate than the paper's: the tests check the loops, not the paper's schedule.
 FAST = {"steps": 12, "lr": 0.05, "batch_size": 20}

@@ -81,8 +81,8 @@ def test_ties_global_trim_matches_official_code(density, how):
 
 
 def test_ties_global_threshold_is_exact_selection():
-    from mergesmith.methods.base import TensorInputs
-    from mergesmith.methods.ties import global_thresholds
+    from mergesmith.ops.stream import TensorInputs
+    from mergesmith.ops.ties import global_thresholds
 
     base, experts = random_models(2, seed=3, shapes=((64, 33), (128,), (5, 5)))
     items = [TensorInputs(n, base[n], [e[n] for e in experts], {}) for n in base]
@@ -166,7 +166,7 @@ def test_dare_density_one_is_plain_merge():
 def test_bernoulli_mask_is_the_exact_32_bit_law():
     import numpy as np
 
-    from mergesmith.methods.taskvec import bernoulli_mask
+    from mergesmith.ops.taskvec import bernoulli_mask
 
     shape = (100, 1001)  # an odd count: the last random word is part used
     count = 100 * 1001

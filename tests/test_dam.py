@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergesmith.api import fit_state_dicts, merge_state_dicts
-from mergesmith.learn.dam import perturbation_for, perturbation_step, safety_loss
-from mergesmith.learn.task import Task, TaskModel, entropy, task_vectors
-from mergesmith.zoo.backdoor import (
+from mergesmith.bench.zoo.backdoor import (
     attack_success_rate,
     backdoor_facts,
     build_backdoor_experts,
@@ -28,7 +26,10 @@ from mergesmith.zoo.backdoor import (
     poison_texts,
     triggered_texts,
 )
-from mergesmith.zoo.models import Encoded, TrainConfig, fit_linear_probe
+from mergesmith.bench.zoo.models import TrainConfig, fit_linear_probe
+from mergesmith.fit.dam import perturbation_for, perturbation_step, safety_loss
+from mergesmith.fit.data import Encoded
+from mergesmith.fit.task import Task, TaskModel, entropy, task_vectors
 
 VOCAB = ["[PAD]", "cf"] + [f"a{i}" for i in range(8)] + [f"b{i}" for i in range(8)]
 IDS = {w: i for i, w in enumerate(VOCAB)}

@@ -14,9 +14,13 @@ import yaml
 
 from mergesmith import RecipeError, load_recipe, merge, merge_state_dicts
 from mergesmith.cli import main, methods_markdown
-from mergesmith.data import DataSpec, load_examples, read_examples
-from mergesmith.learn.task import FIT_FILE, FitInputs, FitResult, batches, entropy
-from mergesmith.methods.base import DataNeed, MergeMethod, TensorContext, get_method
+from mergesmith.fit.data import load_examples
+from mergesmith.fit.task import FIT_FILE, FitInputs, FitResult, batches, entropy
+from mergesmith.methods import registry
+from mergesmith.methods.base import DataNeed, Fit, MergeMethod, Rule
+from mergesmith.methods.registry import get_method, register
+from mergesmith.ops.stream import TensorContext
+from mergesmith.recipe.data import DataSpec, read_examples
 
 METHOD = "test_entropy_average"
 TESTS = Path(__file__).resolve().parent
@@ -45,20 +49,15 @@ def entropy_rule(base: torch.Tensor | None, experts: list[torch.Tensor], params:
 
 
 def register_test_method() -> None:
-    from mergesmith.methods import base
-
-    get_method("linear")  # load the registry first
-    base._REGISTRY[METHOD] = MergeMethod(name=METHOD, rule=entropy_rule, summary="entropy-weighted average (test)",
-                                         paper="test", fit=entropy_fit, data=DataNeed.UNLABELED)
+    register(MergeMethod(name=METHOD, rule=Rule(entropy_rule), summary="entropy-weighted average (test)",
+                         paper="test", fit=Fit(entropy_fit, DataNeed.UNLABELED)))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def test_method():
-    from mergesmith.methods import base
-
     register_test_method()
     yield
-    del base._REGISTRY[METHOD]
+    del registry.registered[METHOD]
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -208,9 +207,7 @@ def test_recipe_merge_fits_saves_and_replays(zoo_cache, tmp_path, monkeypatch):
     def no_fit(inputs):
         raise AssertionError("replay must not fit")
 
-    from mergesmith.methods import base
-
-    monkeypatch.setitem(base._REGISTRY, METHOD, dataclasses.replace(get_method(METHOD), fit=no_fit))
+    monkeypatch.setitem(registry.registered, METHOD, dataclasses.replace(get_method(METHOD), fit=Fit(no_fit)))
     replay = tmp_path / "replayed"
     merge(zoo_recipe(zoo, fitted=str(out)), replay, progress=False)
     again = load_tensors(replay)
@@ -283,9 +280,7 @@ def test_recipe_data_errors_leave_no_output(tiny_zoo, tmp_path, monkeypatch, cap
     def failing_fit(inputs):
         raise RecipeError("the fit failed")
 
-    from mergesmith.methods import base
-
-    monkeypatch.setitem(base._REGISTRY, METHOD, dataclasses.replace(get_method(METHOD), fit=failing_fit))
+    monkeypatch.setitem(registry.registered, METHOD, dataclasses.replace(get_method(METHOD), fit=Fit(failing_fit)))
     with pytest.raises(RecipeError, match="the fit failed"):
         merge({**zoo_recipe(zoo), "data": {"path": str(zoo.root / "data/b/train.jsonl"), "limit": 4}}, out,
               progress=False)
@@ -308,23 +303,22 @@ def test_cli_process_reports_data_error_without_traceback(tiny_zoo, tmp_path):
 
 
 def test_resume_reuses_the_saved_fit(zoo_cache, tmp_path, monkeypatch):
-    from mergesmith import api
-    from mergesmith.methods import base
+    from mergesmith.api import pipeline
 
     out = tmp_path / "merged"
-    real_write_all = api._write_all
+    real_write_tensors = pipeline.write_tensors
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "_write_all", interrupted)
+    monkeypatch.setattr(pipeline, "write_tensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         merge(zoo_recipe(zoo_cache), out, progress=False)
     assert (tmp_path / ".merged.partial" / FIT_FILE).exists() and not out.exists()
     saved = FitResult.load(tmp_path / ".merged.partial")
 
-    monkeypatch.setattr(api, "_write_all", real_write_all)
-    monkeypatch.setitem(base._REGISTRY, METHOD, dataclasses.replace(get_method(METHOD), fit=interrupted))
+    monkeypatch.setattr(pipeline, "write_tensors", real_write_tensors)
+    monkeypatch.setitem(registry.registered, METHOD, dataclasses.replace(get_method(METHOD), fit=Fit(interrupted)))
     merge(zoo_recipe(zoo_cache), out, progress=False, resume=True)  # the saved fit, not a new one
     assert torch.equal(FitResult.load(out).tensors["entropy"], saved.tensors["entropy"])
     assert json.loads((out / "manifest.json").read_text())["fit"]["resumed"] is True

@@ -12,7 +12,7 @@ def zoo_copy(tiny_zoo, tmp_path_factory):
     """The backdoor scenario writes poisoned experts into the zoo: work on a copy."""
     import shutil
 
-    from mergesmith.zoo.text8 import Zoo
+    from mergesmith.bench.zoo.text8 import Zoo
 
     root = tmp_path_factory.mktemp("zoo-copy") / "text8"
     shutil.copytree(tiny_zoo.root, root)
@@ -21,8 +21,8 @@ def zoo_copy(tiny_zoo, tmp_path_factory):
 
 def test_every_data_row_has_a_validation_grid_of_its_own_params():
     """The issue asks for every method at its paper defaults *and* at validation-chosen settings."""
-    from mergesmith.methods.base import get_method
-    from mergesmith.zoo import databench
+    from mergesmith.bench.zoo import databench
+    from mergesmith.methods.registry import get_method
 
     for row in databench.rows(step_scale=0.02):
         names = {p.name for p in get_method(row.method).params}
@@ -40,8 +40,8 @@ def test_every_data_row_has_a_validation_grid_of_its_own_params():
 
 
 def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
-    from mergesmith.zoo import databench
-    from mergesmith.zoo.bench import write_reports
+    from mergesmith.bench.zoo import databench
+    from mergesmith.bench.zoo.bench import write_reports
 
     only = ["task_arithmetic", "regmean", "adamerging", "twin"]
     data = databench.run_data_bench(zoo_copy, seeds=2, step_scale=0.004, only=only, progress=False,
@@ -98,7 +98,7 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
     assert list(alone["methods"]) == ["task_arithmetic"]
     assert alone["methods"]["task_arithmetic"]["asr"] == backdoor["methods"]["task_arithmetic"]["asr"]
 
-    from mergesmith.zoo.bench import run_bench
+    from mergesmith.bench.zoo.bench import run_bench
 
     paths = write_reports(run_bench(zoo_copy, ["linear"], seeds=1, progress=False, search=False), tmp_path, "tiny")
     databench.attach(paths["json"], data, backdoor)
@@ -110,7 +110,7 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
 
 
 def test_seeds_read_disjoint_calibration_windows(tiny_zoo):
-    from mergesmith.zoo.databench import DataBench
+    from mergesmith.bench.zoo.databench import DataBench
 
     bench = DataBench(tiny_zoo, progress=False)
     task = tiny_zoo.tasks[0]
@@ -127,10 +127,10 @@ def test_seeds_read_disjoint_calibration_windows(tiny_zoo):
 
 
 def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo, tmp_path):
+    from mergesmith.bench.zoo import databench
+    from mergesmith.bench.zoo.bench import run_bench, write_reports
+    from mergesmith.bench.zoo.databench import Check
     from mergesmith.errors import MergeError
-    from mergesmith.zoo import databench
-    from mergesmith.zoo.bench import run_bench, write_reports
-    from mergesmith.zoo.databench import Check
 
     data = databench.run_data_bench(tiny_zoo, seeds=2, step_scale=0.004, only=["adamerging", "fisher"],
                                     progress=False, search=False)

@@ -1,6 +1,6 @@
 """The demo's building blocks at a tiny scale: data, tokenizer, training, saved folders, merges, evaluation.
 
-The full demo (python -m mergesmith.demo) takes minutes; this runs the same code with a 1-layer model and a
+The full demo (python -m mergesmith.bench.llama_demo) takes minutes; this runs the same code with a 1-layer model and a
 handful of steps.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergesmith import demo
+from mergesmith.bench import llama_demo as demo
 
 TINY = demo.DemoConfig(
     hidden=32,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 import yaml
 
 from mergesmith import CheckpointError, MergeError, merge
-from mergesmith.checkpoint.writer import parse_size
+from mergesmith.io.writer import parse_size
 from tests.conftest import build_llama, load_tensors
 
 
@@ -152,7 +154,7 @@ def test_failure_mid_write_leaves_nothing(llamas, tmp_path):
     from mergesmith.methods import task_arithmetic
 
     calls = {"n": 0}
-    original = task_arithmetic.METHOD.rule
+    original = task_arithmetic.TASK_ARITHMETIC.rule
 
     def flaky(base, experts, params, ctx):
         calls["n"] += 1
@@ -160,23 +162,23 @@ def test_failure_mid_write_leaves_nothing(llamas, tmp_path):
             raise RuntimeError("injected failure")
         return original(base, experts, params, ctx)
 
-    object.__setattr__(task_arithmetic.METHOD, "rule", flaky)
+    object.__setattr__(task_arithmetic.TASK_ARITHMETIC, "rule", dataclasses.replace(original, fn=flaky))
     try:
         with pytest.raises(RuntimeError, match="injected"):
             merge(ta_recipe(llamas), tmp_path / "out", shard_size="40KB", threads=2, progress=False)
     finally:
-        object.__setattr__(task_arithmetic.METHOD, "rule", original)
+        object.__setattr__(task_arithmetic.TASK_ARITHMETIC, "rule", original)
     assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder
     # an existing output survives a failed --force merge untouched
     merge(ta_recipe(llamas), tmp_path / "out", progress=False)
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
-    object.__setattr__(task_arithmetic.METHOD, "rule", flaky)
+    object.__setattr__(task_arithmetic.TASK_ARITHMETIC, "rule", dataclasses.replace(original, fn=flaky))
     calls["n"] = 0
     try:
         with pytest.raises(RuntimeError):
             merge(ta_recipe(llamas), tmp_path / "out", force=True, progress=False)
     finally:
-        object.__setattr__(task_arithmetic.METHOD, "rule", original)
+        object.__setattr__(task_arithmetic.TASK_ARITHMETIC, "rule", original)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

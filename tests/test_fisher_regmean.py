@@ -11,11 +11,11 @@ from torch import nn
 
 from mergesmith.api import fit_state_dicts, merge_state_dicts
 from mergesmith.errors import RecipeError
-from mergesmith.learn.task import FitResult, TaskModel
+from mergesmith.fit.data import Encoded
+from mergesmith.fit.fisher import diagonal_fisher, fisher_key, global_l2_norm, norm_key
+from mergesmith.fit.gram import gram_key, gram_matrices
+from mergesmith.fit.task import FitResult, TaskModel
 from mergesmith.methods.regmean import reduce_non_diagonal, regmean_solve
-from mergesmith.stats.fisher import diagonal_fisher, fisher_key, global_l2_norm, norm_key
-from mergesmith.stats.gram import gram_key, gram_matrices
-from mergesmith.zoo.models import Encoded
 
 # --- a softmax regression small enough to differentiate by hand -------------------------------------------------
 

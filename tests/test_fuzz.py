@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mergesmith import RecipeError, load_recipe
-from mergesmith.checkpoint.safetensors_io import SafetensorsFile
 from mergesmith.errors import CheckpointError
+from mergesmith.io.safetensors_io import SafetensorsFile
 from mergesmith.methods import get_method
 from mergesmith.methods.base import resolve_method_params
 

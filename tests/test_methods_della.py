@@ -9,16 +9,17 @@ from mergekit.merge_methods.base import TensorGroup
 
 from mergesmith.errors import RecipeError
 from mergesmith.methods import get_method
-from mergesmith.methods.base import TensorContext, TensorInputs, resolve_method_params
+from mergesmith.methods.base import resolve_method_params
 from mergesmith.methods.della import magprune_probabilities
+from mergesmith.ops.stream import TensorContext, TensorInputs
 
 
 def run(name, base, experts, shared=None, per_model=None, compat="paper", seed=0, tensor="w"):
     method = get_method(name)
     params = resolve_method_params(method, shared or {}, per_model or [{} for _ in experts], compat=compat)
     state = None
-    if method.prepare is not None:
-        state = method.prepare(lambda: iter([TensorInputs(tensor, base, experts, params)]), params, seed)
+    if method.model_stats is not None:
+        state = method.model_stats(lambda: iter([TensorInputs(tensor, base, experts, params)]), params, seed)
     return method.rule(base, experts, params, TensorContext(tensor, seed=seed, state=state))
 
 

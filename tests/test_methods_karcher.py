@@ -9,7 +9,8 @@ import torch
 from mergekit.merge_methods.karcher import karcher_merge_tensors
 
 from mergesmith.methods import get_method
-from mergesmith.methods.base import BasePolicy, TensorContext, resolve_method_params
+from mergesmith.methods.base import BasePolicy, resolve_method_params
+from mergesmith.ops.stream import TensorContext
 
 
 def run(experts, weights=None, shared=None, compat="paper"):

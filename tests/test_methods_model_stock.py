@@ -11,7 +11,8 @@ from mergekit.merge_methods.model_stock import model_stock_merge_method
 
 from mergesmith.errors import RecipeError
 from mergesmith.methods import get_method
-from mergesmith.methods.base import TensorContext, resolve_method_params
+from mergesmith.methods.base import resolve_method_params
+from mergesmith.ops.stream import TensorContext
 
 
 def run(base, experts, shared=None, compat="paper"):

@@ -10,7 +10,8 @@ import torch
 from mergekit.merge_methods.nuslerp import nuslerp as mk_nuslerp
 
 from mergesmith.methods import get_method
-from mergesmith.methods.base import BasePolicy, TensorContext, resolve_method_params
+from mergesmith.methods.base import BasePolicy, resolve_method_params
+from mergesmith.ops.stream import TensorContext
 
 
 def run(base, experts, shared=None, weights=(1.0, 1.0), compat="paper"):

@@ -7,7 +7,8 @@ import torch
 
 from mergesmith.errors import RecipeError
 from mergesmith.methods import get_method
-from mergesmith.methods.base import TensorInputs, resolve_method_params
+from mergesmith.methods.base import resolve_method_params
+from mergesmith.ops.stream import TensorInputs
 from tests.conftest import run_method
 
 
@@ -122,6 +123,6 @@ def test_settings_must_be_constant_for_the_global_scope():
             yield TensorInputs(name, base[name], [e[name] for e in experts], {**params, "ratio": 0.1 + 0.1 * (i == 2)})
 
     with pytest.raises(RecipeError):
-        method.prepare(stream, params, 0)
+        method.model_stats(stream, params, 0)
     with pytest.raises(RecipeError):
         merge_model(base, experts, {"ratio": 0.0})

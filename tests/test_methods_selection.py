@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergesmith.methods.base import TensorInputs
-from mergesmith.methods.selection import local_order_statistics, order_statistics
-from mergesmith.methods.taskvec import paper_keep_count
-from mergesmith.methods.ties import global_thresholds
+from mergesmith.ops.selection import local_order_statistics, order_statistics
+from mergesmith.ops.stream import TensorInputs
+from mergesmith.ops.taskvec import paper_keep_count
+from mergesmith.ops.ties import global_thresholds
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,7 +11,8 @@ from mergekit.merge_methods.slerp import slerp as mk_slerp
 
 from mergesmith.errors import RecipeError
 from mergesmith.methods import get_method
-from mergesmith.methods.base import TensorContext, resolve_method_params
+from mergesmith.methods.base import resolve_method_params
+from mergesmith.ops.stream import TensorContext
 
 
 def run(base, other, t, compat="paper"):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mergesmith.methods import get_method
-from mergesmith.methods.base import TensorContext, resolve_method_params
+from mergesmith.methods.base import resolve_method_params
+from mergesmith.ops.stream import TensorContext
 
 
 def run(base, experts, alpha=1.0):

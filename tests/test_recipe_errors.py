@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from mergesmith import CheckpointError, RecipeError, load_recipe, merge
-from mergesmith.checkpoint.safetensors_io import save_file
+from mergesmith.io.safetensors_io import save_file
 from mergesmith.methods.base import MergeMethod, Param, resolve_method_params
-from mergesmith.recipe import evaluate_setting
 from mergesmith.recipe import load_recipe as parse
+from mergesmith.recipe.settings import evaluate_setting
 
 
 def run_merge(recipe: dict, out: Path) -> None:

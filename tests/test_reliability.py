@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from mergesmith import CheckpointError, MergeError, merge
-from mergesmith.checkpoint.safetensors_io import save_file
+from mergesmith.io.safetensors_io import save_file
 from tests.conftest import build_llama, load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,9 +175,9 @@ def test_refuses_to_start_without_disk_space(tiny_fs, llamas):
 
 
 def test_disk_full_mid_write(tiny_fs, llamas, monkeypatch):
-    import mergesmith.api
+    from mergesmith.api import pipeline
 
-    monkeypatch.setattr(mergesmith.api, "check_free_space", lambda folder, needed: None)  # let it run out for real
+    monkeypatch.setattr(pipeline, "check_free_space", lambda folder, needed: None)  # let it run out for real
     with pytest.raises(MergeError, match="writing the output failed \\(No space left on device\\)"):
         merge(linear_recipe(llamas["a"], llamas["b"]), tiny_fs / "out", shard_size="40KB", progress=False)
     assert_clean(tiny_fs)
@@ -200,7 +200,7 @@ def test_file_size_limit_mid_write(tmp_path, llamas):
 
 
 def test_lock_refuses_a_second_writer(tmp_path, llamas):
-    from mergesmith.output import OutputLock
+    from mergesmith.io.output import OutputLock
 
     with OutputLock(tmp_path / "out"), pytest.raises(MergeError, match="another merge is writing"):
         merge(linear_recipe(llamas["a"], llamas["b"]), tmp_path / "out", progress=False)
@@ -340,7 +340,7 @@ def test_byte_identical_across_thread_counts(tmp_path, llamas, method, params):
 def test_nonfinite_in_a_late_block_is_refused_by_multi_pass_methods(tmp_path, llamas, monkeypatch, method):
     """Per-tensor statistics read a tensor several times; the NaN check runs on the first pass only and must still
     see every block (here the last one of a tensor split in row blocks)."""
-    from mergesmith import engine
+    from mergesmith.engine import execute as engine
 
     monkeypatch.setattr(engine, "PART_ELEMENTS", 64)
     name = "model.layers.1.mlp.down_proj.weight"

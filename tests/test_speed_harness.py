@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from mergesmith import speed
+from mergesmith.bench import speed
 
 
 def test_speed_harness_end_to_end(tmp_path):
@@ -33,7 +33,7 @@ def test_checkpoints_are_llamas_with_the_planned_sizes(tmp_path):
 
     base = speed.make_checkpoint(tmp_path / "base", "tiny", 0)
     expert = speed.make_checkpoint(tmp_path / "ft", "tiny", 1, base)
-    from mergesmith.checkpoint.reader import CheckpointSource
+    from mergesmith.io.reader import CheckpointSource
 
     a, b = CheckpointSource(base), CheckpointSource(expert)
     assert sum(a.get(n).numel() for n in a.keys()) == speed.parameter_count("tiny")

@@ -1,4 +1,4 @@
-"""Twin-Merging (mergesmith.learn.twin): SVD compression, exact reconstruction, routing, save/load, seeding.
+"""Twin-Merging (mergesmith.fit.twin): SVD compression, exact reconstruction, routing, save/load, seeding.
 
 A self-contained setup (no tokenizer, no fine-tuning): a tiny random BERT, two experts that are the base plus
 seeded noise, and two tasks whose texts use disjoint token ids, so that the shared model's mean hidden state
@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergesmith.learn.task import Task, TaskModel, batches
-from mergesmith.learn.twin import (
+from mergesmith.fit.data import Encoded
+from mergesmith.fit.task import Task, TaskModel, batches
+from mergesmith.fit.twin import (
     TwinMerge,
     build_twin,
     compress,
@@ -19,7 +20,6 @@ from mergesmith.learn.twin import (
     shared_features,
     svd_rank,
 )
-from mergesmith.zoo.models import Encoded
 
 TOKENS = {"a": range(5, 10), "b": range(10, 15)}  # disjoint vocabularies
 ROUTER = {"router_epochs": 60, "router_lr": 5e-3}  # the paper's 50 epochs at 5e-4 assume ~44k examples
@@ -190,7 +190,7 @@ def test_registered_method_writes_the_shared_expert_and_fits_the_rest(setup, twi
     # a merge's output folder (weights + mergesmith_fit.safetensors) loads as the dynamic model too
     from safetensors.torch import save_file
 
-    from mergesmith.learn.task import FIT_FILE
+    from mergesmith.fit.task import FIT_FILE
 
     tmp_path.mkdir(exist_ok=True)
     save_file({n: t.contiguous() for n, t in merged.items()}, str(tmp_path / "model.safetensors"))

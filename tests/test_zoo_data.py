@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mergesmith.bench.zoo import cache
+from mergesmith.bench.zoo import text8_data as t8
+from mergesmith.bench.zoo.cache import decompress_rdb_record, fetch_deb, read_r_lazyload
 from mergesmith.errors import MergeError
-from mergesmith.zoo import cache
-from mergesmith.zoo import text8_data as t8
-from mergesmith.zoo.cache import decompress_rdb_record, fetch_deb, read_r_lazyload
 
 rdata = pytest.importorskip("rdata")
 

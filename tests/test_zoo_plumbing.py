@@ -9,7 +9,7 @@ import pytest
 import torch
 from zoo_fixtures import fixture_task
 
-from mergesmith.zoo.text8 import Zoo, ZooConfig, build_zoo, normalized_accuracy, summarize
+from mergesmith.bench.zoo.text8 import Zoo, ZooConfig, build_zoo, normalized_accuracy, summarize
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_normalized_accuracy_arithmetic():
 
 
 def test_bench_and_reports(zoo, tmp_path, monkeypatch):
-    from mergesmith.zoo import bench
+    from mergesmith.bench.zoo import bench
 
     monkeypatch.setitem(bench.BENCH_METHODS, "task_arithmetic",
                         bench.BenchMethod("task_arithmetic", {"lambda": 0.3}, bench.grid(**{"lambda": (0.3, 1.0)})))
@@ -77,7 +77,7 @@ def test_bench_and_reports(zoo, tmp_path, monkeypatch):
 
 
 def test_combine_runs_in_method_order():
-    from mergesmith.zoo.bench import combine
+    from mergesmith.bench.zoo.bench import combine
 
     base = {"tasks": ["a"], "config": {"n": 1}, "reference": {}, "seconds": 1.0}
     part1 = {**base, "methods": {"tsv": {"x": 1}}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.zoo.text8_data import TaskData
+from mergesmith.bench.zoo.text8_data import TaskData
 
 WORDS = ["apple", "banana", "cherry", "river", "mountain", "forest", "red", "blue", "green", "fast", "slow"]
 
@@ -40,7 +40,7 @@ def fixture_task(name: str) -> TaskData:
 
 def build_tiny_zoo(root):
     """A two-task zoo ('a', 'b') on a tiny random BERT: 40/20/20 examples per task, one epoch, seconds."""
-    from mergesmith.zoo.text8 import Zoo, ZooConfig, build_zoo
+    from mergesmith.bench.zoo.text8 import Zoo, ZooConfig, build_zoo
 
     config = ZooConfig(n_train=40, n_val=20, n_test=20, epochs=1, batch_size=8, lr=1e-3, probe_steps=50, bf16=False)
     path = build_zoo(tasks=["a", "b"], cache=root, config=config, loader=fixture_task,

@@ -1,19 +1,32 @@
-"""mergesmith: merge neural-network checkpoints with a streaming engine and every major merging method."""
+"""mergesmith: merge neural-network checkpoints with a streaming engine and every major merging method.
 
-__version__ = "0.1.0"
+The public names below are imported on first use (PEP 562), so that importing one submodule — the engine, a
+method — does not load the whole library.
+"""
 
-from mergesmith.api import MergeResult, merge, merge_state_dicts
-from mergesmith.errors import CheckpointError, MergeError, RecipeError
-from mergesmith.recipe import Recipe, load_recipe
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "MergeError",
-    "MergeResult",
-    "Recipe",
-    "RecipeError",
-    "__version__",
-    "load_recipe",
-    "merge",
-    "merge_state_dicts",
-]
+from typing import Any
+
+from mergesmith.version import __version__
+
+_PUBLIC = {
+    "CheckpointError": "mergesmith.errors",
+    "MergeError": "mergesmith.errors",
+    "RecipeError": "mergesmith.errors",
+    "MergeResult": "mergesmith.api",
+    "merge": "mergesmith.api",
+    "merge_state_dicts": "mergesmith.api",
+    "fit_state_dicts": "mergesmith.api",
+    "Recipe": "mergesmith.recipe",
+    "load_recipe": "mergesmith.recipe",
+}
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'mergesmith' has no attribute {name!r}")

@@ -7,6 +7,7 @@ import signal
 import sys
 import textwrap
 
+from mergesmith.dtypes import DTYPE_NAMES
 from mergesmith.errors import MergeError
 
 
@@ -36,8 +37,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from mergesmith.methods import all_methods, get_method
     from mergesmith.methods.base import REQUIRED
+    from mergesmith.methods.registry import all_methods, get_method
 
     if args.name:
         m = get_method(args.name)
@@ -48,7 +49,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             + (f", <= {m.max_experts}" if m.max_experts else "")
         )
         if m.fit is not None:
-            print(f"  data: {m.data.value} examples per model (`data:` in the recipe; `fitted:` replays a fit)")
+            print(f"  data: {m.fit.data.value} examples per model (`data:` in the recipe; `fitted:` replays a fit)")
         print("  parameters:")
         for p in m.params:
             default = "required" if p.required else repr(p.default)
@@ -64,7 +65,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                 print(textwrap.indent(textwrap.fill(p.help, 96), "        "))
         if m.aliases:
             print("  mergekit spellings: " + ", ".join(f"{k} -> {v[0]}" for k, v in m.aliases.items()))
-        doc = sys.modules[m.rule.__module__].__doc__ or ""
+        doc = sys.modules[m.rule.fn.__module__].__doc__ or ""
         if doc:
             print()
             print(textwrap.indent(doc.strip(), "  "))
@@ -73,13 +74,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(methods_markdown())
         return 0
     for m in all_methods():
-        print(f"{m.name:<18} {m.summary}" + (f" [needs {m.data.value} data]" if m.fit is not None else ""))
+        print(f"{m.name:<18} {m.summary}" + (f" [needs {m.fit.data.value} data]" if m.fit is not None else ""))
         print(f"{'':<18} {m.paper}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from mergesmith.output import verify
+    from mergesmith.io.output import verify
 
     problems = verify(args.out)
     for problem in problems:
@@ -92,7 +93,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from mergesmith.zoo.text8 import Zoo, build_zoo
+    from mergesmith.bench.zoo.text8 import Zoo, build_zoo
 
     if args.zoo != "text8":
         raise MergeError(f"unknown zoo '{args.zoo}' (available: text8)")
@@ -113,7 +114,7 @@ def _accuracy_table(zoo) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mergesmith.zoo.text8 import Zoo, summarize, zoo_dir
+    from mergesmith.bench.zoo.text8 import Zoo, summarize, zoo_dir
 
     zoo = Zoo(zoo_dir(args.zoo, args.quick))
     acc = zoo.evaluate(args.model, args.split, progress=True)
@@ -130,11 +131,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from mergesmith.zoo.bench import markdown_table, run_bench, write_reports
-    from mergesmith.zoo.text8 import Zoo, build_zoo
+    from mergesmith.bench.zoo.bench import markdown_table, run_bench, write_reports
+    from mergesmith.bench.zoo.text8 import Zoo, build_zoo
 
     if args.report:  # only join finished runs and write the reports
-        from mergesmith.zoo.bench import combine
+        from mergesmith.bench.zoo.bench import combine
 
         results = combine([json.loads(Path(p).read_text()) for p in args.report])
         paths = write_reports(results, Path(args.out), args.name or args.zoo)
@@ -144,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     zoo = Zoo(build_zoo(quick=args.quick, multitask=not args.data))
     name = args.name or (f"{args.zoo}-quick" if args.quick else args.zoo)
     if args.data:  # the data-driven methods and the backdoor scenario, added to an existing <name>.json
-        from mergesmith.zoo import databench
+        from mergesmith.bench.zoo import databench
 
         target = Path(args.out) / f"{name}.json"
         if not target.exists():
@@ -182,8 +183,8 @@ def _fmt(value: object) -> str:
 
 def methods_markdown() -> str:
     """Two Markdown tables generated from the registry: the methods, and every paper-vs-mergekit difference."""
-    from mergesmith.methods import all_methods
     from mergesmith.methods.base import REQUIRED
+    from mergesmith.methods.registry import all_methods
 
     rows = ["| method | base | data | parameters (default) | paper |", "|---|---|---|---|---|"]
     diffs = ["| method | parameter | paper default | `compat: mergekit` |", "|---|---|---|---|"]
@@ -191,7 +192,7 @@ def methods_markdown() -> str:
         params = ", ".join(
             f"`{p.name}`{'*' if p.per_model else ''}={'required' if p.required else p.default!r}" for p in m.params
         )
-        data = m.data.value if m.fit is not None else "—"
+        data = m.fit.data.value if m.fit is not None else "—"
         rows.append(f"| `{m.name}` | {m.base.value} | {data} | {params} | {m.paper} |")
         for p in m.params:
             if p.mergekit is not REQUIRED and p.mergekit != p.default:
@@ -202,7 +203,7 @@ def methods_markdown() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergesmith", description="Merge neural-network checkpoints.")
-    from mergesmith import __version__
+    from mergesmith.version import __version__
 
     parser.add_argument("--version", action="version", version=f"mergesmith {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "float16", "bfloat16", "float64"],
+        choices=list(DTYPE_NAMES),
         help="output dtype (default: recipe out_dtype/dtype, else each tensor's base dtype)",
     )
     p.add_argument(

@@ -1,24 +1,36 @@
-"""The method interface: a typed parameter schema, a per-tensor rule, and the registry.
+"""The method interface: a typed parameter schema, a per-tensor rule, and optional hooks.
 
-A method is a pure function ``rule(base, experts, params, ctx) -> Tensor`` over fp32 (or fp64) tensors, plus a
-schema of its parameters. Shared parameters arrive as scalars; per-model parameters as lists aligned with
-``experts``. Methods that need a statistic of the whole model (TIES' global trim) also define ``prepare``, which
-the engine calls with a way to stream every tensor once per pass; what it returns reaches the rule as
-``ctx.state``.
+A method is a :class:`Rule` — a pure function ``rule(base, experts, params, ctx) -> Tensor`` over fp32 (or fp64)
+tensors — plus a schema of its parameters. Shared parameters arrive as scalars; per-model parameters as lists
+aligned with ``experts``. Everything else a method may need is an optional hook, each a small typed object with
+one job:
+
+- :class:`ModelStats`: statistics of the whole model before the merge pass (TIES' global trim); the engine calls it
+  with a way to stream every tensor once per pass, and what it returns reaches the rule as ``ctx.state``;
+- :class:`TensorStats`: statistics of one tensor over its row blocks before they are merged (a per-tensor top-k
+  threshold), reaching the rule as ``ctx.tensor_state``;
+- :class:`Fit`: a data-driven fit (statistics or learned coefficients, :mod:`mergesmith.fit`) run before the merge;
+  its :class:`~mergesmith.fit.task.FitResult` reaches the rule as ``ctx.fitted``;
+- :class:`Artifacts`: extra files the method writes into the output folder from its fit.
+
+The engine and the api read these hooks; neither names a method. The registry is :mod:`mergesmith.methods.registry`.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from mergesmith.errors import RecipeError
+from mergesmith.fit.task import FitInputs, FitResult
+from mergesmith.ops.stream import TensorContext, TensorStream
+from mergesmith.recipe.schema import Recipe
 
 REQUIRED = object()
 
@@ -92,62 +104,94 @@ class Param:
         return value
 
 
-@dataclass
-class TensorContext:
-    """What a rule may know about the tensor it merges besides the values."""
-
-    name: str
-    seed: int = 0
-    state: Any = None  # what the method's prepare() returned
-    fitted: Any = None  # a data-driven method's FitResult (mergesmith.learn.task): statistics, masks, coefficients
-    rows: tuple[int, int] | None = None  # the row block being merged (elementwise methods, large tensors)
-    tensor_state: Any = None  # what the method's tensor_stats() returned for this tensor
-    layer: int | None = None
-    num_layers: int | None = None
-
-    def generator(self, salt: str = "") -> torch.Generator:
-        """A generator seeded from (seed, tensor name, salt): random rules are reproducible and independent
-        of the order (or thread) in which tensors are merged."""
-        gen = torch.Generator()
-        gen.manual_seed(self.seed_for(salt))
-        return gen
-
-    def seed_for(self, salt: str = "") -> int:
-        """The 63-bit seed of (seed, tensor name, salt, row block) that ``generator`` uses."""
-        block = f"\0rows{self.rows[0]}" if self.rows is not None else ""  # each row block draws its own bits
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{salt}{block}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+RuleFn = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], TensorContext], torch.Tensor]
+ParamsTest = Callable[[dict[str, Any]], bool]
 
 
-@dataclass
-class TensorInputs:
-    """One tensor's inputs as streamed to ``prepare``: fp32 values and the resolved parameters."""
-
-    name: str
-    base: torch.Tensor | None
-    experts: list[torch.Tensor]
-    params: dict[str, Any]
-    rows: tuple[int, int] | None = None  # the row block, when a large tensor of an elementwise method is split
+def _always(params: dict[str, Any]) -> bool:
+    return True
 
 
-# A pass over the model: calling it yields each mergeable tensor's inputs once.
-TensorStream = Callable[[], Iterator[TensorInputs]]
-Rule = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], TensorContext], torch.Tensor]
-Prepare = Callable[[TensorStream, dict[str, Any], int], Any]  # (stream, params, seed) -> state
-Fit = Callable[[Any], Any]  # (learn.task.FitInputs) -> learn.task.FitResult
+@dataclass(frozen=True)
+class Rule:
+    """The per-tensor rule and what the engine may assume about it.
+
+    ``elementwise`` (or a test of the resolved parameters): the output at a position depends only on the inputs
+    at that position (plus the hooks' statistics), so the engine may merge a large tensor in row blocks.
+    ``reads``: ``all`` hands the rule every model's tensor in fp32 (fp64 for fp64 inputs); ``first`` hands it only
+    the first model's tensor, unconverted (passthrough copies: no other model is read, no round trip through fp32).
+    """
+
+    fn: RuleFn
+    elementwise: bool | ParamsTest = False
+    reads: Literal["all", "first"] = "all"
+
+    def __call__(self, base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+                 ctx: TensorContext) -> torch.Tensor:
+        return self.fn(base, experts, params, ctx)
+
+    def blockwise(self, params: dict[str, Any]) -> bool:
+        """Whether a large tensor with these parameters may be merged in row blocks."""
+        flag = self.elementwise
+        return self.reads == "all" and bool(flag(params) if callable(flag) else flag)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Whole-model statistics before the merge pass: ``compute(stream, shared params, seed) -> ctx.state``. The stream
+    yields every merged tensor's inputs (row blocks for block-merged tensors) and may be walked several times."""
+
+    compute: Callable[[TensorStream, dict[str, Any], int], Any]
+
+    def __call__(self, stream: TensorStream, params: dict[str, Any], seed: int) -> Any:
+        return self.compute(stream, params, seed)
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Per-tensor statistics over the tensor's row blocks, before its blocks are merged: ``compute(stream of this
+    tensor's blocks, params, ctx) -> ctx.tensor_state``, when ``needed(params)``."""
+
+    compute: Callable[[TensorStream, dict[str, Any], TensorContext], Any]
+    needed: ParamsTest = _always
+
+    def __call__(self, stream: TensorStream, params: dict[str, Any], ctx: TensorContext) -> Any:
+        return self.compute(stream, params, ctx)
 
 
 class DataNeed(str, Enum):
-    """What data a data-driven method's ``fit`` needs per expert."""
+    """What data a data-driven method's fit needs per expert."""
 
-    NONE = "none"
     LABELED = "labeled"  # Fisher (empirical) and Twin-Merging's router: texts with labels (or task identity)
     UNLABELED = "unlabeled"  # RegMean, exact Fisher, AdaMerging, Concrete, DAM: input texts only
 
 
 @dataclass(frozen=True)
+class Fit:
+    """A data-driven fit run before the merge: ``run(FitInputs) -> FitResult`` (statistics, learned coefficients or
+    masks; :mod:`mergesmith.fit`), on ``data`` examples of each expert's task."""
+
+    run: Callable[[FitInputs], FitResult]
+    data: DataNeed = DataNeed.UNLABELED
+
+    def __call__(self, inputs: FitInputs) -> FitResult:
+        return self.run(inputs)
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Extra files a method writes into the output folder from its fit: ``write(fitted, recipe, folder)`` returns
+    what the manifest's ``fit`` section records about them (e.g. AdaMerging's replayable ``learned_recipe.yaml``)."""
+
+    write: Callable[[FitResult, Recipe, Path], dict[str, Any]]
+
+    def __call__(self, fitted: FitResult, recipe: Recipe, folder: Path) -> dict[str, Any]:
+        return self.write(fitted, recipe, folder)
+
+
+@dataclass(frozen=True)
 class MergeMethod:
-    """A registry entry: name, paper, parameter schema, base policy and the per-tensor rule."""
+    """A registry entry: name, paper, parameter schema, base policy, the per-tensor rule and its optional hooks."""
 
     name: str
     rule: Rule
@@ -157,23 +201,13 @@ class MergeMethod:
     base: BasePolicy = BasePolicy.REQUIRED
     min_experts: int = 1
     max_experts: int | None = None
-    prepare: Prepare | None = None
     # recipe key -> (parameter, {recipe value: parameter value}); e.g. mergekit's `normalize` for TIES
     aliases: dict[str, tuple[str, dict[Any, Any]]] = field(default_factory=dict)
-    random: bool = False
-    # Only one input tensor is used by the rule (passthrough): the engine does not read the others.
-    structural: bool = False
-    # Data-driven methods: ``fit`` runs the models on each expert's data before the streaming merge; its
-    # FitResult reaches the rule as ``ctx.fitted``.
+    random: bool = False  # the rule draws random numbers (seeded per tensor): results vary with the seed
+    model_stats: ModelStats | None = None
+    tensor_stats: TensorStats | None = None
     fit: Fit | None = None
-    data: DataNeed = DataNeed.NONE
-    # True (or a function of the resolved parameters) when the output at a position depends only on the inputs at
-    # that position (plus prepare/tensor_stats/fit results): the engine then merges large tensors in row blocks.
-    elementwise: bool | Callable[[dict[str, Any]], bool] = False
-    # Per-tensor statistics over the tensor's blocks, before its blocks are merged (a per-tensor top-k threshold):
-    # (stream of this tensor's blocks, params, ctx) -> ctx.tensor_state.
-    tensor_stats: Callable[[TensorStream, dict[str, Any], TensorContext], Any] | None = None
-    uses_tensor_stats: Callable[[dict[str, Any]], bool] = lambda params: True
+    artifacts: Artifacts | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -201,35 +235,6 @@ class MergeMethod:
         if self.max_experts is not None and count > self.max_experts:
             noun = "model" if self.base is BasePolicy.IGNORED else "model besides the base"
             raise RecipeError(f"method '{self.name}' takes at most {self.max_experts} {noun}(s), got {count}")
-
-
-_REGISTRY: dict[str, MergeMethod] = {}
-
-
-def register(method: MergeMethod) -> MergeMethod:
-    if method.name in _REGISTRY:
-        raise ValueError(f"method {method.name!r} registered twice")
-    _REGISTRY[method.name] = method
-    return method
-
-
-def get_method(name: str) -> MergeMethod:
-    from mergesmith import methods as _load_all  # noqa: F401  (registers every module)
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        extra = f"; did you mean '{hint[0]}'?" if hint else ""
-        raise RecipeError(
-            f"unknown merge_method '{name}'{extra} (run `mergesmith methods` for the list)"
-        ) from None
-
-
-def all_methods() -> list[MergeMethod]:
-    from mergesmith import methods as _load_all  # noqa: F401
-
-    return sorted(_REGISTRY.values(), key=lambda m: m.name)
 
 
 def resolve_method_params(

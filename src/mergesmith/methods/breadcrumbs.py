@@ -34,10 +34,13 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import MergeMethod, Param, TensorContext, register
+from mergesmith.methods.base import MergeMethod, ModelStats, Param, Rule
 from mergesmith.methods.dare import RESCALE_ALIAS
-from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
-from mergesmith.methods.taskvec import rescale_kept
+from mergesmith.methods.params import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT
+from mergesmith.ops.gta import merge_task_vectors
+from mergesmith.ops.stream import TensorContext
+from mergesmith.ops.taskvec import rescale_kept
+from mergesmith.ops.ties import majority_sign_pass
 
 PAPER = "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024 " \
     "(arXiv:2312.06795)"
@@ -84,12 +87,6 @@ def breadcrumbs_ties_rule(base: torch.Tensor, experts: list[torch.Tensor], param
     return merge_task_vectors(base, experts, params, ctx, sparsify=breadcrumbs_sparsify, consensus=True)
 
 
-def _majority_pass(stream, params, seed):
-    from mergesmith.methods.ties import prepare_ties
-
-    return prepare_ties(stream, {**params, "trim_scope": "tensor"}, seed, sparsify=breadcrumbs_sparsify)
-
-
 DENSITY = Param("density", float, 0.15, "fraction of each task vector kept (paper: 85–90 % sparsity)",
                 per_model=True, low=0.0, high=1.0, mergekit=1.0)
 GAMMA = Param("gamma", float, 0.01, "fraction of the largest |τ| dropped as outliers", per_model=True, low=0.0,
@@ -100,26 +97,24 @@ SCOPE = Param("scope", str, "tensor",
 RESCALE = Param("rescale", str, "none", "none (paper) or l1: match each tensor's L1 norm after masking",
                 choices=("none", "l1"))
 
-register(
-    MergeMethod(
-        name="breadcrumbs",
-        rule=breadcrumbs_rule,
-        summary="drop the largest and smallest |τ| (keep a middle band), then task arithmetic",
-        paper=PAPER,
-        params=(WEIGHT, DENSITY, GAMMA, LAMBDA, Param("normalize", bool, False, "divide by Σ_t w_t"), SCOPE,
-                RESCALE),
-        aliases=dict(RESCALE_ALIAS),
-    )
+BREADCRUMBS = MergeMethod(
+    name="breadcrumbs",
+    rule=Rule(breadcrumbs_rule),
+    summary="drop the largest and smallest |τ| (keep a middle band), then task arithmetic",
+    paper=PAPER,
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, Param("normalize", bool, False, "divide by Σ_t w_t"), SCOPE,
+            RESCALE),
+    aliases=dict(RESCALE_ALIAS),
 )
 
-register(
-    MergeMethod(
-        name="breadcrumbs_ties",
-        rule=breadcrumbs_ties_rule,
-        summary="breadcrumbs masks, then TIES sign election and disjoint merge",
-        paper=PAPER,
-        params=(WEIGHT, DENSITY, GAMMA, LAMBDA, replace(DISJOINT, mergekit="sum"), SIGN_ZERO, SCOPE, RESCALE),
-        prepare=_majority_pass,
-        aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
-    )
+BREADCRUMBS_TIES = MergeMethod(
+    name="breadcrumbs_ties",
+    rule=Rule(breadcrumbs_ties_rule),
+    summary="breadcrumbs masks, then TIES sign election and disjoint merge",
+    paper=PAPER,
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, replace(DISJOINT, mergekit="sum"), SIGN_ZERO, SCOPE, RESCALE),
+    aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
+    model_stats=ModelStats(majority_sign_pass(breadcrumbs_sparsify)),
 )
+
+METHODS = (BREADCRUMBS, BREADCRUMBS_TIES,)

@@ -5,7 +5,7 @@ Multi-task Model Fusion"): Concrete Task Arithmetic and Concrete AdaMerging.
 
 One mask m, shared by every task vector, with logits x (init 0) over every mergeable tensor, sampled as a binary
 Concrete variable (temperature T = 0.5) and rescaled by its mean per tensor. x is learned at test time by
-minimising Σ_k E_{x ∈ D_k} H(f_θ(x; head_k)) on each task's unlabeled inputs (``mergesmith.learn.concrete``):
+minimising Σ_k E_{x ∈ D_k} H(f_θ(x; head_k)) on each task's unlabeled inputs (``mergesmith.fit.concrete``):
 
 - ``concrete_task_arithmetic``: λ fixed (``scaling`` 0.3); 2000 Adam steps (lr 1e-3) on x, one batch of 16 per
   task per step.
@@ -28,7 +28,7 @@ only, not as a plain recipe.
 
 from __future__ import annotations
 
-from mergesmith.learn.concrete import MASK_KINDS, fit_concrete_adamerging, fit_concrete_task_arithmetic
+from mergesmith.fit.concrete import MASK_KINDS, fit_concrete_adamerging, fit_concrete_task_arithmetic
 from mergesmith.methods.adamerging import (
     BATCH_SIZE,
     GRANULARITY,
@@ -37,8 +37,8 @@ from mergesmith.methods.adamerging import (
     fitted_lambdas,
     fitted_tensors,
 )
-from mergesmith.methods.base import DataNeed, MergeMethod, Param, register
-from mergesmith.methods.taskvec import stack_deltas
+from mergesmith.methods.base import DataNeed, Fit, MergeMethod, Param, Rule
+from mergesmith.ops.taskvec import stack_deltas
 
 PAPER = ("Tang et al., Concrete Subspace Learning based Interference Elimination for Multi-task Model Fusion, "
          "2023 (arXiv:2312.06173)")
@@ -56,24 +56,21 @@ LR = Param("lr", float, 1e-3, "Adam learning rate on the mask logits", low=0.0)
 EVAL_MASK = Param("eval_mask_type", str, "continuous", "final mask: one relaxed sample (continuous, FusionBench), "
                   "one Bernoulli sample (discrete) or σ(x) (expected)", choices=MASK_KINDS)
 
-register(
-    MergeMethod(
-        name="concrete_task_arithmetic",
-        rule=concrete_rule,
-        summary="θ₀ + λ Σ (m ⊙ τ_k) with a shared Concrete mask m learned by test-time entropy minimisation",
-        paper=PAPER,
-        params=(
-            Param("scaling", float, 0.3, "fixed task-arithmetic coefficient λ"),
-            Param("steps", int, 2000, "Adam steps on the mask logits", low=0),
-            LR,
-            TEMPERATURE,
-            INIT_LOGIT,
-            BATCH_SIZE,
-            EVAL_MASK,
-        ),
-        fit=fit_concrete_task_arithmetic,
-        data=DataNeed.UNLABELED,
-    )
+CONCRETE_TASK_ARITHMETIC = MergeMethod(
+    name="concrete_task_arithmetic",
+    rule=Rule(concrete_rule),
+    summary="θ₀ + λ Σ (m ⊙ τ_k) with a shared Concrete mask m learned by test-time entropy minimisation",
+    paper=PAPER,
+    params=(
+        Param("scaling", float, 0.3, "fixed task-arithmetic coefficient λ"),
+        Param("steps", int, 2000, "Adam steps on the mask logits", low=0),
+        LR,
+        TEMPERATURE,
+        INIT_LOGIT,
+        BATCH_SIZE,
+        EVAL_MASK,
+    ),
+    fit=Fit(fit_concrete_task_arithmetic, DataNeed.UNLABELED),
 )
 
 # shared with DAM, which is Concrete AdaMerging plus a safety branch
@@ -82,27 +79,26 @@ BASE_LR = Param("base_lr", float, 1.0, "Adam learning rate of the one inner step
 ADAMERGING_STEPS = Param("adamerging_steps", int, 1000, "AdaMerging steps on λ with the frozen mask", low=0)
 ADAMERGING_LR = Param("adamerging_lr", float, 1e-3, "Adam learning rate on λ after the mask is frozen", low=0.0)
 
-register(
-    MergeMethod(
-        name="concrete_adamerging",
-        rule=concrete_rule,
-        summary="θ₀ + Σ λ_k (m ⊙ τ_k): a shared Concrete mask meta-learned with AdaMerging's λ, then AdaMerging",
-        paper=PAPER,
-        params=(
-            GRANULARITY,
-            INIT,
-            CLAMP,
-            Param("meta_steps", int, 1000, "meta steps learning the mask", low=0),
-            BASE_LR,
-            LR,
-            ADAMERGING_STEPS,
-            ADAMERGING_LR,
-            TEMPERATURE,
-            INIT_LOGIT,
-            BATCH_SIZE,
-            EVAL_MASK,
-        ),
-        fit=fit_concrete_adamerging,
-        data=DataNeed.UNLABELED,
-    )
+CONCRETE_ADAMERGING = MergeMethod(
+    name="concrete_adamerging",
+    rule=Rule(concrete_rule),
+    summary="θ₀ + Σ λ_k (m ⊙ τ_k): a shared Concrete mask meta-learned with AdaMerging's λ, then AdaMerging",
+    paper=PAPER,
+    params=(
+        GRANULARITY,
+        INIT,
+        CLAMP,
+        Param("meta_steps", int, 1000, "meta steps learning the mask", low=0),
+        BASE_LR,
+        LR,
+        ADAMERGING_STEPS,
+        ADAMERGING_LR,
+        TEMPERATURE,
+        INIT_LOGIT,
+        BATCH_SIZE,
+        EVAL_MASK,
+    ),
+    fit=Fit(fit_concrete_adamerging, DataNeed.UNLABELED),
 )
+
+METHODS = (CONCRETE_TASK_ARITHMETIC, CONCRETE_ADAMERGING,)

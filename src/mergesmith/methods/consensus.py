@@ -5,7 +5,7 @@ Per tensor (elementwise, so per tensor = over the flattened model), with τ_t = 
 
 1. multi-task vector τ_MTL: the task-arithmetic sum Σ_t τ_t (``base_method: ta``), or TIES with K = 20 % and
    dis-sum (``base_method: ties``: global top-``density`` trim, sign election by mass with the whole-model majority
-   sign for exact zeros, sum over the agreeing experts — ``methods/ties.py``'s trim and its ``prepare``);
+   sign for exact zeros, sum over the agreeing experts — ``ops/ties.py``'s trim and whole-model pass);
 2. TALL mask of each task: m_t = 1{ |θ₀ − θ_t| > λ_t · |θ_MTL − θ_t| },  θ_MTL = θ₀ + τ_MTL
    (strict >, as ``tall_masks/src/utils/tallmask_utils.py::generate_task_masks``);
 3. consensus mask: m = 1{ Σ_t m_t ≥ k }  (k = 2 drops "catastrophic" (0 tasks) and "selfish" (1 task) weights;
@@ -29,25 +29,19 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import (
-    REQUIRED,
-    MergeMethod,
-    Param,
-    TensorContext,
-    TensorInputs,
-    TensorStream,
-    register,
-)
-from mergesmith.methods.gta import LAMBDA
-from mergesmith.methods.taskvec import disjoint_merge, elect_signs, stack_deltas
-from mergesmith.methods.ties import TRIM_SCOPE, _trim, prepare_ties
+from mergesmith.methods.base import REQUIRED, MergeMethod, ModelStats, Param, Rule
+from mergesmith.methods.params import LAMBDA
+from mergesmith.methods.ties import TRIM_SCOPE
+from mergesmith.ops.stream import TensorContext, TensorInputs, TensorStream
+from mergesmith.ops.taskvec import disjoint_merge, elect_signs, stack_deltas
+from mergesmith.ops.ties import prepare_ties, trim
 
 
 def multitask_vector(deltas: torch.Tensor, params: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
     """τ_MTL from the ``[T, *shape]`` task vectors: TA sum, or TIES (trim, elect, dis-sum), unscaled."""
     if params["base_method"] == "ta":
         return deltas.sum(dim=0)
-    trimmed = torch.stack([_trim(deltas[i], i, params, ctx) for i in range(deltas.shape[0])])
+    trimmed = torch.stack([trim(deltas[i], i, params, ctx) for i in range(deltas.shape[0])])
     majority = ctx.state.get("majority", 1.0) if isinstance(ctx.state, dict) else 1.0
     signs = elect_signs(trimmed, "majority", majority)
     return disjoint_merge(trimmed, torch.ones_like(trimmed), signs, "sum")
@@ -80,24 +74,24 @@ def prepare_consensus(stream: TensorStream, params: dict[str, Any], seed: int = 
     return prepare_ties(unit_weights, {"trim_scope": params["trim_scope"], "sign_zero": "majority"}, seed)
 
 
-METHOD = register(
-    MergeMethod(
-        name="consensus",
-        rule=consensus_rule,
-        summary="keep the multi-task vector only where ≥ k tasks' TALL masks agree",
-        paper="Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024 "
-        "(arXiv:2405.07813)",
-        params=(
-            LAMBDA,
-            Param("k", int, 2, "minimum number of tasks whose TALL mask keeps a weight", low=0),
-            Param("lambda_t", float, 0.6, "per-task TALL mask threshold λ_t (official grid 0.2–0.6)",
-                  per_model=True, low=0.0),
-            Param("base_method", str, "ta", "multi-task vector: task-arithmetic sum or TIES (dis-sum)",
-                  choices=("ta", "ties")),
-            Param("density", float, 0.2, "TIES keep fraction K for base_method: ties", per_model=True, low=0.0,
-                  high=1.0),
-            replace(TRIM_SCOPE, mergekit=REQUIRED),
-        ),
-        prepare=prepare_consensus,
-    )
+CONSENSUS = MergeMethod(
+    name="consensus",
+    rule=Rule(consensus_rule),
+    summary="keep the multi-task vector only where ≥ k tasks' TALL masks agree",
+    paper="Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024 "
+    "(arXiv:2405.07813)",
+    params=(
+        LAMBDA,
+        Param("k", int, 2, "minimum number of tasks whose TALL mask keeps a weight", low=0),
+        Param("lambda_t", float, 0.6, "per-task TALL mask threshold λ_t (official grid 0.2–0.6)",
+              per_model=True, low=0.0),
+        Param("base_method", str, "ta", "multi-task vector: task-arithmetic sum or TIES (dis-sum)",
+              choices=("ta", "ties")),
+        Param("density", float, 0.2, "TIES keep fraction K for base_method: ties", per_model=True, low=0.0,
+              high=1.0),
+        replace(TRIM_SCOPE, mergekit=REQUIRED),
+    ),
+    model_stats=ModelStats(prepare_consensus),
 )
+
+METHODS = (CONSENSUS,)

@@ -7,7 +7,7 @@ Multi-Task Model Merging via Safety-Aware Subspace").
 
 on each task's unlabeled test inputs (no labels, no knowledge of any trigger). Some experts may be backdoored;
 the learned perturbation δ_k probes for inputs that flip the merged model's predictions (as a trigger does), and
-the mask is pushed towards a subspace whose predictions stay stable under it (``mergesmith.learn.dam``).
+the mask is pushed towards a subspace whose predictions stay stable under it (``mergesmith.fit.dam``).
 
 The paper describes two alternately optimised masks: a task-shared mask (performance, L_perf) and a
 backdoor-detection mask (safety, α·L_safe). The released code (FusionBench
@@ -38,9 +38,9 @@ inspection; the merge does not read them).
 
 from __future__ import annotations
 
-from mergesmith.learn.dam import PERTURBATION_UNITS, REGULARIZERS, fit_dam
+from mergesmith.fit.dam import PERTURBATION_UNITS, REGULARIZERS, fit_dam
 from mergesmith.methods.adamerging import BATCH_SIZE, GRANULARITY, INIT
-from mergesmith.methods.base import DataNeed, MergeMethod, Param, register
+from mergesmith.methods.base import DataNeed, Fit, MergeMethod, Param, Rule
 from mergesmith.methods.concrete import (
     ADAMERGING_LR,
     ADAMERGING_STEPS,
@@ -53,35 +53,34 @@ from mergesmith.methods.concrete import (
     concrete_rule,
 )
 
-METHOD = register(
-    MergeMethod(
-        name="dam",
-        rule=concrete_rule,
-        summary="Concrete AdaMerging whose shared mask is also trained to resist a learned input perturbation "
-                "(backdoor-safe merging)",
-        paper="Yang et al., Mitigating the Backdoor Effect for Multi-Task Model Merging via Safety-Aware Subspace, "
-              "ICLR 2025",
-        params=(
-            GRANULARITY,
-            INIT,
-            CLAMP,
-            Param("meta_steps", int, 1000, "meta steps learning the mask and the perturbations", low=0),
-            BASE_LR,
-            LR,
-            Param("adv_lr", float, 1e-4, "Adam learning rate on the perturbations δ_k", low=0.0),
-            Param("adv_weight", float, 0.1, "weight α of the perturbed-input term of the mask loss", low=0.0),
-            Param("regularizer", str, "entropy", "perturbed-input term: entropy H(f(x+δ)) (released 'regu2') or "
-                  "consistency CE(f(x+δ), argmax f(x)) ('regu1')", choices=REGULARIZERS),
-            Param("perturbation_units", str, "embedding_rms", "δ in units of the base token embeddings' RMS "
-                  "(embedding_rms) or raw (absolute)", choices=PERTURBATION_UNITS),
-            ADAMERGING_STEPS,
-            ADAMERGING_LR,
-            TEMPERATURE,
-            INIT_LOGIT,
-            BATCH_SIZE,
-            EVAL_MASK,
-        ),
-        fit=fit_dam,
-        data=DataNeed.UNLABELED,
-    )
+DAM = MergeMethod(
+    name="dam",
+    rule=Rule(concrete_rule),
+    summary="Concrete AdaMerging whose shared mask is also trained to resist a learned input perturbation "
+            "(backdoor-safe merging)",
+    paper="Yang et al., Mitigating the Backdoor Effect for Multi-Task Model Merging via Safety-Aware Subspace, "
+          "ICLR 2025",
+    params=(
+        GRANULARITY,
+        INIT,
+        CLAMP,
+        Param("meta_steps", int, 1000, "meta steps learning the mask and the perturbations", low=0),
+        BASE_LR,
+        LR,
+        Param("adv_lr", float, 1e-4, "Adam learning rate on the perturbations δ_k", low=0.0),
+        Param("adv_weight", float, 0.1, "weight α of the perturbed-input term of the mask loss", low=0.0),
+        Param("regularizer", str, "entropy", "perturbed-input term: entropy H(f(x+δ)) (released 'regu2') or "
+              "consistency CE(f(x+δ), argmax f(x)) ('regu1')", choices=REGULARIZERS),
+        Param("perturbation_units", str, "embedding_rms", "δ in units of the base token embeddings' RMS "
+              "(embedding_rms) or raw (absolute)", choices=PERTURBATION_UNITS),
+        ADAMERGING_STEPS,
+        ADAMERGING_LR,
+        TEMPERATURE,
+        INIT_LOGIT,
+        BATCH_SIZE,
+        EVAL_MASK,
+    ),
+    fit=Fit(fit_dam, DataNeed.UNLABELED),
 )
+
+METHODS = (DAM,)

@@ -22,9 +22,12 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import MergeMethod, Param, TensorContext, TensorStream, register
-from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
-from mergesmith.methods.taskvec import bernoulli_mask, l1_ratio, rescale_kept, stack_deltas
+from mergesmith.methods.base import MergeMethod, ModelStats, Param, Rule, TensorStats
+from mergesmith.methods.params import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT
+from mergesmith.ops.gta import merge_task_vectors
+from mergesmith.ops.stream import TensorContext, TensorStream
+from mergesmith.ops.taskvec import bernoulli_mask, l1_ratio, rescale_kept, stack_deltas
+from mergesmith.ops.ties import majority_sign_pass
 
 PAPER = "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024 (arXiv:2311.03099)"
 
@@ -94,40 +97,29 @@ def dare_ties_rule(base, experts, params, ctx):
     return merge_task_vectors(base, experts, params, ctx, sparsify=drop_and_rescale, consensus=True)
 
 
-def _majority_pass(stream, params, seed):
-    from mergesmith.methods.ties import prepare_ties
-
-    return prepare_ties(stream, {**params, "trim_scope": "tensor"}, seed, sparsify=drop_and_rescale)
-
-
-register(
-    MergeMethod(
-        name="dare_linear",
-        rule=dare_linear_rule,
-        summary="random drop with rescale, then task arithmetic",
-        paper=PAPER,
-        params=(WEIGHT, DENSITY, LAMBDA, RESCALE, Param("normalize", bool, False, "divide by Σ_t w_t")),
-        aliases=dict(RESCALE_ALIAS),
-        random=True,
-        elementwise=True,
-        tensor_stats=l1_ratios,
-        uses_tensor_stats=lambda params: params["rescale"] == "l1",
-    )
+DARE_LINEAR = MergeMethod(
+    name="dare_linear",
+    rule=Rule(dare_linear_rule, elementwise=True),
+    summary="random drop with rescale, then task arithmetic",
+    paper=PAPER,
+    params=(WEIGHT, DENSITY, LAMBDA, RESCALE, Param("normalize", bool, False, "divide by Σ_t w_t")),
+    aliases=dict(RESCALE_ALIAS),
+    random=True,
+    tensor_stats=TensorStats(l1_ratios, needed=lambda params: params["rescale"] == "l1"),
 )
 
-register(
-    MergeMethod(
-        name="dare_ties",
-        rule=dare_ties_rule,
-        summary="random drop with rescale, then TIES sign election and disjoint merge",
-        paper=PAPER,
-        params=(WEIGHT, DENSITY, LAMBDA, RESCALE, replace(DISJOINT, mergekit="sum"), SIGN_ZERO),
-        prepare=_majority_pass,
-        aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
-        random=True,
-        # the majority-sign pass with an L1 rescale would need whole tensors; every other setting merges in blocks
-        elementwise=lambda params: params["rescale"] != "l1" or params["sign_zero"] == "positive",
-        tensor_stats=l1_ratios,
-        uses_tensor_stats=lambda params: params["rescale"] == "l1",
-    )
+DARE_TIES = MergeMethod(
+    name="dare_ties",
+    # the majority-sign pass with an L1 rescale would need whole tensors; every other setting merges in blocks
+    rule=Rule(dare_ties_rule,
+              elementwise=lambda params: params["rescale"] != "l1" or params["sign_zero"] == "positive"),
+    summary="random drop with rescale, then TIES sign election and disjoint merge",
+    paper=PAPER,
+    params=(WEIGHT, DENSITY, LAMBDA, RESCALE, replace(DISJOINT, mergekit="sum"), SIGN_ZERO),
+    aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
+    random=True,
+    model_stats=ModelStats(majority_sign_pass(drop_and_rescale)),
+    tensor_stats=TensorStats(l1_ratios, needed=lambda params: params["rescale"] == "l1"),
 )
+
+METHODS = (DARE_LINEAR, DARE_TIES,)

@@ -34,10 +34,13 @@ from typing import Any
 import torch
 
 from mergesmith.errors import RecipeError
-from mergesmith.methods.base import MergeMethod, Param, TensorContext, register
+from mergesmith.methods.base import MergeMethod, ModelStats, Param, Rule
 from mergesmith.methods.dare import RESCALE_ALIAS
-from mergesmith.methods.gta import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT, merge_task_vectors
-from mergesmith.methods.taskvec import rescale_kept
+from mergesmith.methods.params import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT
+from mergesmith.ops.gta import merge_task_vectors
+from mergesmith.ops.stream import TensorContext
+from mergesmith.ops.taskvec import rescale_kept
+from mergesmith.ops.ties import majority_sign_pass
 
 PAPER = "Deep, Bhardwaj, Poria, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based " \
     "Sampling, 2024 (arXiv:2406.11617)"
@@ -72,12 +75,6 @@ def magprune(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorCon
     return rescale_kept(delta, mask, probs, params["rescale"])
 
 
-def _majority_pass(stream, params, seed):
-    from mergesmith.methods.ties import prepare_ties
-
-    return prepare_ties(stream, {**params, "trim_scope": "tensor"}, seed, sparsify=magprune)
-
-
 def della_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
                ctx: TensorContext) -> torch.Tensor:
     return merge_task_vectors(base, experts, params, ctx, sparsify=magprune, consensus=True)
@@ -96,28 +93,26 @@ RESCALE = Param("rescale", str, "inverse",
                 "inverse: divide each kept entry by its p (paper); l1: match the L1 norm (mergekit); none",
                 choices=("inverse", "l1", "none"), mergekit="l1")
 
-register(
-    MergeMethod(
-        name="della",
-        rule=della_rule,
-        summary="MagPrune (rank-based random drop, rescale), then TIES sign election and disjoint mean",
-        paper=PAPER,
-        params=(WEIGHT, DENSITY, EPSILON, LAMBDA, RESCALE, DISJOINT,
-                replace(SIGN_ZERO, default="positive", mergekit="positive")),
-        prepare=_majority_pass,
-        aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
-        random=True,
-    )
+DELLA = MergeMethod(
+    name="della",
+    rule=Rule(della_rule),
+    summary="MagPrune (rank-based random drop, rescale), then TIES sign election and disjoint mean",
+    paper=PAPER,
+    params=(WEIGHT, DENSITY, EPSILON, LAMBDA, RESCALE, DISJOINT,
+            replace(SIGN_ZERO, default="positive", mergekit="positive")),
+    aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
+    random=True,
+    model_stats=ModelStats(majority_sign_pass(magprune)),
 )
 
-register(
-    MergeMethod(
-        name="della_linear",
-        rule=della_linear_rule,
-        summary="MagPrune (rank-based random drop, rescale), then task arithmetic",
-        paper=PAPER,
-        params=(WEIGHT, DENSITY, EPSILON, LAMBDA, RESCALE, Param("normalize", bool, False, "divide by Σ_t w_t")),
-        aliases=dict(RESCALE_ALIAS),
-        random=True,
-    )
+DELLA_LINEAR = MergeMethod(
+    name="della_linear",
+    rule=Rule(della_linear_rule),
+    summary="MagPrune (rank-based random drop, rescale), then task arithmetic",
+    paper=PAPER,
+    params=(WEIGHT, DENSITY, EPSILON, LAMBDA, RESCALE, Param("normalize", bool, False, "divide by Σ_t w_t")),
+    aliases=dict(RESCALE_ALIAS),
+    random=True,
 )
+
+METHODS = (DELLA, DELLA_LINEAR,)

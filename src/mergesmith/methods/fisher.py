@@ -1,7 +1,7 @@
 """Fisher-weighted averaging (Matena & Raffel, NeurIPS 2022, "Merging Models with Fisher-Weighted Averaging").
 
 Each model's posterior is approximated by a Gaussian with diagonal precision F_i (its diagonal Fisher on its own
-task's examples, ``mergesmith.stats.fisher``); the merge maximises the joint posterior, per coordinate j:
+task's examples, ``mergesmith.fit.fisher``); the merge maximises the joint posterior, per coordinate j:
 
     θ*_j = Σ_i λ_i F_i,j θ_i,j / Σ_i λ_i F_i,j
 
@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 
 from mergesmith.errors import MergeError
-from mergesmith.methods.base import BasePolicy, DataNeed, MergeMethod, Param, register
-from mergesmith.methods.taskvec import per_model, weighted_sum
-from mergesmith.stats.fisher import ESTIMATORS, fisher_key, fit_fisher, norm_key
+from mergesmith.fit.fisher import ESTIMATORS, fisher_key, fit_fisher, norm_key
+from mergesmith.methods.base import BasePolicy, DataNeed, Fit, MergeMethod, Param, Rule
+from mergesmith.ops.taskvec import per_model, weighted_sum
 
 
 def fisher_rule(base, experts, params, ctx):
@@ -62,25 +62,24 @@ def fisher_rule(base, experts, params, ctx):
     return torch.where(denominator > 0, merged, average)
 
 
-METHOD = register(
-    MergeMethod(
-        name="fisher",
-        rule=fisher_rule,
-        summary="Fisher-weighted average: each coordinate weighted by each model's diagonal Fisher",
-        paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv:2111.09832)",
-        params=(
-            Param("weight", float, 1.0, "model coefficient λ_i (only ratios matter)", per_model=True, low=0.0),
-            Param("estimator", str, "exact", "Fisher estimator: exact (paper), empirical (true labels), batch "
-                  "(MergeLM/FusionBench approximation)", choices=ESTIMATORS),
-            Param("n_examples", int, 4096, "examples per model for its Fisher (capped at the data given)", low=1),
-            Param("fisher_batch_size", int, 2, "examples per vectorised chunk (exact, empirical) or per batch "
-                  "gradient (batch)", low=1),
-            Param("fisher_floor", float, 1e-6, "lower bound on F", low=0.0),
-            Param("favor_target_model", bool, True, "floor only the first model's Fisher (official code)"),
-            Param("normalize_fishers", bool, True, "divide λ_i by the global L2 norm of F_i"),
-        ),
-        base=BasePolicy.IGNORED,
-        fit=fit_fisher,
-        data=DataNeed.UNLABELED,
-    )
+FISHER = MergeMethod(
+    name="fisher",
+    rule=Rule(fisher_rule),
+    summary="Fisher-weighted average: each coordinate weighted by each model's diagonal Fisher",
+    paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv:2111.09832)",
+    params=(
+        Param("weight", float, 1.0, "model coefficient λ_i (only ratios matter)", per_model=True, low=0.0),
+        Param("estimator", str, "exact", "Fisher estimator: exact (paper), empirical (true labels), batch "
+              "(MergeLM/FusionBench approximation)", choices=ESTIMATORS),
+        Param("n_examples", int, 4096, "examples per model for its Fisher (capped at the data given)", low=1),
+        Param("fisher_batch_size", int, 2, "examples per vectorised chunk (exact, empirical) or per batch "
+              "gradient (batch)", low=1),
+        Param("fisher_floor", float, 1e-6, "lower bound on F", low=0.0),
+        Param("favor_target_model", bool, True, "floor only the first model's Fisher (official code)"),
+        Param("normalize_fishers", bool, True, "divide λ_i by the global L2 norm of F_i"),
+    ),
+    base=BasePolicy.IGNORED,
+    fit=Fit(fit_fisher, DataNeed.UNLABELED),
 )
+
+METHODS = (FISHER,)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from mergesmith.errors import RecipeError
-from mergesmith.methods.base import BasePolicy, MergeMethod, Param, TensorContext, register
+from mergesmith.methods.base import BasePolicy, MergeMethod, Param, Rule
+from mergesmith.ops.stream import TensorContext
 
 
 def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10,
@@ -74,19 +75,19 @@ def karcher_rule(base: torch.Tensor | None, experts: list[torch.Tensor], params:
     return karcher_mean(experts, params["weight"], params["max_iter"], params["tol"])
 
 
-METHOD = register(
-    MergeMethod(
-        name="karcher",
-        rule=karcher_rule,
-        summary="Karcher (Riemannian) mean of the models on the unit sphere, scaled by the mean norm",
-        paper="Karcher, Riemannian center of mass and mollifier smoothing, CPAM 1977; mergekit karcher "
-        "(arXiv:2603.04972)",
-        params=(
-            Param("weight", float, 1.0, "per-model weight α_i (normalized to sum 1)", per_model=True, low=0.0),
-            Param("max_iter", int, 10, "maximum Riemannian gradient steps", low=0),
-            Param("tol", float, 1e-5, "convergence / degeneracy tolerance", low=0.0),
-        ),
-        base=BasePolicy.IGNORED,
-        min_experts=1,
-    )
+KARCHER = MergeMethod(
+    name="karcher",
+    rule=Rule(karcher_rule),
+    summary="Karcher (Riemannian) mean of the models on the unit sphere, scaled by the mean norm",
+    paper="Karcher, Riemannian center of mass and mollifier smoothing, CPAM 1977; mergekit karcher "
+    "(arXiv:2603.04972)",
+    params=(
+        Param("weight", float, 1.0, "per-model weight α_i (normalized to sum 1)", per_model=True, low=0.0),
+        Param("max_iter", int, 10, "maximum Riemannian gradient steps", low=0),
+        Param("tol", float, 1e-5, "convergence / degeneracy tolerance", low=0.0),
+    ),
+    base=BasePolicy.IGNORED,
+    min_experts=1,
 )
+
+METHODS = (KARCHER,)

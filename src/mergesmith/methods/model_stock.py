@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import BasePolicy, MergeMethod, Param, TensorContext, register
+from mergesmith.methods.base import BasePolicy, MergeMethod, Param, Rule
+from mergesmith.ops.stream import TensorContext
 
 
 def model_stock_ratio(offsets: torch.Tensor) -> torch.Tensor:
@@ -49,15 +50,15 @@ def model_stock_rule(base: torch.Tensor, experts: list[torch.Tensor], params: di
     return (t * models.mean(dim=0) + (1 - t) * w0).reshape(shape)
 
 
-METHOD = register(
-    MergeMethod(
-        name="model_stock",
-        rule=model_stock_rule,
-        summary="interpolate the average of the fine-tuned models toward the base by their angle",
-        paper="Jang, Yun, Han, Model Stock: All we need is just a few fine-tuned models, ECCV 2024 "
-        "(arXiv:2403.19522)",
-        params=(Param("filter_wise", bool, False, "one ratio t per row (last-dim slice) instead of per tensor"),),
-        base=BasePolicy.REQUIRED,
-        min_experts=2,
-    )
+MODEL_STOCK = MergeMethod(
+    name="model_stock",
+    rule=Rule(model_stock_rule),
+    summary="interpolate the average of the fine-tuned models toward the base by their angle",
+    paper="Jang, Yun, Han, Model Stock: All we need is just a few fine-tuned models, ECCV 2024 "
+    "(arXiv:2403.19522)",
+    params=(Param("filter_wise", bool, False, "one ratio t per row (last-dim slice) instead of per tensor"),),
+    base=BasePolicy.REQUIRED,
+    min_experts=2,
 )
+
+METHODS = (MODEL_STOCK,)

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import BasePolicy, MergeMethod, Param, TensorContext, register
+from mergesmith.methods.base import BasePolicy, MergeMethod, Param, Rule
+from mergesmith.ops.stream import TensorContext
 
 COLINEAR_EPS = 1e-8
 NORM_EPS = 1e-7
@@ -57,21 +58,21 @@ def nuslerp_rule(base: torch.Tensor | None, experts: list[torch.Tensor], params:
     return base + nuslerp(t, experts[0] - base, experts[1] - base, dim=dim, flatten=flatten)
 
 
-METHOD = register(
-    MergeMethod(
-        name="nuslerp",
-        rule=nuslerp_rule,
-        summary="SLERP of two models (of their task vectors when a base is given), t = w2 / (w1 + w2)",
-        paper="mergekit nuslerp (Goddard et al., Arcee's MergeKit, EMNLP 2024 Industry, arXiv:2403.13257); "
-        "SLERP: Shoemake, SIGGRAPH 1985",
-        params=(
-            Param("weight", float, 1.0, "per-model weight; t = w2 / (w1 + w2)", per_model=True),
-            Param("nuslerp_flatten", bool, True, "SLERP the whole flattened tensor"),
-            Param("nuslerp_row_wise", bool, False,
-                  "without flatten: SLERP slices along dim 0 (true) or along the last dim (false)"),
-        ),
-        base=BasePolicy.OPTIONAL,
-        min_experts=2,
-        max_experts=2,
-    )
+NUSLERP = MergeMethod(
+    name="nuslerp",
+    rule=Rule(nuslerp_rule),
+    summary="SLERP of two models (of their task vectors when a base is given), t = w2 / (w1 + w2)",
+    paper="mergekit nuslerp (Goddard et al., Arcee's MergeKit, EMNLP 2024 Industry, arXiv:2403.13257); "
+    "SLERP: Shoemake, SIGGRAPH 1985",
+    params=(
+        Param("weight", float, 1.0, "per-model weight; t = w2 / (w1 + w2)", per_model=True),
+        Param("nuslerp_flatten", bool, True, "SLERP the whole flattened tensor"),
+        Param("nuslerp_row_wise", bool, False,
+              "without flatten: SLERP slices along dim 0 (true) or along the last dim (false)"),
+    ),
+    base=BasePolicy.OPTIONAL,
+    min_experts=2,
+    max_experts=2,
 )
+
+METHODS = (NUSLERP,)

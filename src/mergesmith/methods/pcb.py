@@ -35,10 +35,11 @@ from typing import Any
 import torch
 
 from mergesmith.errors import RecipeError
-from mergesmith.methods.base import MergeMethod, Param, TensorContext, TensorStream, register
-from mergesmith.methods.gta import LAMBDA
-from mergesmith.methods.selection import local_order_statistics, order_statistics
-from mergesmith.methods.taskvec import per_model, stack_deltas
+from mergesmith.methods.base import MergeMethod, ModelStats, Param, Rule
+from mergesmith.methods.params import LAMBDA
+from mergesmith.ops.selection import local_order_statistics, order_statistics
+from mergesmith.ops.stream import TensorContext, TensorStream
+from mergesmith.ops.taskvec import per_model, stack_deltas
 
 _GLOBAL_KEYS = ("ratio", "clip", "inter")
 
@@ -143,25 +144,25 @@ def pcb_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, 
     return base + params["lambda"] * merged.reshape(base.shape)
 
 
-METHOD = register(
-    MergeMethod(
-        name="pcb",
-        rule=pcb_rule,
-        summary="balance intra-/inter-task parameter importance, keep the top ratio, weighted merge",
-        paper="Du et al., Parameter Competition Balancing for Model Merging, NeurIPS 2024 (arXiv:2410.02396)",
-        params=(
-            Param("weight", float, 1.0, "per-task coefficient λ_i inside the weighted sum (official ES/ViT: 1.2)",
-                  per_model=True),
-            LAMBDA,
-            Param("ratio", float, 0.1, "fraction r of the balancing scores kept (T5: 0.05–0.2, ViT: 0.05)",
-                  low=0.0, high=1.0),
-            Param("clip", float, 1e-4, "quantile of |τ| clipped at each end (NLP code 1e-4, vision 0.01)",
-                  low=0.0, high=0.5),
-            Param("scope", str, "global", "statistics over the whole model (official code) or per tensor",
-                  choices=("global", "tensor")),
-            Param("inter", str, "sum", "inter-balancing trend: Σ_j τ_j (NLP code) or Σ_j sign(τ_j) Norm|τ̃_j| "
-                  "(vision script)", choices=("sum", "normalized")),
-        ),
-        prepare=prepare_pcb,
-    )
+PCB = MergeMethod(
+    name="pcb",
+    rule=Rule(pcb_rule),
+    summary="balance intra-/inter-task parameter importance, keep the top ratio, weighted merge",
+    paper="Du et al., Parameter Competition Balancing for Model Merging, NeurIPS 2024 (arXiv:2410.02396)",
+    params=(
+        Param("weight", float, 1.0, "per-task coefficient λ_i inside the weighted sum (official ES/ViT: 1.2)",
+              per_model=True),
+        LAMBDA,
+        Param("ratio", float, 0.1, "fraction r of the balancing scores kept (T5: 0.05–0.2, ViT: 0.05)",
+              low=0.0, high=1.0),
+        Param("clip", float, 1e-4, "quantile of |τ| clipped at each end (NLP code 1e-4, vision 0.01)",
+              low=0.0, high=0.5),
+        Param("scope", str, "global", "statistics over the whole model (official code) or per tensor",
+              choices=("global", "tensor")),
+        Param("inter", str, "sum", "inter-balancing trend: Σ_j τ_j (NLP code) or Σ_j sign(τ_j) Norm|τ̃_j| "
+              "(vision script)", choices=("sum", "normalized")),
+    ),
+    model_stats=ModelStats(prepare_pcb),
 )
+
+METHODS = (PCB,)

@@ -5,7 +5,7 @@ Each linear layer is merged to best reproduce every model's outputs on that mode
     W* = argmin_W Σ_i ‖X_i W − X_i W_i‖²  =  (Σ_i G_i)⁻¹ Σ_i G_i W_i,   G_i = X_iᵀ X_i
 
 (W in [in, out] layout: a PyTorch ``nn.Linear`` weight is transposed in and out; HF ``Conv1D`` already is).
-The Grams come from the fit (``mergesmith.stats.gram``: mean XᵀX over non-padding tokens of ``n_examples``
+The Grams come from the fit (``mergesmith.fit.gram``: mean XᵀX over non-padding tokens of ``n_examples``
 examples per model, official configs ``gram_n_example: 1000``).
 
 - ``alpha`` scales the off-diagonal entries, G̃_i = α G_i + (1 − α) diag(G_i) (official ``reduce_non_diag``):
@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 
 from mergesmith.errors import MergeError
-from mergesmith.methods.base import BasePolicy, DataNeed, MergeMethod, Param, register
-from mergesmith.methods.taskvec import per_model, weighted_sum
-from mergesmith.stats.gram import fit_regmean, gram_key
+from mergesmith.fit.gram import fit_regmean, gram_key
+from mergesmith.methods.base import BasePolicy, DataNeed, Fit, MergeMethod, Param, Rule
+from mergesmith.ops.taskvec import per_model, weighted_sum
 
 RIDGE = 1e-8  # relative to the mean diagonal of Σ G̃_i; only used when the system is singular
 
@@ -76,24 +76,23 @@ def regmean_rule(base, experts, params, ctx):
     return (merged if transposed else merged.T).to(experts[0].dtype).contiguous()
 
 
-METHOD = register(
-    MergeMethod(
-        name="regmean",
-        rule=regmean_rule,
-        summary="linear layers solved to reproduce every model's outputs on its inputs (Gram matrices)",
-        paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 "
-        "(arXiv:2212.09849)",
-        params=(
-            Param("weight", float, 1.0, "per-model coefficient c_i (scales its Gram and its average share)",
-                  per_model=True, low=0.0),
-            Param("alpha", float, 0.9, "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal)",
-                  low=0.0, high=1.0),
-            Param("n_examples", int, 1000, "examples per model for its Grams (capped at the data given)", low=1),
-            Param("batch_size", int, 16, "examples per forward pass (changes the Grams only with padding)", low=1),
-            Param("include_padding", bool, False, "count padding positions too (official code)"),
-        ),
-        base=BasePolicy.IGNORED,
-        fit=fit_regmean,
-        data=DataNeed.UNLABELED,
-    )
+REGMEAN = MergeMethod(
+    name="regmean",
+    rule=Rule(regmean_rule),
+    summary="linear layers solved to reproduce every model's outputs on its inputs (Gram matrices)",
+    paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 "
+    "(arXiv:2212.09849)",
+    params=(
+        Param("weight", float, 1.0, "per-model coefficient c_i (scales its Gram and its average share)",
+              per_model=True, low=0.0),
+        Param("alpha", float, 0.9, "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal)",
+              low=0.0, high=1.0),
+        Param("n_examples", int, 1000, "examples per model for its Grams (capped at the data given)", low=1),
+        Param("batch_size", int, 16, "examples per forward pass (changes the Grams only with padding)", low=1),
+        Param("include_padding", bool, False, "count padding positions too (official code)"),
+    ),
+    base=BasePolicy.IGNORED,
+    fit=Fit(fit_regmean, DataNeed.UNLABELED),
 )
+
+METHODS = (REGMEAN,)

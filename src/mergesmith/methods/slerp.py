@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import BasePolicy, MergeMethod, Param, TensorContext, register
+from mergesmith.methods.base import BasePolicy, MergeMethod, Param, Rule
+from mergesmith.ops.stream import TensorContext
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -53,15 +54,15 @@ def slerp_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str
     return slerp(params["t"], base, experts[0])
 
 
-METHOD = register(
-    MergeMethod(
-        name="slerp",
-        rule=slerp_rule,
-        summary="spherical interpolation between the base and one other model",
-        paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985 (model merging: mergekit)",
-        params=(Param("t", float, help="interpolation factor: 0 = base, 1 = the other model", low=0.0, high=1.0),),
-        base=BasePolicy.REQUIRED,
-        min_experts=1,
-        max_experts=1,
-    )
+SLERP = MergeMethod(
+    name="slerp",
+    rule=Rule(slerp_rule),
+    summary="spherical interpolation between the base and one other model",
+    paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985 (model merging: mergekit)",
+    params=(Param("t", float, help="interpolation factor: 0 = base, 1 = the other model", low=0.0, high=1.0),),
+    base=BasePolicy.REQUIRED,
+    min_experts=1,
+    max_experts=1,
 )
+
+METHODS = (SLERP,)

@@ -9,20 +9,20 @@ are the user's knobs; negation (forgetting) is w_t = −1.
 
 from __future__ import annotations
 
-from mergesmith.methods.base import MergeMethod, Param, register
-from mergesmith.methods.gta import LAMBDA, WEIGHT, merge_task_vectors
+from mergesmith.methods.base import MergeMethod, Param, Rule
+from mergesmith.methods.params import LAMBDA, WEIGHT
+from mergesmith.ops.gta import merge_task_vectors
 
-METHOD = register(
-    MergeMethod(
-        name="task_arithmetic",
-        rule=lambda base, experts, params, ctx: merge_task_vectors(base, experts, params, ctx),
-        elementwise=True,
-        summary="θ₀ + λ Σ w_t (θ_t − θ₀)",
-        paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
-        params=(
-            WEIGHT,
-            LAMBDA,
-            Param("normalize", bool, False, "divide the weighted sum by Σ_t w_t"),
-        ),
-    )
+TASK_ARITHMETIC = MergeMethod(
+    name="task_arithmetic",
+    rule=Rule(lambda base, experts, params, ctx: merge_task_vectors(base, experts, params, ctx), elementwise=True),
+    summary="θ₀ + λ Σ w_t (θ_t − θ₀)",
+    paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
+    params=(
+        WEIGHT,
+        LAMBDA,
+        Param("normalize", bool, False, "divide the weighted sum by Σ_t w_t"),
+    ),
 )
+
+METHODS = (TASK_ARITHMETIC,)

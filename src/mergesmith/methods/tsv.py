@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import MergeMethod, Param, TensorContext, register
-from mergesmith.methods.taskvec import stack_deltas
+from mergesmith.methods.base import MergeMethod, Param, Rule
+from mergesmith.ops.stream import TensorContext
+from mergesmith.ops.taskvec import stack_deltas
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -62,14 +63,14 @@ def tsv_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, 
     return base + params["alpha"] * merged
 
 
-METHOD = register(
-    MergeMethod(
-        name="tsv",
-        rule=tsv_rule,
-        summary="per matrix: keep each task's top singular vectors, orthogonalize them jointly, recombine",
-        paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025 "
-        "(arXiv:2412.00081)",
-        params=(Param("alpha", float, 1.0, "scale α of the merged task matrix (official search 0.1–3.0)"),),
-        min_experts=1,
-    )
+TSV = MergeMethod(
+    name="tsv",
+    rule=Rule(tsv_rule),
+    summary="per matrix: keep each task's top singular vectors, orthogonalize them jointly, recombine",
+    paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025 "
+    "(arXiv:2412.00081)",
+    params=(Param("alpha", float, 1.0, "scale α of the merged task matrix (official search 0.1–3.0)"),),
+    min_experts=1,
 )
+
+METHODS = (TSV,)

@@ -1,0 +1,57 @@
+"""Examples as the networks see them: tokenized batches (:class:`Encoded`), pooling over tokens, and seeded
+samples. Reading and checking a recipe's data files is :mod:`mergesmith.recipe.data`; this module tokenizes them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergesmith.recipe.data import MAX_LENGTH, DataSpec, Examples, read_examples
+
+
+@dataclass
+class Encoded:
+    """A tokenized split: input ids and attention mask (padded to the longest example), and labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: torch.Tensor | slice) -> Encoded:
+        mask = self.attention_mask[index]
+        width = int(mask.sum(1).max()) if len(mask) else 1  # trim padding to this batch's longest example
+        return Encoded(self.input_ids[index][:, :width], mask[:, :width], self.labels[index])
+
+
+def encode(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int = MAX_LENGTH) -> Encoded:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(list(labels), dtype=torch.long))
+
+
+def encode_examples(examples: Examples, tokenizer: Any, max_length: int = MAX_LENGTH) -> Encoded:
+    labels = examples.labels if examples.labels is not None else [-1] * len(examples.texts)
+    return encode(tokenizer, examples.texts, labels, max_length)
+
+
+def load_examples(spec: DataSpec, tokenizer: Any, need_labels: bool, where: str = "") -> Encoded:
+    """``spec``'s examples tokenized (padded to the longest, cut at ``max_length``); labels -1 when not needed."""
+    return encode_examples(read_examples(spec, need_labels, where), tokenizer, spec.max_length)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the token states over the attention mask, (batch, d)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def sample_examples(data: Encoded, n_examples: int, seed: int) -> Encoded:
+    """``n_examples`` examples drawn without replacement with a seeded permutation (all of them, in a seeded
+    order, when fewer are given), trimmed to the longest one."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.batch(order[: min(n_examples, len(data))])
