@@ -8,7 +8,7 @@ import torch
 
 from mergesmith.methods import get_method
 from mergesmith.methods.base import resolve_method_params
-from tests.conftest import run_method
+from tests.helpers import run_method
 
 
 def merge_model(base, experts, shared=None, per_model=None, seed=0):

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 WORDS = ["apple", "banana", "cherry", "river", "mountain", "forest", "red", "blue", "green", "fast", "slow"]
 
 

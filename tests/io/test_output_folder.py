@@ -21,9 +21,9 @@ import yaml
 
 from mergesmith import CheckpointError, MergeError, merge
 from mergesmith.io.safetensors_io import save_file
-from tests.conftest import build_llama, load_tensors
+from tests.helpers import build_llama, load_tensors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def linear_recipe(*models: Path) -> dict:

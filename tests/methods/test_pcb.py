@@ -9,7 +9,7 @@ from mergesmith.errors import RecipeError
 from mergesmith.methods import get_method
 from mergesmith.methods.base import resolve_method_params
 from mergesmith.ops.stream import TensorInputs
-from tests.conftest import run_method
+from tests.helpers import run_method
 
 
 def merge_model(base, experts, shared=None, per_model=None, seed=0):

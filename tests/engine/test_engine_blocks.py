@@ -9,19 +9,18 @@ than ``threads`` rule calls may run at once, and 1 and 4 threads must write iden
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import threading
 
 import pytest
 import torch
 import yaml
-from conftest import load_tensors
 
 from mergesmith.api import merge
 from mergesmith.engine import execute as engine
 from mergesmith.engine.plan import Job, Plan
 from mergesmith.methods import get_method
+from tests.helpers import load_tensors
 
 BLOCK = 256
 

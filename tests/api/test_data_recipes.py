@@ -23,7 +23,7 @@ from mergesmith.ops.stream import TensorContext
 from mergesmith.recipe.data import DataSpec, read_examples
 
 METHOD = "test_entropy_average"
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_cli_process_reports_data_error_without_traceback(tiny_zoo, tmp_path):
     write(tmp_path / "bad.jsonl", '{"text": "apple"}\nnot json\n')
     path = write(tmp_path / "recipe.yaml", yaml.safe_dump(recipe))
     out = tmp_path / "out"
-    bootstrap = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]; import test_data_plumbing as t; "
+    bootstrap = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'src')!r}]; import tests.api.test_data_recipes as t; "
                  "t.register_test_method(); from mergesmith.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", bootstrap, "merge", str(path), str(out)], capture_output=True,
                           text=True, timeout=300)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import yaml
 
 from mergesmith import CheckpointError, MergeError, merge
 from mergesmith.io.writer import parse_size
-from tests.conftest import build_llama, load_tensors
+from tests.helpers import build_llama, load_tensors
 
 
 def ta_recipe(models: dict[str, Path], **extra) -> dict:

@@ -72,7 +72,7 @@ def test_missing_model_path(tmp_path, llamas):
 
 
 def _mutated_copy(src: Path, dst: Path, mutate) -> Path:
-    from tests.conftest import load_tensors
+    from tests.helpers import load_tensors
 
     dst.mkdir()
     (dst / "config.json").write_text((src / "config.json").read_text())

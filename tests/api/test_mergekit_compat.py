@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mergesmith import merge
-from tests.conftest import load_tensors
+from tests.helpers import load_tensors
 
 mergekit = pytest.importorskip("mergekit")
 

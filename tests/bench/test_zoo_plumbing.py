@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from zoo_fixtures import fixture_task
 
 from mergesmith.bench.zoo.text8 import Zoo, ZooConfig, build_zoo, normalized_accuracy, summarize
+from tests.bench.zoo_fixtures import fixture_task
 
 
 @pytest.fixture(scope="module")
