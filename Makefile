@@ -47,7 +47,9 @@ bench-checks: zoo
 bench-speed: $(STAMP)
 	$(BIN)/python -m mergesmith.bench.speed --runs 3 --out bench/results/speed
 
+# the layer contracts (pyproject.toml [tool.importlinter], docs/design.md) first: a broken layer fails in seconds
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
