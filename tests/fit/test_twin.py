@@ -7,6 +7,8 @@ tells them apart.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -158,6 +160,44 @@ def test_save_load_round_trip(setup, twin, tmp_path):
     named = dict(hf.named_parameters())
     for name, value in twin.shared.items():
         torch.testing.assert_close(named[name].detach(), value)
+
+
+def test_save_is_atomic_with_a_manifest(setup, twin, tmp_path, monkeypatch):
+    """The dynamic model's folder goes through the same output life cycle as a merge: a manifest that `verify`
+    checks, no overwrite without force, and nothing left behind by a failed write."""
+    from mergesmith.errors import MergeError
+    from mergesmith.fit import twin as twin_module
+    from mergesmith.io.output import verify
+
+    out = tmp_path / "twin"
+    twin.save(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["output_sha256"]) == {"model.safetensors", "twin_exclusive.safetensors",
+                                              "twin_router.safetensors"}
+    assert manifest["task_names"] == twin.task_names and verify(out) == []
+    (out / "twin_router.safetensors").write_bytes(b"tampered")
+    assert any("twin_router.safetensors" in problem for problem in verify(out))
+    with pytest.raises(MergeError, match="exists and is not an empty folder"):
+        twin.save(out)
+    twin.save(out, force=True)
+    assert verify(out) == []
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(twin_module, "file_digests", broken)
+    with pytest.raises(OSError):
+        twin.save(tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["twin"]  # no output, partial folder or lock left
+
+
+def test_given_shared_expert_replaces_task_arithmetic_but_not_the_excluded_tensors(setup, twin):
+    shared = {n: v + 1.0 for n, v in setup["base"].items()}
+    given = build_twin(setup["base"], setup["experts"], setup["train"], shared=shared, **ROUTER)
+    for name, value in given.shared.items():
+        excluded = name in twin.info["excluded"]
+        torch.testing.assert_close(value, setup["base"][name] if excluded else shared[name])
+    assert given.info["shared_method"] == "given" and twin.info["shared_method"] == "task_arithmetic"
 
 
 def test_same_seed_same_router(setup, twin):

@@ -1,8 +1,8 @@
 """``merge(recipe, out_dir)``: a checkpoint merge as a short pipeline of named steps.
 
     resolve   the recipe, the options and the sources, once; a data-driven method's tasks (or its saved fit)
+    plan      the planner's jobs: one per output tensor, names, shapes and parameters checked (before a long fit)
     fit       run (or replay, or resume) the method's fit, when it has one; save it in the output at once
-    plan      the planner's jobs: one per output tensor, names, shapes and parameters checked
     execute   the engine merges every tensor into the sharded writer while the inputs are hashed
     publish   config, tokenizer, recipe, manifest and model card, then one rename into place
 
@@ -120,10 +120,8 @@ def merge(
                     fit_report = fit(job, plan, partial.path)
                     writer = FolderWriter(partial.path, output_specs(plan), job.shard_size, partial.finished,
                                           partial.shard_done)
-                    output_hashes, input_hashes = write_tensors(job, plan, writer)
-                    write_metadata(partial.path, job.recipe, job.model_paths, plan, input_hashes, output_hashes,
-                                   time.perf_counter() - start, partial.resumed_from, fit_report)
-                    partial.publish(job.out)
+                    hashes = write_tensors(job, plan, writer)
+                    publish(job, plan, partial, hashes, fit_report, time.perf_counter() - start)
                 except OSError as e:  # disk full, file too large, I/O error: one line, then clean up
                     raise MergeError(f"{job.out}: writing the output failed ({e.strerror}); nothing was written"
                                      ) from None
@@ -182,14 +180,14 @@ def resolve(
 
 
 def plan_merge(job: Resolved) -> Plan:
-    """Step 3 (run before the fit, so that a recipe mistake fails before a long fit): one job per output tensor."""
+    """Step 2 (before the fit, so that a recipe mistake fails before a long fit): one job per output tensor."""
     plan = Planner(job.recipe, job.sources, job.out_dtype, job.setup.task_heads if job.setup else frozenset()).plan()
     plan.allow_nonfinite = job.allow_nonfinite
     return plan
 
 
 def fit(job: Resolved, plan: Plan, folder: Path) -> dict[str, Any] | None:
-    """Step 2: run (or replay) the method's fit, set ``plan.fitted`` and save the result in the output ``folder`` at
+    """Step 3: run (or replay) the method's fit, set ``plan.fitted`` and save the result in the output ``folder`` at
     once, so that a resumed merge reuses it; then the method's extra artifacts. Returns what the manifest records
     about the fit (None for a method without one)."""
     setup = job.setup
@@ -238,6 +236,17 @@ def write_tensors(job: Resolved, plan: Plan, writer: FolderWriter) -> tuple[dict
             writer.close()
         writer.write_index()
         return output_hashes, hashes.result()
+
+
+def publish(job: Resolved, plan: Plan, partial: PartialFolder,
+            hashes: tuple[dict[str, str], dict[str, dict[str, str]]], fit_report: dict[str, Any] | None,
+            seconds: float) -> None:
+    """Step 5: every non-weight file (config, tokenizer, recipe, manifest, model card), then the one rename that
+    makes the output appear."""
+    output_hashes, input_hashes = hashes
+    write_metadata(partial.path, job.recipe, job.model_paths, plan, input_hashes, output_hashes, seconds,
+                   partial.resumed_from, fit_report)
+    partial.publish(job.out)
 
 
 def _open_sources(paths: list[str], allow_pickle: bool, where: str) -> dict[str, Source]:
