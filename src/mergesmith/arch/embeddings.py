@@ -4,10 +4,16 @@ tensors outside the layers belong to the input side (kept from the first slice w
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 # The input embedding of the families whose output head may be tied to it (Llama/Mistral/Qwen, GPT-2, bare models).
 TIED_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")
 INPUT_SIDE_MARKERS = ("embed", "wte", "wpe")
+
+
+def ties_embeddings(config: dict[str, Any]) -> bool:
+    """Whether config.json says the output head shares the input embedding (then only the embedding is stored)."""
+    return bool(config.get("tie_word_embeddings", False))
 
 
 def is_tied_output(tensor_name: str) -> bool:

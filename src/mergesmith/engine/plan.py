@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.arch.embeddings import is_input_side, is_tied_output, tied_source
+from mergesmith.arch.embeddings import is_input_side, is_tied_output, tied_source, ties_embeddings
 from mergesmith.arch.layers import layer_index, num_layers, renumber, with_num_layers
 from mergesmith.dtypes import DTYPE_BY_NAME
 from mergesmith.errors import CheckpointError, RecipeError
@@ -66,7 +66,7 @@ def _lookup(source: Source, name: str) -> tuple[Source, str]:
     """Where to read ``name`` in ``source``: itself, or the input embedding for a tied ``lm_head``."""
     if source.has(name):
         return source, name
-    tied = tied_source(name, source.has) if source.tied_embeddings else None
+    tied = tied_source(name, source.has) if ties_embeddings(source.config) else None
     if tied is not None:
         return source, tied
     raise CheckpointError(
@@ -204,9 +204,9 @@ class Planner:
                 continue
             names = set(other.keys()) - self.task_heads
             missing = sorted(ref - names, key=natural_key)
-            missing = [n for n in missing if not (is_tied_output(n) and other.tied_embeddings)]
+            missing = [n for n in missing if not (is_tied_output(n) and ties_embeddings(other.config))]
             extra = sorted(names - ref, key=natural_key)
-            extra = [n for n in extra if not (is_tied_output(n) and reference.tied_embeddings)]
+            extra = [n for n in extra if not (is_tied_output(n) and ties_embeddings(reference.config))]
             if missing:
                 raise CheckpointError(
                     f"tensor '{missing[0]}' is in {reference.label} but not in {other.label} "

@@ -48,10 +48,6 @@ class Source:
             self._keys_cache = cached
         return cached
 
-    @property
-    def tied_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False))
-
 
 class DictSource(Source):
     """An in-memory state dict (``merge_state_dicts``)."""
