@@ -113,16 +113,89 @@ def _accuracy_table(zoo) -> str:
     return "\n".join(lines)
 
 
+EVAL_OPTIONS = {  # the options of each generic evaluation mode (others are refused in that mode)
+    "classification": {"head", "pooling", "text_column", "label_column", "max_length", "tokenizer"},
+    "perplexity": {"max_length", "tokenizer"},
+    "exact-match": {"prompt_column", "answer_column", "max_new_tokens", "keep_newlines", "tokenizer"},
+}
+EVAL_DEFAULTS = {"head": None, "pooling": None, "text_column": "text", "label_column": "label",
+                 "max_length": None, "tokenizer": None, "prompt_column": "prompt", "answer_column": "answer",
+                 "max_new_tokens": None, "keep_newlines": False}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``mergesmith eval``: a zoo's per-task accuracy (``--zoo``, the default mode) or one task's metrics
+    (``--task`` with ``--data``), as a table or, with ``--json``, as JSON."""
+    import json
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise MergeError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.task is None:
+        return _eval_zoo(args)
+    if args.zoo is not None or args.quick or args.split is not None:
+        raise MergeError("--zoo, --quick and --split go with a zoo evaluation; with --task give --data FILE")
+    if args.data is None:
+        raise MergeError(f"--task {args.task} needs --data FILE")
+    stray = [k for k, default in EVAL_DEFAULTS.items()
+             if k not in EVAL_OPTIONS[args.task] and getattr(args, k) != default]
+    if stray:
+        raise MergeError(f"--{stray[0].replace('_', '-')} does not apply to --task {args.task}")
+    metrics = _eval_task(args)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(f"{args.task} of {args.model} on {args.data}")
+    for name, value in metrics.items():
+        shown = f"{value:d}" if isinstance(value, int) else f"{value:.4f}"
+        print(f"  {name:<12} {shown:>12}")
+    return 0
+
+
+def _eval_task(args: argparse.Namespace) -> dict[str, float]:
+    """Load the task of ``--task`` on ``--data`` and the model, and evaluate."""
+    from mergesmith.fit import evaluate as ev
+
+    task: ev.EvalTask
+    if args.task == "classification":
+        task, model = ev.load_classification(
+            args.model, args.data, head=args.head, pooling=args.pooling, text_column=args.text_column,
+            label_column=args.label_column, tokenizer=args.tokenizer,
+            max_length=ev.MAX_LENGTH if args.max_length is None else args.max_length)
+    elif args.task == "perplexity":
+        task, model = ev.load_perplexity(args.model, args.data, max_length=args.max_length,
+                                         tokenizer=args.tokenizer)
+    else:
+        task, model = ev.load_exact_match(
+            args.model, args.data, prompt_column=args.prompt_column, answer_column=args.answer_column,
+            max_new_tokens=ev.MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+            stop_at_newline=not args.keep_newlines,
+            tokenizer=args.tokenizer)
+    return task.evaluate(model, batch_size=args.batch_size, progress=not args.json)
+
+
+def _eval_zoo(args: argparse.Namespace) -> int:
+    """Zoo mode: the per-task, average and normalized accuracy of an encoder on a zoo's split."""
+    import json
+
     from mergesmith.bench.zoo.text8 import Zoo, summarize, zoo_dir
 
-    zoo = Zoo(zoo_dir(args.zoo, args.quick))
-    acc = zoo.evaluate(args.model, args.split, progress=True)
-    finetuned = zoo.finetuned_accuracy(args.split)
+    given = [k for k, default in EVAL_DEFAULTS.items() if getattr(args, k) != default]
+    if args.data is not None or given:
+        flag = "--data" if args.data is not None else f"--{given[0].replace('_', '-')}"
+        raise MergeError(f"{flag} goes with --task (classification, perplexity or exact-match); a zoo "
+                         "evaluation reads the zoo's own test data")
+    split = args.split or "test"
+    zoo = Zoo(zoo_dir(args.zoo or "text8", args.quick))
+    acc = zoo.evaluate(args.model, split, progress=not args.json, **({"batch_size": args.batch_size}
+                                                                     if args.batch_size is not None else {}))
+    finetuned = zoo.finetuned_accuracy(split)
+    s = summarize(acc, finetuned)
+    if args.json:
+        print(json.dumps({"accuracy": acc, "finetuned": finetuned, **s}, indent=2))
+        return 0
     print(f"{'task':<16} {'accuracy':>8} {'fine-tuned':>10} {'normalized':>10}")
     for t, a in acc.items():
         print(f"{t:<16} {100 * a:>8.1f} {100 * finetuned[t]:>10.1f} {100 * a / finetuned[t]:>10.1f}")
-    s = summarize(acc, finetuned)
     print(f"{'average':<16} {100 * s['average']:>8.1f} {'':>10} {100 * s['normalized']:>10.1f}")
     return 0
 
@@ -251,11 +324,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-multitask", action="store_true", help="skip the multi-task reference model")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("eval", help="per-task and normalized accuracy of an encoder on a zoo's tasks")
-    p.add_argument("model", help="an HF encoder folder (e.g. a merge of the zoo's task encoders)")
-    p.add_argument("--zoo", default="text8", choices=["text8"])
-    p.add_argument("--quick", action="store_true", help="use the quick zoo")
-    p.add_argument("--split", default="test", choices=["val", "test"])
+    p = sub.add_parser(
+        "eval", help="evaluate a model: a zoo's per-task accuracy, or one task (classification, perplexity, "
+                     "exact-match) on a data file",
+        description="Zoo mode (default): `mergesmith eval ENCODER [--zoo text8] [--quick] [--split test]`. "
+                    "Task mode: `mergesmith eval MODEL --task classification|perplexity|exact-match --data "
+                    "FILE`. Local model folders only; nothing is downloaded.")
+    p.add_argument("model", help="a Hugging Face model folder (zoo mode: an encoder, e.g. a merge of the "
+                                 "zoo's task encoders)")
+    p.add_argument("--zoo", default=None, choices=["text8"], help="zoo mode: the zoo (default text8)")
+    p.add_argument("--quick", action="store_true", help="zoo mode: use the quick zoo")
+    p.add_argument("--split", default=None, choices=["val", "test"],
+                   help="zoo mode: the split (default test)")
+    p.add_argument("--task", default=None, choices=list(EVAL_OPTIONS),
+                   help="evaluate one task on --data instead of a zoo")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="classification: .jsonl or .csv of texts and labels; perplexity: a plain .txt file; "
+                        "exact-match: .jsonl of prompts and answers")
+    p.add_argument("--head", default=None, metavar="HEAD.safetensors",
+                   help="classification: a linear head {weight, bias} over the pooled states of MODEL's "
+                        "encoder (default: MODEL is a sequence classifier with its own head)")
+    p.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
+                   help="classification with --head: mean (default), cls (first token), last (last "
+                        "non-padding token, for decoders)")
+    p.add_argument("--text-column", default="text", help="classification: the text column (default text)")
+    p.add_argument("--label-column", default="label", help="classification: the label column (default label)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="classification: tokens per example (default 64); perplexity: tokens per window "
+                        "(default: the model's context, at most 1024)")
+    p.add_argument("--prompt-column", default="prompt",
+                   help="exact-match: the prompt column (default prompt)")
+    p.add_argument("--answer-column", default="answer",
+                   help="exact-match: the answer column (default answer)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="exact-match: the longest greedy continuation (default 32)")
+    p.add_argument("--keep-newlines", action="store_true",
+                   help="exact-match: compare the whole continuation (default: up to its first newline)")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="a folder with the tokenizer (default: MODEL's own)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per forward pass (default: 32 for classification, 4 windows for "
+                        "perplexity, 8 prompts for exact-match, 128 in zoo mode)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmark the data-free methods on a zoo (tables + chart)")

@@ -1,5 +1,6 @@
-"""Loading Hugging Face models and tokenizers to run them on data (fits and the evaluator): quietly, in fp32, in
-eval mode without gradients, with one-line errors that name the folder."""
+"""Loading Hugging Face models and tokenizers to run them on data (fits and the evaluator): from local folders
+only (nothing is downloaded), quietly, in fp32, in eval mode without gradients, with one-line errors that name
+the folder."""
 
 from __future__ import annotations
 
@@ -30,15 +31,17 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path, hint: str = "set tokenizer_source: to a folder that has one") -> Any:
+    """``AutoTokenizer`` of a local folder; if it has none, a CheckpointError ending in ``hint`` (what to
+    do)."""
     from transformers import AutoTokenizer
 
     try:
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(folder)
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:
-        raise CheckpointError(f"{folder}: no tokenizer to encode the data ({type(e).__name__}); set "
-                              "tokenizer_source: to a folder that has one") from None
+        raise CheckpointError(f"{folder}: no tokenizer to encode the data ({type(e).__name__}); "
+                              f"{hint}") from None
 
 
 def load_encoder(folder: Path) -> nn.Module:
@@ -48,27 +51,64 @@ def load_encoder(folder: Path) -> nn.Module:
     try:
         with quiet_transformers():
             try:
-                module = AutoModel.from_pretrained(folder, add_pooling_layer=False, dtype=torch.float32)
+                module = AutoModel.from_pretrained(folder, add_pooling_layer=False, dtype=torch.float32,
+                                                   local_files_only=True)
             except TypeError:  # architectures without a pooler do not take the argument
-                module = AutoModel.from_pretrained(folder, dtype=torch.float32)
+                module = AutoModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except Exception as e:
         raise CheckpointError(f"{folder}: cannot load the model to run it on the data ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return module.eval().requires_grad_(False)
 
 
-def load_classifier(folder: Path, meta: bool = False) -> nn.Module:
+def load_classifier(folder: Path, meta: bool = False, require_head: bool = False,
+                    hint: str = "give every model a head: (a safetensors linear head over mean-pooled states)"
+                    ) -> nn.Module:
+    """``AutoModelForSequenceClassification`` of a local folder (on the meta device with ``meta``: the
+    architecture without weights). With ``require_head``, a folder whose weights lack the classifier (a bare
+    backbone, whose head would be freshly random) is a CheckpointError; ``hint`` says what to do instead."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
         with quiet_transformers():
             if meta:
                 with torch.device("meta"):
-                    return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder))
-            module = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+                    return AutoModelForSequenceClassification.from_config(
+                        AutoConfig.from_pretrained(folder, local_files_only=True))
+            module, info = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True)
     except Exception as e:
-        raise CheckpointError(f"{folder}: cannot load it as a sequence classifier ({type(e).__name__}); give every "
-                              "model a head: (a safetensors linear head over mean-pooled states)") from None
+        raise CheckpointError(f"{folder}: cannot load it as a sequence classifier ({type(e).__name__}); "
+                              f"{hint}") from None
+    missing = sorted(set(info.get("missing_keys", ())) & classifier_names(module))
+    if require_head and missing:
+        raise CheckpointError(f"{folder}: not a sequence classifier (its weights have no '{missing[0]}'; "
+                              f"{getattr(module.config, 'architectures', None) or 'no architectures'} in "
+                              f"config.json); {hint}")
+    return module.eval().requires_grad_(False)
+
+
+def load_causal_lm(folder: Path) -> nn.Module:
+    """``AutoModelForCausalLM`` of a local folder, fp32, eval mode, no gradients. A folder that is not a
+    causal language model is a CheckpointError: an architecture without a causal-LM class (DeBERTa), or
+    weights that lack the LM head (an encoder, or a classifier, would get a freshly random one)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet_transformers():
+            module, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{folder}: cannot load it as a causal language model ({type(e).__name__}: "
+                              f"{first}); perplexity and exact-match need a ...ForCausalLM "
+                              "checkpoint") from None
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise CheckpointError(f"{folder}: not a causal language model ({len(missing)} weights of "
+                              f"{type(module).__name__} are missing, e.g. '{missing[0]}'; config.json says "
+                              f"{getattr(module.config, 'architectures', None)}); perplexity and exact-match "
+                              "need a ...ForCausalLM checkpoint")
     return module.eval().requires_grad_(False)
 
 

@@ -19,33 +19,60 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mergesmith.errors import CheckpointError
+from mergesmith.errors import CheckpointError, MergeError
 from mergesmith.fit.data import Encoded, mean_pool
 
 FIT_FILE = "mergesmith_fit.safetensors"
+Pooling = Literal["mean", "cls", "last"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """One vector per example (batch, d), fp32, from token states (batch, tokens, d) and the attention mask:
+    ``mean`` over the unmasked tokens, ``cls`` the first token (BERT's [CLS], RoBERTa's <s>; right padding),
+    or ``last`` the last unmasked token (what a decoder has read the whole text at; either padding side)."""
+    if pooling == "mean":
+        return mean_pool(hidden.float(), mask)
+    if pooling == "cls":
+        return hidden[:, 0].float()
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * (mask != 0)).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+    raise MergeError(f"unknown pooling '{pooling}' (use one of {', '.join(POOLINGS)})")
 
 
 @dataclass
 class TaskModel:
     """A network with its task head: ``logits(batch, params)``.
 
-    Two forms: an encoder (``AutoModel``) whose token states are mean-pooled and fed to a linear ``head``
-    (``{'weight', 'bias'}``, the text8 zoo's form), or, with ``head=None``, a model whose output has ``.logits``
-    (``AutoModelForSequenceClassification``); its classifier parameters (``head_names``) belong to the task and
-    are never merged.
+    Two forms: an encoder (``AutoModel``) whose token states are pooled (``pooling``: ``mean``, the text8
+    zoo's form and the default; ``cls``, the first token; ``last``, the last non-padding token, for decoders)
+    and fed to a linear ``head`` (``{'weight', 'bias'}``), or, with ``head=None``, a model whose output has
+    ``.logits`` (``AutoModelForSequenceClassification``, which pools as its architecture does); its classifier
+    parameters (``head_names``) belong to the task and are never merged.
+
+    ``autocast`` runs the module (not the pooling or the head) under ``torch.autocast`` in that dtype (the
+    zoo's bf16 evaluation); None runs it as loaded.
     """
 
     module: nn.Module
     head: dict[str, torch.Tensor] | None = None
     head_names: frozenset[str] = frozenset()
     own_head_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooling: Pooling = "mean"
+    autocast: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise MergeError(f"unknown pooling '{self.pooling}' (use one of {', '.join(POOLINGS)})")
 
     def merge_names(self) -> list[str]:
         """The floating-point parameters a merge combines (module parameters minus the task head)."""
@@ -74,13 +101,18 @@ class TaskModel:
         """Mean-pooled last hidden state (batch, d): what Twin-Merging's router reads."""
         return mean_pool(self.hidden(batch, params).float(), batch.attention_mask)
 
+    def pooled(self, batch: Encoded, params: Mapping[str, torch.Tensor] | None = None,
+               embeds_delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden state pooled as ``pooling`` says (batch, d), fp32: what the linear head reads."""
+        hidden = self._call(batch, params, embeds_delta, want_logits=False)
+        return pool(hidden, batch.attention_mask, self.pooling)
+
     def logits(self, batch: Encoded, params: Mapping[str, torch.Tensor] | None = None,
                embeds_delta: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (batch, classes), fp32, differentiable with respect to ``params`` and ``embeds_delta``."""
         if self.head is None:
             return self._call(batch, params, embeds_delta, want_logits=True).float()
-        hidden = self._call(batch, params, embeds_delta, want_logits=False)
-        return F.linear(mean_pool(hidden.float(), batch.attention_mask), self.head["weight"], self.head["bias"])
+        return F.linear(self.pooled(batch, params, embeds_delta), self.head["weight"], self.head["bias"])
 
     def _call(self, batch: Encoded, params: Mapping[str, torch.Tensor] | None,
               embeds_delta: torch.Tensor | None, want_logits: bool) -> torch.Tensor:
@@ -94,8 +126,11 @@ class TaskModel:
             table = weights.get(name, dict(self.module.named_parameters())[name])
             width = batch.input_ids.shape[1]
             kwargs["inputs_embeds"] = F.embedding(batch.input_ids, table) + embeds_delta[:width].to(table.dtype)
-        out = functional_call(self.module, weights, args=(), kwargs=kwargs, strict=False) if weights \
-            else self.module(**kwargs)
+        autocast = (torch.autocast(batch.input_ids.device.type, dtype=self.autocast)
+                    if self.autocast is not None else contextlib.nullcontext())
+        with autocast:
+            out = functional_call(self.module, weights, args=(), kwargs=kwargs, strict=False) if weights \
+                else self.module(**kwargs)
         return out.logits if want_logits else out.last_hidden_state
 
 
@@ -134,6 +169,7 @@ class FitResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
+        """Write the tensors and, as JSON in the safetensors metadata, the facts to ``path``."""
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().contiguous() for k, v in self.tensors.items()}
@@ -141,6 +177,8 @@ class FitResult:
 
     @classmethod
     def load(cls, path: str | Path) -> FitResult:
+        """A saved fit (``path``: a fit file, or a merge's output folder holding one), else a
+        CheckpointError."""
         from safetensors import safe_open
 
         path = Path(path)

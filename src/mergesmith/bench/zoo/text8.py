@@ -38,8 +38,11 @@ from mergesmith.bench.zoo.models import (
 )
 from mergesmith.errors import MergeError
 from mergesmith.fit.data import Encoded, encode
+from mergesmith.fit.evaluate import ClassificationTask
 from mergesmith.fit.task import Task, TaskModel
 from mergesmith.io.cache import zoo_dir
+
+EVAL_BATCH = 128  # examples per forward pass in Zoo.evaluate (as bench.zoo.models.accuracy batches)
 
 
 @dataclass
@@ -165,25 +168,29 @@ class Zoo:
     def state_dict(self, path: Path) -> dict[str, torch.Tensor]:
         return load_file(path / "model.safetensors")
 
-    def evaluate(self, encoder_or_state, split: str = "test", tasks: Sequence[str] | None = None,
-                 limit: int | None = None, progress: bool = False) -> dict[str, float]:
-        """Accuracy of one encoder (a model, a state dict or an HF folder) with each task's own head."""
-        encoder = self._as_encoder(encoder_or_state)
-        bf16 = bool(self.manifest["config"].get("bf16", False))
+    def evaluate(self, encoder_or_state: torch.nn.Module | dict[str, torch.Tensor] | str | Path,
+                 split: str = "test", tasks: Sequence[str] | None = None, limit: int | None = None,
+                 progress: bool = False, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+        """Accuracy of one encoder (a model, a state dict or an HF folder) with each task's own head: the
+        evaluator's classification task (mean pooling, length-sorted batches, bf16 autocast of the encoder
+        when the zoo was built with it). A state dict runs on the shared encoder through ``params=``, which
+        leaves the shared encoder's own weights untouched."""
+        encoder, params = self._as_encoder(encoder_or_state)
+        autocast = torch.bfloat16 if self.manifest["config"].get("bf16", False) else None
         out = {}
         for task in tqdm(tasks or self.tasks, desc=f"eval ({split})", leave=False, disable=not progress):
-            out[task] = accuracy(encoder, self.head(task), self.split(task, split, limit), bf16=bf16)
+            model = TaskModel(encoder, self.head(task), autocast=autocast)
+            data = self.split(task, split, limit)
+            out[task] = ClassificationTask(data, task).evaluate(model, params, batch_size)["accuracy"]
         return out
 
-    def _as_encoder(self, obj):
+    def _as_encoder(self, obj: torch.nn.Module | dict[str, torch.Tensor] | str | Path
+                    ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
         if isinstance(obj, (str, Path)):
-            return load_encoder(obj)
-        if isinstance(obj, dict):  # a merge: reuse one encoder instance, swap its weights
-            if self._encoder is None:
-                self._encoder = load_encoder(self.base)
-            self._encoder.load_state_dict(obj, strict=False)
-            return self._encoder
-        return obj
+            return load_encoder(obj), None
+        if isinstance(obj, dict):  # a merge: one encoder instance run with the merge's weights
+            return self.shared_module(), obj
+        return obj, None
 
     def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
         return {t: self.manifest["accuracy"]["finetuned"][t][split] for t in self.tasks}
