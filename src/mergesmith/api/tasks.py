@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from mergesmith.engine.plan import assign_roles
-from mergesmith.errors import CheckpointError, RecipeError
+from mergesmith.errors import CheckpointError, MergeError, RecipeError
 from mergesmith.fit.data import Encoded, encode_examples
-from mergesmith.fit.hf import classifier_names, load_classifier, load_encoder, load_tokenizer
+from mergesmith.fit.evaluate import load_head, padded_tokenizer
+from mergesmith.fit.hf import classifier_names, load_classifier, load_encoder
 from mergesmith.fit.task import FIT_FILE, FitResult, Task, TaskModel
 from mergesmith.io.reader import Source
 from mergesmith.methods.base import DataNeed, MergeMethod
@@ -85,7 +86,8 @@ def prepare_fit(recipe: Recipe, method: MergeMethod, sources: dict[str, Source])
     setup.data = {e.model: ex.report() for e, (ex, _) in zip(entries, examples)}
     setup.files = sorted({ex.file for ex, _ in examples})
     folder = _folder(sources, module_path)
-    tokenizer = load_tokenizer(Path(recipe.tokenizer_source) if recipe.tokenizer_source else folder)
+    # padded on the right (encoded batches are trimmed on the right); no pad token: the end-of-text token pads
+    tokenizer = padded_tokenizer(Path(recipe.tokenizer_source) if recipe.tokenizer_source else folder)
     encoded: dict[tuple[int, int], Encoded] = {}  # models sharing the recipe's data: encoded once
     datasets = []
     for ex, spec in examples:
@@ -141,24 +143,11 @@ def _folder(sources: dict[str, Source], path: str) -> Path:
 
 
 def _load_head(entry: ModelEntry, module: nn.Module) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(str(entry.head))
-    where = f"model '{entry.model}': head {path}"
-    if not path.is_file():
-        raise RecipeError(f"{where}: file not found")
+    """The model's ``head:`` file, read by the evaluator's loader; errors name the model too."""
     try:
-        head = load_file(path)
-    except Exception as e:
-        raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
-    if set(head) != {"weight", "bias"}:
-        raise CheckpointError(f"{where}: a head holds exactly 'weight' and 'bias', found {sorted(head)}")
-    weight, bias = head["weight"].float(), head["bias"].float()
-    hidden = getattr(module.config, "hidden_size", None)
-    if weight.dim() != 2 or bias.shape != (weight.shape[0],) or (hidden is not None and weight.shape[1] != hidden):
-        raise CheckpointError(f"{where}: weight {list(weight.shape)} and bias {list(bias.shape)} do not make a "
-                              f"linear head over {hidden}-wide states ([classes, {hidden}] and [classes])")
-    return {"weight": weight, "bias": bias}
+        return load_head(str(entry.head), getattr(module.config, "hidden_size", None))
+    except MergeError as e:
+        raise type(e)(f"model '{entry.model}': head {e}") from None
 
 
 def _own_head(model: str, source: Source, names: frozenset[str], method: MergeMethod) -> dict[str, torch.Tensor]:
