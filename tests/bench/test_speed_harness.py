@@ -4,6 +4,7 @@ comparison with mergekit and the report (the timings themselves are not tested).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -12,7 +13,8 @@ from mergesmith.bench import speed
 
 def test_speed_harness_end_to_end(tmp_path):
     args = argparse.Namespace(sizes="tiny", methods="linear,ties,ties_paper", runs=1, runs_by_size="",
-                              work=tmp_path / "work", out=tmp_path / "speed", no_mergekit=False)
+                              work=tmp_path / "work", out=tmp_path / "speed", no_mergekit=False,
+                              baseline=None)
     results = speed.run_benchmark(args)
     tiny = results["sizes"]["tiny"]
     assert tiny["parameters"] == speed.parameter_count("tiny")
@@ -26,6 +28,19 @@ def test_speed_harness_end_to_end(tmp_path):
     speed.write_reports(results, args.out)
     table = (tmp_path / "speed.md").read_text()
     assert "| tiny | linear |" in table and "I/O floor" in table
+
+
+def test_a_baseline_checkout_runs_beside_this_one(tmp_path):
+    """``--baseline SRC`` runs another checkout's mergesmith on the same recipes, alternately, and reports the
+    speed-up and the largest difference of the outputs (here the same source: no difference)."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    args = argparse.Namespace(sizes="tiny", methods="ties", runs=1, runs_by_size="", work=tmp_path / "work",
+                              out=tmp_path / "speed", no_mergekit=True, baseline=src)
+    results = speed.run_benchmark(args)
+    entry = results["sizes"]["tiny"]["methods"]["ties"]
+    assert set(entry["tools"]) == {"mergesmith", "baseline"} and entry["compare_baseline"]["max_abs_diff"] == 0
+    assert results["baseline"]["src"] == str(src)
+    assert "| tiny | ties | 1 |" in speed.markdown(results).split("Against the baseline")[1]
 
 
 def test_checkpoints_are_llamas_with_the_planned_sizes(tmp_path):

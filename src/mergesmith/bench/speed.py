@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mergesmith-speed")
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed"))
     parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="the src folder of another mergesmith checkout (e.g. a git worktree of an earlier "
+                             "commit): its merges run beside this one's, alternately, as the tool 'baseline'")
     parser.add_argument("--update", action="store_true",
                         help="replace only the (size, method) entries run in an existing <out>.json")
     args = parser.parse_args(argv)
@@ -301,6 +304,12 @@ def run_benchmark(args) -> dict:
     results["machine"]["mergesmith"] = __version__
     runs_by_size = {k: int(v) for k, v in (item.split("=") for item in args.runs_by_size.split(",") if item)}
     results["runs_by_size"] = {size: runs_by_size.get(size, args.runs) for size in args.sizes.split(",")}
+    baseline_env = None
+    if args.baseline is not None:
+        if not (args.baseline / "mergesmith").is_dir():
+            raise SystemExit(f"--baseline {args.baseline}: no mergesmith package in it (give a checkout's src folder)")
+        baseline_env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+        results["baseline"] = {"src": str(args.baseline), "commit": _git_commit(args.baseline)}
     for size in args.sizes.split(","):
         print(f"[{size}] creating checkpoints", flush=True)
         base = make_checkpoint(work / size / "base", size, 0)
@@ -318,6 +327,9 @@ def run_benchmark(args) -> dict:
             outs = {t: work / size / f"out-{method}-{t}" for t in ("mergesmith", "mergekit", "io", "naive")}
             tools["mergesmith"] = [_bin("mergesmith"), "merge", str(recipe_path), str(outs["mergesmith"]), "--force",
                                    "--quiet"] + ([] if paper else ["--compat", "mergekit"])
+            if args.baseline is not None:  # the same command, importing the other checkout's package
+                outs["baseline"] = work / size / f"out-{method}-baseline"
+                tools["baseline"] = [*tools["mergesmith"][:3], str(outs["baseline"]), *tools["mergesmith"][4:]]
             if not args.no_mergekit and not paper:
                 tools["mergekit"] = [_bin("mergekit-yaml"), str(recipe_path), str(outs["mergekit"]), "--quiet",
                                      "--random-seed", "0"]
@@ -332,7 +344,7 @@ def run_benchmark(args) -> dict:
                     # no run pays for the previous one's writeback: mergekit leaves its output dirty in the page
                     # cache (mergesmith fsyncs its own), and the disk writes it back during the next run
                     os.sync()
-                    m = run_measured(cmd, log=log)
+                    m = run_measured(cmd, env=baseline_env if tool == "baseline" else None, log=log)
                     if m.returncode != 0:
                         raise RuntimeError(f"{tool} failed on {size}/{method} (see {log})")
                     runs[tool].append(m)
@@ -347,6 +359,8 @@ def run_benchmark(args) -> dict:
                     "peak_rss_mb": round(max(m.peak_rss_mb for m in ms), 1)}
             if "mergekit" in runs:
                 entry["compare"] = compare_outputs(outs["mergesmith"], outs["mergekit"])
+            if "baseline" in runs:
+                entry["compare_baseline"] = compare_outputs(outs["mergesmith"], outs["baseline"])
             if "naive" in runs:
                 entry["compare_naive"] = compare_outputs(outs["mergesmith"], outs["naive"])
             size_result["methods"][method] = entry
@@ -355,11 +369,12 @@ def run_benchmark(args) -> dict:
     return results
 
 
-def _git_commit() -> str | None:
-    """The mergesmith commit measured (entries of one report can come from different runs: ``--update``)."""
+def _git_commit(folder: Path | None = None) -> str | None:
+    """The mergesmith commit measured (entries of one report can come from different runs: ``--update``), or the
+    commit checked out in ``folder``."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+                             cwd=folder or Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -412,6 +427,19 @@ def markdown(results: dict) -> str:
                     f"| {size} | {t['io']['median_seconds']:.2f} | {t['naive']['median_seconds']:.2f} | "
                     f"{ms['median_seconds']:.2f} | {_ratio(ms['median_seconds'], t['io']['median_seconds'])} | "
                     f"{_ratio(ms['median_seconds'], t['naive']['median_seconds'])} | {t['naive']['peak_anon_mb']:.0f} |")
+    baseline = [
+        f"| {size} | {method} | {len(e['tools']['baseline']['seconds'])} | "
+        f"{e['tools']['baseline']['median_seconds']:.2f} | {e['tools']['mergesmith']['median_seconds']:.2f} | "
+        f"{_ratio(e['tools']['baseline']['median_seconds'], e['tools']['mergesmith']['median_seconds'])} | "
+        f"{e['compare_baseline']['max_abs_diff']:.2g} |"
+        for size, sr in results["sizes"].items() for method, e in sr["methods"].items() if "baseline" in e["tools"]]
+    if baseline:
+        info = results.get("baseline", {})
+        lines += ["", f"Against the baseline checkout (commit {info.get('commit')}), same checkpoints, runs alternating "
+                  "(speed-up > 1: this commit is faster):", "",
+                  "| size | method | runs | baseline s | mergesmith s | speed-up | max |Δ| vs baseline |",
+                  "|---|---|---|---|---|---|---|",
+                  *baseline]
     lines += ["", "Floors (linear, 3 models), whole processes:", "",
               "| size | I/O floor s | naive loop s | mergesmith s | mergesmith / I/O floor | mergesmith / naive | "
               "naive anon MB |", "|---|---|---|---|---|---|---|", *floors]
