@@ -373,12 +373,11 @@ def build_twin(
     excluded = {n for n in names if is_excluded(n, exclude)}
 
     # 1. the shared expert θ*; excluded tensors keep the base value
-    if shared is None:
-        theta = {n: shared_tensor(n, base[n].float(), [e[n].float() for e in experts], scaling, exclude)
-                 for n in names}
+    if shared is None:  # shared_tensor returns new tensors
+        shared_model = {n: shared_tensor(n, base[n].float(), [e[n].float() for e in experts], scaling, exclude)
+                        for n in names}
     else:
-        theta = {n: (base[n] if n in excluded else shared[n]).float() for n in names}
-    shared_model = {n: value.clone() for n, value in theta.items()}
+        shared_model = {n: (base[n] if n in excluded else shared[n]).float().clone() for n in names}
 
     # 2. exclusive knowledge δ_t = θ_t − θ*, 2-D tensors compressed by truncated SVD
     factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in experts]
