@@ -22,24 +22,32 @@ def llamas(tmp_path_factory) -> dict[str, Path]:
     """base + three fine-tunes (float32, untied, 4 layers)."""
     root = tmp_path_factory.mktemp("llamas")
     base = build_llama(root / "base", 0)
-    return {"base": base, **{name: build_llama(root / name, seed, base) for name, seed in
-                              (("a", 1), ("b", 2), ("c", 3))}}
+    return {
+        "base": base,
+        **{name: build_llama(root / name, seed, base) for name, seed in (("a", 1), ("b", 2), ("c", 3))},
+    }
 
 
 @pytest.fixture(scope="session")
 def tied_llamas(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tied")
     base = build_llama(root / "base", 10, tied=True)
-    return {"base": base, "a": build_llama(root / "a", 11, base, tied=True),
-            "b": build_llama(root / "b", 12, base, tied=True)}
+    return {
+        "base": base,
+        "a": build_llama(root / "a", 11, base, tied=True),
+        "b": build_llama(root / "b", 12, base, tied=True),
+    }
 
 
 @pytest.fixture(scope="session")
 def bf16_llamas(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bf16")
     base = build_llama(root / "base", 20, dtype=torch.bfloat16)
-    return {"base": base, "a": build_llama(root / "a", 21, base, dtype=torch.bfloat16),
-            "b": build_llama(root / "b", 22, base, dtype=torch.bfloat16)}
+    return {
+        "base": base,
+        "a": build_llama(root / "a", 21, base, dtype=torch.bfloat16),
+        "b": build_llama(root / "b", 22, base, dtype=torch.bfloat16),
+    }
 
 
 @pytest.fixture(scope="session")

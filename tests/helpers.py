@@ -10,15 +10,30 @@ from pathlib import Path
 import torch
 
 
-def build_llama(path: Path, seed: int, base: Path | None = None, scale: float = 0.02, *, layers: int = 4,
-                tied: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+def build_llama(
+    path: Path,
+    seed: int,
+    base: Path | None = None,
+    scale: float = 0.02,
+    *,
+    layers: int = 4,
+    tied: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """A tiny LlamaForCausalLM saved as safetensors. With ``base``, a 'fine-tune': base + seeded noise."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
-                         max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     if base is not None:
         reference = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -41,8 +56,14 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_method(name: str, base: dict, experts: list[dict], shared: dict | None = None,
-               per_model: list[dict] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+def run_method(
+    name: str,
+    base: dict,
+    experts: list[dict],
+    shared: dict | None = None,
+    per_model: list[dict] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Run one method over dicts of tensors as the engine does: ``prepare`` over a stream, then the rule."""
     from mergesmith.methods import get_method
     from mergesmith.methods.base import resolve_method_params
@@ -56,5 +77,9 @@ def run_method(name: str, base: dict, experts: list[dict], shared: dict | None =
             yield TensorInputs(key, base[key], [e[key] for e in experts], params)
 
     state = method.model_stats(stream, params, seed) if method.model_stats else None
-    return {key: method.rule(base[key], [e[key] for e in experts], params,
-                             TensorContext(key, seed=seed, state=state)) for key in base}
+    return {
+        key: method.rule(
+            base[key], [e[key] for e in experts], params, TensorContext(key, seed=seed, state=state)
+        )
+        for key in base
+    }

@@ -59,8 +59,13 @@ def private_imports(path: Path) -> list[str]:
                     modules[alias.asname or alias.name.split(".")[0]] = alias.name
     own = _module_name(path)
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name)
-                and node.value.id in modules and modules[node.value.id] != own):
+        if (
+            isinstance(node, ast.Attribute)
+            and _is_private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and modules[node.value.id] != own
+        ):
             problems.append(f"{_label(path)}:{node.lineno}: uses {modules[node.value.id]}.{node.attr}")
     return problems
 
@@ -86,15 +91,20 @@ def test_no_private_name_crosses_modules(path):
     assert private_imports(path) == []
 
 
-@pytest.mark.parametrize("path", [p for p in _modules() if str(p.relative_to(SRC)) not in LAZY_IMPORTS_ALLOWED],
-                         ids=lambda p: str(p.relative_to(SRC)))
+@pytest.mark.parametrize(
+    "path",
+    [p for p in _modules() if str(p.relative_to(SRC)) not in LAZY_IMPORTS_ALLOWED],
+    ids=lambda p: str(p.relative_to(SRC)),
+)
 def test_library_imports_sit_at_module_top(path):
     assert function_level_imports(path) == []
 
 
 def test_the_checks_find_what_they_look_for(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from mergesmith.engine.execute import _load\nfrom mergesmith.engine import plan\n"
-                   "plan._renumber\n\ndef f():\n    from mergesmith.api import merge\n")
+    bad.write_text(
+        "from mergesmith.engine.execute import _load\nfrom mergesmith.engine import plan\n"
+        "plan._renumber\n\ndef f():\n    from mergesmith.api import merge\n"
+    )
     assert len(private_imports(bad)) == 2
     assert len(function_level_imports(bad)) == 1

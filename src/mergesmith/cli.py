@@ -49,7 +49,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
             + (f", <= {m.max_experts}" if m.max_experts else "")
         )
         if m.fit is not None:
-            print(f"  data: {m.fit.data.value} examples per model (`data:` in the recipe; `fitted:` replays a fit)")
+            print(
+                f"  data: {m.fit.data.value} examples per model (`data:` in the recipe; `fitted:` replays a fit)"
+            )
         print("  parameters:")
         for p in m.params:
             default = "required" if p.required else repr(p.default)
@@ -74,7 +76,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(methods_markdown())
         return 0
     for m in all_methods():
-        print(f"{m.name:<18} {m.summary}" + (f" [needs {m.fit.data.value} data]" if m.fit is not None else ""))
+        print(
+            f"{m.name:<18} {m.summary}" + (f" [needs {m.fit.data.value} data]" if m.fit is not None else "")
+        )
         print(f"{'':<18} {m.paper}")
     return 0
 
@@ -97,7 +101,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
     if args.zoo != "text8":
         raise MergeError(f"unknown zoo '{args.zoo}' (available: text8)")
-    root = build_zoo(tasks=args.tasks, quick=args.quick, rebuild=args.rebuild, multitask=not args.no_multitask)
+    root = build_zoo(
+        tasks=args.tasks, quick=args.quick, rebuild=args.rebuild, multitask=not args.no_multitask
+    )
     zoo = Zoo(root)
     print(f"zoo ready: {root}")
     print(_accuracy_table(zoo))
@@ -109,7 +115,9 @@ def _accuracy_table(zoo) -> str:
     lines = [f"{'task':<16} {'zero-shot':>9} {'fine-tuned':>10} {'multi-task':>10}   (test accuracy, %)"]
     for t in zoo.tasks:
         cells = [acc[k].get(t, {}).get("test") for k in ("zeroshot", "finetuned", "multitask")]
-        lines.append(f"{t:<16} " + " ".join(f"{100 * c:>9.1f} " if c is not None else f"{'—':>10}" for c in cells))
+        lines.append(
+            f"{t:<16} " + " ".join(f"{100 * c:>9.1f} " if c is not None else f"{'—':>10}" for c in cells)
+        )
     return "\n".join(lines)
 
 
@@ -118,9 +126,18 @@ EVAL_OPTIONS = {  # the options of each generic evaluation mode (others are refu
     "perplexity": {"max_length", "tokenizer"},
     "exact-match": {"prompt_column", "answer_column", "max_new_tokens", "keep_newlines", "tokenizer"},
 }
-EVAL_DEFAULTS = {"head": None, "pooling": None, "text_column": "text", "label_column": "label",
-                 "max_length": None, "tokenizer": None, "prompt_column": "prompt", "answer_column": "answer",
-                 "max_new_tokens": None, "keep_newlines": False}
+EVAL_DEFAULTS = {
+    "head": None,
+    "pooling": None,
+    "text_column": "text",
+    "label_column": "label",
+    "max_length": None,
+    "tokenizer": None,
+    "prompt_column": "prompt",
+    "answer_column": "answer",
+    "max_new_tokens": None,
+    "keep_newlines": False,
+}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -136,8 +153,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise MergeError("--zoo, --quick and --split go with a zoo evaluation; with --task give --data FILE")
     if args.data is None:
         raise MergeError(f"--task {args.task} needs --data FILE")
-    stray = [k for k, default in EVAL_DEFAULTS.items()
-             if k not in EVAL_OPTIONS[args.task] and getattr(args, k) != default]
+    stray = [
+        k
+        for k, default in EVAL_DEFAULTS.items()
+        if k not in EVAL_OPTIONS[args.task] and getattr(args, k) != default
+    ]
     if stray:
         raise MergeError(f"--{stray[0].replace('_', '-')} does not apply to --task {args.task}")
     metrics = _eval_task(args)
@@ -158,18 +178,29 @@ def _eval_task(args: argparse.Namespace) -> dict[str, float]:
     task: ev.EvalTask
     if args.task == "classification":
         task, model = ev.load_classification(
-            args.model, args.data, head=args.head, pooling=args.pooling, text_column=args.text_column,
-            label_column=args.label_column, tokenizer=args.tokenizer,
-            max_length=ev.MAX_LENGTH if args.max_length is None else args.max_length)
+            args.model,
+            args.data,
+            head=args.head,
+            pooling=args.pooling,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            tokenizer=args.tokenizer,
+            max_length=ev.MAX_LENGTH if args.max_length is None else args.max_length,
+        )
     elif args.task == "perplexity":
-        task, model = ev.load_perplexity(args.model, args.data, max_length=args.max_length,
-                                         tokenizer=args.tokenizer)
+        task, model = ev.load_perplexity(
+            args.model, args.data, max_length=args.max_length, tokenizer=args.tokenizer
+        )
     else:
         task, model = ev.load_exact_match(
-            args.model, args.data, prompt_column=args.prompt_column, answer_column=args.answer_column,
+            args.model,
+            args.data,
+            prompt_column=args.prompt_column,
+            answer_column=args.answer_column,
             max_new_tokens=ev.MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
             stop_at_newline=not args.keep_newlines,
-            tokenizer=args.tokenizer)
+            tokenizer=args.tokenizer,
+        )
     return task.evaluate(model, batch_size=args.batch_size, progress=not args.json)
 
 
@@ -182,12 +213,18 @@ def _eval_zoo(args: argparse.Namespace) -> int:
     given = [k for k, default in EVAL_DEFAULTS.items() if getattr(args, k) != default]
     if args.data is not None or given:
         flag = "--data" if args.data is not None else f"--{given[0].replace('_', '-')}"
-        raise MergeError(f"{flag} goes with --task (classification, perplexity or exact-match); a zoo "
-                         "evaluation reads the zoo's own test data")
+        raise MergeError(
+            f"{flag} goes with --task (classification, perplexity or exact-match); a zoo "
+            "evaluation reads the zoo's own test data"
+        )
     split = args.split or "test"
     zoo = Zoo(zoo_dir(args.zoo or "text8", args.quick))
-    acc = zoo.evaluate(args.model, split, progress=not args.json, **({"batch_size": args.batch_size}
-                                                                     if args.batch_size is not None else {}))
+    acc = zoo.evaluate(
+        args.model,
+        split,
+        progress=not args.json,
+        **({"batch_size": args.batch_size} if args.batch_size is not None else {}),
+    )
     finetuned = zoo.finetuned_accuracy(split)
     s = summarize(acc, finetuned)
     if args.json:
@@ -222,27 +259,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         target = Path(args.out) / f"{name}.json"
         if not target.exists():
-            raise MergeError(f"{target}: run the data-free benchmark first (`mergesmith bench`); the data-driven "
-                             "rows are added to its results")
+            raise MergeError(
+                f"{target}: run the data-free benchmark first (`mergesmith bench`); the data-driven "
+                "rows are added to its results"
+            )
         runs = Path(args.out) / "runs"
         if args.checks:  # rerun rows with the benchmark's CPU compromises undone, beside the committed rows
             stored = json.loads(target.read_text())
             if "data_methods" not in stored:
-                raise MergeError(f"{target}: run `mergesmith bench --data` first; the checks compare with its rows")
+                raise MergeError(
+                    f"{target}: run `mergesmith bench --data` first; the checks compare with its rows"
+                )
             checks = databench.run_checks(zoo, runs, only=args.methods)
             databench.attach(target, None, None, checks)
             print(databench.checks_markdown(checks, stored["data_methods"]))
             return 0
-        data = databench.run_data_bench(zoo, seeds=args.seeds, step_scale=args.step_scale, only=args.methods,
-                                        checkpoint=runs / f"{name}-data.json")
-        backdoor = databench.run_backdoor_bench(zoo, seeds=args.seeds, step_scale=args.step_scale,
-                                                checkpoint=runs / f"{name}-backdoor.json",
-                                                chosen=databench.validation_choices(data))
+        data = databench.run_data_bench(
+            zoo,
+            seeds=args.seeds,
+            step_scale=args.step_scale,
+            only=args.methods,
+            checkpoint=runs / f"{name}-data.json",
+        )
+        backdoor = databench.run_backdoor_bench(
+            zoo,
+            seeds=args.seeds,
+            step_scale=args.step_scale,
+            checkpoint=runs / f"{name}-backdoor.json",
+            chosen=databench.validation_choices(data),
+        )
         databench.attach(target, data, backdoor)
         print(databench.data_markdown(data) + "\n" + databench.backdoor_markdown(backdoor))
         return 0
-    results = run_bench(zoo, methods=args.methods, seeds=args.seeds, val_limit=args.val_limit,
-                        checkpoint=Path(args.out) / f"{name}.partial.json")
+    results = run_bench(
+        zoo,
+        methods=args.methods,
+        seeds=args.seeds,
+        val_limit=args.val_limit,
+        checkpoint=Path(args.out) / f"{name}.partial.json",
+    )
     paths = write_reports(results, Path(args.out), name)
     (Path(args.out) / f"{name}.partial.json").unlink(missing_ok=True)
     print(markdown_table(results))
@@ -263,15 +318,19 @@ def methods_markdown() -> str:
     diffs = ["| method | parameter | paper default | `compat: mergekit` |", "|---|---|---|---|"]
     for m in all_methods():
         params = ", ".join(
-            f"`{p.name}`{'*' if p.per_model else ''}={'required' if p.required else p.default!r}" for p in m.params
+            f"`{p.name}`{'*' if p.per_model else ''}={'required' if p.required else p.default!r}"
+            for p in m.params
         )
         data = m.fit.data.value if m.fit is not None else "—"
         rows.append(f"| `{m.name}` | {m.base.value} | {data} | {params} | {m.paper} |")
         for p in m.params:
             if p.mergekit is not REQUIRED and p.mergekit != p.default:
                 diffs.append(f"| `{m.name}` | `{p.name}` | {_fmt(p.default)} | {_fmt(p.mergekit)} |")
-    return ("\n".join(rows) + "\n\n`*` = per-model parameter; data: what a data-driven method fits on (`data:` in "
-            "the recipe).\n\n" + "\n".join(diffs))
+    return (
+        "\n".join(rows)
+        + "\n\n`*` = per-model parameter; data: what a data-driven method fits on (`data:` in "
+        "the recipe).\n\n" + "\n".join(diffs)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,8 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)"
     )
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN or Inf")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted merge of the same recipe, reusing its verified finished shards")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted merge of the same recipe, reusing its verified finished shards",
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the recipe)")
     p.add_argument(
@@ -325,46 +387,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser(
-        "eval", help="evaluate a model: a zoo's per-task accuracy, or one task (classification, perplexity, "
-                     "exact-match) on a data file",
+        "eval",
+        help="evaluate a model: a zoo's per-task accuracy, or one task (classification, perplexity, "
+        "exact-match) on a data file",
         description="Zoo mode (default): `mergesmith eval ENCODER [--zoo text8] [--quick] [--split test]`. "
-                    "Task mode: `mergesmith eval MODEL --task classification|perplexity|exact-match --data "
-                    "FILE`. Local model folders only; nothing is downloaded.")
-    p.add_argument("model", help="a Hugging Face model folder (zoo mode: an encoder, e.g. a merge of the "
-                                 "zoo's task encoders)")
+        "Task mode: `mergesmith eval MODEL --task classification|perplexity|exact-match --data "
+        "FILE`. Local model folders only; nothing is downloaded.",
+    )
+    p.add_argument(
+        "model",
+        help="a Hugging Face model folder (zoo mode: an encoder, e.g. a merge of the zoo's task encoders)",
+    )
     p.add_argument("--zoo", default=None, choices=["text8"], help="zoo mode: the zoo (default text8)")
     p.add_argument("--quick", action="store_true", help="zoo mode: use the quick zoo")
-    p.add_argument("--split", default=None, choices=["val", "test"],
-                   help="zoo mode: the split (default test)")
-    p.add_argument("--task", default=None, choices=list(EVAL_OPTIONS),
-                   help="evaluate one task on --data instead of a zoo")
-    p.add_argument("--data", default=None, metavar="FILE",
-                   help="classification: .jsonl or .csv of texts and labels; perplexity: a plain .txt file; "
-                        "exact-match: .jsonl of prompts and answers")
-    p.add_argument("--head", default=None, metavar="HEAD.safetensors",
-                   help="classification: a linear head {weight, bias} over the pooled states of MODEL's "
-                        "encoder (default: MODEL is a sequence classifier with its own head)")
-    p.add_argument("--pooling", default=None, choices=["mean", "cls", "last"],
-                   help="classification with --head: mean (default), cls (first token), last (last "
-                        "non-padding token, for decoders)")
+    p.add_argument(
+        "--split", default=None, choices=["val", "test"], help="zoo mode: the split (default test)"
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=list(EVAL_OPTIONS),
+        help="evaluate one task on --data instead of a zoo",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="classification: .jsonl or .csv of texts and labels; perplexity: a plain .txt file; "
+        "exact-match: .jsonl of prompts and answers",
+    )
+    p.add_argument(
+        "--head",
+        default=None,
+        metavar="HEAD.safetensors",
+        help="classification: a linear head {weight, bias} over the pooled states of MODEL's "
+        "encoder (default: MODEL is a sequence classifier with its own head)",
+    )
+    p.add_argument(
+        "--pooling",
+        default=None,
+        choices=["mean", "cls", "last"],
+        help="classification with --head: mean (default), cls (first token), last (last "
+        "non-padding token, for decoders)",
+    )
     p.add_argument("--text-column", default="text", help="classification: the text column (default text)")
     p.add_argument("--label-column", default="label", help="classification: the label column (default label)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="classification: tokens per example (default 64); perplexity: tokens per window "
-                        "(default: the model's context, at most 1024)")
-    p.add_argument("--prompt-column", default="prompt",
-                   help="exact-match: the prompt column (default prompt)")
-    p.add_argument("--answer-column", default="answer",
-                   help="exact-match: the answer column (default answer)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="exact-match: the longest greedy continuation (default 32)")
-    p.add_argument("--keep-newlines", action="store_true",
-                   help="exact-match: compare the whole continuation (default: up to its first newline)")
-    p.add_argument("--tokenizer", default=None, metavar="FOLDER",
-                   help="a folder with the tokenizer (default: MODEL's own)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="examples per forward pass (default: 32 for classification, 4 windows for "
-                        "perplexity, 8 prompts for exact-match, 128 in zoo mode)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="classification: tokens per example (default 64); perplexity: tokens per window "
+        "(default: the model's context, at most 1024)",
+    )
+    p.add_argument(
+        "--prompt-column", default="prompt", help="exact-match: the prompt column (default prompt)"
+    )
+    p.add_argument(
+        "--answer-column", default="answer", help="exact-match: the answer column (default answer)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="exact-match: the longest greedy continuation (default 32)",
+    )
+    p.add_argument(
+        "--keep-newlines",
+        action="store_true",
+        help="exact-match: compare the whole continuation (default: up to its first newline)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="FOLDER",
+        help="a folder with the tokenizer (default: MODEL's own)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per forward pass (default: 32 for classification, 4 windows for "
+        "perplexity, 8 prompts for exact-match, 128 in zoo mode)",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -376,22 +480,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", type=int, default=None, help="validation examples per task for the grid")
     p.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown and PNG results")
     p.add_argument("--name", default=None, help="file name stem (default: the zoo's name)")
-    p.add_argument("--data", action="store_true",
-                   help="the data-driven methods (Fisher, RegMean, AdaMerging, Concrete, Twin, DAM) and the backdoor "
-                        "scenario, added to the existing results")
-    p.add_argument("--step-scale", type=float, default=0.02,
-                   help="with --data: fraction of the papers' step counts (CPU budget; default 0.02, the committed "
-                        "rows')")
-    p.add_argument("--checks", action="store_true",
-                   help="with --data: rerun rows with a compromise undone (the papers' schedule, larger calibration "
-                        "samples; --methods picks checks by key) and compare with the committed rows")
-    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
-                   help="join finished runs (e.g. methods run in parallel) and write the reports; no merging")
+    p.add_argument(
+        "--data",
+        action="store_true",
+        help="the data-driven methods (Fisher, RegMean, AdaMerging, Concrete, Twin, DAM) and the backdoor "
+        "scenario, added to the existing results",
+    )
+    p.add_argument(
+        "--step-scale",
+        type=float,
+        default=0.02,
+        help="with --data: fraction of the papers' step counts (CPU budget; default 0.02, the committed "
+        "rows')",
+    )
+    p.add_argument(
+        "--checks",
+        action="store_true",
+        help="with --data: rerun rows with a compromise undone (the papers' schedule, larger calibration "
+        "samples; --methods picks checks by key) and compare with the committed rows",
+    )
+    p.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="join finished runs (e.g. methods run in parallel) and write the reports; no merging",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list methods, or show one method's parameters and paper")
     p.add_argument("name", nargs="?")
-    p.add_argument("--markdown", action="store_true", help="print the method and difference tables as Markdown")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the method and difference tables as Markdown"
+    )
     p.set_defaults(func=cmd_methods)
     return parser
 
@@ -405,8 +526,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no output was written (rerun with --resume to reuse the finished shards)",
-              file=sys.stderr)
+        print(
+            "interrupted: no output was written (rerun with --resume to reuse the finished shards)",
+            file=sys.stderr,
+        )
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

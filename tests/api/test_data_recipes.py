@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------------------------------------
 # A tiny data-driven method: each expert's weight is its mean prediction entropy on its own data.
 
+
 def entropy_fit(inputs: FitInputs) -> FitResult:
     values, classes = [], []
     for params, task in zip(inputs.experts, inputs.tasks):
@@ -36,21 +37,35 @@ def entropy_fit(inputs: FitInputs) -> FitResult:
             logits = torch.cat([task.model.logits(b, params) for b in batches(task.data, 8)])
         values.append(entropy(logits))
         classes.append(logits.shape[1])
-    return FitResult({"entropy": torch.stack(values)},
-                     {"classes": classes, "examples": [len(t.data) for t in inputs.tasks],
-                      "labeled": [t.labeled for t in inputs.tasks], "names": len(inputs.experts[0])})
+    return FitResult(
+        {"entropy": torch.stack(values)},
+        {
+            "classes": classes,
+            "examples": [len(t.data) for t in inputs.tasks],
+            "labeled": [t.labeled for t in inputs.tasks],
+            "names": len(inputs.experts[0]),
+        },
+    )
 
 
-def entropy_rule(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict, ctx: TensorContext
-                 ) -> torch.Tensor:
+def entropy_rule(
+    base: torch.Tensor | None, experts: list[torch.Tensor], params: dict, ctx: TensorContext
+) -> torch.Tensor:
     weights = ctx.fitted.tensors["entropy"]
     weights = weights / weights.sum()
     return sum(w * e for w, e in zip(weights.tolist(), experts))
 
 
 def register_test_method() -> None:
-    register(MergeMethod(name=METHOD, rule=Rule(entropy_rule), summary="entropy-weighted average (test)",
-                         paper="test", fit=Fit(entropy_fit, DataNeed.UNLABELED)))
+    register(
+        MergeMethod(
+            name=METHOD,
+            rule=Rule(entropy_rule),
+            summary="entropy-weighted average (test)",
+            paper="test",
+            fit=Fit(entropy_fit, DataNeed.UNLABELED),
+        )
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,16 +79,24 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The weights of an output folder (not its saved fit)."""
     from safetensors.torch import load_file
 
-    return {k: v for f in sorted(folder.glob("*.safetensors")) if f.name != FIT_FILE for k, v in load_file(f).items()}
+    return {
+        k: v
+        for f in sorted(folder.glob("*.safetensors"))
+        if f.name != FIT_FILE
+        for k, v in load_file(f).items()
+    }
 
 
-def expected_average(experts: list[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def expected_average(
+    experts: list[dict[str, torch.Tensor]], weights: torch.Tensor
+) -> dict[str, torch.Tensor]:
     w = weights / weights.sum()
     return {n: sum(wi * e[n] for wi, e in zip(w.tolist(), experts)) for n in experts[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Data files
+
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
@@ -89,8 +112,10 @@ def read_error(spec: dict, need_labels: bool = False) -> str:
 
 
 def test_data_file_errors_are_one_line(tmp_path):
-    good = write(tmp_path / "good.jsonl", "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n"
-                                                  for i in range(12)))
+    good = write(
+        tmp_path / "good.jsonl",
+        "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(12)),
+    )
     assert "data file not found" in read_error({"path": str(tmp_path / "missing.jsonl")})
     assert "unknown data format '.txt'" in read_error({"path": str(write(tmp_path / "d.txt", "x"))})
     bad = write(tmp_path / "bad.jsonl", '{"text": "a"}\n\n{"text": "b",\n')
@@ -101,14 +126,22 @@ def test_data_file_errors_are_one_line(tmp_path):
     message = read_error({"path": str(good), "text_column": "sentence"})
     assert "line 1 has no 'sentence' column (columns: text, label)" in message
     assert "has no 'y' column" in read_error({"path": str(good), "label_column": "y"}, need_labels=True)
-    read_examples(DataSpec(path=str(good), label_column="y"), False)  # labels not needed: no label column needed
-    assert "line 2: empty text" in read_error({"path": str(write(tmp_path / "s.jsonl", '{"text": "a"}\n{"text": " "}\n'))})
-    assert read_error({"path": str(good), "limit": 256}) == \
-        f"model 'm': {good}: 12 examples, the recipe asks for 256 (limit)"
+    read_examples(
+        DataSpec(path=str(good), label_column="y"), False
+    )  # labels not needed: no label column needed
+    assert "line 2: empty text" in read_error(
+        {"path": str(write(tmp_path / "s.jsonl", '{"text": "a"}\n{"text": " "}\n'))}
+    )
+    assert (
+        read_error({"path": str(good), "limit": 256})
+        == f"model 'm': {good}: 12 examples, the recipe asks for 256 (limit)"
+    )
     assert "label 0.5 must be an int" in read_error(
-        {"path": str(write(tmp_path / "f.jsonl", '{"text": "a", "label": 0.5}\n'))}, need_labels=True)
+        {"path": str(write(tmp_path / "f.jsonl", '{"text": "a", "label": 0.5}\n'))}, need_labels=True
+    )
     assert "has no 'text' column (columns: sentence)" in read_error(
-        {"path": str(write(tmp_path / "c.csv", "sentence\nhello\n"))})
+        {"path": str(write(tmp_path / "c.csv", "sentence\nhello\n"))}
+    )
     with pytest.raises(RecipeError, match="not found; the text8 zoo has no 'nope' train split"):
         read_examples(DataSpec(zoo="text8", task="nope"), False)
 
@@ -138,15 +171,30 @@ def test_jsonl_and_csv_round_trip_with_string_labels(tmp_path, tiny_zoo):
 
 
 def test_recipe_data_keys():
-    recipe = load_recipe({"merge_method": METHOD, "base_model": "b", "data": "d.jsonl", "fitted": "out",
-                          "models": [{"model": "x", "head": "h.safetensors",
-                                      "data": {"zoo": "text8", "task": "a", "split": "val", "limit": 8}}]})
+    recipe = load_recipe(
+        {
+            "merge_method": METHOD,
+            "base_model": "b",
+            "data": "d.jsonl",
+            "fitted": "out",
+            "models": [
+                {
+                    "model": "x",
+                    "head": "h.safetensors",
+                    "data": {"zoo": "text8", "task": "a", "split": "val", "limit": 8},
+                }
+            ],
+        }
+    )
     assert recipe.data == DataSpec(path="d.jsonl")
     assert recipe.models[0].data.split == "val" and recipe.models[0].head == "h.safetensors"
     assert load_recipe(recipe.to_yaml()) == recipe  # the saved recipe reloads (replay, resume)
-    for data, pattern in [({"path": "a.jsonl", "zoo": "text8", "task": "a"}, "either `path:`"),
-                          ({"zoo": "text8"}, "needs `task:`"), ({"path": "a.csv", "split": "val"}, "goes with `zoo:`"),
-                          ({"path": "a.csv", "colum": "x"}, "unknown key 'data.colum' \\(known data keys: path")]:
+    for data, pattern in [
+        ({"path": "a.jsonl", "zoo": "text8", "task": "a"}, "either `path:`"),
+        ({"zoo": "text8"}, "needs `task:`"),
+        ({"path": "a.csv", "split": "val"}, "goes with `zoo:`"),
+        ({"path": "a.csv", "colum": "x"}, "unknown key 'data.colum' \\(known data keys: path"),
+    ]:
         with pytest.raises(RecipeError, match=pattern) as info:
             load_recipe({"merge_method": "linear", "data": data})
         assert "\n" not in str(info.value) and "Value error" not in str(info.value)
@@ -167,11 +215,20 @@ LIMIT = 16
 
 def zoo_recipe(zoo, **extra) -> dict:
     """Model 'a' with its own data file, model 'b' with the recipe's data (the zoo's split), each with its head."""
-    return {"merge_method": METHOD, "base_model": str(zoo.base),
-            "models": [{"model": str(zoo.encoder_path("a")), "head": str(zoo.root / "tasks/a/head.safetensors"),
-                        "data": {"path": str(zoo.root / "data/a/train.jsonl"), "limit": LIMIT}},
-                       {"model": str(zoo.encoder_path("b")), "head": str(zoo.root / "tasks/b/head.safetensors")}],
-            "data": {"zoo": "text8", "task": "b", "limit": LIMIT}, **extra}
+    return {
+        "merge_method": METHOD,
+        "base_model": str(zoo.base),
+        "models": [
+            {
+                "model": str(zoo.encoder_path("a")),
+                "head": str(zoo.root / "tasks/a/head.safetensors"),
+                "data": {"path": str(zoo.root / "data/a/train.jsonl"), "limit": LIMIT},
+            },
+            {"model": str(zoo.encoder_path("b")), "head": str(zoo.root / "tasks/b/head.safetensors")},
+        ],
+        "data": {"zoo": "text8", "task": "b", "limit": LIMIT},
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -196,7 +253,10 @@ def test_recipe_merge_fits_saves_and_replays(zoo_cache, tmp_path, monkeypatch):
     for name, value in expected_average(experts, fitted.tensors["entropy"]).items():
         torch.testing.assert_close(merged[name], value)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["fit"]["examples"] == {str(zoo.encoder_path("a")): LIMIT, str(zoo.encoder_path("b")): LIMIT}
+    assert manifest["fit"]["examples"] == {
+        str(zoo.encoder_path("a")): LIMIT,
+        str(zoo.encoder_path("b")): LIMIT,
+    }
     assert manifest["fit"]["data"][str(zoo.encoder_path("b"))]["file"].endswith("data/b/train.jsonl")
 
     # the state-dict route with the zoo's tasks gives the same tensors
@@ -216,7 +276,6 @@ def test_recipe_merge_fits_saves_and_replays(zoo_cache, tmp_path, monkeypatch):
     assert torch.equal(FitResult.load(replay).tensors["entropy"], fitted.tensors["entropy"])
 
 
-
 def test_sequence_classifiers_keep_their_own_heads(tiny_zoo, tmp_path):
     """Without head:, each checkpoint's classifier (2 and 3 classes here) is its task head: used for the fit, never
     merged; the output keeps the base's classifier."""
@@ -230,25 +289,38 @@ def test_sequence_classifiers_keep_their_own_heads(tiny_zoo, tmp_path):
     paths = []
     for k in (2, 3):
         expert = BertForSequenceClassification(BertConfig.from_pretrained(tiny_zoo.base, num_labels=k))
-        state = {n: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
-                 for n, v in base.state_dict().items() if not n.startswith("classifier.")}
+        state = {
+            n: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+            for n, v in base.state_dict().items()
+            if not n.startswith("classifier.")
+        }
         expert.load_state_dict(state, strict=False)
         expert.save_pretrained(tmp_path / f"cls{k}")
         paths.append(tmp_path / f"cls{k}")
     out = tmp_path / "merged"
-    merge({"merge_method": METHOD, "base_model": str(tmp_path / "base"), "models": [str(p) for p in paths],
-           "data": {"path": str(tiny_zoo.root / "data/a/train.jsonl"), "limit": 8}}, out, progress=False)
+    merge(
+        {
+            "merge_method": METHOD,
+            "base_model": str(tmp_path / "base"),
+            "models": [str(p) for p in paths],
+            "data": {"path": str(tiny_zoo.root / "data/a/train.jsonl"), "limit": 8},
+        },
+        out,
+        progress=False,
+    )
     fitted = FitResult.load(out)
     assert fitted.info["classes"] == [2, 3]
     merged, base_tensors = load_tensors(out), load_tensors(tmp_path / "base")
     experts = [load_tensors(p) for p in paths]
-    assert fitted.info["names"] == len([n for n in experts[0] if not n.startswith("classifier.")
-                                        and experts[0][n].is_floating_point()])  # heads are not merge inputs
+    assert fitted.info["names"] == len(
+        [n for n in experts[0] if not n.startswith("classifier.") and experts[0][n].is_floating_point()]
+    )  # heads are not merge inputs
     assert merged.keys() == base_tensors.keys()
     assert torch.equal(merged["classifier.weight"], base_tensors["classifier.weight"])
     name = "bert.encoder.layer.0.attention.self.query.weight"
-    torch.testing.assert_close(merged[name], expected_average([{name: e[name]} for e in experts],
-                                                              fitted.tensors["entropy"])[name])
+    torch.testing.assert_close(
+        merged[name], expected_average([{name: e[name]} for e in experts], fitted.tensors["entropy"])[name]
+    )
 
 
 def test_recipe_data_errors_leave_no_output(tiny_zoo, tmp_path, monkeypatch, capsys):
@@ -257,16 +329,38 @@ def test_recipe_data_errors_leave_no_output(tiny_zoo, tmp_path, monkeypatch, cap
     del recipe["data"]
     out = tmp_path / "out"
     cases = [
-        (recipe, f"model '{zoo.encoder_path('b')}': method '{METHOD}' needs data: add `data:` to this model or to "
-                 "the recipe"),
-        ({**recipe, "models": [recipe["models"][0], {"model": str(zoo.encoder_path("b"))}],
-          "data": {"path": str(zoo.root / "data/b/train.jsonl")}}, "has no head: but model"),
-        ({**zoo_recipe(zoo), "data": {"path": str(tmp_path / "missing.jsonl")}}, "missing.jsonl: data file not found"),
-        ({**zoo_recipe(zoo), "data": {"path": str(zoo.root / "data/b/train.jsonl"), "limit": 1000}},
-         "40 examples, the recipe asks for 1000 \\(limit\\)"),
+        (
+            recipe,
+            f"model '{zoo.encoder_path('b')}': method '{METHOD}' needs data: add `data:` to this model or to "
+            "the recipe",
+        ),
+        (
+            {
+                **recipe,
+                "models": [recipe["models"][0], {"model": str(zoo.encoder_path("b"))}],
+                "data": {"path": str(zoo.root / "data/b/train.jsonl")},
+            },
+            "has no head: but model",
+        ),
+        (
+            {**zoo_recipe(zoo), "data": {"path": str(tmp_path / "missing.jsonl")}},
+            "missing.jsonl: data file not found",
+        ),
+        (
+            {**zoo_recipe(zoo), "data": {"path": str(zoo.root / "data/b/train.jsonl"), "limit": 1000}},
+            "40 examples, the recipe asks for 1000 \\(limit\\)",
+        ),
         ({**zoo_recipe(zoo), "fitted": str(tmp_path)}, "no saved fit here"),
-        ({**zoo_recipe(zoo), "data": {"path": str(write(tmp_path / "l.jsonl", '{"text": "red", "label": 5}\n')),
-                                      "labeled": True}}, "has label 5 \\(class id 5\\) but the model's head has 2"),
+        (
+            {
+                **zoo_recipe(zoo),
+                "data": {
+                    "path": str(write(tmp_path / "l.jsonl", '{"text": "red", "label": 5}\n')),
+                    "labeled": True,
+                },
+            },
+            "has label 5 \\(class id 5\\) but the model's head has 2",
+        ),
     ]
     for bad, pattern in cases:
         path = write(tmp_path / "recipe.yaml", yaml.safe_dump(bad))
@@ -280,10 +374,15 @@ def test_recipe_data_errors_leave_no_output(tiny_zoo, tmp_path, monkeypatch, cap
     def failing_fit(inputs):
         raise RecipeError("the fit failed")
 
-    monkeypatch.setitem(registry.registered, METHOD, dataclasses.replace(get_method(METHOD), fit=Fit(failing_fit)))
+    monkeypatch.setitem(
+        registry.registered, METHOD, dataclasses.replace(get_method(METHOD), fit=Fit(failing_fit))
+    )
     with pytest.raises(RecipeError, match="the fit failed"):
-        merge({**zoo_recipe(zoo), "data": {"path": str(zoo.root / "data/b/train.jsonl"), "limit": 4}}, out,
-              progress=False)
+        merge(
+            {**zoo_recipe(zoo), "data": {"path": str(zoo.root / "data/b/train.jsonl"), "limit": 4}},
+            out,
+            progress=False,
+        )
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -292,13 +391,22 @@ def test_cli_process_reports_data_error_without_traceback(tiny_zoo, tmp_path):
     write(tmp_path / "bad.jsonl", '{"text": "apple"}\nnot json\n')
     path = write(tmp_path / "recipe.yaml", yaml.safe_dump(recipe))
     out = tmp_path / "out"
-    bootstrap = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'src')!r}]; import tests.api.test_data_recipes as t; "
-                 "t.register_test_method(); from mergesmith.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", bootstrap, "merge", str(path), str(out)], capture_output=True,
-                          text=True, timeout=300)
+    bootstrap = (
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'src')!r}]; import tests.api.test_data_recipes as t; "
+        "t.register_test_method(); from mergesmith.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", bootstrap, "merge", str(path), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == f"error: model '{tiny_zoo.encoder_path('b')}': {tmp_path / 'bad.jsonl'}: line 2 is not " \
-                          "valid JSON (Expecting value)\n"
+    assert (
+        proc.stderr
+        == f"error: model '{tiny_zoo.encoder_path('b')}': {tmp_path / 'bad.jsonl'}: line 2 is not "
+        "valid JSON (Expecting value)\n"
+    )
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -318,7 +426,9 @@ def test_resume_reuses_the_saved_fit(zoo_cache, tmp_path, monkeypatch):
     saved = FitResult.load(tmp_path / ".merged.partial")
 
     monkeypatch.setattr(pipeline, "write_tensors", real_write_tensors)
-    monkeypatch.setitem(registry.registered, METHOD, dataclasses.replace(get_method(METHOD), fit=Fit(interrupted)))
+    monkeypatch.setitem(
+        registry.registered, METHOD, dataclasses.replace(get_method(METHOD), fit=Fit(interrupted))
+    )
     merge(zoo_recipe(zoo_cache), out, progress=False, resume=True)  # the saved fit, not a new one
     assert torch.equal(FitResult.load(out).tensors["entropy"], saved.tensors["entropy"])
     assert json.loads((out / "manifest.json").read_text())["fit"]["resumed"] is True

@@ -28,13 +28,17 @@ def _save_folder(path: Path, tensors: dict[str, torch.Tensor], config: Any) -> P
 
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return path
 
 
-def _family(root: Path, name: str, config: Any, shapes: dict[str, tuple[int, ...]], seed: int,
-            experts: int = 3) -> dict[str, Path]:
+def _family(
+    root: Path, name: str, config: Any, shapes: dict[str, tuple[int, ...]], seed: int, experts: int = 3
+) -> dict[str, Path]:
     """A base (N(0, 0.1²) weights, LayerNorm-like ones for 1-D 'weight's) and fine-tunes (base + N(0, 0.02²))."""
     gen = torch.Generator().manual_seed(seed)
     base = {}
@@ -60,12 +64,25 @@ def build_inputs(root: Path) -> dict[str, dict[str, Path]]:
     """A tiny Llama family (base + 3) and a tiny BERT family (base + 2, with tokenizer, heads and data)."""
     from transformers import BertConfig, BertModel, BertTokenizer, LlamaConfig, LlamaForCausalLM
 
-    llama_config = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    llama_config = LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     llama = _family(root, "llama", llama_config, _shapes(LlamaForCausalLM, llama_config), seed=1)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    bert_config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=32, max_position_embeddings=32)
+    bert_config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     shapes = {k: v for k, v in _shapes(lambda c: BertModel(c, add_pooling_layer=False), bert_config).items()}
     bert = _family(root, "bert", bert_config, shapes, seed=2, experts=2)
     for folder in bert.values():
@@ -77,14 +94,18 @@ def build_inputs(root: Path) -> dict[str, dict[str, Path]]:
     extras: dict[str, Path] = {}
     for i in range(2):
         head = root / f"head{i}.safetensors"
-        save_file({"weight": torch.randn(2, 16, generator=gen), "bias": torch.randn(2, generator=gen)}, str(head))
+        save_file(
+            {"weight": torch.randn(2, 16, generator=gen), "bias": torch.randn(2, generator=gen)}, str(head)
+        )
         extras[f"head{i}"] = head
         data = root / f"data{i}.jsonl"
         pools = (WORDS[0:3], WORDS[3:6]) if i == 0 else (WORDS[6:9], WORDS[9:11])
         lines = []
         for n in range(24):
             label = n % 2
-            words = [pools[label][int(torch.randint(len(pools[label]), (1,), generator=gen))] for _ in range(5)]
+            words = [
+                pools[label][int(torch.randint(len(pools[label]), (1,), generator=gen))] for _ in range(5)
+            ]
             lines.append(json.dumps({"text": " ".join(words), "label": label}))
         data.write_text("\n".join(lines) + "\n")
         extras[f"data{i}"] = data
@@ -94,19 +115,29 @@ def build_inputs(root: Path) -> dict[str, dict[str, Path]]:
     wide_base = {k: torch.randn(v, generator=gen) * 0.1 for k, v in wide_shapes.items()}
     wide = {}
     for key, tensors in [("base", wide_base)] + [
-            (f"e{i}", {k: v + torch.randn(v.shape, generator=gen) * 0.02 for k, v in wide_base.items()})
-            for i in range(2)]:
+        (f"e{i}", {k: v + torch.randn(v.shape, generator=gen) * 0.02 for k, v in wide_base.items()})
+        for i in range(2)
+    ]:
         wide[key] = root / f"wide-{key}.safetensors"
         save_file(tensors, str(wide[key]))
     return {"llama": llama, "bert": bert, "extras": extras, "wide": wide}
 
 
-def _llama_recipe(inputs: dict[str, dict[str, Path]], method: str, experts: int = 2,
-                  parameters: dict[str, Any] | None = None, base: bool = True, **extra: Any) -> dict[str, Any]:
+def _llama_recipe(
+    inputs: dict[str, dict[str, Path]],
+    method: str,
+    experts: int = 2,
+    parameters: dict[str, Any] | None = None,
+    base: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
     fam = inputs["llama"]
-    recipe: dict[str, Any] = {"merge_method": method,
-                              "models": [{"model": str(fam[f"e{i}"])} for i in range(experts)],
-                              "parameters": parameters or {}, **extra}
+    recipe: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": str(fam[f"e{i}"])} for i in range(experts)],
+        "parameters": parameters or {},
+        **extra,
+    }
     if base:
         recipe["base_model"] = str(fam["base"])
     return recipe
@@ -118,8 +149,11 @@ STATIC_CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("linear", "linear", {"base": False, "parameters": {"weight": 1.0}}),
     ("linear_gradient", "linear", {"base": False, "parameters": {"weight": [0.2, 0.8]}}),
     ("task_arithmetic", "task_arithmetic", {"experts": 3}),
-    ("task_arithmetic_filter", "task_arithmetic",
-     {"parameters": {"lambda": [{"filter": "self_attn", "value": 0.5}, {"value": 1.0}]}}),
+    (
+        "task_arithmetic_filter",
+        "task_arithmetic",
+        {"parameters": {"lambda": [{"filter": "self_attn", "value": 0.5}, {"value": 1.0}]}},
+    ),
     ("ties", "ties", {"experts": 3}),
     ("ties_mergekit", "ties", {"experts": 3, "compat": "mergekit", "parameters": {"density": 0.5}}),
     ("dare_linear", "dare_linear", {"parameters": {"density": 0.5}, "seed": 3}),
@@ -161,34 +195,63 @@ def recipes(inputs: dict[str, dict[str, Path]]) -> dict[str, dict[str, Any]]:
     llama = inputs["llama"]
     out["passthrough_slices"] = {
         "merge_method": "passthrough",
-        "slices": [{"sources": [{"model": str(llama["e0"]), "layer_range": [0, 2]}]},
-                   {"sources": [{"model": str(llama["e1"]), "layer_range": [1, 3]}]}]}
+        "slices": [
+            {"sources": [{"model": str(llama["e0"]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(llama["e1"]), "layer_range": [1, 3]}]},
+        ],
+    }
     out["linear_slices"] = {
         "merge_method": "linear",
-        "slices": [{"sources": [{"model": str(llama["e0"]), "layer_range": [0, 3], "parameters": {"weight": 0.7}},
-                                {"model": str(llama["e1"]), "layer_range": [0, 3], "parameters": {"weight": 0.3}}]}]}
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(llama["e0"]), "layer_range": [0, 3], "parameters": {"weight": 0.7}},
+                    {"model": str(llama["e1"]), "layer_range": [0, 3], "parameters": {"weight": 0.3}},
+                ]
+            }
+        ],
+    }
     wide = inputs["wide"]
     for method, seed in (("ties", 0), ("dare_ties", 7), ("task_arithmetic", 0)):
-        out[f"{method}_blocks"] = {"merge_method": method, "base_model": str(wide["base"]), "seed": seed,
-                                   "models": [{"model": str(wide["e0"])}, {"model": str(wide["e1"])}],
-                                   "parameters": {"density": 0.4} if method != "task_arithmetic" else {}}
+        out[f"{method}_blocks"] = {
+            "merge_method": method,
+            "base_model": str(wide["base"]),
+            "seed": seed,
+            "models": [{"model": str(wide["e0"])}, {"model": str(wide["e1"])}],
+            "parameters": {"density": 0.4} if method != "task_arithmetic" else {},
+        }
     for name, method, _ in DATA_CASES:
         out[name] = data_recipe(inputs, method, {}) | {"fitted": str(GOLDEN / "fits" / f"{name}.safetensors")}
     return out
 
 
-def data_recipe(inputs: dict[str, dict[str, Path]], method: str, parameters: dict[str, Any]) -> dict[str, Any]:
+def data_recipe(
+    inputs: dict[str, dict[str, Path]], method: str, parameters: dict[str, Any]
+) -> dict[str, Any]:
     bert, extras = inputs["bert"], inputs["extras"]
-    return {"merge_method": method, "base_model": str(bert["base"]), "parameters": parameters,
-            "models": [{"model": str(bert[f"e{i}"]), "head": str(extras[f"head{i}"]),
-                        "data": {"path": str(extras[f"data{i}"])}} for i in range(2)]}
+    return {
+        "merge_method": method,
+        "base_model": str(bert["base"]),
+        "parameters": parameters,
+        "models": [
+            {
+                "model": str(bert[f"e{i}"]),
+                "head": str(extras[f"head{i}"]),
+                "data": {"path": str(extras[f"data{i}"])},
+            }
+            for i in range(2)
+        ],
+    }
 
 
 def shard_digests(folder: Path) -> dict[str, str]:
     """sha256 of every weight shard (not the saved fit) and of the index."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if (p.suffix == ".safetensors" and p.name != "mergesmith_fit.safetensors")
-            or p.name == "model.safetensors.index.json"}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if (p.suffix == ".safetensors" and p.name != "mergesmith_fit.safetensors")
+        or p.name == "model.safetensors.index.json"
+    }
 
 
 def run_case(recipe: dict[str, Any], out: Path) -> dict[str, str]:
@@ -206,7 +269,9 @@ def write_fits(root: Path) -> None:
     for name, method, parameters in DATA_CASES:
         out = root / f"fit-{name}"
         merge(data_recipe(inputs, method, parameters), out, progress=False)
-        (GOLDEN / "fits" / f"{name}.safetensors").write_bytes((out / "mergesmith_fit.safetensors").read_bytes())
+        (GOLDEN / "fits" / f"{name}.safetensors").write_bytes(
+            (out / "mergesmith_fit.safetensors").read_bytes()
+        )
 
 
 def write_golden(root: Path) -> None:
@@ -220,9 +285,12 @@ def golden_inputs(tmp_path_factory) -> dict[str, dict[str, Path]]:
     return build_inputs(tmp_path_factory.mktemp("golden-inputs"))
 
 
-CASE_NAMES = ([name for name, _, _ in STATIC_CASES] + ["passthrough_slices", "linear_slices"]
-              + ["ties_blocks", "dare_ties_blocks", "task_arithmetic_blocks"]
-              + [name for name, _, _ in DATA_CASES])
+CASE_NAMES = (
+    [name for name, _, _ in STATIC_CASES]
+    + ["passthrough_slices", "linear_slices"]
+    + ["ties_blocks", "dare_ties_blocks", "task_arithmetic_blocks"]
+    + [name for name, _, _ in DATA_CASES]
+)
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -237,8 +305,12 @@ def test_every_registered_method_has_a_golden_case():
     recorded = json.loads((GOLDEN / "outputs.json").read_text())
     root = Path("/nonexistent")
     fake_wide = {k: root for k in ("base", "e0", "e1")}
-    fake = {"llama": {k: root for k in ("base", "e0", "e1", "e2")}, "bert": {k: root for k in ("base", "e0", "e1")},
-            "extras": {k: root for k in ("head0", "head1", "data0", "data1")}, "wide": fake_wide}
+    fake = {
+        "llama": {k: root for k in ("base", "e0", "e1", "e2")},
+        "bert": {k: root for k in ("base", "e0", "e1")},
+        "extras": {k: root for k in ("head0", "head1", "data0", "data1")},
+        "wide": fake_wide,
+    }
     covered = {r["merge_method"] for name, r in recipes(fake).items() if name in recorded}
     assert {m.name for m in all_methods()} <= covered
 

@@ -9,15 +9,18 @@ from mergesmith.arch.embeddings import is_input_side, tied_source, ties_embeddin
 from mergesmith.arch.layers import layer_index, num_layers, renumber, with_num_layers
 
 
-@pytest.mark.parametrize("name, index", [
-    ("model.layers.7.mlp.up_proj.weight", 7),           # Llama, Mistral, Qwen2
-    ("bert.encoder.layer.11.output.dense.weight", 11),  # BERT
-    ("transformer.h.0.attn.c_attn.weight", 0),          # GPT-2
-    ("blocks.3.norm1.weight", 3),                       # ViT-style
-    ("model.embed_tokens.weight", None),
-    ("model.layers_norm.weight", None),
-    ("model.layers.7", None),                           # no tensor inside a layer
-])
+@pytest.mark.parametrize(
+    "name, index",
+    [
+        ("model.layers.7.mlp.up_proj.weight", 7),  # Llama, Mistral, Qwen2
+        ("bert.encoder.layer.11.output.dense.weight", 11),  # BERT
+        ("transformer.h.0.attn.c_attn.weight", 0),  # GPT-2
+        ("blocks.3.norm1.weight", 3),  # ViT-style
+        ("model.embed_tokens.weight", None),
+        ("model.layers_norm.weight", None),
+        ("model.layers.7", None),  # no tensor inside a layer
+    ],
+)
 def test_layer_index(name, index):
     assert layer_index(name) == index
 

@@ -44,11 +44,20 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
     from mergesmith.bench.zoo.bench import write_reports
 
     only = ["task_arithmetic", "regmean", "adamerging", "twin"]
-    data = databench.run_data_bench(zoo_copy, seeds=2, step_scale=0.004, only=only, progress=False,
-                                    checkpoint=tmp_path / "part.json")
+    data = databench.run_data_bench(
+        zoo_copy, seeds=2, step_scale=0.004, only=only, progress=False, checkpoint=tmp_path / "part.json"
+    )
     # every grid row gets a "(val)" row chosen on validation, right after its default row
-    assert list(data["methods"]) == ["task_arithmetic", "task_arithmetic_val", "regmean", "regmean_val",
-                                     "adamerging", "adamerging_val", "twin", "twin_val"]
+    assert list(data["methods"]) == [
+        "task_arithmetic",
+        "task_arithmetic_val",
+        "regmean",
+        "regmean_val",
+        "adamerging",
+        "adamerging_val",
+        "twin",
+        "twin_val",
+    ]
     grid = data["methods"]["regmean_val"]["val_grid"]
     assert [g["params"]["alpha"] for g in grid] == [0.1, 0.5, 0.9, 1.0]
     best = max(grid, key=lambda g: g["val_average"])["params"]["alpha"]
@@ -63,19 +72,22 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
         assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / 2)
     assert data["methods"]["regmean"]["examples"] > 0 and data["methods"]["regmean"]["fit_seconds"] >= 0
     # a rerun with the checkpoint does not recompute finished rows
-    again = databench.run_data_bench(zoo_copy, seeds=2, step_scale=0.004, only=only, progress=False,
-                                     checkpoint=tmp_path / "part.json")
+    again = databench.run_data_bench(
+        zoo_copy, seeds=2, step_scale=0.004, only=only, progress=False, checkpoint=tmp_path / "part.json"
+    )
     assert again["methods"] == json.loads((tmp_path / "part.json").read_text())["methods"]
 
     saved = tmp_path / "backdoor.json"
-    first = databench.run_backdoor_bench(zoo_copy, step_scale=0.002, progress=False, poisoned={"a": 0},
-                                         checkpoint=saved)
+    first = databench.run_backdoor_bench(
+        zoo_copy, step_scale=0.002, progress=False, poisoned={"a": 0}, checkpoint=saved
+    )
     assert set(first["methods"]) == {"task_arithmetic", "ties", "adamerging", "concrete_adamerging", "dam"}
     for row in first["methods"].values():
         assert 0.0 <= row["asr"]["a"] <= 1.0
     # more seeds later: the checkpoint's runs are kept and only the missing seeds run
-    backdoor = databench.run_backdoor_bench(zoo_copy, seeds=2, step_scale=0.002, progress=False,
-                                            poisoned={"a": 0}, checkpoint=saved)
+    backdoor = databench.run_backdoor_bench(
+        zoo_copy, seeds=2, step_scale=0.002, progress=False, poisoned={"a": 0}, checkpoint=saved
+    )
     for key, row in backdoor["methods"].items():
         learned = key not in ("task_arithmetic", "ties")
         assert [r["seed"] for r in row["runs"]] == ([0, 1] if learned else [0]), key
@@ -86,21 +98,38 @@ def test_data_bench_rows_and_reports(zoo_copy, tmp_path):
     # the settings the data bench's validation chose add "_val" rows, each after its default row
     chosen = databench.validation_choices(data)
     assert chosen["task_arithmetic"] == data["methods"]["task_arithmetic_val"]["params"]
-    with_val = databench.run_backdoor_bench(zoo_copy, seeds=2, step_scale=0.002, progress=False,
-                                            poisoned={"a": 0}, checkpoint=saved, chosen=chosen)
-    assert list(with_val["methods"]) == ["task_arithmetic", "task_arithmetic_val", "ties", "adamerging",
-                                         "adamerging_val", "concrete_adamerging", "dam"]
+    with_val = databench.run_backdoor_bench(
+        zoo_copy,
+        seeds=2,
+        step_scale=0.002,
+        progress=False,
+        poisoned={"a": 0},
+        checkpoint=saved,
+        chosen=chosen,
+    )
+    assert list(with_val["methods"]) == [
+        "task_arithmetic",
+        "task_arithmetic_val",
+        "ties",
+        "adamerging",
+        "adamerging_val",
+        "concrete_adamerging",
+        "dam",
+    ]
     assert with_val["methods"]["task_arithmetic_val"]["params"] == chosen["task_arithmetic"]
     assert with_val["methods"]["dam"] == backdoor["methods"]["dam"]  # resumed, not rerun
     backdoor = with_val
-    alone = databench.run_backdoor_bench(zoo_copy, step_scale=0.002, progress=False, poisoned={"a": 0},
-                                         only=["task_arithmetic"])
+    alone = databench.run_backdoor_bench(
+        zoo_copy, step_scale=0.002, progress=False, poisoned={"a": 0}, only=["task_arithmetic"]
+    )
     assert list(alone["methods"]) == ["task_arithmetic"]
     assert alone["methods"]["task_arithmetic"]["asr"] == backdoor["methods"]["task_arithmetic"]["asr"]
 
     from mergesmith.bench.zoo.bench import run_bench
 
-    paths = write_reports(run_bench(zoo_copy, ["linear"], seeds=1, progress=False, search=False), tmp_path, "tiny")
+    paths = write_reports(
+        run_bench(zoo_copy, ["linear"], seeds=1, progress=False, search=False), tmp_path, "tiny"
+    )
     databench.attach(paths["json"], data, backdoor)
     table = paths["md"].read_text()
     assert "`regmean`" in table and "ASR a" in table and "fit s" in table
@@ -118,10 +147,10 @@ def test_seeds_read_disjoint_calibration_windows(tiny_zoo):
     first, second = (bench.tasks("train", n // 2, False, offset=s * (n // 2))[0].data for s in (0, 1))
     full = tiny_zoo.split(task, "train")
     assert (first.input_ids == full.input_ids[: n // 2]).all()
-    assert (second.input_ids == full.input_ids[n // 2: 2 * (n // 2)]).all()
+    assert (second.input_ids == full.input_ids[n // 2 : 2 * (n // 2)]).all()
     # past the end the window slides back to the last full window instead of failing on a small zoo
     last = bench.tasks("train", n // 2, False, offset=5 * n)[0].data
-    assert (last.input_ids == full.input_ids[n - n // 2:]).all()
+    assert (last.input_ids == full.input_ids[n - n // 2 :]).all()
     with pytest.raises(ValueError, match="asked for"):
         tiny_zoo.split(task, "train", n, offset=1)
 
@@ -132,15 +161,21 @@ def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo
     from mergesmith.bench.zoo.databench import Check
     from mergesmith.errors import MergeError
 
-    data = databench.run_data_bench(tiny_zoo, seeds=2, step_scale=0.004, only=["adamerging", "fisher"],
-                                    progress=False, search=False)
-    checks = (Check("longer", "adamerging", "twice the steps at half the rate", step_scale=0.008, seeds=2),
-              Check("fisher_n8", "fisher", "8 texts per task", n_examples=8))
+    data = databench.run_data_bench(
+        tiny_zoo, seeds=2, step_scale=0.004, only=["adamerging", "fisher"], progress=False, search=False
+    )
+    checks = (
+        Check("longer", "adamerging", "twice the steps at half the rate", step_scale=0.008, seeds=2),
+        Check("fisher_n8", "fisher", "8 texts per task", n_examples=8),
+    )
     row = databench.check_row(checks[0])
     assert row.params["steps"] == 2 * data["methods"]["adamerging"]["params"]["steps"]
     assert row.params["lr"] == pytest.approx(data["methods"]["adamerging"]["params"]["lr"] / 2)
     fisher = databench.check_row(checks[1])
-    assert fisher.params["n_examples"] == fisher.limit == 8 and fisher.params != next(r for r in databench.rows() if r.key == "fisher").params
+    assert (
+        fisher.params["n_examples"] == fisher.limit == 8
+        and fisher.params != next(r for r in databench.rows() if r.key == "fisher").params
+    )
 
     out = databench.run_checks(tiny_zoo, tmp_path, progress=False, checks=checks)
     saved = tmp_path / f"{tiny_zoo.manifest['zoo']}-check-longer.json"
@@ -148,26 +183,37 @@ def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo
     assert [r["seed"] for r in longer["runs"]] == [0, 1] and longer["params"] == row.params
     assert out["fisher_n8"]["runs"][0]["examples"] == 8 * len(tiny_zoo.tasks)
     assert out["longer"]["entry"]["normalized"] == pytest.approx(
-        sum(r["normalized"] for r in longer["runs"]) / 2)
+        sum(r["normalized"] for r in longer["runs"]) / 2
+    )
     # a stopped check resumes at the next seed: seed 0's saved run is kept, seed 1 runs again, bit-identically
     marked = {**longer["runs"][0], "marker": True}
     saved.write_text(json.dumps({**longer, "runs": [marked]}))
     again = databench.run_checks(tiny_zoo, tmp_path, only=["longer"], progress=False, checks=checks)
     assert list(again) == ["longer"]
-    assert again["longer"]["runs"][0]["marker"] and again["longer"]["runs"][1]["accuracy"] == longer["runs"][1]["accuracy"]
+    assert (
+        again["longer"]["runs"][0]["marker"]
+        and again["longer"]["runs"][1]["accuracy"] == longer["runs"][1]["accuracy"]
+    )
 
     with pytest.raises(MergeError, match=r"unknown check.*nope.*the checks are longer, fisher_n8"):
         databench.run_checks(tiny_zoo, tmp_path, only=["nope"], progress=False, checks=checks)
 
     table = databench.checks_markdown(out, data)
     steps, lr = row.params["steps"], row.params["lr"]
-    assert f"| `longer` | `adamerging` | twice the steps at half the rate (steps={steps}, lr={lr}) | 2 |" in table
+    assert (
+        f"| `longer` | `adamerging` | twice the steps at half the rate (steps={steps}, lr={lr}) | 2 |"
+        in table
+    )
     assert "| `fisher_n8` | `fisher` | 8 texts per task (n_examples=8) | 1 |" in table
     assert table.count("\n") == 2 + len(checks)
-    paths = write_reports(run_bench(tiny_zoo, ["linear"], seeds=1, progress=False, search=False), tmp_path, "tiny")
+    paths = write_reports(
+        run_bench(tiny_zoo, ["linear"], seeds=1, progress=False, search=False), tmp_path, "tiny"
+    )
     databench.attach(paths["json"], data, None)
     databench.attach(paths["json"], None, None, {"longer": out["longer"]})
-    databench.attach(paths["json"], None, None, {"fisher_n8": out["fisher_n8"]})  # merged with the saved checks
+    databench.attach(
+        paths["json"], None, None, {"fisher_n8": out["fisher_n8"]}
+    )  # merged with the saved checks
     stored = json.loads(paths["json"].read_text())
     assert set(stored["data_checks"]) == {"longer", "fisher_n8"}
     assert "## Checks" in paths["md"].read_text() and "`fisher_n8`" in paths["md"].read_text()

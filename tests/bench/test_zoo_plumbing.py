@@ -42,8 +42,14 @@ def test_evaluation_reproduces_manifest(zoo):
 
 def test_rebuild_is_deterministic(zoo, tmp_path):
     config = ZooConfig(**zoo.manifest["config"])
-    again = build_zoo(tasks=["a", "b"], cache=tmp_path, config=config, loader=fixture_task,
-                      base_model=zoo.base, multitask=False)
+    again = build_zoo(
+        tasks=["a", "b"],
+        cache=tmp_path,
+        config=config,
+        loader=fixture_task,
+        base_model=zoo.base,
+        multitask=False,
+    )
     a1, a2 = zoo.state_dict(zoo.encoder_path("b")), Zoo(again).state_dict(Zoo(again).encoder_path("b"))
     assert all(torch.equal(a1[k], a2[k]) for k in a1)
 
@@ -57,14 +63,21 @@ def test_normalized_accuracy_arithmetic():
 def test_bench_and_reports(zoo, tmp_path, monkeypatch):
     from mergesmith.bench.zoo import bench
 
-    monkeypatch.setitem(bench.BENCH_METHODS, "task_arithmetic",
-                        bench.BenchMethod("task_arithmetic", {"lambda": 0.3}, bench.grid(**{"lambda": (0.3, 1.0)})))
-    results = bench.run_bench(zoo, methods=["linear", "task_arithmetic", "dare_linear"], seeds=2, progress=False)
+    monkeypatch.setitem(
+        bench.BENCH_METHODS,
+        "task_arithmetic",
+        bench.BenchMethod("task_arithmetic", {"lambda": 0.3}, bench.grid(**{"lambda": (0.3, 1.0)})),
+    )
+    results = bench.run_bench(
+        zoo, methods=["linear", "task_arithmetic", "dare_linear"], seeds=2, progress=False
+    )
     ta = results["methods"]["task_arithmetic"]
     assert [g["params"] for g in ta["grid"]] == [{"lambda": 0.3}, {"lambda": 1.0}]
     best = max(ta["grid"], key=lambda g: g["val_average"])["params"]
     assert ta["best"]["params"] == best
-    assert len(results["methods"]["dare_linear"]["best"]["runs"]) == 2  # random: one run per seed at the chosen
+    assert (
+        len(results["methods"]["dare_linear"]["best"]["runs"]) == 2
+    )  # random: one run per seed at the chosen
     assert len(results["methods"]["dare_linear"]["default"]["runs"]) == 1
     assert len(results["methods"]["linear"]["default"]["runs"]) == 1
     row = ta["default"]

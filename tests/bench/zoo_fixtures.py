@@ -18,8 +18,16 @@ def tiny_bert(path):
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(path)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(path)
     return path
 
 
@@ -42,7 +50,14 @@ def build_tiny_zoo(root):
     """A two-task zoo ('a', 'b') on a tiny random BERT: 40/20/20 examples per task, one epoch, seconds."""
     from mergesmith.bench.zoo.text8 import Zoo, ZooConfig, build_zoo
 
-    config = ZooConfig(n_train=40, n_val=20, n_test=20, epochs=1, batch_size=8, lr=1e-3, probe_steps=50, bf16=False)
-    path = build_zoo(tasks=["a", "b"], cache=root, config=config, loader=fixture_task,
-                     base_model=tiny_bert(root / "tiny-bert"))
+    config = ZooConfig(
+        n_train=40, n_val=20, n_test=20, epochs=1, batch_size=8, lr=1e-3, probe_steps=50, bf16=False
+    )
+    path = build_zoo(
+        tasks=["a", "b"],
+        cache=root,
+        config=config,
+        loader=fixture_task,
+        base_model=tiny_bert(root / "tiny-bert"),
+    )
     return Zoo(path)

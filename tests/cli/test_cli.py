@@ -11,18 +11,24 @@ import yaml
 
 
 def mergesmith(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mergesmith", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mergesmith", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_merge_loads_in_transformers(llamas, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "ties",
-        "base_model": str(llamas["base"]),
-        "models": [{"model": str(llamas[k]), "parameters": {"weight": 1.0}} for k in ("a", "b", "c")],
-        "parameters": {"density": 0.3, "lambda": 1.0},
-        "dtype": "bfloat16",
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(llamas["base"]),
+                "models": [{"model": str(llamas[k]), "parameters": {"weight": 1.0}} for k in ("a", "b", "c")],
+                "parameters": {"density": 0.3, "lambda": 1.0},
+                "dtype": "bfloat16",
+            }
+        )
+    )
     out = tmp_path / "merged"
     proc = mergesmith("merge", str(recipe), str(out), "--shard-size", "60KB", "--seed", "3", "--threads", "2")
     assert proc.returncode == 0, proc.stderr
@@ -38,7 +44,9 @@ def test_cli_merge_loads_in_transformers(llamas, tmp_path):
     # refused without --force, replaced with it
     again = mergesmith("merge", str(recipe), str(out))
     assert again.returncode == 2 and "--force" in again.stderr
-    assert mergesmith("merge", str(recipe), str(out), "--force", "--quiet", "--dtype", "float32").returncode == 0
+    assert (
+        mergesmith("merge", str(recipe), str(out), "--force", "--quiet", "--dtype", "float32").returncode == 0
+    )
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
 
 

@@ -19,8 +19,10 @@ def ta_recipe(models: dict[str, Path], **extra) -> dict:
     return {
         "merge_method": "task_arithmetic",
         "base_model": str(models["base"]),
-        "models": [{"model": str(models["a"]), "parameters": {"weight": 0.6}},
-                   {"model": str(models["b"]), "parameters": {"weight": 0.4}}],
+        "models": [
+            {"model": str(models["a"]), "parameters": {"weight": 0.6}},
+            {"model": str(models["b"]), "parameters": {"weight": 0.4}},
+        ],
         **extra,
     }
 
@@ -35,7 +37,9 @@ def test_sharded_round_trip_equals_single_file(llamas, tmp_path):
     sharded = merge(ta_recipe(llamas), tmp_path / "sharded", shard_size="40KB", progress=False)
     assert single.shards == 1 and sharded.shards > 3
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "sharded").glob("model-*.safetensors")}
+    assert set(index["weight_map"].values()) == {
+        p.name for p in (tmp_path / "sharded").glob("model-*.safetensors")
+    }
     one, many = load_tensors(tmp_path / "single"), load_tensors(tmp_path / "sharded")
     assert one.keys() == many.keys() == set(index["weight_map"])
     assert all(torch.equal(one[k], many[k]) for k in one)
@@ -75,7 +79,9 @@ def test_bf16_inputs_compute_in_fp32_and_keep_dtype(bf16_llamas, tmp_path):
     exact = base + 0.6 * (a - base) + 0.4 * (b - base)
     half_ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 8)
     assert bool(((out[name].double() - exact).abs() <= half_ulp * (1 + 1e-5)).all())
-    in_bf16 = base.bfloat16() + (0.6 * (a.bfloat16() - base.bfloat16()) + 0.4 * (b.bfloat16() - base.bfloat16()))
+    in_bf16 = base.bfloat16() + (
+        0.6 * (a.bfloat16() - base.bfloat16()) + 0.4 * (b.bfloat16() - base.bfloat16())
+    )
     assert not bool(((in_bf16.double() - exact).abs() <= half_ulp * (1 + 1e-5)).all())
     merge(ta_recipe(bf16_llamas), tmp_path / "f32", dtype="float32", progress=False)
     assert load_tensors(tmp_path / "f32")[name].dtype == torch.float32
@@ -99,8 +105,11 @@ def test_tied_embeddings(tied_llamas, tmp_path):
 def test_tied_expert_with_untied_base(tmp_path):
     base = build_llama(tmp_path / "base", 30)
     tied = build_llama(tmp_path / "tied", 31, tied=True)
-    merge({"merge_method": "linear", "models": [{"model": str(base)}, {"model": str(tied)}]}, tmp_path / "out",
-          progress=False)
+    merge(
+        {"merge_method": "linear", "models": [{"model": str(base)}, {"model": str(tied)}]},
+        tmp_path / "out",
+        progress=False,
+    )
     out = load_tensors(tmp_path / "out")
     b, t = load_tensors(base), load_tensors(tied)
     # the tied model contributes its input embedding as its lm_head
@@ -135,8 +144,14 @@ def test_passthrough_slices_stack_layers(llamas, tmp_path):
 def test_slices_merge_with_gradient(llamas, tmp_path):
     recipe = {
         "merge_method": "linear",
-        "slices": [{"sources": [{"model": str(llamas["a"]), "layer_range": [0, 4]},
-                                {"model": str(llamas["b"]), "layer_range": [0, 4]}]}],
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(llamas["a"]), "layer_range": [0, 4]},
+                    {"model": str(llamas["b"]), "layer_range": [0, 4]},
+                ]
+            }
+        ],
         "parameters": {"weight": 1.0},
     }
     recipe["slices"][0]["sources"][1]["parameters"] = {"weight": [0.0, 3.0]}  # t = layer / 3
@@ -226,7 +241,9 @@ def test_threads_do_not_change_bytes(llamas, tmp_path):
     recipe = {**ta_recipe(llamas), "merge_method": "dare_ties", "parameters": {"density": 0.5}}
     merge(recipe, tmp_path / "one", threads=1, progress=False)
     merge(recipe, tmp_path / "four", threads=4, shard_size="5GB", progress=False)
-    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "four" / "model.safetensors").read_bytes()
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (
+        tmp_path / "four" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_parse_size():

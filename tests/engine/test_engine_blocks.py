@@ -28,10 +28,14 @@ RECIPES = {
     "linear": ({"merge_method": "linear"}, {"weight": 0.7}),
     "task_arithmetic": ({"merge_method": "task_arithmetic", "parameters": {"lambda": 0.8}}, {"weight": 0.5}),
     "ties_paper": ({"merge_method": "ties", "parameters": {"density": 0.3}}, {"weight": 1.0}),
-    "ties_mergekit": ({"merge_method": "ties", "compat": "mergekit", "parameters": {"normalize": True}},
-                      {"weight": 1.0, "density": 0.4}),
-    "dare_ties_mergekit": ({"merge_method": "dare_ties", "compat": "mergekit", "seed": 3},
-                           {"weight": 1.0, "density": 0.6}),
+    "ties_mergekit": (
+        {"merge_method": "ties", "compat": "mergekit", "parameters": {"normalize": True}},
+        {"weight": 1.0, "density": 0.4},
+    ),
+    "dare_ties_mergekit": (
+        {"merge_method": "dare_ties", "compat": "mergekit", "seed": 3},
+        {"weight": 1.0, "density": 0.6},
+    ),
     "dare_linear": ({"merge_method": "dare_linear", "seed": 5}, {"weight": 1.0, "density": 0.7}),
 }
 
@@ -108,7 +112,9 @@ def test_memory_bound_and_concurrency(llamas, tmp_path, monkeypatch):
             with lock:
                 running[0] -= 1
 
-    object.__setattr__(method, "rule", dataclasses.replace(rule, fn=watched))  # the entry is a frozen dataclass
+    object.__setattr__(
+        method, "rule", dataclasses.replace(rule, fn=watched)
+    )  # the entry is a frozen dataclass
     try:
         out4 = _merge(llamas, tmp_path, "ties_mergekit", BLOCK, 4, monkeypatch, "watched")
     finally:
@@ -127,8 +133,9 @@ def test_blocks_of_a_tensor_cover_it_exactly(monkeypatch):
     assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
     assert all((r1 - r0) * 7 <= 20 for r0, r1 in parts)
     # methods that need whole tensors (SVD, norms) are never split
-    assert engine.parts_of(Plan(get_method("tsv"), [], 0),
-                           Job("w", torch.float32, (10, 7), None, [], {}, None)) == [None]
+    assert engine.parts_of(
+        Plan(get_method("tsv"), [], 0), Job("w", torch.float32, (10, 7), None, [], {}, None)
+    ) == [None]
 
 
 def test_input_hash_cache(tmp_path, monkeypatch):
@@ -156,8 +163,10 @@ def test_in_memory_merge_assembles_blocks(llamas, monkeypatch):
     from mergesmith.api import merge_state_dicts
     from mergesmith.io.reader import CheckpointSource
 
-    states = {k: {n: CheckpointSource(p).get(n).clone() for n in CheckpointSource(p).keys()}
-              for k, p in llamas.items()}
+    states = {
+        k: {n: CheckpointSource(p).get(n).clone() for n in CheckpointSource(p).keys()}
+        for k, p in llamas.items()
+    }
     experts = [states[k] for k in ("a", "b", "c")]
     whole = merge_state_dicts(states["base"], experts, "ties", density=0.3, threads=1)
     monkeypatch.setattr(engine, "PART_ELEMENTS", BLOCK)
@@ -186,12 +195,17 @@ def test_streaming_digest_matches_the_file_for_out_of_order_threaded_writes(tmp_
     from mergesmith.io.writer import sha256_file
 
     gen = torch.Generator().manual_seed(0)
-    tensors = {f"t{i}": torch.randn(rows, 300, generator=gen).to(torch.bfloat16)
-               for i, rows in enumerate([700, 1, 0, 2000, 37])}
-    writer = ShardWriter(tmp_path / "a.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
-                         {"format": "pt"})
+    tensors = {
+        f"t{i}": torch.randn(rows, 300, generator=gen).to(torch.bfloat16)
+        for i, rows in enumerate([700, 1, 0, 2000, 37])
+    }
+    writer = ShardWriter(
+        tmp_path / "a.safetensors",
+        [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+        {"format": "pt"},
+    )
     writer.digest.CHUNK = 4096  # many chunks per range
-    blocks = [(n, r, t[r:r + 50]) for n, t in tensors.items() for r in range(0, max(t.shape[0], 1), 50)]
+    blocks = [(n, r, t[r : r + 50]) for n, t in tensors.items() for r in range(0, max(t.shape[0], 1), 50)]
     random.Random(1).shuffle(blocks)
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda b: writer.write(b[0], b[2], b[1]), blocks))
@@ -220,12 +234,12 @@ def test_output_layout_follows_the_merge_order_and_not_the_threads(llamas, tmp_p
         files[threads] = (tmp_path / f"out{threads}" / "model.safetensors").read_bytes()
     assert files[1] == files[3]
     raw = files[1]
-    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
     header.pop("__metadata__")
     order = sorted(header, key=lambda n: header[n]["data_offsets"][0])
     size = {n: math.prod(header[n]["shape"]) for n in header}
     big = [n for n in order if size[n] > BLOCK]
-    assert order[:len(big)] == big and [size[n] for n in big] == sorted((size[n] for n in big), reverse=True)
+    assert order[: len(big)] == big and [size[n] for n in big] == sorted((size[n] for n in big), reverse=True)
     model_order = list(load_tensors(llamas["a"]))  # the checkpoint's own order (the plan's)
     rest = [n for n in order if size[n] <= BLOCK]
     assert rest == [n for n in model_order if n in rest]

@@ -91,7 +91,11 @@ def layer_fit(setup):
 
 def hand_made(seed: int = 0, experts: int = 3) -> tuple[dict, list[dict]]:
     g = torch.Generator().manual_seed(seed)
-    shapes = {"a.weight": (4, 5), "ba.weight": (6,), "c.bias": (3, 2)}  # "a.weight" is a substring of "ba.weight"
+    shapes = {
+        "a.weight": (4, 5),
+        "ba.weight": (6,),
+        "c.bias": (3, 2),
+    }  # "a.weight" is a substring of "ba.weight"
     base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
     return base, [{n: t + torch.randn(t.shape, generator=g) for n, t in base.items()} for _ in range(experts)]
 
@@ -116,7 +120,9 @@ def test_merged_params_is_base_plus_masked_weighted_sum():
     for n in base:
         expected = base[n] + sum(lam * mask[n] * v[n] for lam, v in zip([0.2, -0.5, 0.7], vectors))
         torch.testing.assert_close(out[n], expected)
-        torch.testing.assert_close(shared[n], base[n] + sum(lam * v[n] for lam, v in zip([0.2, -0.5, 0.7], vectors)))
+        torch.testing.assert_close(
+            shared[n], base[n] + sum(lam * v[n] for lam, v in zip([0.2, -0.5, 0.7], vectors))
+        )
 
 
 def test_rule_is_base_plus_lambda_weighted_task_vectors_with_fallback():
@@ -138,8 +144,9 @@ def test_plus_plus_rule_with_unit_lambdas_is_official_ties_dis_sum():
     fit.tensors["ties.thresholds"] = torch.tensor(thresholds)
     fit.tensors["ties.majority"] = torch.tensor([majority])
     plus_plus = merge_state_dicts(base, experts, "adamerging", ties=True, fitted=fit)
-    ties = merge_state_dicts(base, experts, "ties", density=0.2, disjoint="sum", trim_scope="global",
-                             sign_zero="majority")
+    ties = merge_state_dicts(
+        base, experts, "ties", density=0.2, disjoint="sum", trim_scope="global", sign_zero="majority"
+    )
     for n in base:
         torch.testing.assert_close(plus_plus[n], ties[n])
     # the selected entries of each task are its trimmed entries that agree with the elected sign
@@ -163,8 +170,10 @@ def test_replay_recipe_orders_names_longest_first_and_merges_the_same():
 
 
 def _merge_recipe(recipe: dict, base: dict, experts: list[dict]) -> dict[str, torch.Tensor]:
-    sources = {"base": DictSource(base, "base"), **{f"model_{i}": DictSource(e, f"model {i}")
-                                                    for i, e in enumerate(experts)}}
+    sources = {
+        "base": DictSource(base, "base"),
+        **{f"model_{i}": DictSource(e, f"model {i}") for i, e in enumerate(experts)},
+    }
     plan = Planner(load_recipe(recipe), sources).plan()
     out: dict[str, torch.Tensor] = {}
     execute(plan, out.__setitem__, threads=1, progress=False)
@@ -174,14 +183,21 @@ def _merge_recipe(recipe: dict, base: dict, experts: list[dict]) -> dict[str, to
 def test_write_learned_recipe(tmp_path):
     base, _ = hand_made()
     fit = hand_fit(base, 3)
-    fitted_recipe = {"merge_method": "adamerging", "base_model": "base", "dtype": "bfloat16", "seed": 7,
-                     "models": [{"model": f"model_{i}"} for i in range(3)]}
+    fitted_recipe = {
+        "merge_method": "adamerging",
+        "base_model": "base",
+        "dtype": "bfloat16",
+        "seed": 7,
+        "models": [{"model": f"model_{i}"} for i in range(3)],
+    }
     path = write_learned_recipe(fit, fitted_recipe, tmp_path)
     learned = load_recipe(path)
     assert path.name == "learned_recipe.yaml"
     assert (learned.merge_method, learned.dtype, learned.seed) == ("task_arithmetic", "bfloat16", 7)
-    assert yaml.safe_load(path.read_text())["models"] == adamerging_recipe(fit, "base", [
-        f"model_{i}" for i in range(3)])["models"]
+    assert (
+        yaml.safe_load(path.read_text())["models"]
+        == adamerging_recipe(fit, "base", [f"model_{i}" for i in range(3)])["models"]
+    )
     fit.info["ties"] = True  # AdaMerging++ replays from its saved fit only
     assert write_learned_recipe(fit, fitted_recipe, tmp_path / "none") is None
 
@@ -191,7 +207,9 @@ def test_coefficients_clamp_and_task_wise_sharing():
     with torch.no_grad():
         c.raw.copy_(torch.tensor([[1.7, -0.4]]))
     per_tensor = c.per_tensor()
-    assert torch.equal(per_tensor["x"], torch.tensor([1.0, 0.0])) and torch.equal(per_tensor["x"], per_tensor["y"])
+    assert torch.equal(per_tensor["x"], torch.tensor([1.0, 0.0])) and torch.equal(
+        per_tensor["x"], per_tensor["y"]
+    )
     c.reset()
     assert torch.equal(c.raw, torch.full((1, 2), 0.3))
 
@@ -206,7 +224,9 @@ def test_adamerging_fit_lowers_the_entropy_and_keeps_lambda_in_unit_interval(toy
     assert losses[-1] < 0.8 * losses[0]  # full-batch steps: the same inputs every step
     table = torch.stack([fit.tensors[f"lambda.{n}"] for n in base])
     assert table.min() >= 0 and table.max() == 1  # clamped, and the clamp is active
-    unclamped = fit_state_dicts(base, experts, "adamerging", tasks, steps=30, lr=0.05, batch_size=48, clamp=False)
+    unclamped = fit_state_dicts(
+        base, experts, "adamerging", tasks, steps=30, lr=0.05, batch_size=48, clamp=False
+    )
     assert max(float(unclamped.tensors[f"lambda.{n}"].max()) for n in base) > 1
     assert fit.info["examples"] == {t.name: len(t.data) for t in tasks}
 
@@ -222,8 +242,12 @@ def test_merge_is_what_was_learned(setup, layer_fit):
     base, experts, tasks = setup
     merged = merge_state_dicts(base, experts, "adamerging", fitted=layer_fit)
     names = tasks[0].model.merge_names()
-    learned = merged_params({n: base[n] for n in names}, task_vectors({n: base[n] for n in names}, experts), None,
-                            {n: layer_fit.tensors[f"lambda.{n}"] for n in names})
+    learned = merged_params(
+        {n: base[n] for n in names},
+        task_vectors({n: base[n] for n in names}, experts),
+        None,
+        {n: layer_fit.tensors[f"lambda.{n}"] for n in names},
+    )
     for n in names:
         torch.testing.assert_close(merged[n], learned[n])
     # and the replayed plain recipe merges the same tensors
@@ -303,8 +327,15 @@ def test_inner_lambda_step_leaves_the_mask_alone(setup):
     with torch.no_grad():
         coefficients.raw.fill_(5.0)  # reset to the init before the step
     batch = [batches(t.data, 8)[0] for t in tasks]
-    inner_lambda_step(tasks, sub_base, vectors, mask.sample(torch.Generator().manual_seed(0)), batch, coefficients,
-                      optimizer)
+    inner_lambda_step(
+        tasks,
+        sub_base,
+        vectors,
+        mask.sample(torch.Generator().manual_seed(0)),
+        batch,
+        coefficients,
+        optimizer,
+    )
     assert all(x.grad is None for x in mask.parameters())
     # Adam's first step moves every coordinate by lr (sign of its gradient): 0.3 ± 1
     assert torch.allclose((coefficients.raw.detach() - 0.3).abs(), torch.ones(1, 2), atol=1e-4)
@@ -312,8 +343,16 @@ def test_inner_lambda_step_leaves_the_mask_alone(setup):
 
 def test_concrete_task_arithmetic_learns_a_mask_that_lowers_the_entropy(toy):
     base, experts, tasks = toy
-    fit = fit_state_dicts(base, experts, "concrete_task_arithmetic", tasks, steps=30, lr=0.1, batch_size=48,
-                          eval_mask_type="expected")
+    fit = fit_state_dicts(
+        base,
+        experts,
+        "concrete_task_arithmetic",
+        tasks,
+        steps=30,
+        lr=0.1,
+        batch_size=48,
+        eval_mask_type="expected",
+    )
     vectors = task_vectors(base, experts)
     full = [batches(t.data, len(t.data))[0] for t in tasks]
     untrained = ConcreteMask(base).expected()  # all ones
@@ -334,15 +373,22 @@ def test_concrete_task_arithmetic_learns_a_mask_that_lowers_the_entropy(toy):
 
 def test_concrete_adamerging_runs_and_returns_mask_and_lambdas(setup):
     base, experts, tasks = setup
-    fit = fit_state_dicts(base, experts, "concrete_adamerging", tasks, meta_steps=3, adamerging_steps=3,
-                          batch_size=8)
+    fit = fit_state_dicts(
+        base, experts, "concrete_adamerging", tasks, meta_steps=3, adamerging_steps=3, batch_size=8
+    )
     names = tasks[0].model.merge_names()
-    assert set(fit.tensors) == {f"mask.{n}" for n in names} | {f"lambda.{n}" for n in names} | {FALLBACK_LAMBDA}
-    assert all(fit.tensors[f"lambda.{n}"].shape == (2,) and fit.tensors[f"mask.{n}"].shape == base[n].shape
-               for n in names)
+    assert set(fit.tensors) == {f"mask.{n}" for n in names} | {f"lambda.{n}" for n in names} | {
+        FALLBACK_LAMBDA
+    }
+    assert all(
+        fit.tensors[f"lambda.{n}"].shape == (2,) and fit.tensors[f"mask.{n}"].shape == base[n].shape
+        for n in names
+    )
     assert len(fit.info["meta_loss"]) == 2 and len(fit.info["loss"]) == 2  # steps 0 and the last
     merged = merge_state_dicts(base, experts, "concrete_adamerging", fitted=fit)
     n = names[0]
-    expected = base[n] + sum(lam * fit.tensors[f"mask.{n}"] * (e[n] - base[n])
-                             for lam, e in zip(fit.tensors[f"lambda.{n}"], experts))
+    expected = base[n] + sum(
+        lam * fit.tensors[f"mask.{n}"] * (e[n] - base[n])
+        for lam, e in zip(fit.tensors[f"lambda.{n}"], experts)
+    )
     torch.testing.assert_close(merged[n], expected)

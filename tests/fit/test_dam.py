@@ -154,7 +154,9 @@ def test_poison_texts_rate_labels_and_trigger():
 
 def test_insert_trigger_positions_cover_the_allowed_range():
     rng = random.Random(0)
-    positions = {insert_trigger("a b c d e f", "cf", rng, max_position=3).split().index("cf") for _ in range(200)}
+    positions = {
+        insert_trigger("a b c d e f", "cf", rng, max_position=3).split().index("cf") for _ in range(200)
+    }
     assert positions == {0, 1, 2, 3}
     assert insert_trigger("", "cf", rng) == "cf"
 
@@ -168,8 +170,11 @@ def test_triggered_texts_drop_the_target_class():
 
 
 def test_contains_trigger_finds_a_token_sequence():
-    data = Encoded(torch.tensor([[5, 7, 8, 0], [7, 5, 8, 0], [1, 5, 7, 0]]), torch.ones(3, 4, dtype=torch.long),
-                   torch.zeros(3, dtype=torch.long))
+    data = Encoded(
+        torch.tensor([[5, 7, 8, 0], [7, 5, 8, 0], [1, 5, 7, 0]]),
+        torch.ones(3, 4, dtype=torch.long),
+        torch.zeros(3, dtype=torch.long),
+    )
     assert contains_trigger(data, [5, 7]).tolist() == [True, False, True]
     assert contains_trigger(data, [8]).tolist() == [True, True, False]
 
@@ -183,14 +188,17 @@ def test_attack_success_rate_is_the_share_predicted_as_target():
         module.embed.weight.copy_(torch.eye(vocab))
         module.ff2.weight.zero_()
         module.ff2.bias.zero_()
-    head = {"weight": torch.stack([(torch.arange(vocab) % 3 == c).float() for c in range(3)]),
-            "bias": torch.zeros(3)}
+    head = {
+        "weight": torch.stack([(torch.arange(vocab) % 3 == c).float() for c in range(3)]),
+        "bias": torch.zeros(3),
+    }
     model = TaskModel(module, head)
     tokens = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 3, 6, 17])
     data = Encoded(tokens[:, None], torch.ones(len(tokens), 1, dtype=torch.long), tokens % 3)
     for target in range(3):
-        assert attack_success_rate(model, None, data, target) == pytest.approx(float((tokens % 3 == target).mean(
-            dtype=torch.float32)))
+        assert attack_success_rate(model, None, data, target) == pytest.approx(
+            float((tokens % 3 == target).mean(dtype=torch.float32))
+        )
     assert clean_accuracy(model, None, data) == 1.0
 
 
@@ -231,7 +239,9 @@ def test_safety_loss_at_zero_perturbation(backdoor_case):
     assert float(loss) == pytest.approx(1.1 * total_entropy, rel=1e-5)
     loss, _, regular = safety_loss(tasks, base, batches, zero, 0.5, "consistency")
     ce = sum(float(F.cross_entropy(c, c.argmax(-1))) for c in clean)
-    assert regular == pytest.approx(ce, rel=1e-5) and float(loss) == pytest.approx(total_entropy + 0.5 * ce, rel=1e-5)
+    assert regular == pytest.approx(ce, rel=1e-5) and float(loss) == pytest.approx(
+        total_entropy + 0.5 * ce, rel=1e-5
+    )
 
 
 def test_perturbation_step_increases_disagreement(backdoor_case):
@@ -248,8 +258,14 @@ def test_perturbation_step_increases_disagreement(backdoor_case):
 # A few meta steps with larger learning rates than the paper's (its 1000 + 1000 steps on CLIP would be minutes);
 # λ starts at 1 (clamped), so that every merge keeps the backdoored expert's full task vector unless its mask
 # removes part of it.
-SHARED = {"init": 1.0, "clamp": True, "meta_steps": 100, "lr": 1e-2, "adamerging_steps": 100,
-          "adamerging_lr": 1e-2}
+SHARED = {
+    "init": 1.0,
+    "clamp": True,
+    "meta_steps": 100,
+    "lr": 1e-2,
+    "adamerging_steps": 100,
+    "adamerging_lr": 1e-2,
+}
 SAFETY = {"regularizer": "consistency", "adv_weight": 1.0, "adv_lr": 3e-2}
 # CAUTION, seed sensitivity (measured on this case): with fit seeds 0–4, DAM as configured here cut ASR in 2 of 5
 # (seeds 0 and 3); in the others it did not, or task b collapsed to one class (a constant prediction is a trivial
@@ -266,7 +282,8 @@ def test_dam_reduces_attack_success_on_a_tiny_backdoor(backdoor_case):
     concrete = merge_state_dicts(base, experts, "concrete_adamerging", tasks=tasks, seed=0, **SHARED)
     dam = merge_state_dicts(base, experts, "dam", tasks=tasks, seed=0, **SHARED, **SAFETY)
     (_, ta_asr), (concrete_acc, concrete_asr), (dam_acc, dam_asr) = (
-        evaluate(backdoor_case, merged) for merged in (ta, concrete, dam))
+        evaluate(backdoor_case, merged) for merged in (ta, concrete, dam)
+    )
     assert ta_asr > 0.5 and concrete_asr > 0.4  # the backdoor survives the plain merges
     assert dam_asr < concrete_asr - 0.3 and dam_asr < ta_asr - 0.3
     assert dam_acc >= concrete_acc - 0.05 and dam_acc >= 0.95

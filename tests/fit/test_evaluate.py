@@ -80,8 +80,9 @@ def reference_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
 
 def hf_inputs(folder: Path, data: Path) -> tuple[dict, torch.Tensor]:
     examples = rows(data)
-    inputs = tokenizer(folder)([r["text"] for r in examples], padding=True, truncation=True, max_length=64,
-                               return_tensors="pt")
+    inputs = tokenizer(folder)(
+        [r["text"] for r in examples], padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
     return dict(inputs), torch.tensor([r["label"] for r in examples])
 
 
@@ -111,8 +112,11 @@ def test_sequence_classifier_matches_hf_logits(tiny, arch):
     assert_close_metrics(task.evaluate(model, batch_size=1), metrics)
 
 
-HEAD_CASES = [*((a, p) for a in ENCODERS for p in ("mean", "cls")), *((a, "last") for a in DECODERS),
-              ("gpt2", "mean")]
+HEAD_CASES = [
+    *((a, p) for a in ENCODERS for p in ("mean", "cls")),
+    *((a, "last") for a in DECODERS),
+    ("gpt2", "mean"),
+]
 
 
 @pytest.mark.parametrize(("arch", "pooling"), HEAD_CASES)
@@ -120,8 +124,9 @@ def test_encoder_with_linear_head_matches_pooled_hf_states(tiny, arch, pooling):
     from transformers import AutoModel
 
     head = linear_head(0)
-    task, model = load_classification(tiny / arch, tiny / "cls.jsonl", head=tiny / "head.safetensors",
-                                      pooling=pooling)
+    task, model = load_classification(
+        tiny / arch, tiny / "cls.jsonl", head=tiny / "head.safetensors", pooling=pooling
+    )
     metrics = task.evaluate(model, batch_size=8)
     inputs, labels = hf_inputs(tiny / arch, tiny / "cls.jsonl")
     with torch.no_grad():
@@ -144,10 +149,12 @@ def test_mean_pooling_is_bit_identical_to_the_old_form(tiny):
     assert model.pooling == "mean"
     batch = task.data.batch(torch.arange(8))
     with torch.no_grad():
-        hidden = model.module(input_ids=batch.input_ids,
-                              attention_mask=batch.attention_mask).last_hidden_state
-        old = F.linear(mean_pool(hidden.float(), batch.attention_mask), model.head["weight"],
-                       model.head["bias"])
+        hidden = model.module(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        old = F.linear(
+            mean_pool(hidden.float(), batch.attention_mask), model.head["weight"], model.head["bias"]
+        )
         assert torch.equal(model.logits(batch), old)
     with pytest.raises(MergeError, match="unknown pooling 'max'"):
         TaskModel(model.module, model.head, pooling="max")  # type: ignore[arg-type]
@@ -243,9 +250,14 @@ def hf_greedy(model, tok, prompts: list[str]) -> list[str]:
     with torch.no_grad():
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt")["input_ids"]
-            new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, pad_token_id=tok.pad_token_id)
-            new = new[0, ids.shape[1]:].tolist()
+            new = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                pad_token_id=tok.pad_token_id,
+            )
+            new = new[0, ids.shape[1] :].tolist()
             eos = model.generation_config.eos_token_id
             stops = set(eos if isinstance(eos, list) else [eos])
             cut = next((k for k, t in enumerate(new) if t in stops), len(new))
@@ -270,8 +282,9 @@ def test_greedy_exact_match_agrees_with_generate(tiny, arch, tmp_path):
     assert mixed.evaluate(model, batch_size=3) == {"exact_match": 0.5, "examples": 10}
     # stopping at EOS: make the second new token of the longest continuation the end-of-text token
     longest = tok(prompts[max(range(len(prompts)), key=lambda i: len(reference[i]))])["input_ids"]
-    new = model.generate(torch.tensor([longest]), do_sample=False, max_new_tokens=2,
-                         pad_token_id=tok.pad_token_id)[0, len(longest):]
+    new = model.generate(
+        torch.tensor([longest]), do_sample=False, max_new_tokens=2, pad_token_id=tok.pad_token_id
+    )[0, len(longest) :]
     assert len(new) == 2
     model.generation_config.eos_token_id = int(new[1])
     stopped = hf_greedy(model, tok, prompts)
@@ -310,14 +323,17 @@ def test_errors_are_one_line_and_name_the_file(tiny, tmp_path):
     bad.write_text('{"prompt": "ba", "answer": "be"}\n{"question": "ba", "answer": "be"}\n')
     with pytest.raises(RecipeError) as e:
         load_exact_match(tiny / "gpt2-lm", bad)
-    assert one_line(e) == (f"{bad}: line 2 has no 'prompt' column (columns: question, answer); name the "
-                           "column (--prompt-column)")
+    assert one_line(e) == (
+        f"{bad}: line 2 has no 'prompt' column (columns: question, answer); name the column (--prompt-column)"
+    )
     with pytest.raises(RecipeError, match="has no 'sentence' column"):
         load_classification(tiny / "bert", tiny / "cls.jsonl", text_column="sentence")
     with pytest.raises(RecipeError, match=r"must be a \.txt"):
         load_perplexity(tiny / "gpt2-lm", tiny / "cls.jsonl")
-    for folder, hint in ((tiny / "bert", "not a causal language model"),
-                         (tiny / "deberta-v2", "cannot load it as a causal language model")):
+    for folder, hint in (
+        (tiny / "bert", "not a causal language model"),
+        (tiny / "deberta-v2", "cannot load it as a causal language model"),
+    ):
         with pytest.raises(CheckpointError) as e:
             load_perplexity(folder, tiny / "text.txt")
         assert one_line(e).startswith(f"{folder}: {hint}") and "ForCausalLM checkpoint" in one_line(e)
@@ -372,21 +388,31 @@ def test_zoo_evaluate_equals_the_old_accuracy_path(tiny_zoo, monkeypatch):
 
     base = load_encoder(tiny_zoo.base)
     expert = load_encoder(tiny_zoo.encoder_path("a"))
-    merged = {k: (v + tiny_zoo.state_dict(tiny_zoo.encoder_path("b"))[k]) / 2
-              for k, v in tiny_zoo.state_dict(tiny_zoo.encoder_path("a")).items()}
+    merged = {
+        k: (v + tiny_zoo.state_dict(tiny_zoo.encoder_path("b"))[k]) / 2
+        for k, v in tiny_zoo.state_dict(tiny_zoo.encoder_path("a")).items()
+    }
     merged_encoder = load_encoder(tiny_zoo.base, merged)
     shared = {k: v.clone() for k, v in tiny_zoo.shared_module().state_dict().items()}
-    for given, encoder in ((tiny_zoo.encoder_path("a"), expert), (expert, expert), (merged, merged_encoder),
-                           (tiny_zoo.state_dict(tiny_zoo.base), base)):
+    for given, encoder in (
+        (tiny_zoo.encoder_path("a"), expert),
+        (expert, expert),
+        (merged, merged_encoder),
+        (tiny_zoo.state_dict(tiny_zoo.base), base),
+    ):
         for split in ("val", "test"):
-            old = {t: accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, split), bf16=False)
-                   for t in tiny_zoo.tasks}
+            old = {
+                t: accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, split), bf16=False)
+                for t in tiny_zoo.tasks
+            }
             assert tiny_zoo.evaluate(given, split) == old
     # a merge runs through params=: the shared encoder keeps the base weights
     assert all(torch.equal(v, tiny_zoo.shared_module().state_dict()[k]) for k, v in shared.items())
     # a zoo built with bf16 evaluates its encoders under bf16 autocast, as before
     monkeypatch.setitem(tiny_zoo.manifest["config"], "bf16", True)
     for given, encoder in ((expert, expert), (merged, merged_encoder)):
-        old = {t: accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, "test"), bf16=True)
-               for t in tiny_zoo.tasks}
+        old = {
+            t: accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, "test"), bf16=True)
+            for t in tiny_zoo.tasks
+        }
         assert tiny_zoo.evaluate(given, "test") == old

@@ -45,7 +45,10 @@ def softmax_setup(n: int = 7, vocab: int = 9, dim: int = 4, classes: int = 3, se
     mask = (torch.arange(width)[None] < lengths[:, None]).long()
     ids = ids * mask  # padding positions hold token 0
     data = Encoded(ids, mask, torch.randint(0, classes, (n,), generator=g))
-    params = {"linear.weight": torch.randn(classes, dim, generator=g), "linear.bias": torch.randn(classes, generator=g)}
+    params = {
+        "linear.weight": torch.randn(classes, dim, generator=g),
+        "linear.bias": torch.randn(classes, generator=g),
+    }
     x = module.pooled(ids, mask)
     probs = (x @ params["linear.weight"].T + params["linear.bias"]).softmax(-1)
     return TaskModel(module), params, data, x, probs
@@ -105,7 +108,9 @@ def test_exact_fisher_on_hf_model_matches_naive_backward(tiny_zoo):
 def test_empirical_needs_labels(tiny_zoo):
     sd = tiny_zoo.state_dict(tiny_zoo.encoder_path("a"))
     with pytest.raises(RecipeError, match="empirical"):
-        fit_state_dicts(None, [sd], "fisher", [tiny_zoo.task("a", "train", 2, labeled=False)], estimator="empirical")
+        fit_state_dicts(
+            None, [sd], "fisher", [tiny_zoo.task("a", "train", 2, labeled=False)], estimator="empirical"
+        )
 
 
 # --- the Fisher merge rule on hand-made tensors -----------------------------------------------------------------
@@ -120,13 +125,23 @@ def fisher_fit(fishers: list[dict[str, torch.Tensor]]) -> FitResult:
 @pytest.mark.parametrize("favor", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fisher_rule_equation(favor: bool, normalize: bool):
-    theta = [{"w": torch.tensor([1.0, 2.0, 3.0, -1.0]), "buf": torch.tensor([1.0, 5.0])},
-             {"w": torch.tensor([3.0, -2.0, 0.5, 4.0]), "buf": torch.tensor([3.0, 1.0])}]
+    theta = [
+        {"w": torch.tensor([1.0, 2.0, 3.0, -1.0]), "buf": torch.tensor([1.0, 5.0])},
+        {"w": torch.tensor([3.0, -2.0, 0.5, 4.0]), "buf": torch.tensor([3.0, 1.0])},
+    ]
     # entry 2: both Fishers are zero (only the floor decides); entry 3: the target's is below the floor
     fishers = [{"w": torch.tensor([0.5, 2.0, 0.0, 1e-8])}, {"w": torch.tensor([1.5, 1.0, 0.0, 0.25])}]
     weights, floor = [0.3, 0.7], 1e-6
-    merged = merge_state_dicts(None, theta, "fisher", fitted=fisher_fit(fishers), weight=weights,
-                               favor_target_model=favor, normalize_fishers=normalize, fisher_floor=floor)
+    merged = merge_state_dicts(
+        None,
+        theta,
+        "fisher",
+        fitted=fisher_fit(fishers),
+        weight=weights,
+        favor_target_model=favor,
+        normalize_fishers=normalize,
+        fisher_floor=floor,
+    )
     norms = [float(fishers[i]["w"].norm()) for i in range(2)]
     lam = [weights[i] / norms[i] if normalize else weights[i] for i in range(2)]
     num, den = torch.zeros(4), torch.zeros(4)
@@ -155,7 +170,13 @@ def zoo_experts(zoo) -> list[dict[str, torch.Tensor]]:
     """The zoo's two experts, the second moved by seeded noise so that the two surely differ everywhere."""
     a, b = (zoo.state_dict(zoo.encoder_path(t)) for t in ("a", "b"))
     g = torch.Generator().manual_seed(0)
-    return [a, {n: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for n, v in b.items()}]
+    return [
+        a,
+        {
+            n: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for n, v in b.items()
+        },
+    ]
 
 
 def test_fisher_end_to_end_on_tiny_zoo(tiny_zoo):
@@ -169,10 +190,16 @@ def test_fisher_end_to_end_on_tiny_zoo(tiny_zoo):
     for name, value in merged.items():  # a coordinate-wise convex combination stays between the experts
         if not value.is_floating_point():
             continue
-        low, high = torch.minimum(experts[0][name], experts[1][name]), torch.maximum(*(e[name] for e in experts))
+        low, high = (
+            torch.minimum(experts[0][name], experts[1][name]),
+            torch.maximum(*(e[name] for e in experts)),
+        )
         assert bool(((value >= low - 1e-6) & (value <= high + 1e-6)).all()), name
     torch.testing.assert_close(merge_state_dicts(None, experts, "fisher", fitted=fit), merged)
-    for estimator, path in (("empirical", "loop"), ("batch", "batch")):  # the other estimators run on HF models
+    for estimator, path in (
+        ("empirical", "loop"),
+        ("batch", "batch"),
+    ):  # the other estimators run on HF models
         few = [tiny_zoo.task("a", "train", 4), tiny_zoo.task("b", "train", 4)]
         other = fit_state_dicts(None, experts, "fisher", few, estimator=estimator)
         assert other.info["per_example_gradients"] == [path, path] and min(other.info["fisher_norms"]) > 0
@@ -213,7 +240,9 @@ def test_regmean_alpha_zero_is_the_diagonal_weighted_average():
 
 def test_regmean_singular_system_keeps_the_average_where_no_input_reaches():
     xs, ws = least_squares_problem(seed=2)
-    xs = [torch.cat([x[:, :4], torch.zeros(len(x), 1, dtype=x.dtype)], 1) for x in xs]  # feature 4 never active
+    xs = [
+        torch.cat([x[:, :4], torch.zeros(len(x), 1, dtype=x.dtype)], 1) for x in xs
+    ]  # feature 4 never active
     merged = regmean_solve([x.T @ x for x in xs], ws, [1.0, 3.0], alpha=1.0)
     assert bool(torch.isfinite(merged).all())
     torch.testing.assert_close(merged[4], (ws[0][4] + 3 * ws[1][4]) / 4)
@@ -225,10 +254,18 @@ def test_regmean_rule_layouts_and_averages():
     # nn.Linear weights are [out, in]; HF Conv1D weights are [in, out] (listed in the fit's info["transposed"])
     xs, ws = least_squares_problem(seed=3)
     grams = [x.T @ x for x in xs]
-    theta = [{"lin.weight": w.T.contiguous(), "conv.weight": w, "lin.bias": torch.full((3,), float(i), dtype=w.dtype)}
-             for i, w in enumerate(ws)]
-    fit = FitResult({gram_key(i, n): g for i, g in enumerate(grams) for n in ("lin.weight", "conv.weight")},
-                     {"transposed": ["conv.weight"]})
+    theta = [
+        {
+            "lin.weight": w.T.contiguous(),
+            "conv.weight": w,
+            "lin.bias": torch.full((3,), float(i), dtype=w.dtype),
+        }
+        for i, w in enumerate(ws)
+    ]
+    fit = FitResult(
+        {gram_key(i, n): g for i, g in enumerate(grams) for n in ("lin.weight", "conv.weight")},
+        {"transposed": ["conv.weight"]},
+    )
     merged = merge_state_dicts(None, theta, "regmean", fitted=fit, alpha=1.0, weight=[1.0, 2.0])
     expected = regmean_solve(grams, ws, [1.0, 2.0], 1.0)
     torch.testing.assert_close(merged["lin.weight"], expected.T)
@@ -264,12 +301,20 @@ def test_gram_hooks_measure_the_real_inputs(include_padding: bool):
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 2 + [0] * 4, [1] * 6])
     data = Encoded(ids, mask, torch.zeros(5, dtype=torch.long))
     grams = gram_matrices(model, params, data, batch_size=2, include_padding=include_padding)
-    assert grams.transposed == ["conv.weight"] and set(grams.grams) == {"up.weight", "conv.weight", "classifier.weight"}
+    assert grams.transposed == ["conv.weight"] and set(grams.grams) == {
+        "up.weight",
+        "conv.weight",
+        "classifier.weight",
+    }
     with torch.no_grad():
         rows = []
         for start in range(0, 5, 2):  # the same batches, each trimmed to its longest example
             b = data.batch(slice(start, start + 2))
-            keep = torch.ones_like(b.attention_mask, dtype=torch.bool) if include_padding else b.attention_mask.bool()
+            keep = (
+                torch.ones_like(b.attention_mask, dtype=torch.bool)
+                if include_padding
+                else b.attention_mask.bool()
+            )
             e = module.embed(b.input_ids)
             hidden = torch.relu(module.up(e))
             m = b.attention_mask.unsqueeze(-1).float()
@@ -288,15 +333,22 @@ def test_regmean_end_to_end_on_tiny_zoo(tiny_zoo, tmp_path):
     query = "encoder.layer.0.attention.self.query.weight"
     assert gram_key(0, query) in fit.tensors and fit.info["examples"] == [16, 16]
     fit.save(tmp_path / "fit.safetensors")
-    replayed = merge_state_dicts(None, experts, "regmean", fitted=FitResult.load(tmp_path / "fit.safetensors"))
+    replayed = merge_state_dicts(
+        None, experts, "regmean", fitted=FitResult.load(tmp_path / "fit.safetensors")
+    )
     merged = merge_state_dicts(None, experts, "regmean", tasks=tasks)
     assert set(merged) == set(experts[0])
     torch.testing.assert_close(replayed, merged)
     assert all(bool(torch.isfinite(v).all()) for v in merged.values() if v.is_floating_point())
     # the merged query layer reproduces both experts' outputs better than the plain average (its objective)
     grams = [fit.tensors[gram_key(i, query)].double() for i in range(2)]
+
     def objective(w):
-        return sum(torch.trace((w - e[query]).double() @ g @ (w - e[query]).double().T) for e, g in zip(experts, grams))
+        return sum(
+            torch.trace((w - e[query]).double() @ g @ (w - e[query]).double().T)
+            for e, g in zip(experts, grams)
+        )
+
     exact = merge_state_dicts(None, experts, "regmean", fitted=fit, alpha=1.0)
     assert objective(exact[query]) < objective((experts[0][query] + experts[1][query]) / 2)
     # merging a model with itself gives it back

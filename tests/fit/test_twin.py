@@ -41,8 +41,16 @@ def setup(tmp_path_factory):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    module = BertModel(BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16)).eval()
+    module = BertModel(
+        BertConfig(
+            vocab_size=20,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+        )
+    ).eval()
     folder = tmp_path_factory.mktemp("tiny-bert")
     module.save_pretrained(folder)
     base = TaskModel(module).params()
@@ -50,8 +58,13 @@ def setup(tmp_path_factory):
     for seed in (1, 2):
         g = torch.Generator().manual_seed(seed)
         experts.append({n: p + 0.05 * torch.randn(p.shape, generator=g) for n, p in base.items()})
-    heads = {name: {"weight": torch.randn(2, 16, generator=torch.Generator().manual_seed(i)), "bias": torch.zeros(2)}
-             for i, name in enumerate(TOKENS)}
+    heads = {
+        name: {
+            "weight": torch.randn(2, 16, generator=torch.Generator().manual_seed(i)),
+            "bias": torch.zeros(2),
+        }
+        for i, name in enumerate(TOKENS)
+    }
     train = [Task(n, TaskModel(module, heads[n]), texts(n, 48, 10 + i)) for i, n in enumerate(TOKENS)]
     test = [Task(n, TaskModel(module, heads[n]), texts(n, 16, 20 + i)) for i, n in enumerate(TOKENS)]
     return {"base": base, "experts": experts, "train": train, "test": test, "folder": folder}
@@ -109,8 +122,12 @@ def test_exact_parts_give_each_expert_back(setup, exact_twin):
     for i, row in enumerate(weights):
         t = int(row.argmax())
         one = task.data.batch(torch.tensor([i]))
-        torch.testing.assert_close(exact_twin.logits(task.model, one, "top1"),
-                                   task.model.logits(one, params=setup["experts"][t]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            exact_twin.logits(task.model, one, "top1"),
+            task.model.logits(one, params=setup["experts"][t]),
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
 def test_params_for_is_linear_in_the_weights(twin):
@@ -153,8 +170,9 @@ def test_save_load_round_trip(setup, twin, tmp_path):
     assert loaded.task_names == twin.task_names and loaded.info["ranks"] == twin.info["ranks"]
     for task in setup["test"]:
         for routing in ("batch", "top1", "example"):
-            assert torch.equal(loaded.logits(task.model, task.data, routing),
-                               twin.logits(task.model, task.data, routing))
+            assert torch.equal(
+                loaded.logits(task.model, task.data, routing), twin.logits(task.model, task.data, routing)
+            )
     # the folder is an HF model: the shared expert loads as is
     hf = AutoModel.from_pretrained(tmp_path / "twin")
     named = dict(hf.named_parameters())
@@ -172,8 +190,11 @@ def test_save_is_atomic_with_a_manifest(setup, twin, tmp_path, monkeypatch):
     out = tmp_path / "twin"
     twin.save(out)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["output_sha256"]) == {"model.safetensors", "twin_exclusive.safetensors",
-                                              "twin_router.safetensors"}
+    assert set(manifest["output_sha256"]) == {
+        "model.safetensors",
+        "twin_exclusive.safetensors",
+        "twin_router.safetensors",
+    }
     assert manifest["task_names"] == twin.task_names and verify(out) == []
     (out / "twin_router.safetensors").write_bytes(b"tampered")
     assert any("twin_router.safetensors" in problem for problem in verify(out))

@@ -41,10 +41,18 @@ def build_tokenizer(folder: Path, with_cls: bool) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=SPECIALS, show_progress=False)
     tok.train_from_iterator([*WORDS, " ".join(WORDS), "\n"], trainer)
     if with_cls:
-        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
-            ("[CLS]", CLS), ("[SEP]", SEP)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[EOS]", bos_token="[EOS]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="[EOS]",
+        bos_token="[EOS]",
+    )
     fast.model_input_names = ["input_ids", "attention_mask"]
     fast.save_pretrained(folder)
     return fast
@@ -57,15 +65,30 @@ def config(arch: str, num_labels: int = CLASSES) -> Any:
 
     common: dict[str, Any] = {"vocab_size": VOCAB_SIZE, "pad_token_id": PAD, "num_labels": num_labels}
     if arch == "gpt2":
-        return tf.GPT2Config(n_embd=HIDDEN, n_layer=1, n_head=2, n_positions=64, bos_token_id=EOS,
-                             eos_token_id=EOS, **common)
+        return tf.GPT2Config(
+            n_embd=HIDDEN, n_layer=1, n_head=2, n_positions=64, bos_token_id=EOS, eos_token_id=EOS, **common
+        )
     if arch in DECODERS:
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
-        return cls(hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                   num_key_value_heads=1, max_position_embeddings=64, bos_token_id=EOS, eos_token_id=EOS,
-                   tie_word_embeddings=False, **common)
-    sizes: dict[str, Any] = {"hidden_size": HIDDEN, "num_hidden_layers": 1, "num_attention_heads": 2,
-                             "intermediate_size": 32, "max_position_embeddings": 80}
+        return cls(
+            hidden_size=HIDDEN,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            bos_token_id=EOS,
+            eos_token_id=EOS,
+            tie_word_embeddings=False,
+            **common,
+        )
+    sizes: dict[str, Any] = {
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 80,
+    }
     if arch == "bert":
         return tf.BertConfig(**sizes, **common)
     if arch == "roberta":
@@ -73,8 +96,14 @@ def config(arch: str, num_labels: int = CLASSES) -> Any:
     if arch == "mpnet":
         return tf.MPNetConfig(**sizes, bos_token_id=CLS, eos_token_id=SEP, **common)
     if arch == "deberta-v2":
-        return tf.DebertaV2Config(**sizes, relative_attention=True, pos_att_type=["p2c", "c2p"],
-                                  position_biased_input=False, max_relative_positions=32, **common)
+        return tf.DebertaV2Config(
+            **sizes,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+            max_relative_positions=32,
+            **common,
+        )
     raise KeyError(arch)
 
 

@@ -17,12 +17,36 @@ from mergesmith.methods.base import resolve_method_params
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=8))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                      st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                      max_leaves=12)
-keys = st.sampled_from(["merge_method", "models", "base_model", "parameters", "slices", "dtype", "compat", "seed",
-                        "model", "layer_range", "sources", "filter", "value", "weight", "density", "junk"])
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=8)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+keys = st.sampled_from(
+    [
+        "merge_method",
+        "models",
+        "base_model",
+        "parameters",
+        "slices",
+        "dtype",
+        "compat",
+        "seed",
+        "model",
+        "layer_range",
+        "sources",
+        "filter",
+        "value",
+        "weight",
+        "density",
+        "junk",
+    ]
+)
 recipes = st.dictionaries(keys, values, max_size=6)
 
 
@@ -48,8 +72,13 @@ def test_yaml_text_never_crashes(text):
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["weight", "density", "lambda", "trim_scope", "disjoint", "bogus"]), scalars,
-                       max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(["weight", "density", "lambda", "trim_scope", "disjoint", "bogus"]),
+        scalars,
+        max_size=4,
+    )
+)
 def test_parameter_validation_never_crashes(params):
     try:
         resolve_method_params(get_method("ties"), params, [dict(params), {}])
@@ -57,17 +86,25 @@ def test_parameter_validation_never_crashes(params):
         assert "\n" not in str(e)
 
 
-entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F33", ""]),
-    "shape": st.lists(st.integers(-2, 6), max_size=3),
-    "data_offsets": st.lists(st.integers(-4, 80), min_size=0, max_size=3),
-})
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F33", ""]),
+        "shape": st.lists(st.integers(-2, 6), max_size=3),
+        "data_offsets": st.lists(st.integers(-4, 80), min_size=0, max_size=3),
+    }
+)
 
 
 @FUZZ
-@given(header=st.dictionaries(st.text(max_size=6), st.one_of(entries, values), max_size=4),
-       data=st.binary(max_size=64), cut=st.integers(0, 200), raw_len=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
-@example(header={"\n": {"dtype": "F32", "shape": [], "data_offsets": []}}, data=b"", cut=65, raw_len=None)  # found
+@given(
+    header=st.dictionaries(st.text(max_size=6), st.one_of(entries, values), max_size=4),
+    data=st.binary(max_size=64),
+    cut=st.integers(0, 200),
+    raw_len=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+)
+@example(
+    header={"\n": {"dtype": "F32", "shape": [], "data_offsets": []}}, data=b"", cut=65, raw_len=None
+)  # found
 def test_safetensors_reader_never_crashes(tmp_path, header, data, cut, raw_len):
     raw = json.dumps(header).encode()
     blob = struct.pack("<Q", len(raw) if raw_len is None else raw_len) + raw + data

@@ -53,13 +53,23 @@ CORRUPT = {
     "huge header length": (lambda good: struct.pack("<Q", 2**40) + good[8:], "corrupt or truncated"),
     "header not JSON": (lambda good: struct.pack("<Q", 10) + b"{not json}" + b"\0" * 8, "not JSON"),
     "header not an object": (lambda good: struct.pack("<Q", 2) + b"[]", "not a JSON object"),
-    "offsets past the end": (lambda good: with_header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]}}),
-                             "do not fit"),
-    "overlapping tensors": (lambda good: with_header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-                                                     "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}),
-                            "overlap"),
-    "unknown dtype": (lambda good: with_header({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}),
-                      "unsupported dtype 'F33'"),
+    "offsets past the end": (
+        lambda good: with_header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]}}),
+        "do not fit",
+    ),
+    "overlapping tensors": (
+        lambda good: with_header(
+            {
+                "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+            }
+        ),
+        "overlap",
+    ),
+    "unknown dtype": (
+        lambda good: with_header({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}),
+        "unsupported dtype 'F33'",
+    ),
     "malformed entry": (lambda good: with_header({"a": {"dtype": "F32"}}), "malformed header entry"),
 }
 
@@ -126,7 +136,9 @@ def test_nonfinite_refused_unless_allowed(tmp_path, llamas):
     (bad / "config.json").write_text((llamas["a"] / "config.json").read_text())
     work = tmp_path / "work"
     work.mkdir()
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' contains NaN or Inf"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' contains NaN or Inf"
+    ):
         merge(linear_recipe(llamas["b"], bad), work / "out", progress=False)
     assert_clean(work)
     merge(linear_recipe(llamas["b"], bad), work / "out", allow_nonfinite=True, progress=False)
@@ -160,16 +172,24 @@ def test_output_is_a_file(tmp_path, llamas):
 def tiny_fs(tmp_path):
     mount = tmp_path / "fs"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root); the RLIMIT_FSIZE test covers the write path")
     yield mount
     # the unmount fails while any file on it is still open: a leaked descriptor is a bug
-    assert subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0, "a file on the output is still open"
+    assert subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0, (
+        "a file on the output is still open"
+    )
 
 
 def test_refuses_to_start_without_disk_space(tiny_fs, llamas):
-    with pytest.raises(MergeError, match=r"not enough free disk: the output needs 0\.00 GB, 0\.00 GB are free"):
+    with pytest.raises(
+        MergeError, match=r"not enough free disk: the output needs 0\.00 GB, 0\.00 GB are free"
+    ):
         merge(linear_recipe(llamas["a"], llamas["b"]), tiny_fs / "out", progress=False)
     assert_clean(tiny_fs)
 
@@ -189,11 +209,17 @@ def test_file_size_limit_mid_write(tmp_path, llamas):
     recipe.write_text(yaml.safe_dump(linear_recipe(llamas["a"], llamas["b"])))
     work = tmp_path / "work"
     work.mkdir()
-    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); "
-            "from mergesmith.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "merge", str(recipe), str(work / "out"), "--quiet"],
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); "
+        "from mergesmith.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "merge", str(recipe), str(work / "out"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
     assert_clean(work)
@@ -213,8 +239,14 @@ def big_models(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("big")
-    config = LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     paths = {}
     for i, name in enumerate(("base", "a", "b")):
         torch.manual_seed(i)
@@ -225,16 +257,39 @@ def big_models(tmp_path_factory):
 
 def ties_recipe_file(tmp_path: Path, models: dict[str, Path]) -> Path:
     recipe = tmp_path / "ties.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "ties", "base_model": str(models["base"]),
-        "models": [{"model": str(models["a"])}, {"model": str(models["b"])}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(models["base"]),
+                "models": [{"model": str(models["a"])}, {"model": str(models["b"])}],
+            }
+        )
+    )
     return recipe
 
 
 def start_merge(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mergesmith", "merge", str(recipe), str(out), "--quiet",
-                             "--shard-size", "2MB", "--threads", "1", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mergesmith",
+            "merge",
+            str(recipe),
+            str(out),
+            "--quiet",
+            "--shard-size",
+            "2MB",
+            "--threads",
+            "1",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def wait_for_shards(out: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -259,8 +314,23 @@ def test_kill_then_resume(tmp_path, big_models):
     proc.kill()  # SIGKILL: no cleanup can run
     proc.wait()
     assert not out.exists()
-    resumed = subprocess.run([sys.executable, "-m", "mergesmith", "merge", str(recipe), str(out), "--quiet",
-                              "--shard-size", "2MB", "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mergesmith",
+            "merge",
+            str(recipe),
+            str(out),
+            "--quiet",
+            "--shard-size",
+            "2MB",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed:" in resumed.stdout and "finished shards reused" in resumed.stdout
     assert json.loads((out / "manifest.json").read_text())["resumed_shards"] >= 3
@@ -309,22 +379,32 @@ def test_interrupt_leaves_no_output(tmp_path, big_models, sig):
 def test_verify(tmp_path, llamas):
     out = tmp_path / "out"
     merge(linear_recipe(llamas["a"], llamas["b"]), out, shard_size="40KB", progress=False)
-    ok = subprocess.run([sys.executable, "-m", "mergesmith", "verify", str(out)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "verify", str(out)], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "OK" in ok.stdout
     shard = sorted(out.glob("model-*.safetensors"))[1]
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x01
     shard.write_bytes(bytes(data))
-    bad = subprocess.run([sys.executable, "-m", "mergesmith", "verify", str(out)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "verify", str(out)], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and f"{shard.name}: sha256 differs" in bad.stdout
 
 
 # -- reproducibility ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,params", [("ties", {}), ("dare_ties", {"density": 0.5}), ("pcb", {}),
-                                           ("della", {"density": 0.5})])
+@pytest.mark.parametrize(
+    "method,params", [("ties", {}), ("dare_ties", {"density": 0.5}), ("pcb", {}), ("della", {"density": 0.5})]
+)
 def test_byte_identical_across_thread_counts(tmp_path, llamas, method, params):
-    recipe = {"merge_method": method, "base_model": str(llamas["base"]), "parameters": params, "seed": 11,
-              "models": [{"model": str(llamas[k])} for k in ("a", "b", "c")]}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(llamas["base"]),
+        "parameters": params,
+        "seed": 11,
+        "models": [{"model": str(llamas[k])} for k in ("a", "b", "c")],
+    }
     merge(recipe, tmp_path / "t1", threads=1, shard_size="50KB", progress=False)
     merge(recipe, tmp_path / "t4", threads=4, shard_size="50KB", progress=False)
     files = sorted(p.name for p in (tmp_path / "t1").glob("model*"))
@@ -350,10 +430,16 @@ def test_nonfinite_in_a_late_block_is_refused_by_multi_pass_methods(tmp_path, ll
     bad.mkdir()
     save_file(tensors, bad / "model.safetensors")
     (bad / "config.json").write_text((llamas["a"] / "config.json").read_text())
-    recipe = {"merge_method": method, "base_model": str(llamas["base"]),
-              "models": [{"model": str(bad), "parameters": {"weight": 1.0, "density": 0.5}},
-                         {"model": str(llamas["b"]), "parameters": {"weight": 1.0, "density": 0.5}}],
-              "parameters": {"trim_scope": "tensor"} if method == "ties" else {"rescale": "l1",
-                                                                                "sign_zero": "positive"}}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(llamas["base"]),
+        "models": [
+            {"model": str(bad), "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": str(llamas["b"]), "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+        "parameters": {"trim_scope": "tensor"}
+        if method == "ties"
+        else {"rescale": "l1", "sign_zero": "positive"},
+    }
     with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' contains NaN or Inf"):
         merge(recipe, tmp_path / "out", progress=False)

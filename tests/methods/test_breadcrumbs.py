@@ -26,7 +26,12 @@ def test_defaults_and_compat():
     method = get_method("breadcrumbs")
     paper = resolve_method_params(method, {}, [{}])
     mk = resolve_method_params(method, {}, [{}], compat="mergekit")
-    assert (paper["density"], paper["gamma"], paper["scope"], paper["rescale"]) == ([0.15], [0.01], "tensor", "none")
+    assert (paper["density"], paper["gamma"], paper["scope"], paper["rescale"]) == (
+        [0.15],
+        [0.01],
+        "tensor",
+        "none",
+    )
     assert (mk["density"], mk["gamma"]) == ([1.0], [0.01])
     ties = resolve_method_params(get_method("breadcrumbs_ties"), {}, [{}], compat="mergekit")
     assert (ties["disjoint"], ties["sign_zero"]) == ("sum", "positive")
@@ -101,8 +106,13 @@ def test_matches_mergekit(name, rescale, normalize):
     ids = range(1, 4)
     expected = registry.get(name).merge_group(
         TensorGroup.from_tensors([base, *experts], base_index=0),
-        int8_mask=False, normalize=normalize, rescale=rescale, **{"lambda": 0.7},
-        weight=dict(zip(ids, weights)), density=dict(zip(ids, densities)), gamma=dict(zip(ids, gammas)),
+        int8_mask=False,
+        normalize=normalize,
+        rescale=rescale,
+        **{"lambda": 0.7},
+        weight=dict(zip(ids, weights)),
+        density=dict(zip(ids, densities)),
+        gamma=dict(zip(ids, gammas)),
     )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 

@@ -21,7 +21,12 @@ def run(base, experts, shared=None, per_model=None):
 
 def test_defaults():
     params = resolve_method_params(get_method("consensus"), {}, [{}, {}])
-    assert (params["k"], params["lambda_t"], params["base_method"], params["lambda"]) == (2, [0.6, 0.6], "ta", 1.0)
+    assert (params["k"], params["lambda_t"], params["base_method"], params["lambda"]) == (
+        2,
+        [0.6, 0.6],
+        "ta",
+        1.0,
+    )
     mk = resolve_method_params(get_method("consensus"), {}, [{}, {}], compat="mergekit")
     assert mk["trim_scope"] == "global"
 
@@ -34,8 +39,12 @@ def test_equation_hand_made():
     masks = np.stack([np.abs(t) > lam * np.abs(mtl - t) for t, lam in zip(taus, lambdas)])
     keep = masks.sum(axis=0) >= 2
     expected = base + 0.8 * mtl * keep
-    got = run(torch.tensor(base, dtype=torch.float32), [torch.tensor(base + t, dtype=torch.float32) for t in taus],
-              {"lambda": 0.8}, [{"lambda_t": lam} for lam in lambdas])
+    got = run(
+        torch.tensor(base, dtype=torch.float32),
+        [torch.tensor(base + t, dtype=torch.float32) for t in taus],
+        {"lambda": 0.8},
+        [{"lambda_t": lam} for lam in lambdas],
+    )
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
     assert 0 < keep.sum() < keep.size  # the example exercises both outcomes
 
@@ -70,7 +79,9 @@ def ref_ties_dis_sum(flat, density):
 
 def ref_consensus(flat_ptm, flat_ft, merged_tv, lambdas, k):
     flat_multi = flat_ptm + merged_tv
-    masks = torch.stack([(flat_ptm - ft).abs() > (flat_multi - ft).abs() * lam for ft, lam in zip(flat_ft, lambdas)])
+    masks = torch.stack(
+        [(flat_ptm - ft).abs() > (flat_multi - ft).abs() * lam for ft, lam in zip(flat_ft, lambdas)]
+    )
     return merged_tv * (masks.float().sum(dim=0) >= k)
 
 
@@ -81,8 +92,12 @@ def test_matches_the_official_code_on_the_flattened_model(base_method):
     base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     experts = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(4)]
     lambdas = [0.2, 0.4, 0.5, 0.6]
-    got = merge_model(base, experts, {"base_method": base_method, "lambda": 0.7, "k": 2},
-                      [{"lambda_t": lam} for lam in lambdas])
+    got = merge_model(
+        base,
+        experts,
+        {"base_method": base_method, "lambda": 0.7, "k": 2},
+        [{"lambda_t": lam} for lam in lambdas],
+    )
     flat_ptm = torch.cat([v.reshape(-1) for v in base.values()])
     flat_ft = torch.stack([torch.cat([e[k].reshape(-1) for k in base]) for e in experts])
     tvs = flat_ft - flat_ptm
@@ -90,5 +105,7 @@ def test_matches_the_official_code_on_the_flattened_model(base_method):
     expected = flat_ptm + 0.7 * ref_consensus(flat_ptm, flat_ft, merged, lambdas, 2)
     start = 0
     for k, v in base.items():
-        torch.testing.assert_close(got[k], expected[start:start + v.numel()].reshape(v.shape), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            got[k], expected[start : start + v.numel()].reshape(v.shape), rtol=1e-5, atol=1e-6
+        )
         start += v.numel()

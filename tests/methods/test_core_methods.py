@@ -15,7 +15,9 @@ def sd(**tensors) -> dict[str, torch.Tensor]:
 def random_models(count: int, seed: int = 0, shapes=((8, 6), (6,), (5, 7, 3))):
     g = torch.Generator().manual_seed(seed)
     base = {f"w{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
-    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(count)]
+    experts = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(count)
+    ]
     return base, experts
 
 
@@ -173,15 +175,23 @@ def test_bernoulli_mask_is_the_exact_32_bit_law():
 
     def plane_bits(seed: int, planes: int) -> np.ndarray:  # [planes, count] bits, little-endian within words
         raw = np.random.PCG64(seed).random_raw((planes, -(-count // 64)))
-        return np.stack([np.unpackbits(p.view(np.uint8), bitorder="little")[:count] for p in raw]).astype(np.int64)
+        return np.stack([np.unpackbits(p.view(np.uint8), bitorder="little")[:count] for p in raw]).astype(
+            np.int64
+        )
 
     # the definition, regime by regime, with N = ⌊keep·2³²⌋ = n·2^(32−b), n odd
     cases = {
-        0.3: lambda seed: (np.random.PCG64(seed).random_raw(-(-count // 2)).view(np.int32)[:count].astype(np.int64)
-                           < int(0.3 * 2**32) - 2**31),  # b = 30: one int32 word per element
-        0.5 + 2**-12: lambda seed: (np.random.PCG64(seed).random_raw(-(-count // 4)).view(np.int16)[:count]
-                                    .astype(np.int64) < 2049 * 16 - 2**15),  # b = 12: one int16 word per element
-        0.75: lambda seed: (2 * plane_bits(seed, 2)[0] + plane_bits(seed, 2)[1]) < 3,  # b = 2: U from two planes
+        0.3: lambda seed: (
+            np.random.PCG64(seed).random_raw(-(-count // 2)).view(np.int32)[:count].astype(np.int64)
+            < int(0.3 * 2**32) - 2**31
+        ),  # b = 30: one int32 word per element
+        0.5 + 2**-12: lambda seed: (
+            np.random.PCG64(seed).random_raw(-(-count // 4)).view(np.int16)[:count].astype(np.int64)
+            < 2049 * 16 - 2**15
+        ),  # b = 12: one int16 word per element
+        0.75: lambda seed: (
+            (2 * plane_bits(seed, 2)[0] + plane_bits(seed, 2)[1]) < 3
+        ),  # b = 2: U from two planes
         0.5: lambda seed: plane_bits(seed, 1)[0] < 1,  # b = 1: one bit per element
         3 / 256: lambda seed: (2 ** np.arange(7, -1, -1)) @ plane_bits(seed, 8) < 3,  # b = 8: U from 8 planes
     }

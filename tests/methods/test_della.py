@@ -26,8 +26,12 @@ def run(name, base, experts, shared=None, per_model=None, compat="paper", seed=0
 def test_defaults_and_compat():
     paper = resolve_method_params(get_method("della"), {}, [{}])
     mk = resolve_method_params(get_method("della"), {}, [{}], compat="mergekit")
-    assert (paper["density"], paper["epsilon"], paper["rescale"], paper["disjoint"]) == ([0.7], [0.15], "inverse",
-                                                                                          "mean")
+    assert (paper["density"], paper["epsilon"], paper["rescale"], paper["disjoint"]) == (
+        [0.7],
+        [0.15],
+        "inverse",
+        "mean",
+    )
     assert (mk["density"], mk["epsilon"], mk["rescale"], mk["disjoint"]) == ([1.0], [0.15], "l1", "mean")
     assert get_method("della").random and get_method("della_linear").random
 
@@ -38,7 +42,9 @@ def test_probabilities_equation():
     expected = torch.tensor([[0.4, 0.6, 0.5], [0.5, 0.4, 0.6]])
     torch.testing.assert_close(magprune_probabilities(delta, 0.5, 0.1), expected)
     # 1-D: one row
-    torch.testing.assert_close(magprune_probabilities(torch.tensor([3.0, 1.0]), 0.5, 0.1), torch.tensor([0.6, 0.4]))
+    torch.testing.assert_close(
+        magprune_probabilities(torch.tensor([3.0, 1.0]), 0.5, 0.1), torch.tensor([0.6, 0.4])
+    )
 
 
 @pytest.mark.parametrize("name", ["della", "della_linear"])
@@ -91,13 +97,24 @@ def test_invariants():
 def _mergekit(name, base, experts, weights, densities, epsilons, **shared):
     ids = range(1, len(experts) + 1)
     return registry.get(name).merge_group(
-        TensorGroup.from_tensors([base, *experts], base_index=0), int8_mask=False, **shared,
-        weight=dict(zip(ids, weights)), density=dict(zip(ids, densities)), epsilon=dict(zip(ids, epsilons)),
+        TensorGroup.from_tensors([base, *experts], base_index=0),
+        int8_mask=False,
+        **shared,
+        weight=dict(zip(ids, weights)),
+        density=dict(zip(ids, densities)),
+        epsilon=dict(zip(ids, epsilons)),
     )
 
 
-@pytest.mark.parametrize("name,normalize,rescale", [("della", True, True), ("della_linear", False, True),
-                                                    ("della", False, False), ("della_linear", True, False)])
+@pytest.mark.parametrize(
+    "name,normalize,rescale",
+    [
+        ("della", True, True),
+        ("della_linear", False, True),
+        ("della", False, False),
+        ("della_linear", True, False),
+    ],
+)
 def test_matches_mergekit_with_the_same_mask(monkeypatch, name, normalize, rescale):
     """mergekit draws from the global RNG: feed both implementations the same uniforms instead."""
     gen = torch.Generator().manual_seed(4)
@@ -125,6 +142,15 @@ def test_matches_mergekit_without_pruning(name):
     weights = [1.0, 2.0, 0.5]
     got = run(name, base, experts, per_model=[{"weight": w} for w in weights], compat="mergekit")
     normalize = name == "della"
-    expected = _mergekit(name, base, experts, weights, [1.0] * 3, [0.15] * 3, normalize=normalize, rescale=True,
-                         **{"lambda": 1.0})
+    expected = _mergekit(
+        name,
+        base,
+        experts,
+        weights,
+        [1.0] * 3,
+        [0.15] * 3,
+        normalize=normalize,
+        rescale=True,
+        **{"lambda": 1.0},
+    )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

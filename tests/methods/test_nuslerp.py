@@ -35,7 +35,9 @@ def test_schema():
 def test_equation_without_base_t_from_weights():
     a = np.array([1.0, 0.0, 1.0])
     b = np.array([0.0, 2.0, 0.5])
-    got = run(None, [torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)], weights=(1.0, 3.0))
+    got = run(
+        None, [torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)], weights=(1.0, 3.0)
+    )
     np.testing.assert_allclose(got.numpy(), slerp_np(0.75, a, b), rtol=1e-6)
 
 

@@ -47,8 +47,10 @@ def model(seed=0, count=3):
     gen = torch.Generator().manual_seed(seed)
     shapes = {"emb": (40, 16), "attn.q": (16, 16), "norm": (16,), "mlp.up": (32, 16), "scalar": ()}
     base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) * (1 + i) for k, v in base.items()}
-               for i in range(count)]
+    experts = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=gen) * (1 + i) for k, v in base.items()}
+        for i in range(count)
+    ]
     # a few outliers, so the clipping matters
     experts[0]["emb"][0, 0] += 5.0
     experts[1]["mlp.up"][3, 2] -= 4.0
@@ -62,7 +64,7 @@ def flatten(base, experts):
 def unflatten(vector, like):
     out, start = {}, 0
     for k, v in like.items():
-        out[k] = vector[start:start + v.numel()].reshape(v.shape)
+        out[k] = vector[start : start + v.numel()].reshape(v.shape)
         start += v.numel()
     return out
 
@@ -83,7 +85,9 @@ def test_global_scope_matches_the_official_code_on_the_flattened_model(shared, l
     ref = ref_pcb(flatten(base, experts), shared.get("ratio", 0.1), shared.get("clip", 1e-4), lams, vision)
     expected = unflatten(ref, base)
     for k in base:
-        torch.testing.assert_close(got[k], base[k] + shared.get("lambda", 1.0) * expected[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            got[k], base[k] + shared.get("lambda", 1.0) * expected[k], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_tensor_scope_matches_the_official_code_per_tensor():
@@ -120,7 +124,9 @@ def test_settings_must_be_constant_for_the_global_scope():
 
     def stream():
         for i, name in enumerate(base):
-            yield TensorInputs(name, base[name], [e[name] for e in experts], {**params, "ratio": 0.1 + 0.1 * (i == 2)})
+            yield TensorInputs(
+                name, base[name], [e[name] for e in experts], {**params, "ratio": 0.1 + 0.1 * (i == 2)}
+            )
 
     with pytest.raises(RecipeError):
         method.model_stats(stream, params, 0)

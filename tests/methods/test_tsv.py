@@ -24,9 +24,9 @@ def official_tsvm(deltas):
         if i == 0:
             sum_u, sum_s, sum_v = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(v)
         k = int(s.shape[0] * (1 / count))
-        sum_u[:, i * k:(i + 1) * k] = u[:, :k]
-        sum_s[i * k:(i + 1) * k] = s[:k]
-        sum_v[i * k:(i + 1) * k, :] = v[:k, :]
+        sum_u[:, i * k : (i + 1) * k] = u[:, :k]
+        sum_s[i * k : (i + 1) * k] = s[:k]
+        sum_v[i * k : (i + 1) * k, :] = v[:k, :]
     u_u, _, v_u = torch.linalg.svd(sum_u, full_matrices=False)
     u_v, _, v_v = torch.linalg.svd(sum_v, full_matrices=False)
     return torch.linalg.multi_dot((u_u, v_u, torch.diag(sum_s), u_v, v_v))

@@ -23,7 +23,7 @@ def test_matches_a_full_sort(dtype):
 
     def chunks():
         for start in range(0, 3000, 700):
-            yield x[:, start:start + 700]
+            yield x[:, start : start + 700]
 
     def ranks(total):
         return [[1, 17, 1500, total], [1, 150, 2000, total], [3, 999, total - 1]]
@@ -32,7 +32,7 @@ def test_matches_a_full_sort(dtype):
     ordered = x.sort(dim=1).values
     for row, wanted in enumerate(ranks(3000)):
         assert got[row] == [float(ordered[row, k - 1]) for k in wanted]
-        local = local_order_statistics(x[row:row + 1], wanted)[0]
+        local = local_order_statistics(x[row : row + 1], wanted)[0]
         assert local.tolist() == got[row]
 
 
@@ -49,7 +49,7 @@ def test_large_chunks_take_the_fast_histograms_and_stay_exact(magnitudes):
 
     def chunks():
         for start in range(0, x.shape[1], 300_000):
-            yield x[:, start:start + 300_000]
+            yield x[:, start : start + 300_000]
 
     def ranks(total):
         return [[1, 5000, 5001, 30000, 350_000, total], [2, 123_456, total - 3, total]]
@@ -75,10 +75,15 @@ def test_ties_global_thresholds_are_the_flattened_kthvalue():
         for j, b in enumerate(base):
             yield TensorInputs(f"t{j}", b, [e[j] for e in experts], {})
 
-    flat = torch.stack([torch.cat([(e[j] - base[j]).abs().reshape(-1) for j in range(len(base))]) for e in experts])
+    flat = torch.stack(
+        [torch.cat([(e[j] - base[j]).abs().reshape(-1) for j in range(len(base))]) for e in experts]
+    )
     total = flat.shape[1]
     densities = [0.2, 0.5, 0.01]
-    expected = [float(flat[t].kthvalue(total - paper_keep_count(total, d) + 1).values) for t, d in enumerate(densities)]
+    expected = [
+        float(flat[t].kthvalue(total - paper_keep_count(total, d) + 1).values)
+        for t, d in enumerate(densities)
+    ]
     assert global_thresholds(stream, densities) == expected
 
 

@@ -31,29 +31,44 @@ def expect(recipe: dict, tmp_path: Path, error: type, pattern: str) -> str:
 
 
 def test_unknown_method_suggests(llamas, tmp_path):
-    recipe = {"merge_method": "tie", "base_model": str(llamas["base"]), "models": [{"model": str(llamas["a"])}]}
+    recipe = {
+        "merge_method": "tie",
+        "base_model": str(llamas["base"]),
+        "models": [{"model": str(llamas["a"])}],
+    }
     msg = expect(recipe, tmp_path, RecipeError, "unknown merge_method 'tie'")
     assert "did you mean 'ties'" in msg
 
 
 def test_unknown_parameter_suggests(llamas, tmp_path):
-    recipe = {"merge_method": "ties", "base_model": str(llamas["base"]),
-              "models": [{"model": str(llamas["a"]), "parameters": {"densty": 0.5}}]}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(llamas["base"]),
+        "models": [{"model": str(llamas["a"]), "parameters": {"densty": 0.5}}],
+    }
     msg = expect(recipe, tmp_path, RecipeError, "unknown parameter 'densty'")
     assert "did you mean 'density'" in msg
 
 
 def test_missing_required_parameter():
-    method = MergeMethod(name="needs_t", rule=lambda *a: None, summary="", paper="",
-                         params=(Param("t", float, help="interpolation"),))
+    method = MergeMethod(
+        name="needs_t",
+        rule=lambda *a: None,
+        summary="",
+        paper="",
+        params=(Param("t", float, help="interpolation"),),
+    )
     with pytest.raises(RecipeError, match="missing required parameter 't'"):
         resolve_method_params(method, {}, [{}])
     assert resolve_method_params(method, {"t": "0.5"}, [{}])["t"] == 0.5
 
 
 def test_parameter_type_and_range(llamas, tmp_path):
-    recipe = {"merge_method": "ties", "base_model": str(llamas["base"]),
-              "models": [{"model": str(llamas["a"]), "parameters": {"density": 1.5}}]}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(llamas["base"]),
+        "models": [{"model": str(llamas["a"]), "parameters": {"density": 1.5}}],
+    }
     expect(recipe, tmp_path, RecipeError, "'density' must be <= 1.0")
     recipe["models"][0]["parameters"] = {"density": "abc"}
     expect(recipe, tmp_path, RecipeError, "'density' must be float")
@@ -67,7 +82,10 @@ def test_base_required_but_absent(llamas, tmp_path):
 
 
 def test_missing_model_path(tmp_path, llamas):
-    recipe = {"merge_method": "linear", "models": [{"model": str(llamas["a"])}, {"model": "/nonexistent/model"}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(llamas["a"])}, {"model": "/nonexistent/model"}],
+    }
     expect(recipe, tmp_path, RecipeError, "'/nonexistent/model' does not exist")
 
 
@@ -85,7 +103,9 @@ def _mutated_copy(src: Path, dst: Path, mutate) -> Path:
 def test_tensor_names_differ(llamas, tmp_path):
     odd = _mutated_copy(llamas["a"], tmp_path / "odd", lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
     recipe = {"merge_method": "linear", "models": [{"model": str(llamas["b"])}, {"model": str(odd)}]}
-    expect(recipe, tmp_path, CheckpointError, "tensor 'model.layers.2.mlp.up_proj.weight' is in .* but not in")
+    expect(
+        recipe, tmp_path, CheckpointError, "tensor 'model.layers.2.mlp.up_proj.weight' is in .* but not in"
+    )
 
 
 def test_tensor_shapes_differ(llamas, tmp_path):
@@ -99,8 +119,10 @@ def test_tensor_shapes_differ(llamas, tmp_path):
 
 
 def test_layer_range_out_of_bounds(llamas, tmp_path):
-    recipe = {"merge_method": "passthrough",
-              "slices": [{"sources": [{"model": str(llamas["a"]), "layer_range": [2, 9]}]}]}
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(llamas["a"]), "layer_range": [2, 9]}]}],
+    }
     expect(recipe, tmp_path, RecipeError, "layer_range \\[2, 9\\] .* out of bounds \\(it has 4 layers\\)")
     recipe["slices"][0]["sources"][0]["layer_range"] = [3, 1]
     expect(recipe, tmp_path, RecipeError, "layer_range")
@@ -129,8 +151,18 @@ def test_output_inside_input_refused(llamas, tmp_path):
 
 
 def test_gradient_and_filter_resolution():
-    recipe = parse({"merge_method": "linear", "parameters": {
-        "weight": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.25}, {"value": 9.0}]}})
+    recipe = parse(
+        {
+            "merge_method": "linear",
+            "parameters": {
+                "weight": [
+                    {"filter": "self_attn", "value": [0.0, 1.0]},
+                    {"filter": "mlp", "value": 0.25},
+                    {"value": 9.0},
+                ]
+            },
+        }
+    )
     setting = recipe.parameters["weight"]
     assert evaluate_setting(setting, "model.layers.0.self_attn.q_proj.weight", 0.5) == 0.5
     assert evaluate_setting(setting, "model.layers.3.mlp.up_proj.weight", 1.0) == 0.25
@@ -140,10 +172,20 @@ def test_gradient_and_filter_resolution():
 
 def test_cli_error_is_one_line_without_traceback(llamas, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(llamas["base"]),
-                                      "models": [{"model": str(llamas["a"]), "parameters": {"densty": 0.5}}]}))
-    proc = subprocess.run([sys.executable, "-m", "mergesmith", "merge", str(recipe), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(llamas["base"]),
+                "models": [{"model": str(llamas["a"]), "parameters": {"densty": 0.5}}],
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "merge", str(recipe), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "densty" in proc.stderr

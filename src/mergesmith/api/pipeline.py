@@ -80,7 +80,9 @@ class Resolved:
 
     def input_files(self) -> list[Path]:
         """The files a resume's fingerprint covers: every weight file, and the data or fit files."""
-        return [f for src in self.sources.values() for f in src.files()] + (self.setup.files if self.setup else [])
+        return [f for src in self.sources.values() for f in src.files()] + (
+            self.setup.files if self.setup else []
+        )
 
 
 def merge(
@@ -106,32 +108,54 @@ def merge(
     ``mergesmith_fit.safetensors`` in the output and summarised under ``fit`` in ``manifest.json``.
     """
     start = time.perf_counter()
-    with resolve(recipe, out_dir, force=force, shard_size=shard_size, threads=threads, allow_pickle=allow_pickle,
-                 allow_nonfinite=allow_nonfinite, resume=resume, seed=seed, dtype=dtype, compat=compat,
-                 progress=progress) as job:
+    with resolve(
+        recipe,
+        out_dir,
+        force=force,
+        shard_size=shard_size,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite,
+        resume=resume,
+        seed=seed,
+        dtype=dtype,
+        compat=compat,
+        progress=progress,
+    ) as job:
         plan = plan_merge(job)
         with OutputLock(job.out):
-            key = fingerprint(job.recipe.to_yaml(),
-                              {"dtype": job.out_dtype, "shard_size": job.shard_size, "version": __version__},
-                              job.input_files())
+            key = fingerprint(
+                job.recipe.to_yaml(),
+                {"dtype": job.out_dtype, "shard_size": job.shard_size, "version": __version__},
+                job.input_files(),
+            )
             partial = PartialFolder(job.out, key, job.resume)
             try:
                 try:
                     fit_report = fit(job, plan, partial.path)
-                    writer = FolderWriter(partial.path, output_specs(plan), job.shard_size, partial.finished,
-                                          partial.shard_done)
+                    writer = FolderWriter(
+                        partial.path, output_specs(plan), job.shard_size, partial.finished, partial.shard_done
+                    )
                     hashes = write_tensors(job, plan, writer)
                     publish(job, plan, partial, hashes, fit_report, time.perf_counter() - start)
                 except OSError as e:  # disk full, file too large, I/O error: one line, then clean up
-                    raise MergeError(f"{job.out}: writing the output failed ({e.strerror}); nothing was written"
-                                     ) from None
+                    raise MergeError(
+                        f"{job.out}: writing the output failed ({e.strerror}); nothing was written"
+                    ) from None
             except (KeyboardInterrupt, SystemExit):
                 raise  # interrupted or killed: the partial folder stays for --resume
             except BaseException:
                 partial.discard()
                 raise
-    return MergeResult(job.out, job.recipe.merge_method, len(plan.jobs), sum(j.nbytes for j in plan.jobs),
-                       len(writer.file_names), time.perf_counter() - start, partial.resumed_from)
+    return MergeResult(
+        job.out,
+        job.recipe.merge_method,
+        len(plan.jobs),
+        sum(j.nbytes for j in plan.jobs),
+        len(writer.file_names),
+        time.perf_counter() - start,
+        partial.resumed_from,
+    )
 
 
 @contextlib.contextmanager
@@ -171,8 +195,20 @@ def resolve(
     sources = _open_sources(paths, allow_pickle, where)
     try:
         setup = prepare_fit(parsed, method, sources) if method.fit is not None else None
-        yield Resolved(parsed, method, paths, out, dtype or parsed.out_dtype or parsed.dtype, size,
-                       threads or min(4, os.cpu_count() or 1), allow_nonfinite, resume, progress, sources, setup)
+        yield Resolved(
+            parsed,
+            method,
+            paths,
+            out,
+            dtype or parsed.out_dtype or parsed.dtype,
+            size,
+            threads or min(4, os.cpu_count() or 1),
+            allow_nonfinite,
+            resume,
+            progress,
+            sources,
+            setup,
+        )
     finally:
         for src in sources.values():
             with contextlib.suppress(Exception):
@@ -181,7 +217,9 @@ def resolve(
 
 def plan_merge(job: Resolved) -> Plan:
     """Step 2 (before the fit, so that a recipe mistake fails before a long fit): one job per output tensor."""
-    plan = Planner(job.recipe, job.sources, job.out_dtype, job.setup.task_heads if job.setup else frozenset()).plan()
+    plan = Planner(
+        job.recipe, job.sources, job.out_dtype, job.setup.task_heads if job.setup else frozenset()
+    ).plan()
     plan.allow_nonfinite = job.allow_nonfinite
     return plan
 
@@ -216,7 +254,9 @@ def fit(job: Resolved, plan: Plan, folder: Path) -> dict[str, Any] | None:
     return report
 
 
-def write_tensors(job: Resolved, plan: Plan, writer: FolderWriter) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+def write_tensors(
+    job: Resolved, plan: Plan, writer: FolderWriter
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """Step 4: merge every tensor still to do into the writer while the input files are hashed for the manifest;
     then the shards' index. Returns the output and input sha256."""
     todo = writer.pending()
@@ -226,11 +266,20 @@ def write_tensors(job: Resolved, plan: Plan, writer: FolderWriter) -> tuple[dict
         writer.close()
         raise
     with ThreadPoolExecutor(max_workers=1) as hasher:
-        hashes = hasher.submit(lambda: {label: {str(p): input_sha256(p) for p in src.files()}
-                                        for label, src in job.sources.items()})
+        hashes = hasher.submit(
+            lambda: {
+                label: {str(p): input_sha256(p) for p in src.files()} for label, src in job.sources.items()
+            }
+        )
         try:
-            execute(plan, writer.write, threads=job.threads, progress=job.progress, only=todo,
-                    write_rows=writer.write_rows)
+            execute(
+                plan,
+                writer.write,
+                threads=job.threads,
+                progress=job.progress,
+                only=todo,
+                write_rows=writer.write_rows,
+            )
             output_hashes = writer.finalize()
         finally:
             writer.close()
@@ -238,14 +287,28 @@ def write_tensors(job: Resolved, plan: Plan, writer: FolderWriter) -> tuple[dict
         return output_hashes, hashes.result()
 
 
-def publish(job: Resolved, plan: Plan, partial: PartialFolder,
-            hashes: tuple[dict[str, str], dict[str, dict[str, str]]], fit_report: dict[str, Any] | None,
-            seconds: float) -> None:
+def publish(
+    job: Resolved,
+    plan: Plan,
+    partial: PartialFolder,
+    hashes: tuple[dict[str, str], dict[str, dict[str, str]]],
+    fit_report: dict[str, Any] | None,
+    seconds: float,
+) -> None:
     """Step 5: every non-weight file (config, tokenizer, recipe, manifest, model card), then the one rename that
     makes the output appear."""
     output_hashes, input_hashes = hashes
-    write_metadata(partial.path, job.recipe, job.model_paths, plan, input_hashes, output_hashes, seconds,
-                   partial.resumed_from, fit_report)
+    write_metadata(
+        partial.path,
+        job.recipe,
+        job.model_paths,
+        plan,
+        input_hashes,
+        output_hashes,
+        seconds,
+        partial.resumed_from,
+        fit_report,
+    )
     partial.publish(job.out)
 
 

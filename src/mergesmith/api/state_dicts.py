@@ -42,7 +42,9 @@ def merge_state_dicts(
     if plan.method.fit is not None:
         if fitted is None:
             if tasks is None:
-                raise RecipeError(f"method '{method}' learns from data: pass tasks=[...] (one per expert) or fitted=")
+                raise RecipeError(
+                    f"method '{method}' learns from data: pass tasks=[...] (one per expert) or fitted="
+                )
             fitted = run_fit(plan, base, experts, tasks)
         plan.fitted = fitted
     out: dict[str, torch.Tensor] = {}
@@ -69,27 +71,44 @@ def fit_state_dicts(
     return run_fit(plan, base, experts, tasks, progress)
 
 
-def run_fit(plan: Plan, base: Mapping[str, torch.Tensor] | None, experts: Sequence[Mapping[str, torch.Tensor]],
-            tasks: Sequence[Task], progress: bool = False) -> FitResult:
+def run_fit(
+    plan: Plan,
+    base: Mapping[str, torch.Tensor] | None,
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    tasks: Sequence[Task],
+    progress: bool = False,
+) -> FitResult:
     """The one fit path (``merge``, ``merge_state_dicts``, ``fit_state_dicts``): the experts' mergeable parameters
     (the task model's, minus its head) in fp32, and the method's shared parameters as resolved for the plan."""
     fit = plan.method.fit
     if fit is None:
         raise RecipeError(f"method '{plan.method.name}' does not learn from data")
     if len(tasks) != len(experts):
-        raise RecipeError(f"method '{plan.method.name}' needs one task per expert: got {len(tasks)} for "
-                          f"{len(experts)} experts")
+        raise RecipeError(
+            f"method '{plan.method.name}' needs one task per expert: got {len(tasks)} for "
+            f"{len(experts)} experts"
+        )
     names = [n for n in tasks[0].model.merge_names() if n in experts[0]]
     first = next((j for j in plan.jobs if not j.copy), None)
     inputs = FitInputs(
         base={n: base[n].float() for n in names} if base is not None else None,
         experts=[{n: e[n].float() for n in names} for e in experts],
-        tasks=list(tasks), params=dict(first.params) if first else {}, seed=plan.seed, progress=progress)
+        tasks=list(tasks),
+        params=dict(first.params) if first else {},
+        seed=plan.seed,
+        progress=progress,
+    )
     return fit(inputs)
 
 
-def plan_state_dicts(base: Mapping[str, torch.Tensor] | None, experts: Sequence[Mapping[str, torch.Tensor]],
-                     method: str, seed: int, compat: str, params: dict[str, Any]) -> Plan:
+def plan_state_dicts(
+    base: Mapping[str, torch.Tensor] | None,
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    method: str,
+    seed: int,
+    compat: str,
+    params: dict[str, Any],
+) -> Plan:
     """The plan of an in-memory merge: a recipe over dict sources (``base``, ``model_0``, …)."""
     sources: dict[str, Source] = {}
     models = []

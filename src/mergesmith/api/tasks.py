@@ -52,7 +52,9 @@ class FitSetup:
     tasks: list[Task] | None = None
     replay: FitResult | None = None
     replayed_from: str | None = None
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: file, sha256, examples, label ids
+    data: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # per model: file, sha256, examples, label ids
     files: list[Path] = field(default_factory=list)  # data or fit files (part of the resume fingerprint)
 
 
@@ -61,15 +63,21 @@ def prepare_fit(recipe: Recipe, method: MergeMethod, sources: dict[str, Source])
 
     Data files are read and checked before any model is loaded, so a data mistake fails fast."""
     if recipe.slices:
-        raise RecipeError(f"method '{method.name}' learns from data over whole models; `slices:` is not supported")
-    base_path, roles = assign_roles(method, recipe.base_model, [(m.model, {"entry": m}) for m in recipe.models])
+        raise RecipeError(
+            f"method '{method.name}' learns from data over whole models; `slices:` is not supported"
+        )
+    base_path, roles = assign_roles(
+        method, recipe.base_model, [(m.model, {"entry": m}) for m in recipe.models]
+    )
     entries: list[ModelEntry] = [settings["entry"] for _, settings in roles]
     method.check_expert_count(len(entries))
     with_head = [e for e in entries if e.head is not None]
     if with_head and len(with_head) != len(entries):
         bare = next(e for e in entries if e.head is None)
-        raise RecipeError(f"model '{bare.model}' has no head: but model '{with_head[0].model}' has one; give every "
-                          "model a head: or none (then each checkpoint's own classifier is its head)")
+        raise RecipeError(
+            f"model '{bare.model}' has no head: but model '{with_head[0].model}' has one; give every "
+            "model a head: or none (then each checkpoint's own classifier is its head)"
+        )
     module_path = recipe.base_model or entries[0].model  # also for methods that do not merge with the base
     setup = FitSetup(base_path, [e.model for e in entries])
     if recipe.fitted is not None:
@@ -102,30 +110,41 @@ def prepare_fit(recipe: Recipe, method: MergeMethod, sources: dict[str, Source])
     else:
         module = load_classifier(folder)
         setup.task_heads = classifier_names(module)
-        models = [TaskModel(module, head_names=setup.task_heads,
-                            own_head_params=_own_head(e.model, sources[e.model], setup.task_heads, method))
-                  for e in entries]
+        models = [
+            TaskModel(
+                module,
+                head_names=setup.task_heads,
+                own_head_params=_own_head(e.model, sources[e.model], setup.task_heads, method),
+            )
+            for e in entries
+        ]
     _check_names_match(module, models[0], sources[entries[0].model], folder)
-    setup.tasks = [Task(e.model, model, data, labeled=ex.labels is not None)
-                   for e, model, data, (ex, _) in zip(entries, models, datasets, examples)]
+    setup.tasks = [
+        Task(e.model, model, data, labeled=ex.labels is not None)
+        for e, model, data, (ex, _) in zip(entries, models, datasets, examples)
+    ]
     for task, (ex, _) in zip(setup.tasks, examples):
         _check_label_range(task, ex, sources[task.name])
     return setup
 
 
-def _read_data(recipe: Recipe, method: MergeMethod, entries: list[ModelEntry]
-               ) -> list[tuple[Examples, DataSpec]]:
+def _read_data(
+    recipe: Recipe, method: MergeMethod, entries: list[ModelEntry]
+) -> list[tuple[Examples, DataSpec]]:
     cache: dict[tuple[str, bool], Examples] = {}  # the recipe's data, read once for every model that uses it
     out = []
     for entry in entries:
         spec = entry.data or recipe.data
         if spec is None:
-            raise RecipeError(f"model '{entry.model}': method '{method.name}' needs data: add `data:` to this model "
-                              "or to the recipe")
+            raise RecipeError(
+                f"model '{entry.model}': method '{method.name}' needs data: add `data:` to this model "
+                "or to the recipe"
+            )
         need = method.fit.data if method.fit is not None else DataNeed.UNLABELED
         if need is DataNeed.LABELED and spec.labeled is False:
-            raise RecipeError(f"model '{entry.model}': method '{method.name}' needs labeled data; remove "
-                              "`labeled: false`")
+            raise RecipeError(
+                f"model '{entry.model}': method '{method.name}' needs labeled data; remove `labeled: false`"
+            )
         need_labels = spec.labeled if spec.labeled is not None else need is DataNeed.LABELED
         key = (spec.model_dump_json(), need_labels)
         if key not in cache:
@@ -137,8 +156,10 @@ def _read_data(recipe: Recipe, method: MergeMethod, entries: list[ModelEntry]
 def _folder(sources: dict[str, Source], path: str) -> Path:
     folder = sources[path].folder
     if folder is None:
-        raise CheckpointError(f"{path}: a data-driven merge runs the model, so it needs an HF model folder "
-                              "(config.json, tokenizer), not a single weights file")
+        raise CheckpointError(
+            f"{path}: a data-driven merge runs the model, so it needs an HF model folder "
+            "(config.json, tokenizer), not a single weights file"
+        )
     return folder
 
 
@@ -150,13 +171,16 @@ def _load_head(entry: ModelEntry, module: nn.Module) -> dict[str, torch.Tensor]:
         raise type(e)(f"model '{entry.model}': head {e}") from None
 
 
-def _own_head(model: str, source: Source, names: frozenset[str], method: MergeMethod) -> dict[str, torch.Tensor]:
+def _own_head(
+    model: str, source: Source, names: frozenset[str], method: MergeMethod
+) -> dict[str, torch.Tensor]:
     missing = sorted(n for n in names if not source.has(n))
     if missing or not names:
         raise CheckpointError(
             f"model '{model}': no classifier tensor '{missing[0] if missing else 'classifier'}'; method "
             f"'{method.name}' runs each model with its task head: use sequence-classification checkpoints or give "
-            "every model a head: (a safetensors linear head over mean-pooled states)")
+            "every model a head: (a safetensors linear head over mean-pooled states)"
+        )
     return {n: source.get(n).float() for n in names}
 
 
@@ -164,7 +188,8 @@ def _check_names_match(module: nn.Module, model: TaskModel, source: Source, fold
     if not any(source.has(n) for n in model.merge_names()):
         raise CheckpointError(
             f"{source.label}: none of its tensor names match the {type(module).__name__} loaded from {folder} "
-            f"(e.g. '{model.merge_names()[0]}'); the checkpoints and the model class do not fit together")
+            f"(e.g. '{model.merge_names()[0]}'); the checkpoints and the model class do not fit together"
+        )
 
 
 def _check_label_range(task: Task, examples: Examples, source: Source) -> None:
@@ -178,5 +203,7 @@ def _check_label_range(task: Task, examples: Examples, source: Source) -> None:
     top = max(examples.labels)
     if isinstance(classes, int) and top >= classes:
         label = examples.label_names[top] if examples.label_names else top
-        raise RecipeError(f"model '{task.name}': {examples.file} has label {label!r} (class id {top}) but the "
-                          f"model's head has {classes} classes")
+        raise RecipeError(
+            f"model '{task.name}': {examples.file} has label {label!r} (class id {top}) but the "
+            f"model's head has {classes} classes"
+        )

@@ -505,7 +505,9 @@ def free_cores() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mergesmith.bench.llama_demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mergesmith.bench.llama_demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root (default: demo-out)")
     parser.add_argument("--rebuild", action="store_true", help="retrain the models even if they exist")
     parser.add_argument(

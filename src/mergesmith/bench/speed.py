@@ -60,8 +60,11 @@ def llama_tensors(size: str) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         names += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
-        names += [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
-                  (p + "mlp.down_proj.weight", (h, inter))]
+        names += [
+            (p + "mlp.gate_proj.weight", (inter, h)),
+            (p + "mlp.up_proj.weight", (inter, h)),
+            (p + "mlp.down_proj.weight", (h, inter)),
+        ]
         names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
     names += [("model.norm.weight", (h,)), ("lm_head.weight", (VOCAB, h))]
     return names
@@ -82,11 +85,21 @@ def make_checkpoint(path: Path, size: str, seed: int, base: Path | None = None, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     c = SIZES[size]
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,
-              "hidden_size": c["hidden_size"], "intermediate_size": c["intermediate_size"],
-              "num_hidden_layers": c["num_hidden_layers"], "num_attention_heads": 16, "num_key_value_heads": 16,
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-              "torch_dtype": "bfloat16", "hidden_act": "silu"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": c["hidden_size"],
+        "intermediate_size": c["intermediate_size"],
+        "num_hidden_layers": c["num_hidden_layers"],
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+    }
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     g = torch.Generator().manual_seed(seed)
     shard, shard_bytes, index, n = {}, 0, {}, 0
@@ -113,7 +126,8 @@ def make_checkpoint(path: Path, size: str, seed: int, base: Path | None = None, 
     flush()
     total = sum((tmp / f).stat().st_size for f in set(index.values()))
     (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1)
+    )
     tmp.rename(path)
     return path
 
@@ -125,8 +139,13 @@ def recipe(method: str, models: list[Path]) -> dict:
         entries = [{"model": str(m), "parameters": dict(per_model)} for m in models]
         return {"merge_method": "linear", "models": entries, "dtype": "bfloat16"}
     entries = [{"model": str(m), "parameters": dict(per_model)} for m in experts]
-    return {"merge_method": merge_method, "base_model": str(base), "models": entries,
-            "parameters": dict(shared), "dtype": "bfloat16"}
+    return {
+        "merge_method": merge_method,
+        "base_model": str(base),
+        "models": entries,
+        "parameters": dict(shared),
+        "dtype": "bfloat16",
+    }
 
 
 @dataclass
@@ -241,7 +260,9 @@ def compare_outputs(a: Path, b: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mergesmith.bench.speed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mergesmith.bench.speed", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command")
     f = sub.add_parser("floor")
     f.add_argument("kind", choices=("io", "naive"))
@@ -251,14 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,ties_paper")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--runs-by-size", default="", help="per-size run counts, e.g. 135m=2,1.1b=1")
-    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mergesmith-speed")
+    parser.add_argument(
+        "--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mergesmith-speed"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed"))
     parser.add_argument("--no-mergekit", action="store_true")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="the src folder of another mergesmith checkout (e.g. a git worktree of an earlier "
-                             "commit): its merges run beside this one's, alternately, as the tool 'baseline'")
-    parser.add_argument("--update", action="store_true",
-                        help="replace only the (size, method) entries run in an existing <out>.json")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="the src folder of another mergesmith checkout (e.g. a git worktree of an earlier "
+        "commit): its merges run beside this one's, alternately, as the tool 'baseline'",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the (size, method) entries run in an existing <out>.json",
+    )
     args = parser.parse_args(argv)
     if args.command == "floor":
         floor(args.kind, args.recipe, args.out)
@@ -274,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         results["sizes"] = sizes
         results["runs_by_size"] = {**old.get("runs_by_size", {}), **results["runs_by_size"]}
         order = list(SIZES)
-        results["sizes"] = dict(sorted(results["sizes"].items(),
-                                       key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        results["sizes"] = dict(
+            sorted(
+                results["sizes"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)
+            )
+        )
     write_reports(results, args.out)
     print(markdown(results))
     return 0
@@ -290,9 +323,16 @@ def run_benchmark(args) -> dict:
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     log = work / "runs.log"
-    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                 "python": platform.python_version(), "torch": torch.__version__},
-                     "runs": args.runs, "sizes": {}}
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "runs": args.runs,
+        "sizes": {},
+    }
     try:
         from importlib.metadata import version
 
@@ -307,15 +347,19 @@ def run_benchmark(args) -> dict:
     baseline_env = None
     if args.baseline is not None:
         if not (args.baseline / "mergesmith").is_dir():
-            raise SystemExit(f"--baseline {args.baseline}: no mergesmith package in it (give a checkout's src folder)")
+            raise SystemExit(
+                f"--baseline {args.baseline}: no mergesmith package in it (give a checkout's src folder)"
+            )
         baseline_env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
         results["baseline"] = {"src": str(args.baseline), "commit": _git_commit(args.baseline)}
     for size in args.sizes.split(","):
         print(f"[{size}] creating checkpoints", flush=True)
         base = make_checkpoint(work / size / "base", size, 0)
         models = [base] + [make_checkpoint(work / size / f"ft{i}", size, i, base) for i in (1, 2)]
-        print(f"[{size}] reading the inputs once ({_warm(models):.1f} s): no tool pays for a cold page cache",
-              flush=True)
+        print(
+            f"[{size}] reading the inputs once ({_warm(models):.1f} s): no tool pays for a cold page cache",
+            flush=True,
+        )
         size_result: dict = {"parameters": parameter_count(size), "methods": {}}
         results["sizes"][size] = size_result
         for method in args.methods.split(","):
@@ -325,18 +369,41 @@ def run_benchmark(args) -> dict:
             recipe_path.write_text(yaml.safe_dump(r, sort_keys=False))
             tools: dict[str, list[str]] = {}
             outs = {t: work / size / f"out-{method}-{t}" for t in ("mergesmith", "mergekit", "io", "naive")}
-            tools["mergesmith"] = [_bin("mergesmith"), "merge", str(recipe_path), str(outs["mergesmith"]), "--force",
-                                   "--quiet"] + ([] if paper else ["--compat", "mergekit"])
+            tools["mergesmith"] = [
+                _bin("mergesmith"),
+                "merge",
+                str(recipe_path),
+                str(outs["mergesmith"]),
+                "--force",
+                "--quiet",
+            ] + ([] if paper else ["--compat", "mergekit"])
             if args.baseline is not None:  # the same command, importing the other checkout's package
                 outs["baseline"] = work / size / f"out-{method}-baseline"
-                tools["baseline"] = [*tools["mergesmith"][:3], str(outs["baseline"]), *tools["mergesmith"][4:]]
+                tools["baseline"] = [
+                    *tools["mergesmith"][:3],
+                    str(outs["baseline"]),
+                    *tools["mergesmith"][4:],
+                ]
             if not args.no_mergekit and not paper:
-                tools["mergekit"] = [_bin("mergekit-yaml"), str(recipe_path), str(outs["mergekit"]), "--quiet",
-                                     "--random-seed", "0"]
+                tools["mergekit"] = [
+                    _bin("mergekit-yaml"),
+                    str(recipe_path),
+                    str(outs["mergekit"]),
+                    "--quiet",
+                    "--random-seed",
+                    "0",
+                ]
             if method == "linear":
                 for kind in ("io", "naive"):
-                    tools[kind] = [sys.executable, "-m", "mergesmith.bench.speed", "floor", kind, str(recipe_path),
-                                   str(outs[kind])]
+                    tools[kind] = [
+                        sys.executable,
+                        "-m",
+                        "mergesmith.bench.speed",
+                        "floor",
+                        kind,
+                        str(recipe_path),
+                        str(outs[kind]),
+                    ]
             runs: dict[str, list[Measured]] = {t: [] for t in tools}
             for i in range(runs_by_size.get(size, args.runs)):
                 for tool, cmd in tools.items():
@@ -348,15 +415,19 @@ def run_benchmark(args) -> dict:
                     if m.returncode != 0:
                         raise RuntimeError(f"{tool} failed on {size}/{method} (see {log})")
                     runs[tool].append(m)
-                    print(f"[{size}] {method:16s} {tool:10s} run {i + 1}: {m.seconds:7.2f} s  "
-                          f"anon {m.peak_anon_mb:7.0f} MB  rss {m.peak_rss_mb:7.0f} MB", flush=True)
+                    print(
+                        f"[{size}] {method:16s} {tool:10s} run {i + 1}: {m.seconds:7.2f} s  "
+                        f"anon {m.peak_anon_mb:7.0f} MB  rss {m.peak_rss_mb:7.0f} MB",
+                        flush=True,
+                    )
             entry: dict = {"recipe": r, "tools": {}, "commit": _git_commit()}
             for tool, ms in runs.items():
                 entry["tools"][tool] = {
                     "seconds": [round(m.seconds, 3) for m in ms],
                     "median_seconds": round(statistics.median(m.seconds for m in ms), 3),
                     "peak_anon_mb": round(max(m.peak_anon_mb for m in ms), 1),
-                    "peak_rss_mb": round(max(m.peak_rss_mb for m in ms), 1)}
+                    "peak_rss_mb": round(max(m.peak_rss_mb for m in ms), 1),
+                }
             if "mergekit" in runs:
                 entry["compare"] = compare_outputs(outs["mergesmith"], outs["mergekit"])
             if "baseline" in runs:
@@ -373,8 +444,13 @@ def _git_commit(folder: Path | None = None) -> str | None:
     """The mergesmith commit measured (entries of one report can come from different runs: ``--update``), or the
     commit checked out in ``folder``."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=folder or Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=folder or Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -415,34 +491,55 @@ def markdown(results: dict) -> str:
             t = e["tools"]
             ms, mk = t["mergesmith"], t.get("mergekit", {})
             cmp = e.get("compare")
-            diff = (f"{cmp['max_abs_diff']:.2g}; {100 * cmp['beyond_one_bf16_ulp'] / cmp['elements']:.3f} % of "
-                    "elements beyond 1 bf16 ulp") if cmp else "–"
+            diff = (
+                (
+                    f"{cmp['max_abs_diff']:.2g}; {100 * cmp['beyond_one_bf16_ulp'] / cmp['elements']:.3f} % of "
+                    "elements beyond 1 bf16 ulp"
+                )
+                if cmp
+                else "–"
+            )
             lines.append(
                 f"| {size} | {method} | {len(ms['seconds'])} | {ms['median_seconds']:.2f} | {_num(mk.get('median_seconds'), 2)} | "
                 f"{_ratio(mk.get('median_seconds'), ms['median_seconds'])} | {ms['peak_anon_mb']:.0f} | "
                 f"{_num(mk.get('peak_anon_mb'), 0)} | {ms['peak_rss_mb']:.0f} | {_num(mk.get('peak_rss_mb'), 0)} | "
-                f"{diff} |")
+                f"{diff} |"
+            )
             if "io" in t:
                 floors.append(
                     f"| {size} | {t['io']['median_seconds']:.2f} | {t['naive']['median_seconds']:.2f} | "
                     f"{ms['median_seconds']:.2f} | {_ratio(ms['median_seconds'], t['io']['median_seconds'])} | "
-                    f"{_ratio(ms['median_seconds'], t['naive']['median_seconds'])} | {t['naive']['peak_anon_mb']:.0f} |")
+                    f"{_ratio(ms['median_seconds'], t['naive']['median_seconds'])} | {t['naive']['peak_anon_mb']:.0f} |"
+                )
     baseline = [
         f"| {size} | {method} | {len(e['tools']['baseline']['seconds'])} | "
         f"{e['tools']['baseline']['median_seconds']:.2f} | {e['tools']['mergesmith']['median_seconds']:.2f} | "
         f"{_ratio(e['tools']['baseline']['median_seconds'], e['tools']['mergesmith']['median_seconds'])} | "
         f"{e['compare_baseline']['max_abs_diff']:.2g} |"
-        for size, sr in results["sizes"].items() for method, e in sr["methods"].items() if "baseline" in e["tools"]]
+        for size, sr in results["sizes"].items()
+        for method, e in sr["methods"].items()
+        if "baseline" in e["tools"]
+    ]
     if baseline:
         info = results.get("baseline", {})
-        lines += ["", f"Against the baseline checkout (commit {info.get('commit')}), same checkpoints, runs alternating "
-                  "(speed-up > 1: this commit is faster):", "",
-                  "| size | method | runs | baseline s | mergesmith s | speed-up | max |Δ| vs baseline |",
-                  "|---|---|---|---|---|---|---|",
-                  *baseline]
-    lines += ["", "Floors (linear, 3 models), whole processes:", "",
-              "| size | I/O floor s | naive loop s | mergesmith s | mergesmith / I/O floor | mergesmith / naive | "
-              "naive anon MB |", "|---|---|---|---|---|---|---|", *floors]
+        lines += [
+            "",
+            f"Against the baseline checkout (commit {info.get('commit')}), same checkpoints, runs alternating "
+            "(speed-up > 1: this commit is faster):",
+            "",
+            "| size | method | runs | baseline s | mergesmith s | speed-up | max |Δ| vs baseline |",
+            "|---|---|---|---|---|---|---|",
+            *baseline,
+        ]
+    lines += [
+        "",
+        "Floors (linear, 3 models), whole processes:",
+        "",
+        "| size | I/O floor s | naive loop s | mergesmith s | mergesmith / I/O floor | mergesmith / naive | "
+        "naive anon MB |",
+        "|---|---|---|---|---|---|---|",
+        *floors,
+    ]
     return "\n".join(lines) + "\n"
 
 

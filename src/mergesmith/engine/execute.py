@@ -56,8 +56,11 @@ def keep_freed_blocks() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     mallopt = getattr(libc, "mallopt", None)
-    return mallopt is not None and bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(m_trim_threshold, TRIM_BYTES))
+    return (
+        mallopt is not None
+        and bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))
+        and bool(mallopt(m_trim_threshold, TRIM_BYTES))
+    )
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -84,13 +87,16 @@ def _read(source: Source, name: str, check_finite: bool, rows: tuple[int, int] |
     return _checked(_view(source, name, rows), source, name, check_finite)
 
 
-def _load(job: Job, check_finite: bool = True, rows: tuple[int, int] | None = None
-          ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def _load(
+    job: Job, check_finite: bool = True, rows: tuple[int, int] | None = None
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     inputs = ([job.base] if job.base else []) + job.experts
     raw = [_view(src, name, rows) for src, name in inputs]
     dtype = compute_dtype(raw)
     # checked after the conversion: a sum over the fp32 copy, hot in cache, is ~5× cheaper than over the bf16 view
-    loaded = [_checked(t.to(dtype), src, name, check_finite) for t, (src, name) in zip(raw, inputs, strict=True)]
+    loaded = [
+        _checked(t.to(dtype), src, name, check_finite) for t, (src, name) in zip(raw, inputs, strict=True)
+    ]
     return (loaded[0] if job.base else None), loaded[1 if job.base else 0 :]
 
 
@@ -120,8 +126,9 @@ def stream_inputs(plan: Plan) -> Callable[[], Iterator[TensorInputs]]:
     return one_pass
 
 
-def _tensor_stream(plan: Plan, job: Job, parts: list[tuple[int, int] | None],
-                   checked: list[bool]) -> Callable[[], Iterator[TensorInputs]]:
+def _tensor_stream(
+    plan: Plan, job: Job, parts: list[tuple[int, int] | None], checked: list[bool]
+) -> Callable[[], Iterator[TensorInputs]]:
     """The passes of a ``TensorStats`` hook over one tensor. Only the first checks the inputs for NaN/Inf (the check reads
     every input, and the later passes and the merge read the same bytes); ``checked[0]`` is set once a whole pass
     has checked them."""
@@ -136,19 +143,34 @@ def _tensor_stream(plan: Plan, job: Job, parts: list[tuple[int, int] | None],
     return one_pass
 
 
-def run_job(plan: Plan, job: Job, state: Any, rows: tuple[int, int] | None = None,
-            tensor_state: Any = None, checked: bool = False) -> torch.Tensor:
+def run_job(
+    plan: Plan,
+    job: Job,
+    state: Any,
+    rows: tuple[int, int] | None = None,
+    tensor_state: Any = None,
+    checked: bool = False,
+) -> torch.Tensor:
     """The merged tensor (or the block ``rows`` of it), in the output dtype."""
     if job.copy:
         src, name = job.base or job.experts[0]
-        return src.get(name).to(job.dtype)  # integer buffers keep their dtype; a copied task head follows --dtype
+        return src.get(name).to(
+            job.dtype
+        )  # integer buffers keep their dtype; a copied task head follows --dtype
     if plan.method.rule.reads == "first":  # the first model's tensor as stored (no other input is read)
         src, name = job.experts[0]
         experts, base = [_read(src, name, not plan.allow_nonfinite)], None
     else:
         base, experts = _load(job, not (plan.allow_nonfinite or checked), rows)
-    ctx = TensorContext(name=job.name, seed=plan.seed, state=state, layer=job.layer, fitted=plan.fitted,
-                        rows=rows, tensor_state=tensor_state)
+    ctx = TensorContext(
+        name=job.name,
+        seed=plan.seed,
+        state=state,
+        layer=job.layer,
+        fitted=plan.fitted,
+        rows=rows,
+        tensor_state=tensor_state,
+    )
     out = plan.method.rule(base, experts, job.params, ctx)
     expected = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
     if tuple(out.shape) != tuple(expected):
@@ -314,7 +336,10 @@ def _execute(
             for unit in units:
                 finished(unit())
             return
-        with _torch_threads(1), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith") as pool:
+        with (
+            _torch_threads(1),
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergesmith") as pool,
+        ):
             # one torch thread per worker: the workers are the parallelism (no oversubscribed cores)
             pending: set[Future[int]] = set()
             for unit in units:

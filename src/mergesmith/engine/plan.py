@@ -101,8 +101,13 @@ def assign_roles(
 class Planner:
     """Turns a recipe and opened sources into a Plan, validating names, shapes and parameters."""
 
-    def __init__(self, recipe: Recipe, sources: dict[str, Source], out_dtype: str | None = None,
-                 task_heads: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        recipe: Recipe,
+        sources: dict[str, Source],
+        out_dtype: str | None = None,
+        task_heads: frozenset[str] = frozenset(),
+    ):
         self.recipe = recipe
         self.sources = sources
         self.method = get_method(recipe.merge_method)
@@ -174,7 +179,9 @@ class Planner:
             layer = layer_index(name)
             if name in self.task_heads:
                 dtype, shape = reference.info(name)
-                jobs.append(Job(name, self.out_dtype or dtype, shape, (reference, name), [], {}, layer, copy=True))
+                jobs.append(
+                    Job(name, self.out_dtype or dtype, shape, (reference, name), [], {}, layer, copy=True)
+                )
                 continue
             t = self._t(layer, n_layers)
             jobs.append(

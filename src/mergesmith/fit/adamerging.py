@@ -45,7 +45,9 @@ def seeded_generator(seed: int, salt: str) -> torch.Generator:
 
 def task_streams(tasks: Sequence[Task], batch_size: int, seed: int) -> list[Iterator[Encoded]]:
     """One endless stream of shuffled batches of unlabeled inputs per task, each with its own seeded generator."""
-    return [cycle_batches(t.data, batch_size, seeded_generator(seed, f"batches/{k}")) for k, t in enumerate(tasks)]
+    return [
+        cycle_batches(t.data, batch_size, seeded_generator(seed, f"batches/{k}")) for k, t in enumerate(tasks)
+    ]
 
 
 def next_batches(streams: Sequence[Iterator[Encoded]]) -> list[Encoded]:
@@ -74,8 +76,9 @@ def merged_params(
     return out
 
 
-def entropy_loss(tasks: Sequence[Task], params: Mapping[str, torch.Tensor], batches: Sequence[Encoded]
-                 ) -> torch.Tensor:
+def entropy_loss(
+    tasks: Sequence[Task], params: Mapping[str, torch.Tensor], batches: Sequence[Encoded]
+) -> torch.Tensor:
     """Σ_k mean entropy of task k's logits on ``batches[k]``, all tasks run with the same weights ``params``."""
     return sum(entropy(task.model.logits(batch, params)) for task, batch in zip(tasks, batches))
 
@@ -86,8 +89,14 @@ class Coefficients:
     The forward uses clamp(raw, 0, 1) when ``clamp`` (official AdaMerging), raw λ otherwise (FusionBench).
     """
 
-    def __init__(self, names: Sequence[str], num_tasks: int, granularity: str = "layer", init: float = 0.3,
-                 clamp: bool = True):
+    def __init__(
+        self,
+        names: Sequence[str],
+        num_tasks: int,
+        granularity: str = "layer",
+        init: float = 0.3,
+        clamp: bool = True,
+    ):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.names = list(names)
@@ -176,8 +185,9 @@ def learn_coefficients(
 # --- AdaMerging++: TIES-selected task vectors ------------------------------------------------------------
 
 
-def ties_statistics(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                    density: float) -> tuple[list[float], float]:
+def ties_statistics(
+    base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]], density: float
+) -> tuple[list[float], float]:
     """The official TIES trim over the whole model (``ties_merging_split``): each expert's global threshold κ_k
     (keep the top ``density`` of |τ_k| over every tensor) and the majority sign for exact-zero sums.
 
@@ -205,8 +215,12 @@ def ties_selected(deltas: torch.Tensor, thresholds: Sequence[float], majority: f
     return trimmed * (torch.sign(trimmed) == signs)
 
 
-def selected_vectors(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                     thresholds: Sequence[float], majority: float) -> list[dict[str, torch.Tensor]]:
+def selected_vectors(
+    base: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    thresholds: Sequence[float],
+    majority: float,
+) -> list[dict[str, torch.Tensor]]:
     """AdaMerging++'s task vectors for every tensor (:func:`ties_selected`), one dict per expert."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in experts]
     for name, theta0 in base.items():
@@ -249,9 +263,20 @@ def fit_adamerging(inputs: FitInputs) -> FitResult:
         vectors = task_vectors(base, inputs.experts)
     with eval_mode(*(t.model.module for t in inputs.tasks)):
         coefficients, curve = learn_coefficients(
-            inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
-            steps=p["steps"], lr=p["lr"], batch_size=p["batch_size"], batches_per_step=p["batches_per_step"],
-            seed=inputs.seed, progress=inputs.progress, desc="AdaMerging++" if p["ties"] else "AdaMerging")
+            inputs.tasks,
+            base,
+            vectors,
+            granularity=p["granularity"],
+            init=p["init"],
+            clamp=p["clamp"],
+            steps=p["steps"],
+            lr=p["lr"],
+            batch_size=p["batch_size"],
+            batches_per_step=p["batches_per_step"],
+            seed=inputs.seed,
+            progress=inputs.progress,
+            desc="AdaMerging++" if p["ties"] else "AdaMerging",
+        )
     tensors.update(coefficients.tensors())
     info = {
         "method": "adamerging",
@@ -282,14 +307,20 @@ def adamerging_recipe(fit: FitResult, base_path: str, expert_paths: Sequence[str
     if fit.info.get("method") != "adamerging":
         raise RecipeError("only an AdaMerging fit replays as a task_arithmetic recipe")
     if fit.info.get("ties"):
-        raise RecipeError("an AdaMerging++ fit replays from its saved fit (fitted:), not as a plain recipe: its "
-                          "sign election runs on the unweighted trimmed task vectors")
+        raise RecipeError(
+            "an AdaMerging++ fit replays from its saved fit (fitted:), not as a plain recipe: its "
+            "sign election runs on the unweighted trimmed task vectors"
+        )
     prefix = "lambda."
-    names = sorted((key[len(prefix):] for key in fit.tensors if key.startswith(prefix)),
-                   key=lambda name: (-len(name), name))
+    names = sorted(
+        (key[len(prefix) :] for key in fit.tensors if key.startswith(prefix)),
+        key=lambda name: (-len(name), name),
+    )
     fallback = fit.tensors[FALLBACK_LAMBDA]
     if len(expert_paths) != len(fallback):
-        raise RecipeError(f"the fit has coefficients for {len(fallback)} experts, got {len(expert_paths)} paths")
+        raise RecipeError(
+            f"the fit has coefficients for {len(fallback)} experts, got {len(expert_paths)} paths"
+        )
     models = []
     for k, path in enumerate(expert_paths):
         weight: list[dict[str, Any]] = [
@@ -297,8 +328,12 @@ def adamerging_recipe(fit: FitResult, base_path: str, expert_paths: Sequence[str
         ]
         weight.append({"value": float(fallback[k])})
         models.append({"model": str(path), "parameters": {"weight": weight}})
-    return {"merge_method": "task_arithmetic", "base_model": str(base_path), "models": models,
-            "parameters": {"lambda": 1.0}}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base_path),
+        "models": models,
+        "parameters": {"lambda": 1.0},
+    }
 
 
 def write_learned_recipe(fit: FitResult, recipe: Any, out_dir: str | Path) -> Path | None:

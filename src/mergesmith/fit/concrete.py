@@ -85,8 +85,10 @@ class ConcreteMask:
 
     def __init__(self, like: Mapping[str, torch.Tensor], init_logit: float = 0.0, temperature: float = 0.5):
         self.temperature = temperature
-        self.logits = {name: torch.full(t.shape, float(init_logit), dtype=torch.float32, requires_grad=True)
-                       for name, t in like.items()}
+        self.logits = {
+            name: torch.full(t.shape, float(init_logit), dtype=torch.float32, requires_grad=True)
+            for name, t in like.items()
+        }
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.logits.values())
@@ -106,10 +108,12 @@ class ConcreteMask:
     def discrete(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A Bernoulli(σ(x)) sample rescaled by its mean per tensor."""
         with torch.no_grad():
-            return rescale_by_mean({
-                name: (torch.rand(x.shape, generator=generator) < torch.sigmoid(x)).to(x.dtype)
-                for name, x in self.logits.items()
-            })
+            return rescale_by_mean(
+                {
+                    name: (torch.rand(x.shape, generator=generator) < torch.sigmoid(x)).to(x.dtype)
+                    for name, x in self.logits.items()
+                }
+            )
 
     def final(self, kind: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The mask a merge uses after training (``kind`` in :data:`MASK_KINDS`), detached and rescaled."""
@@ -123,10 +127,15 @@ class ConcreteMask:
             return self.expected()
 
 
-def mask_step(tasks: Sequence[Task], base: Mapping[str, torch.Tensor],
-              vectors: Sequence[Mapping[str, torch.Tensor]], mask: Mapping[str, torch.Tensor],
-              lambdas: Mapping[str, torch.Tensor] | torch.Tensor, batches: Sequence[Encoded],
-              optimizer: torch.optim.Optimizer) -> float:
+def mask_step(
+    tasks: Sequence[Task],
+    base: Mapping[str, torch.Tensor],
+    vectors: Sequence[Mapping[str, torch.Tensor]],
+    mask: Mapping[str, torch.Tensor],
+    lambdas: Mapping[str, torch.Tensor] | torch.Tensor,
+    batches: Sequence[Encoded],
+    optimizer: torch.optim.Optimizer,
+) -> float:
     """One optimizer step on the mask logits: the summed entropy of θ₀ + Σ_k λ_k (m ⊙ τ_k) with the
     non-detached ``mask`` sample (λ detached). Returns the loss."""
     if isinstance(lambdas, Mapping):
@@ -140,10 +149,15 @@ def mask_step(tasks: Sequence[Task], base: Mapping[str, torch.Tensor],
     return loss.item()
 
 
-def inner_lambda_step(tasks: Sequence[Task], base: Mapping[str, torch.Tensor],
-                      vectors: Sequence[Mapping[str, torch.Tensor]], mask: Mapping[str, torch.Tensor],
-                      batches: Sequence[Encoded], coefficients: Coefficients,
-                      optimizer: torch.optim.Optimizer) -> float:
+def inner_lambda_step(
+    tasks: Sequence[Task],
+    base: Mapping[str, torch.Tensor],
+    vectors: Sequence[Mapping[str, torch.Tensor]],
+    mask: Mapping[str, torch.Tensor],
+    batches: Sequence[Encoded],
+    coefficients: Coefficients,
+    optimizer: torch.optim.Optimizer,
+) -> float:
     """Concrete AdaMerging's inner step: reset λ to its init, then one ``optimizer`` step on λ minimising the
     summed entropy with the *detached* mask (no gradient reaches the mask: first-order meta-learning).
     ``coefficients.per_tensor()`` holds the updated λ afterwards. Returns the loss."""
@@ -178,7 +192,9 @@ def learn_concrete_task_arithmetic(
     lambdas = torch.full((len(vectors),), float(scaling))
     curve: list[dict[str, float]] = []
     for step in tqdm(range(steps), desc="Concrete TA", disable=not progress):
-        loss = mask_step(tasks, base, vectors, mask.sample(generator), lambdas, next_batches(streams), optimizer)
+        loss = mask_step(
+            tasks, base, vectors, mask.sample(generator), lambdas, next_batches(streams), optimizer
+        )
         if step % LOG_EVERY == 0 or step == steps - 1:
             curve.append({"step": step, "loss": loss})
     return mask, curve
@@ -216,10 +232,12 @@ def learn_concrete_adamerging(
     curve: list[dict[str, float]] = []
     for step in tqdm(range(meta_steps), desc="Concrete AdaMerging (mask)", disable=not progress):
         sample = mask.sample(generator)
-        inner = inner_lambda_step(tasks, base, vectors, sample, next_batches(streams), coefficients,
-                                  inner_optimizer)
-        outer = mask_step(tasks, base, vectors, sample, coefficients.per_tensor(), next_batches(streams),
-                          outer_optimizer)
+        inner = inner_lambda_step(
+            tasks, base, vectors, sample, next_batches(streams), coefficients, inner_optimizer
+        )
+        outer = mask_step(
+            tasks, base, vectors, sample, coefficients.per_tensor(), next_batches(streams), outer_optimizer
+        )
         if step % LOG_EVERY == 0 or step == meta_steps - 1:
             curve.append({"step": step, "inner_loss": inner, "loss": outer})
     return mask, curve
@@ -231,8 +249,10 @@ def learn_concrete_adamerging(
 def _mask_info(mask: ConcreteMask) -> dict[str, float]:
     """How much of the mask the logits keep: mean σ(x) and the share of x > 0, over every entry."""
     logits = torch.cat([x.detach().reshape(-1) for x in mask.logits.values()])
-    return {"mean_keep_probability": float(torch.sigmoid(logits).mean()),
-            "share_kept": float((logits > 0).float().mean())}
+    return {
+        "mean_keep_probability": float(torch.sigmoid(logits).mean()),
+        "share_kept": float((logits > 0).float().mean()),
+    }
 
 
 # (base, task vectors, batch streams) -> (mask, meta-loss curve, extra fit tensors, extra fit info)
@@ -246,9 +266,18 @@ def fit_concrete_task_arithmetic(inputs: FitInputs) -> FitResult:
     base = require_base(inputs, "concrete_task_arithmetic")
     with eval_mode(*(t.model.module for t in inputs.tasks)):
         mask, curve = learn_concrete_task_arithmetic(
-            inputs.tasks, base, task_vectors(base, inputs.experts), scaling=p["scaling"], steps=p["steps"],
-            lr=p["lr"], temperature=p["temperature"], init_logit=p["init_logit"], batch_size=p["batch_size"],
-            seed=inputs.seed, progress=inputs.progress)
+            inputs.tasks,
+            base,
+            task_vectors(base, inputs.experts),
+            scaling=p["scaling"],
+            steps=p["steps"],
+            lr=p["lr"],
+            temperature=p["temperature"],
+            init_logit=p["init_logit"],
+            batch_size=p["batch_size"],
+            seed=inputs.seed,
+            progress=inputs.progress,
+        )
     final = mask.final(p["eval_mask_type"], seeded_generator(inputs.seed, "final mask"))
     scaling = torch.full((len(inputs.experts),), float(p["scaling"]))
     tensors = {f"mask.{name}": m for name, m in final.items()}
@@ -266,8 +295,9 @@ def fit_concrete_task_arithmetic(inputs: FitInputs) -> FitResult:
     return FitResult(tensors, info)
 
 
-def fit_masked_adamerging(inputs: FitInputs, method: str, label: str, meta_learn: MetaLearn,
-                          meta_batches_per_step: int) -> FitResult:
+def fit_masked_adamerging(
+    inputs: FitInputs, method: str, label: str, meta_learn: MetaLearn, meta_batches_per_step: int
+) -> FitResult:
     """The two stages Concrete AdaMerging and DAM share: meta-learn the mask (``meta_learn(base, vectors,
     streams) -> (mask, meta curve, extra tensors, extra info)``), freeze it (``eval_mask_type``), then AdaMerging
     on the masked task vectors. Tensors: ``mask.{name}``, ``lambda.{name}`` (K,), ``fallback.lambda`` and the
@@ -281,9 +311,21 @@ def fit_masked_adamerging(inputs: FitInputs, method: str, label: str, meta_learn
         mask, meta_curve, extra_tensors, extra_info = meta_learn(base, vectors, streams)
         final = mask.final(p["eval_mask_type"], seeded_generator(inputs.seed, "final mask"))
         coefficients, curve = learn_coefficients(
-            inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
-            steps=p["adamerging_steps"], lr=p["adamerging_lr"], batch_size=p["batch_size"], seed=inputs.seed,
-            mask=final, progress=inputs.progress, desc=f"{label} (λ)", streams=streams)
+            inputs.tasks,
+            base,
+            vectors,
+            granularity=p["granularity"],
+            init=p["init"],
+            clamp=p["clamp"],
+            steps=p["adamerging_steps"],
+            lr=p["adamerging_lr"],
+            batch_size=p["batch_size"],
+            seed=inputs.seed,
+            mask=final,
+            progress=inputs.progress,
+            desc=f"{label} (λ)",
+            streams=streams,
+        )
     tensors = {f"mask.{name}": m for name, m in final.items()}
     tensors.update(coefficients.tensors())
     tensors.update(extra_tensors)
@@ -299,8 +341,9 @@ def fit_masked_adamerging(inputs: FitInputs, method: str, label: str, meta_learn
         "loss": curve,
         "lambda": coefficients.table(),
         "mask": _mask_info(mask),
-        "examples": examples_used(inputs.tasks, meta_batches_per_step * p["meta_steps"] + p["adamerging_steps"],
-                                  p["batch_size"]),
+        "examples": examples_used(
+            inputs.tasks, meta_batches_per_step * p["meta_steps"] + p["adamerging_steps"], p["batch_size"]
+        ),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return FitResult(tensors, info)
@@ -312,10 +355,22 @@ def fit_concrete_adamerging(inputs: FitInputs) -> FitResult:
 
     def meta_learn(base, vectors, streams):
         mask, curve = learn_concrete_adamerging(
-            inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
-            meta_steps=p["meta_steps"], base_lr=p["base_lr"], lr=p["lr"], temperature=p["temperature"],
-            init_logit=p["init_logit"], batch_size=p["batch_size"], seed=inputs.seed, progress=inputs.progress,
-            streams=streams)
+            inputs.tasks,
+            base,
+            vectors,
+            granularity=p["granularity"],
+            init=p["init"],
+            clamp=p["clamp"],
+            meta_steps=p["meta_steps"],
+            base_lr=p["base_lr"],
+            lr=p["lr"],
+            temperature=p["temperature"],
+            init_logit=p["init_logit"],
+            batch_size=p["batch_size"],
+            seed=inputs.seed,
+            progress=inputs.progress,
+            streams=streams,
+        )
         return mask, curve, {}, {}
 
     return fit_masked_adamerging(inputs, "concrete_adamerging", "Concrete AdaMerging", meta_learn, 2)

@@ -63,8 +63,9 @@ class Perturbations:
         return {f"delta.{k}": self.delta(k).detach().clone() for k in range(self.raw.shape[0])}
 
 
-def perturbation_for(tasks: Sequence[Task], base: Mapping[str, torch.Tensor], units: str = "embedding_rms"
-                     ) -> Perturbations:
+def perturbation_for(
+    tasks: Sequence[Task], base: Mapping[str, torch.Tensor], units: str = "embedding_rms"
+) -> Perturbations:
     """Zero perturbations sized for ``tasks`` (the longest input of any task, the embedding width) and scaled by
     ``units`` (see the module docstring)."""
     if units not in PERTURBATION_UNITS:
@@ -77,8 +78,13 @@ def perturbation_for(tasks: Sequence[Task], base: Mapping[str, torch.Tensor], un
     return Perturbations(len(tasks), max_tokens, table.shape[1], scale)
 
 
-def perturbation_step(tasks: Sequence[Task], params: Mapping[str, torch.Tensor], batches: Sequence[Encoded],
-                      perturbations: Perturbations, optimizer: torch.optim.Optimizer) -> float:
+def perturbation_step(
+    tasks: Sequence[Task],
+    params: Mapping[str, torch.Tensor],
+    batches: Sequence[Encoded],
+    perturbations: Perturbations,
+    optimizer: torch.optim.Optimizer,
+) -> float:
     """DAM's step (2): with the merged weights detached, minimise Σ_k −CE(f(x + δ_k), argmax f(x)) over δ.
     Returns the loss (the negated disagreement)."""
     weights = {name: value.detach() for name, value in params.items()}
@@ -94,9 +100,14 @@ def perturbation_step(tasks: Sequence[Task], params: Mapping[str, torch.Tensor],
     return float(loss.detach())
 
 
-def safety_loss(tasks: Sequence[Task], params: Mapping[str, torch.Tensor], batches: Sequence[Encoded],
-                perturbations: Perturbations, adv_weight: float, regularizer: str = "entropy"
-                ) -> tuple[torch.Tensor, float, float]:
+def safety_loss(
+    tasks: Sequence[Task],
+    params: Mapping[str, torch.Tensor],
+    batches: Sequence[Encoded],
+    perturbations: Perturbations,
+    adv_weight: float,
+    regularizer: str = "entropy",
+) -> tuple[torch.Tensor, float, float]:
     """DAM's mask objective Σ_k [H(f(x)) + adv_weight · R_k] (δ detached). Returns (loss, Σ H, Σ R)."""
     if regularizer not in REGULARIZERS:
         raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
@@ -149,19 +160,29 @@ def learn_dam(
     curve: list[dict[str, float]] = []
     for step in tqdm(range(meta_steps), desc="DAM (mask + perturbation)", disable=not progress):
         sample = mask.sample(generator)
-        inner = inner_lambda_step(tasks, base, vectors, sample, next_batches(streams), coefficients,
-                                  inner_optimizer)
+        inner = inner_lambda_step(
+            tasks, base, vectors, sample, next_batches(streams), coefficients, inner_optimizer
+        )
         lambdas = coefficients.detached()
         params = merged_params(base, vectors, sample, lambdas)
         adversarial = perturbation_step(tasks, params, next_batches(streams), perturbations, adv_optimizer)
-        loss, natural, regular = safety_loss(tasks, params, next_batches(streams), perturbations, adv_weight,
-                                             regularizer)
+        loss, natural, regular = safety_loss(
+            tasks, params, next_batches(streams), perturbations, adv_weight, regularizer
+        )
         mask_optimizer.zero_grad()
         loss.backward()
         mask_optimizer.step()
         if step % LOG_EVERY == 0 or step == meta_steps - 1:
-            curve.append({"step": step, "inner_loss": inner, "adversarial_loss": adversarial,
-                          "loss": float(loss.detach()), "natural": natural, "regularizer": regular})
+            curve.append(
+                {
+                    "step": step,
+                    "inner_loss": inner,
+                    "adversarial_loss": adversarial,
+                    "loss": float(loss.detach()),
+                    "natural": natural,
+                    "regularizer": regular,
+                }
+            )
     return mask, perturbations, curve
 
 
@@ -173,15 +194,35 @@ def fit_dam(inputs: FitInputs) -> FitResult:
 
     def meta_learn(base, vectors, streams):
         mask, perturbations, curve = learn_dam(
-            inputs.tasks, base, vectors, granularity=p["granularity"], init=p["init"], clamp=p["clamp"],
-            meta_steps=p["meta_steps"], base_lr=p["base_lr"], lr=p["lr"], adv_lr=p["adv_lr"],
-            adv_weight=p["adv_weight"], regularizer=p["regularizer"], perturbation_units=p["perturbation_units"],
-            temperature=p["temperature"], init_logit=p["init_logit"], batch_size=p["batch_size"],
-            seed=inputs.seed, progress=inputs.progress, streams=streams)
-        info = {"regularizer": p["regularizer"], "adv_weight": p["adv_weight"],
-                "perturbation_units": p["perturbation_units"], "perturbation_scale": perturbations.scale,
-                "perturbation_rms": [float(perturbations.delta(k).detach().pow(2).mean().sqrt())
-                                     for k in range(len(inputs.tasks))]}
+            inputs.tasks,
+            base,
+            vectors,
+            granularity=p["granularity"],
+            init=p["init"],
+            clamp=p["clamp"],
+            meta_steps=p["meta_steps"],
+            base_lr=p["base_lr"],
+            lr=p["lr"],
+            adv_lr=p["adv_lr"],
+            adv_weight=p["adv_weight"],
+            regularizer=p["regularizer"],
+            perturbation_units=p["perturbation_units"],
+            temperature=p["temperature"],
+            init_logit=p["init_logit"],
+            batch_size=p["batch_size"],
+            seed=inputs.seed,
+            progress=inputs.progress,
+            streams=streams,
+        )
+        info = {
+            "regularizer": p["regularizer"],
+            "adv_weight": p["adv_weight"],
+            "perturbation_units": p["perturbation_units"],
+            "perturbation_scale": perturbations.scale,
+            "perturbation_rms": [
+                float(perturbations.delta(k).detach().pow(2).mean().sqrt()) for k in range(len(inputs.tasks))
+            ],
+        }
         return mask, curve, perturbations.tensors(), info
 
     return fit_masked_adamerging(inputs, "dam", "DAM", meta_learn, 3)

@@ -29,7 +29,9 @@ class Encoded:
         return Encoded(self.input_ids[index][:, :width], mask[:, :width], self.labels[index])
 
 
-def encode(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int = MAX_LENGTH) -> Encoded:
+def encode(
+    tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int = MAX_LENGTH
+) -> Encoded:
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(list(labels), dtype=torch.long))
 

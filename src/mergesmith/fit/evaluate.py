@@ -79,8 +79,13 @@ class EvalTask(Protocol):
 
     name: str
 
-    def evaluate(self, model: Any, params: Mapping[str, torch.Tensor] | None = None,
-                 batch_size: int | None = None, progress: bool = False) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: Any,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
         """The task's metrics for ``model`` run with ``params`` (None: its own weights)."""
         ...
 
@@ -95,14 +100,18 @@ def check_params(module: nn.Module, params: Mapping[str, torch.Tensor] | None) -
     own.update(module.named_buffers(remove_duplicate=False))
     unknown = [n for n in params if n not in own]
     if unknown:
-        raise CheckpointError(f"params: {len(unknown)} name(s) that {type(module).__name__} does not have, "
-                              f"e.g. '{unknown[0]}' (give its own parameter names, as in its state_dict)")
+        raise CheckpointError(
+            f"params: {len(unknown)} name(s) that {type(module).__name__} does not have, "
+            f"e.g. '{unknown[0]}' (give its own parameter names, as in its state_dict)"
+        )
     out = {}
     for name, value in params.items():
         target = own[name]
         if tuple(value.shape) != tuple(target.shape):
-            raise CheckpointError(f"params: '{name}' has shape {tuple(value.shape)}, {type(module).__name__} "
-                                  f"needs {tuple(target.shape)}")
+            raise CheckpointError(
+                f"params: '{name}' has shape {tuple(value.shape)}, {type(module).__name__} "
+                f"needs {tuple(target.shape)}"
+            )
         dtype = target.dtype if value.is_floating_point() and target.is_floating_point() else value.dtype
         out[name] = value.to(device=target.device, dtype=dtype)
     return out
@@ -137,8 +146,13 @@ class ClassificationTask:
     data: Encoded
     name: str = "classification"
 
-    def logits(self, model: TaskModel | nn.Module, params: Mapping[str, torch.Tensor] | None = None,
-               batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+    def logits(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Class logits (examples, classes), fp32 on the CPU, in the data's order; computed in length-sorted
         batches on the module's device."""
         task_model = as_task_model(model)
@@ -159,8 +173,13 @@ class ClassificationTask:
         result[order] = torch.cat(outs)
         return result
 
-    def evaluate(self, model: TaskModel | nn.Module, params: Mapping[str, torch.Tensor] | None = None,
-                 batch_size: int | None = None, progress: bool = False) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
         """``accuracy`` (argmax = label), ``loss`` (mean cross-entropy) and ``examples`` of ``model``."""
         labels = self.data.labels
         if len(labels) and int(labels.min()) < 0:
@@ -169,11 +188,16 @@ class ClassificationTask:
         if not len(labels):
             return {"accuracy": math.nan, "loss": math.nan, "examples": 0}
         if int(labels.max()) >= logits.shape[1]:
-            raise CheckpointError(f"{self.name}: label {int(labels.max())} but the model has "
-                                  f"{logits.shape[1]} classes (labels are class ids from 0; string labels "
-                                  "get ids in sorted order)")
-        return {"accuracy": float((logits.argmax(1) == labels).float().mean()),
-                "loss": float(F.cross_entropy(logits.double(), labels)), "examples": len(labels)}
+            raise CheckpointError(
+                f"{self.name}: label {int(labels.max())} but the model has "
+                f"{logits.shape[1]} classes (labels are class ids from 0; string labels "
+                "get ids in sorted order)"
+            )
+        return {
+            "accuracy": float((logits.argmax(1) == labels).float().mean()),
+            "loss": float(F.cross_entropy(logits.double(), labels)),
+            "examples": len(labels),
+        }
 
 
 @dataclass
@@ -186,12 +210,14 @@ class PerplexityTask:
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
-            raise RecipeError(f"{self.name}: max_length {self.max_length} is too short (a window needs 2 "
-                              "tokens)")
+            raise RecipeError(
+                f"{self.name}: max_length {self.max_length} is too short (a window needs 2 tokens)"
+            )
 
     @classmethod
-    def from_text(cls, text: str, tokenizer: Any, max_length: int = MAX_WINDOW,
-                  name: str = "perplexity") -> PerplexityTask:
+    def from_text(
+        cls, text: str, tokenizer: Any, max_length: int = MAX_WINDOW, name: str = "perplexity"
+    ) -> PerplexityTask:
         """The task on ``text``, tokenized once as a whole (the tokenizer's default special tokens)."""
         with quiet_transformers():  # no "longer than the maximum length" warning: it is cut into windows
             ids = tokenizer(text, truncation=False)["input_ids"]
@@ -203,8 +229,13 @@ class PerplexityTask:
         out = list(torch.split(self.ids, self.max_length))
         return [w for w in out if len(w) >= 2]
 
-    def evaluate(self, model: TaskModel | nn.Module, params: Mapping[str, torch.Tensor] | None = None,
-                 batch_size: int | None = None, progress: bool = False) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
         """``loss`` (mean cross-entropy over every predicted token), ``perplexity`` = exp(loss), ``tokens``
         (the predicted ones) and ``windows``."""
         module = module_of(model)
@@ -226,8 +257,12 @@ class PerplexityTask:
                 total += float(F.cross_entropy(predicted, ids[:, 1:].flatten(), reduction="sum"))
                 count += ids[:, 1:].numel()
         loss = total / count if count else math.nan
-        return {"loss": loss, "perplexity": math.exp(loss) if count else math.nan, "tokens": count,
-                "windows": len(windows)}
+        return {
+            "loss": loss,
+            "perplexity": math.exp(loss) if count else math.nan,
+            "tokens": count,
+            "windows": len(windows),
+        }
 
 
 def normalize_answer(text: str, stop_at_newline: bool = True) -> str:
@@ -261,12 +296,14 @@ class ExactMatchTask:
             raise RecipeError(f"{self.name}: max_new_tokens must be at least 1, got {self.max_new_tokens}")
         empty = [i for i, p in enumerate(self.prompts) if not p]
         if empty:
-            raise RecipeError(f"{self.name}: prompt {empty[0] + 1} encodes to no tokens (give a non-empty "
-                              "prompt)")
+            raise RecipeError(
+                f"{self.name}: prompt {empty[0] + 1} encodes to no tokens (give a non-empty prompt)"
+            )
 
     @classmethod
-    def from_texts(cls, prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, **options: Any
-                   ) -> ExactMatchTask:
+    def from_texts(
+        cls, prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, **options: Any
+    ) -> ExactMatchTask:
         """The task on prompt texts, encoded with the tokenizer's default special tokens; ``options`` are the
         dataclass's other fields."""
         with quiet_transformers():
@@ -283,8 +320,13 @@ class ExactMatchTask:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return [int(eos)] if eos is not None else []
 
-    def generate(self, model: TaskModel | nn.Module, params: Mapping[str, torch.Tensor] | None = None,
-                 batch_size: int | None = None, progress: bool = False) -> list[str]:
+    def generate(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> list[str]:
         """Each prompt's greedy continuation (up to ``max_new_tokens``, without the end-of-text token),
         decoded without special tokens, in the prompts' order.
 
@@ -313,18 +355,32 @@ class ExactMatchTask:
         out = [""] * len(prompts)
         with eval_mode(module), torch.inference_mode():
             for group in tqdm(groups, desc=self.name, leave=False, disable=not progress):
-                tokens = greedy(module, weights, [prompts[i] for i in group], self.max_new_tokens, eos, pad,
-                                with_positions)
+                tokens = greedy(
+                    module,
+                    weights,
+                    [prompts[i] for i in group],
+                    self.max_new_tokens,
+                    eos,
+                    pad,
+                    with_positions,
+                )
                 for i, row in zip(group, tokens):
                     out[i] = self.tokenizer.decode(row, skip_special_tokens=True)
         return out
 
-    def evaluate(self, model: TaskModel | nn.Module, params: Mapping[str, torch.Tensor] | None = None,
-                 batch_size: int | None = None, progress: bool = False) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
         """``exact_match``: the fraction of normalized continuations equal to the stripped answers."""
         continuations = self.generate(model, params, batch_size, progress)
-        hits = sum(normalize_answer(c, self.stop_at_newline) == a.strip()
-                   for c, a in zip(continuations, self.answers))
+        hits = sum(
+            normalize_answer(c, self.stop_at_newline) == a.strip()
+            for c, a in zip(continuations, self.answers)
+        )
         n = len(self.answers)
         return {"exact_match": hits / n if n else math.nan, "examples": n}
 
@@ -337,8 +393,15 @@ def forward_parameters(module: nn.Module) -> set[str]:
         return set()
 
 
-def greedy(module: nn.Module, weights: Mapping[str, torch.Tensor], prompts: Sequence[Sequence[int]],
-           max_new_tokens: int, eos: Sequence[int], pad: int, with_positions: bool = True) -> list[list[int]]:
+def greedy(
+    module: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos: Sequence[int],
+    pad: int,
+    with_positions: bool = True,
+) -> list[list[int]]:
     """Greedy decoding of a batch of prompts (left-padded, with the model's KV cache when its forward takes
     one, else rerunning the whole sequence each step): each row's new tokens up to, not including, its first
     end-of-text token. Finished rows are fed padding until every row is done."""
@@ -350,8 +413,8 @@ def greedy(module: nn.Module, weights: Mapping[str, torch.Tensor], prompts: Sequ
     ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # counted from each prompt's first token, as generate does
     stop = torch.tensor(list(eos), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -400,11 +463,13 @@ def model_folder(folder: str | Path) -> Path:
     """``folder`` checked to be a local Hugging Face model folder (nothing is downloaded)."""
     path = Path(folder)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such model folder (give a local Hugging Face model folder; "
-                              "nothing is downloaded)")
+        raise CheckpointError(
+            f"{path}: no such model folder (give a local Hugging Face model folder; nothing is downloaded)"
+        )
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json here (give a Hugging Face model folder, as "
-                              "save_pretrained writes)")
+        raise CheckpointError(
+            f"{path}: no config.json here (give a Hugging Face model folder, as save_pretrained writes)"
+        )
     return path
 
 
@@ -443,11 +508,14 @@ def load_head(path: str | Path, width: int | None = None) -> dict[str, torch.Ten
         raise CheckpointError(f"{path}: a head needs a 2-D 'weight' (classes, hidden); it has {found}")
     bias = tensors.get("bias", torch.zeros(weight.shape[0]))
     if tuple(bias.shape) != (weight.shape[0],):
-        raise CheckpointError(f"{path}: 'bias' has shape {tuple(bias.shape)}, the head needs "
-                              f"({weight.shape[0]},)")
+        raise CheckpointError(
+            f"{path}: 'bias' has shape {tuple(bias.shape)}, the head needs ({weight.shape[0]},)"
+        )
     if width is not None and weight.shape[1] != width:
-        raise CheckpointError(f"{path}: the head reads {weight.shape[1]} features but the model's hidden "
-                              f"size is {width} (a head for another model?)")
+        raise CheckpointError(
+            f"{path}: the head reads {weight.shape[1]} features but the model's hidden "
+            f"size is {width} (a head for another model?)"
+        )
     return {"weight": weight.float(), "bias": bias.float()}
 
 
@@ -459,14 +527,17 @@ def padded_tokenizer(folder: Path) -> Any:
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise CheckpointError(f"{folder}: the tokenizer has neither a padding nor an end-of-text token "
-                                  "to pad batches with (add a pad_token to its tokenizer_config.json)")
+            raise CheckpointError(
+                f"{folder}: the tokenizer has neither a padding nor an end-of-text token "
+                "to pad batches with (add a pad_token to its tokenizer_config.json)"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_task_model(folder: str | Path, head: str | Path | None = None,
-                    pooling: str | None = None) -> TaskModel:
+def load_task_model(
+    folder: str | Path, head: str | Path | None = None, pooling: str | None = None
+) -> TaskModel:
     """The model of a classification task. With ``head`` (a safetensors linear head): the folder's encoder
     (``AutoModel``, any architecture) with that head over pooled states (``pooling``, default ``mean``).
     Without: the folder's ``AutoModelForSequenceClassification`` with its own, trained, head."""
@@ -475,8 +546,10 @@ def load_task_model(folder: str | Path, head: str | Path | None = None,
         raise MergeError(f"unknown pooling '{pooling}' (use one of {', '.join(POOLINGS)})")
     if head is None:
         if pooling is not None:
-            raise MergeError(f"{path}: pooling goes with a linear head (give a head file); a sequence "
-                             "classifier pools as its architecture does")
+            raise MergeError(
+                f"{path}: pooling goes with a linear head (give a head file); a sequence "
+                "classifier pools as its architecture does"
+            )
         hint = "give a linear head file (--head) for an encoder, or a sequence-classification checkpoint"
         return TaskModel(load_classifier(path, require_head=True, hint=hint))
     module = load_encoder(path)
@@ -485,21 +558,28 @@ def load_task_model(folder: str | Path, head: str | Path | None = None,
     return TaskModel(module, linear, pooling=pooling or "mean")
 
 
-def read_classification(path: str | Path, tokenizer: Any, text_column: str = "text",
-                        label_column: str = "label", max_length: int = MAX_LENGTH,
-                        limit: int | None = None) -> ClassificationTask:
+def read_classification(
+    path: str | Path,
+    tokenizer: Any,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_length: int = MAX_LENGTH,
+    limit: int | None = None,
+) -> ClassificationTask:
     """A classification task from a JSONL or CSV file of texts and labels (see :mod:`mergesmith.recipe.data`:
     int class ids, or string labels that get ids in sorted order), each text cut at ``max_length`` tokens."""
     if max_length < 1 or (limit is not None and limit < 1):
         raise RecipeError(f"{path}: max_length and limit must be at least 1, got {max_length} and {limit}")
-    spec = DataSpec(path=str(path), text_column=text_column, label_column=label_column, max_length=max_length,
-                    limit=limit)
+    spec = DataSpec(
+        path=str(path), text_column=text_column, label_column=label_column, max_length=max_length, limit=limit
+    )
     examples = read_examples(spec, need_labels=True)
     return ClassificationTask(encode_examples(examples, tokenizer, max_length), name=Path(path).stem)
 
 
-def read_prompts(path: str | Path, prompt_column: str = "prompt", answer_column: str = "answer",
-                 limit: int | None = None) -> tuple[list[str], list[str]]:
+def read_prompts(
+    path: str | Path, prompt_column: str = "prompt", answer_column: str = "answer", limit: int | None = None
+) -> tuple[list[str], list[str]]:
     """Prompts and answers from a JSONL file (one object per line, blank lines skipped); answers that are
     numbers become their text. RecipeError naming the file and line on a problem."""
     path, text = data_file(path, (".jsonl",), "exact-match")
@@ -512,19 +592,25 @@ def read_prompts(path: str | Path, prompt_column: str = "prompt", answer_column:
         except json.JSONDecodeError as e:
             raise RecipeError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise RecipeError(f"{path}: line {number} is not a JSON object "
-                              f'({{"{prompt_column}": ..., "{answer_column}": ...}})')
+            raise RecipeError(
+                f"{path}: line {number} is not a JSON object "
+                f'({{"{prompt_column}": ..., "{answer_column}": ...}})'
+            )
         for column, flag in ((prompt_column, "--prompt-column"), (answer_column, "--answer-column")):
             if column not in row:
-                raise RecipeError(f"{path}: line {number} has no '{column}' column (columns: "
-                                  f"{', '.join(map(str, row)) or 'none'}); name the column ({flag})")
+                raise RecipeError(
+                    f"{path}: line {number} has no '{column}' column (columns: "
+                    f"{', '.join(map(str, row)) or 'none'}); name the column ({flag})"
+                )
         prompt, answer = row[prompt_column], row[answer_column]
         if not isinstance(prompt, str) or not prompt:
-            raise RecipeError(f"{path}: line {number}: '{prompt_column}' must be a non-empty string, got "
-                              f"{prompt!r}")
+            raise RecipeError(
+                f"{path}: line {number}: '{prompt_column}' must be a non-empty string, got {prompt!r}"
+            )
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise RecipeError(f"{path}: line {number}: '{answer_column}' must be a string or a number, got "
-                              f"{answer!r}")
+            raise RecipeError(
+                f"{path}: line {number}: '{answer_column}' must be a string or a number, got {answer!r}"
+            )
         prompts.append(prompt)
         answers.append(str(answer))
     if limit is not None:
@@ -532,10 +618,17 @@ def read_prompts(path: str | Path, prompt_column: str = "prompt", answer_column:
     return prompts, answers
 
 
-def load_classification(folder: str | Path, data: str | Path, head: str | Path | None = None,
-                        pooling: str | None = None, text_column: str = "text", label_column: str = "label",
-                        max_length: int = MAX_LENGTH, limit: int | None = None,
-                        tokenizer: str | Path | None = None) -> tuple[ClassificationTask, TaskModel]:
+def load_classification(
+    folder: str | Path,
+    data: str | Path,
+    head: str | Path | None = None,
+    pooling: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_length: int = MAX_LENGTH,
+    limit: int | None = None,
+    tokenizer: str | Path | None = None,
+) -> tuple[ClassificationTask, TaskModel]:
     """A classification task on ``data`` (JSONL or CSV) and its model from ``folder`` (see
     :func:`load_task_model`); the tokenizer is the folder's unless ``tokenizer`` names another folder. A
     decoder classifier without a ``pad_token_id`` gets the tokenizer's (it finds each text's last token by
@@ -550,8 +643,9 @@ def load_classification(folder: str | Path, data: str | Path, head: str | Path |
     return task, model
 
 
-def load_perplexity(folder: str | Path, data: str | Path, max_length: int | None = None,
-                    tokenizer: str | Path | None = None) -> tuple[PerplexityTask, nn.Module]:
+def load_perplexity(
+    folder: str | Path, data: str | Path, max_length: int | None = None, tokenizer: str | Path | None = None
+) -> tuple[PerplexityTask, nn.Module]:
     """A perplexity task on a plain text file and the folder's causal LM; ``max_length`` (window) defaults to
     the model's context, at most 1024 tokens, and may not exceed it."""
     path = model_folder(folder)
@@ -562,18 +656,25 @@ def load_perplexity(folder: str | Path, data: str | Path, max_length: int | None
     if max_length is None:
         max_length = min(context or MAX_WINDOW, MAX_WINDOW)
     elif context is not None and max_length > context:
-        raise RecipeError(f"{file}: max_length {max_length} is longer than the model's context ({context} "
-                          "tokens)")
+        raise RecipeError(
+            f"{file}: max_length {max_length} is longer than the model's context ({context} tokens)"
+        )
     task = PerplexityTask.from_text(text, tok, max_length, name=file.stem)
     if len(task.ids) < 2:
         raise RecipeError(f"{file}: {len(task.ids)} token(s); perplexity needs at least 2")
     return task, module
 
 
-def load_exact_match(folder: str | Path, data: str | Path, prompt_column: str = "prompt",
-                     answer_column: str = "answer", max_new_tokens: int = MAX_NEW_TOKENS,
-                     stop_at_newline: bool = True, limit: int | None = None,
-                     tokenizer: str | Path | None = None) -> tuple[ExactMatchTask, nn.Module]:
+def load_exact_match(
+    folder: str | Path,
+    data: str | Path,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    stop_at_newline: bool = True,
+    limit: int | None = None,
+    tokenizer: str | Path | None = None,
+) -> tuple[ExactMatchTask, nn.Module]:
     """An exact-match task on a JSONL file of prompts and answers and the folder's causal LM. Prompts longer
     than the model's context minus ``max_new_tokens`` keep their last tokens."""
     path = model_folder(folder)
@@ -585,9 +686,17 @@ def load_exact_match(folder: str | Path, data: str | Path, prompt_column: str = 
     if context is not None:
         keep = context - max_new_tokens
         if keep < 1:
-            raise RecipeError(f"{data}: max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
-                              f"model's context ({context} tokens)")
-    task = ExactMatchTask.from_texts(prompts, answers, tok, max_new_tokens=max_new_tokens,
-                                     stop_at_newline=stop_at_newline, max_prompt_length=keep,
-                                     name=Path(data).stem)
+            raise RecipeError(
+                f"{data}: max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
+                f"model's context ({context} tokens)"
+            )
+    task = ExactMatchTask.from_texts(
+        prompts,
+        answers,
+        tok,
+        max_new_tokens=max_new_tokens,
+        stop_at_newline=stop_at_newline,
+        max_prompt_length=keep,
+        name=Path(data).stem,
+    )
     return task, module

@@ -51,7 +51,9 @@ def _example_term(model: TaskModel, estimator: str) -> Callable[..., Params]:
     """The Fisher term of one example, a function of (params, input_ids, attention_mask, label) for one
     unbatched example, so that vmap can map it over a chunk."""
 
-    def term(params: Params, input_ids: torch.Tensor, attention_mask: torch.Tensor, label: torch.Tensor) -> Params:
+    def term(
+        params: Params, input_ids: torch.Tensor, attention_mask: torch.Tensor, label: torch.Tensor
+    ) -> Params:
         example = Encoded(input_ids[None], attention_mask[None], label[None])
 
         def log_probs(p: Params) -> torch.Tensor:
@@ -72,18 +74,23 @@ def _example_term(model: TaskModel, estimator: str) -> Callable[..., Params]:
     return term
 
 
-def _per_example_sum(model: TaskModel, params: Params, chunk: Encoded, estimator: str, how: str
-                     ) -> tuple[Params, str]:
+def _per_example_sum(
+    model: TaskModel, params: Params, chunk: Encoded, estimator: str, how: str
+) -> tuple[Params, str]:
     """Σ over the chunk's examples of their Fisher terms, and the path that computed them."""
     term = _example_term(model, estimator)
     if how == "vmap":
         try:
-            terms = vmap(term, in_dims=(None, 0, 0, 0))(params, chunk.input_ids, chunk.attention_mask, chunk.labels)
+            terms = vmap(term, in_dims=(None, 0, 0, 0))(
+                params, chunk.input_ids, chunk.attention_mask, chunk.labels
+            )
             return {n: t.sum(0) for n, t in terms.items()}, how
         except RuntimeError as e:
             if "vmap" not in str(e):
                 raise
-            how = "loop"  # data-dependent control flow in the model (HF attention masks): one example at a time
+            how = (
+                "loop"  # data-dependent control flow in the model (HF attention masks): one example at a time
+            )
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for k in range(len(chunk)):
         one = chunk.batch(slice(k, k + 1))  # trimmed to its own length: no padding at all
@@ -103,8 +110,15 @@ def _batch_squared_gradient(model: TaskModel, params: Params, batch: Encoded) ->
     return {n: g.square() for n, g in grad(objective)(params).items()}
 
 
-def diagonal_fisher(model: TaskModel, params: Params, data: Encoded, estimator: str = "exact", chunk_size: int = 2,
-                    progress: bool = False, desc: str = "fisher") -> FisherDiagonal:
+def diagonal_fisher(
+    model: TaskModel,
+    params: Params,
+    data: Encoded,
+    estimator: str = "exact",
+    chunk_size: int = 2,
+    progress: bool = False,
+    desc: str = "fisher",
+) -> FisherDiagonal:
     """The diagonal Fisher of ``model`` run with ``params`` (the parameters it is taken with respect to) averaged
     over every example of ``data``. Memory: the Fisher plus ``chunk_size`` × classes gradients (exact)."""
     if estimator not in ESTIMATORS:
@@ -116,7 +130,9 @@ def diagonal_fisher(model: TaskModel, params: Params, data: Encoded, estimator: 
     with eval_mode(model.module), warnings.catch_warnings():
         # jacrev batches the class dimension of the backward pass; ops without a batching rule (CPU flash
         # attention's backward) fall back to a loop over the classes: slower, still exact, not worth a warning
-        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+        warnings.filterwarnings(
+            "ignore", message="There is a performance drop because we have not yet implemented"
+        )
         for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             if estimator == "batch":
                 squares = _batch_squared_gradient(model, params, chunk)
@@ -148,16 +164,32 @@ def fit_fisher(inputs: FitInputs) -> FitResult:
     global L2 norm (for ``normalize_fishers``)."""
     settings = inputs.params
     estimator = settings["estimator"]
-    result = FitResult(info={"estimator": estimator, "examples": [], "seconds": [], "per_example_gradients": [],
-                             "fisher_norms": []})
+    result = FitResult(
+        info={
+            "estimator": estimator,
+            "examples": [],
+            "seconds": [],
+            "per_example_gradients": [],
+            "fisher_norms": [],
+        }
+    )
     for i, (task, params) in enumerate(zip(inputs.tasks, inputs.experts, strict=True)):
         if estimator == "empirical" and not task.labeled:
-            raise RecipeError(f"Fisher estimator 'empirical' needs labels, but task '{task.name}' (model {i}) is "
-                              "unlabeled; use estimator: exact (the paper's, label-free)")
+            raise RecipeError(
+                f"Fisher estimator 'empirical' needs labels, but task '{task.name}' (model {i}) is "
+                "unlabeled; use estimator: exact (the paper's, label-free)"
+            )
         start = time.perf_counter()
         data = sample_examples(task.data, settings["n_examples"], inputs.seed + i)
-        diagonal = diagonal_fisher(task.model, params, data, estimator, settings["fisher_batch_size"],
-                                   inputs.progress, desc=f"fisher ({task.name})")
+        diagonal = diagonal_fisher(
+            task.model,
+            params,
+            data,
+            estimator,
+            settings["fisher_batch_size"],
+            inputs.progress,
+            desc=f"fisher ({task.name})",
+        )
         norm = global_l2_norm(diagonal.fisher)
         result.tensors.update({fisher_key(i, n): f for n, f in diagonal.fisher.items()})
         result.tensors[norm_key(i)] = torch.tensor([norm], dtype=torch.float64)

@@ -52,8 +52,15 @@ def linear_layers(module: nn.Module, mergeable: set[str]) -> dict[str, tuple[nn.
     return found
 
 
-def gram_matrices(model: TaskModel, params: dict[str, torch.Tensor], data: Encoded, batch_size: int = 16,
-                  include_padding: bool = False, progress: bool = False, desc: str = "gram") -> Grams:
+def gram_matrices(
+    model: TaskModel,
+    params: dict[str, torch.Tensor],
+    data: Encoded,
+    batch_size: int = 16,
+    include_padding: bool = False,
+    progress: bool = False,
+    desc: str = "gram",
+) -> Grams:
     """Mean XᵀX of the inputs of every mergeable linear layer while ``model`` runs with ``params`` on ``data``.
     A layer the forward pass never reaches gets no Gram."""
     layers = linear_layers(model.module, set(params))
@@ -83,8 +90,9 @@ def gram_matrices(model: TaskModel, params: dict[str, torch.Tensor], data: Encod
     handles = [layer.register_forward_hook(hook_for(name)) for name, (layer, _) in layers.items()]
     try:
         with eval_mode(model.module), torch.no_grad():
-            for batch in tqdm(batches(data, batch_size), desc=desc, disable=not progress, leave=False,
-                              dynamic_ncols=True):
+            for batch in tqdm(
+                batches(data, batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True
+            ):
                 current["mask"], current["seen"] = batch.attention_mask, {}
                 model.logits(batch, params)
     finally:
@@ -102,14 +110,28 @@ def gram_key(model_index: int, weight_name: str) -> str:
 def fit_regmean(inputs: FitInputs) -> FitResult:
     """Every expert's input Grams on (a seeded sample of ``n_examples`` of) its own task's examples."""
     settings = inputs.params
-    result = FitResult(info={"examples": [], "seconds": [], "layers": [], "transposed": [],
-                             "include_padding": settings["include_padding"]})
+    result = FitResult(
+        info={
+            "examples": [],
+            "seconds": [],
+            "layers": [],
+            "transposed": [],
+            "include_padding": settings["include_padding"],
+        }
+    )
     transposed: set[str] = set()
     for i, (task, params) in enumerate(zip(inputs.tasks, inputs.experts, strict=True)):
         start = time.perf_counter()
         data = sample_examples(task.data, settings["n_examples"], inputs.seed + i)
-        grams = gram_matrices(task.model, params, data, settings["batch_size"], settings["include_padding"],
-                              inputs.progress, desc=f"gram ({task.name})")
+        grams = gram_matrices(
+            task.model,
+            params,
+            data,
+            settings["batch_size"],
+            settings["include_padding"],
+            inputs.progress,
+            desc=f"gram ({task.name})",
+        )
         result.tensors.update({gram_key(i, n): g.float() for n, g in grams.grams.items()})
         transposed.update(grams.transposed)
         result.info["examples"].append(grams.examples)

@@ -40,8 +40,9 @@ def load_tokenizer(folder: Path, hint: str = "set tokenizer_source: to a folder 
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:
-        raise CheckpointError(f"{folder}: no tokenizer to encode the data ({type(e).__name__}); "
-                              f"{hint}") from None
+        raise CheckpointError(
+            f"{folder}: no tokenizer to encode the data ({type(e).__name__}); {hint}"
+        ) from None
 
 
 def load_encoder(folder: Path) -> nn.Module:
@@ -51,19 +52,25 @@ def load_encoder(folder: Path) -> nn.Module:
     try:
         with quiet_transformers():
             try:
-                module = AutoModel.from_pretrained(folder, add_pooling_layer=False, dtype=torch.float32,
-                                                   local_files_only=True)
+                module = AutoModel.from_pretrained(
+                    folder, add_pooling_layer=False, dtype=torch.float32, local_files_only=True
+                )
             except TypeError:  # architectures without a pooler do not take the argument
                 module = AutoModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except Exception as e:
-        raise CheckpointError(f"{folder}: cannot load the model to run it on the data ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(
+            f"{folder}: cannot load the model to run it on the data ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     return module.eval().requires_grad_(False)
 
 
-def load_classifier(folder: Path, meta: bool = False, require_head: bool = False,
-                    hint: str = "give every model a head: (a safetensors linear head over mean-pooled states)"
-                    ) -> nn.Module:
+def load_classifier(
+    folder: Path,
+    meta: bool = False,
+    require_head: bool = False,
+    hint: str = "give every model a head: (a safetensors linear head over mean-pooled states)",
+) -> nn.Module:
     """``AutoModelForSequenceClassification`` of a local folder (on the meta device with ``meta``: the
     architecture without weights). With ``require_head``, a folder whose weights lack the classifier (a bare
     backbone, whose head would be freshly random) is a CheckpointError; ``hint`` says what to do instead."""
@@ -74,17 +81,22 @@ def load_classifier(folder: Path, meta: bool = False, require_head: bool = False
             if meta:
                 with torch.device("meta"):
                     return AutoModelForSequenceClassification.from_config(
-                        AutoConfig.from_pretrained(folder, local_files_only=True))
+                        AutoConfig.from_pretrained(folder, local_files_only=True)
+                    )
             module, info = AutoModelForSequenceClassification.from_pretrained(
-                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
+            )
     except Exception as e:
-        raise CheckpointError(f"{folder}: cannot load it as a sequence classifier ({type(e).__name__}); "
-                              f"{hint}") from None
+        raise CheckpointError(
+            f"{folder}: cannot load it as a sequence classifier ({type(e).__name__}); {hint}"
+        ) from None
     missing = sorted(set(info.get("missing_keys", ())) & classifier_names(module))
     if require_head and missing:
-        raise CheckpointError(f"{folder}: not a sequence classifier (its weights have no '{missing[0]}'; "
-                              f"{getattr(module.config, 'architectures', None) or 'no architectures'} in "
-                              f"config.json); {hint}")
+        raise CheckpointError(
+            f"{folder}: not a sequence classifier (its weights have no '{missing[0]}'; "
+            f"{getattr(module.config, 'architectures', None) or 'no architectures'} in "
+            f"config.json); {hint}"
+        )
     return module.eval().requires_grad_(False)
 
 
@@ -97,18 +109,23 @@ def load_causal_lm(folder: Path) -> nn.Module:
     try:
         with quiet_transformers():
             module, info = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+                folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
+            )
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"{folder}: cannot load it as a causal language model ({type(e).__name__}: "
-                              f"{first}); perplexity and exact-match need a ...ForCausalLM "
-                              "checkpoint") from None
+        raise CheckpointError(
+            f"{folder}: cannot load it as a causal language model ({type(e).__name__}: "
+            f"{first}); perplexity and exact-match need a ...ForCausalLM "
+            "checkpoint"
+        ) from None
     missing = sorted(info.get("missing_keys", ()))
     if missing:
-        raise CheckpointError(f"{folder}: not a causal language model ({len(missing)} weights of "
-                              f"{type(module).__name__} are missing, e.g. '{missing[0]}'; config.json says "
-                              f"{getattr(module.config, 'architectures', None)}); perplexity and exact-match "
-                              "need a ...ForCausalLM checkpoint")
+        raise CheckpointError(
+            f"{folder}: not a causal language model ({len(missing)} weights of "
+            f"{type(module).__name__} are missing, e.g. '{missing[0]}'; config.json says "
+            f"{getattr(module.config, 'architectures', None)}); perplexity and exact-match "
+            "need a ...ForCausalLM checkpoint"
+        )
     return module.eval().requires_grad_(False)
 
 

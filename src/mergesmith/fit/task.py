@@ -76,7 +76,9 @@ class TaskModel:
 
     def merge_names(self) -> list[str]:
         """The floating-point parameters a merge combines (module parameters minus the task head)."""
-        return [n for n, p in self.module.named_parameters() if n not in self.head_names and p.is_floating_point()]
+        return [
+            n for n, p in self.module.named_parameters() if n not in self.head_names and p.is_floating_point()
+        ]
 
     def params(self) -> dict[str, torch.Tensor]:
         """Detached fp32 copies of the mergeable parameters currently in the module."""
@@ -91,8 +93,12 @@ class TaskModel:
                 return n
         raise KeyError("input embedding not found among the parameters")
 
-    def hidden(self, batch: Encoded, params: Mapping[str, torch.Tensor] | None = None,
-               embeds_delta: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        batch: Encoded,
+        params: Mapping[str, torch.Tensor] | None = None,
+        embeds_delta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Last hidden states (batch, tokens, d). ``embeds_delta`` (tokens_max, d) is added to the token
         embeddings of every example (DAM's input perturbation, the text analogue of an image-space trigger)."""
         return self._call(batch, params, embeds_delta, want_logits=False)
@@ -101,21 +107,34 @@ class TaskModel:
         """Mean-pooled last hidden state (batch, d): what Twin-Merging's router reads."""
         return mean_pool(self.hidden(batch, params).float(), batch.attention_mask)
 
-    def pooled(self, batch: Encoded, params: Mapping[str, torch.Tensor] | None = None,
-               embeds_delta: torch.Tensor | None = None) -> torch.Tensor:
+    def pooled(
+        self,
+        batch: Encoded,
+        params: Mapping[str, torch.Tensor] | None = None,
+        embeds_delta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The last hidden state pooled as ``pooling`` says (batch, d), fp32: what the linear head reads."""
         hidden = self._call(batch, params, embeds_delta, want_logits=False)
         return pool(hidden, batch.attention_mask, self.pooling)
 
-    def logits(self, batch: Encoded, params: Mapping[str, torch.Tensor] | None = None,
-               embeds_delta: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        batch: Encoded,
+        params: Mapping[str, torch.Tensor] | None = None,
+        embeds_delta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Class logits (batch, classes), fp32, differentiable with respect to ``params`` and ``embeds_delta``."""
         if self.head is None:
             return self._call(batch, params, embeds_delta, want_logits=True).float()
         return F.linear(self.pooled(batch, params, embeds_delta), self.head["weight"], self.head["bias"])
 
-    def _call(self, batch: Encoded, params: Mapping[str, torch.Tensor] | None,
-              embeds_delta: torch.Tensor | None, want_logits: bool) -> torch.Tensor:
+    def _call(
+        self,
+        batch: Encoded,
+        params: Mapping[str, torch.Tensor] | None,
+        embeds_delta: torch.Tensor | None,
+        want_logits: bool,
+    ) -> torch.Tensor:
         weights: dict[str, torch.Tensor] = dict(params or {})
         weights.update(self.own_head_params)
         kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask}
@@ -125,12 +144,20 @@ class TaskModel:
             name = self.embedding_name()
             table = weights.get(name, dict(self.module.named_parameters())[name])
             width = batch.input_ids.shape[1]
-            kwargs["inputs_embeds"] = F.embedding(batch.input_ids, table) + embeds_delta[:width].to(table.dtype)
-        autocast = (torch.autocast(batch.input_ids.device.type, dtype=self.autocast)
-                    if self.autocast is not None else contextlib.nullcontext())
+            kwargs["inputs_embeds"] = F.embedding(batch.input_ids, table) + embeds_delta[:width].to(
+                table.dtype
+            )
+        autocast = (
+            torch.autocast(batch.input_ids.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
         with autocast:
-            out = functional_call(self.module, weights, args=(), kwargs=kwargs, strict=False) if weights \
+            out = (
+                functional_call(self.module, weights, args=(), kwargs=kwargs, strict=False)
+                if weights
                 else self.module(**kwargs)
+            )
         return out.logits if want_logits else out.last_hidden_state
 
 
@@ -185,7 +212,9 @@ class FitResult:
         if path.is_dir():
             path = path / FIT_FILE
         if not path.exists():
-            raise CheckpointError(f"{path}: no saved fit here (a merge of a data-driven method writes {FIT_FILE})")
+            raise CheckpointError(
+                f"{path}: no saved fit here (a merge of a data-driven method writes {FIT_FILE})"
+            )
         try:
             with safe_open(str(path), framework="pt") as f:
                 info = json.loads((f.metadata() or {}).get("info", "{}"))
@@ -212,7 +241,9 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 def batches(data: Encoded, batch_size: int, generator: torch.Generator | None = None) -> list[Encoded]:
     """``data`` cut into batches (shuffled when a generator is given), each trimmed to its longest example."""
-    order = torch.randperm(len(data), generator=generator) if generator is not None else torch.arange(len(data))
+    order = (
+        torch.randperm(len(data), generator=generator) if generator is not None else torch.arange(len(data))
+    )
     return [data.batch(order[i : i + batch_size]) for i in range(0, len(data), batch_size)]
 
 
@@ -222,8 +253,9 @@ def cycle_batches(data: Encoded, batch_size: int, generator: torch.Generator):
         yield from batches(data, batch_size, generator)
 
 
-def task_vectors(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]]
-                 ) -> list[dict[str, torch.Tensor]]:
+def task_vectors(
+    base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]]
+) -> list[dict[str, torch.Tensor]]:
     """τ_i = θ_i − θ_0 for every mergeable name."""
     return [{n: e[n] - base[n] for n in base} for e in experts]
 

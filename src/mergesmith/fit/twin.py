@@ -78,8 +78,9 @@ def svd_rank(num_singular: int, mask_rate: float) -> int:
     return max(0, min(num_singular, int((1 - mask_rate) * num_singular)))
 
 
-def compress(delta: torch.Tensor, mask_rate: float, dtype: torch.dtype = torch.float32
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def compress(
+    delta: torch.Tensor, mask_rate: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of a 2-D delta: factors (U_r Σ_r, V_r) with δ ≈ (U_r Σ_r) V_rᵀ, computed in fp32."""
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     r = svd_rank(len(s), mask_rate)
@@ -105,9 +106,17 @@ class Router(nn.Module):
         return self.fc3(x)
 
 
-def train_router(features: torch.Tensor, labels: torch.Tensor, num_tasks: int, *, epochs: int = 50,
-                 lr: float = 5e-4, batch_size: int = 1024, seed: int = 0, progress: bool = False
-                 ) -> tuple[Router, dict[str, Any]]:
+def train_router(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_tasks: int,
+    *,
+    epochs: int = 50,
+    lr: float = 5e-4,
+    batch_size: int = 1024,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Router, dict[str, Any]]:
     """Fit a :class:`Router` on (embedding, task id) pairs as the official HF Trainer run does: AdamW (no weight
     decay), linear decay of the learning rate to 0, gradient-norm clipping at 1. Seeded: initialisation, shuffling
     and dropout draw from ``seed`` only (the global RNG state is restored afterwards)."""
@@ -142,8 +151,9 @@ def train_router(features: torch.Tensor, labels: torch.Tensor, num_tasks: int, *
     return router, {"final_loss": loss_value, "train_accuracy": train_acc, "steps": epochs * steps_per_epoch}
 
 
-def shared_features(model: TaskModel, data: Encoded, shared: Mapping[str, torch.Tensor],
-                    batch_size: int = FEATURE_BATCH) -> torch.Tensor:
+def shared_features(
+    model: TaskModel, data: Encoded, shared: Mapping[str, torch.Tensor], batch_size: int = FEATURE_BATCH
+) -> torch.Tensor:
     """The router's input: mean over tokens of the shared model's last hidden state, (examples, d), fp32."""
     was_training = model.module.training
     model.module.eval()  # no dropout in the embedding
@@ -212,13 +222,18 @@ class TwinMerge:
         """Class logits of ``task_model``'s head on the dynamically merged weights, (batch, classes). Examples
         with identical routing weights share one merge (``batch``: one; ``top1``: at most T)."""
         weights = self.routing_weights(batch, task_model, routing)
-        groups = [torch.arange(len(weights))] if routing == "batch" else \
-            [torch.nonzero((weights == row).all(1)).flatten() for row in weights.unique(dim=0)]
+        groups = (
+            [torch.arange(len(weights))]
+            if routing == "batch"
+            else [torch.nonzero((weights == row).all(1)).flatten() for row in weights.unique(dim=0)]
+        )
         out: torch.Tensor | None = None
         with torch.no_grad():
             for index in groups:
-                part = task_model.logits(batch.batch(index) if len(groups) > 1 else batch,
-                                         params=self.params_for(weights[index[0]]))
+                part = task_model.logits(
+                    batch.batch(index) if len(groups) > 1 else batch,
+                    params=self.params_for(weights[index[0]]),
+                )
                 if out is None:
                     out = part.new_empty(len(weights), part.shape[1])
                 out[index] = part
@@ -243,11 +258,18 @@ class TwinMerge:
                 copy_tokenizer_files(source, partial, with_config=True)
             save_file(shared, str(partial / SHARED_FILE), metadata={"format": "pt"})
             save_file(self._exclusive_tensors(), str(partial / EXCLUSIVE_FILE))
-            save_file({k: v.contiguous() for k, v in self.router.state_dict().items()}, str(partial / ROUTER_FILE))
+            save_file(
+                {k: v.contiguous() for k, v in self.router.state_dict().items()}, str(partial / ROUTER_FILE)
+            )
             (partial / META_FILE).write_text(json.dumps(self._meta(), indent=2) + "\n")
-            manifest = {"mergesmith_version": __version__, "method": "twin", "artifact": "twin_merging",
-                        "task_names": self.task_names, "output_sha256": file_digests(partial),
-                        "torch_version": torch.__version__}
+            manifest = {
+                "mergesmith_version": __version__,
+                "method": "twin",
+                "artifact": "twin_merging",
+                "task_names": self.task_names,
+                "output_sha256": file_digests(partial),
+                "torch_version": torch.__version__,
+            }
             (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return folder
 
@@ -261,8 +283,12 @@ class TwinMerge:
         if not (folder / META_FILE).exists() and (folder / FIT_FILE).exists():
             return cls.from_fit(_read_tensors(folder), FitResult.load(folder / FIT_FILE))
         meta = json.loads((folder / META_FILE).read_text())
-        return cls._assemble(load_file(folder / SHARED_FILE), load_file(folder / EXCLUSIVE_FILE),
-                             load_file(folder / ROUTER_FILE), meta)
+        return cls._assemble(
+            load_file(folder / SHARED_FILE),
+            load_file(folder / EXCLUSIVE_FILE),
+            load_file(folder / ROUTER_FILE),
+            meta,
+        )
 
     def to_fit(self) -> FitResult:
         """The exclusive parts and the router as a :class:`FitResult` (what the registered ``twin`` method's fit
@@ -274,6 +300,7 @@ class TwinMerge:
     @classmethod
     def from_fit(cls, shared: Mapping[str, torch.Tensor], fitted: FitResult) -> TwinMerge:
         """Rebuild from the shared weights (the ``twin`` merge's output) and its fit result."""
+
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k.removeprefix(prefix): v for k, v in fitted.tensors.items() if k.startswith(prefix)}
 
@@ -294,8 +321,13 @@ class TwinMerge:
         return out
 
     @classmethod
-    def _assemble(cls, shared: Mapping[str, torch.Tensor], exclusive: Mapping[str, torch.Tensor],
-                  router_state: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> TwinMerge:
+    def _assemble(
+        cls,
+        shared: Mapping[str, torch.Tensor],
+        exclusive: Mapping[str, torch.Tensor],
+        router_state: Mapping[str, torch.Tensor],
+        meta: dict[str, Any],
+    ) -> TwinMerge:
         meta = dict(meta)
         names = list(meta.pop("task_names"))
         router = Router(int(meta.pop("router_dim")), len(names))
@@ -312,7 +344,9 @@ class TwinMerge:
         factors = [{n: (p["us"], p["v"]) for n, p in f.items()} for f in pairs]
         # θ* is every tensor that has an exclusive part (a saved HF folder also holds buffers and heads)
         mergeable = set(factors[0]) | set(dense[0])
-        return cls(names, {n: shared[n].float() for n in shared if n in mergeable}, factors, dense, router, meta)
+        return cls(
+            names, {n: shared[n].float() for n in shared if n in mergeable}, factors, dense, router, meta
+        )
 
 
 def _read_tensors(folder: Path, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, torch.Tensor]:
@@ -329,8 +363,14 @@ def is_excluded(name: str, exclude: Sequence[str]) -> bool:
     return any(re.match(pattern, name) for pattern in exclude)
 
 
-def shared_tensor(name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], scaling: float,
-                  exclude: Sequence[str], ctx: TensorContext | None = None) -> torch.Tensor:
+def shared_tensor(
+    name: str,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    scaling: float,
+    exclude: Sequence[str],
+    ctx: TensorContext | None = None,
+) -> torch.Tensor:
     """The shared expert θ* for one tensor — the one definition, used by :func:`build_twin` and by the ``twin``
     method's rule: task arithmetic θ₀ + λ Σ_t (θ_t − θ₀), or the base value for an excluded tensor."""
     if is_excluded(name, exclude):
@@ -374,8 +414,10 @@ def build_twin(
 
     # 1. the shared expert θ*; excluded tensors keep the base value
     if shared is None:  # shared_tensor returns new tensors
-        shared_model = {n: shared_tensor(n, base[n].float(), [e[n].float() for e in experts], scaling, exclude)
-                        for n in names}
+        shared_model = {
+            n: shared_tensor(n, base[n].float(), [e[n].float() for e in experts], scaling, exclude)
+            for n in names
+        }
     else:
         shared_model = {n: (base[n] if n in excluded else shared[n]).float().clone() for n in names}
 
@@ -404,8 +446,16 @@ def build_twin(
             data = data.batch(slice(0, max_router_examples))
         feats.append(shared_features(task.model, data, shared_model))
         labels.append(torch.full((len(data),), t, dtype=torch.long))
-    router, router_info = train_router(torch.cat(feats), torch.cat(labels), len(tasks), epochs=router_epochs,
-                                       lr=router_lr, batch_size=router_batch_size, seed=seed, progress=progress)
+    router, router_info = train_router(
+        torch.cat(feats),
+        torch.cat(labels),
+        len(tasks),
+        epochs=router_epochs,
+        lr=router_lr,
+        batch_size=router_batch_size,
+        seed=seed,
+        progress=progress,
+    )
     dense_bytes = sum(shared_model[n].numel() * 4 for n in names) * len(experts)
     info = {
         "method": "twin_merging",
@@ -418,17 +468,28 @@ def build_twin(
         "ranks": ranks,
         "exclusive_bytes": stored,
         "exclusive_fraction_of_fp32_experts": stored / max(1, dense_bytes),
-        "router": {"epochs": router_epochs, "lr": router_lr, "batch_size": router_batch_size,
-                   "max_examples_per_task": max_router_examples, "examples": int(sum(len(x) for x in labels)),
-                   **router_info},
+        "router": {
+            "epochs": router_epochs,
+            "lr": router_lr,
+            "batch_size": router_batch_size,
+            "max_examples_per_task": max_router_examples,
+            "examples": int(sum(len(x) for x in labels)),
+            **router_info,
+        },
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 3),
     }
     return TwinMerge([task.name for task in tasks], shared_model, factors, dense, router, info)
 
 
-def evaluate(twin: TwinMerge, tasks: Sequence[Task], *, batch_size: int = 32, routing: str = "batch",
-             progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    twin: TwinMerge,
+    tasks: Sequence[Task],
+    *,
+    batch_size: int = 32,
+    routing: str = "batch",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Accuracy of the dynamically merged model on each task, one task's batches at a time (routing a mixed
     stream per batch would blend tasks), and the router's per-example accuracy (argmax = the task's index in
     ``twin.task_names``; None for a task the router does not know)."""

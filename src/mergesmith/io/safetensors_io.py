@@ -89,9 +89,13 @@ class SafetensorsFile:
                     info["data_offsets"],
                 )
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor '{_shown(name)}' has a malformed header entry") from None
+                raise CheckpointError(
+                    f"{self.path}: tensor '{_shown(name)}' has a malformed header entry"
+                ) from None
             if not isinstance(code, str) or code not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor '{_shown(name)}' has unsupported dtype '{_shown(code)}'")
+                raise CheckpointError(
+                    f"{self.path}: tensor '{_shown(name)}' has unsupported dtype '{_shown(code)}'"
+                )
             dtype = DTYPES[code]
             nbytes = math.prod(shape) * element_size(dtype)
             if not (0 <= begin <= end <= data_len) or end - begin != nbytes:

@@ -106,8 +106,11 @@ def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_siz
         groups[-1].append(spec)
         used += nbytes
     count = len(groups)
-    names = (["model.safetensors"] if count == 1
-             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+    names = (
+        ["model.safetensors"]
+        if count == 1
+        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
     return dict(zip(names, groups))
 
 
@@ -119,9 +122,14 @@ class FolderWriter:
     tensors are not expected.
     """
 
-    def __init__(self, folder: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int,
-                 finished: dict[str, str] | None = None,
-                 on_done: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        shard_size: int,
+        finished: dict[str, str] | None = None,
+        on_done: Callable[[str, str], None] | None = None,
+    ):
         self.folder = Path(folder)
         layout = plan_shards(specs, shard_size)
         self.file_names = list(layout)
@@ -131,7 +139,9 @@ class FolderWriter:
         self.on_done = on_done
         self.shards: dict[str, ShardWriter] = {}
         self._lock = threading.Lock()
-        self._left: dict[str, int] = {}  # bytes of each tensor still to be written (it may come in row blocks)
+        self._left: dict[
+            str, int
+        ] = {}  # bytes of each tensor still to be written (it may come in row blocks)
         try:
             for file_name, group in layout.items():
                 if file_name not in self.hashes:

@@ -48,8 +48,10 @@ from mergesmith.recipe.schema import Recipe
 
 def fitted_tensors(ctx: TensorContext, method: str) -> dict[str, torch.Tensor]:
     if ctx.fitted is None:
-        raise RecipeError(f"method '{method}' merges with learned coefficients: fit it first (tasks=...) or "
-                          "replay a saved fit")
+        raise RecipeError(
+            f"method '{method}' merges with learned coefficients: fit it first (tasks=...) or "
+            "replay a saved fit"
+        )
     return ctx.fitted.tensors
 
 
@@ -58,8 +60,9 @@ def fitted_lambdas(fitted: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return fitted.get(f"lambda.{name}", fitted[FALLBACK_LAMBDA])
 
 
-def combine(base: torch.Tensor, deltas: torch.Tensor, lambdas: torch.Tensor,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+def combine(
+    base: torch.Tensor, deltas: torch.Tensor, lambdas: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """θ₀ + Σ_k λ_k (m ⊙ τ_k) for one tensor; ``deltas`` is ``[K, *shape]``."""
     weights = lambdas.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
     merged = (deltas * weights).sum(0)
@@ -77,10 +80,16 @@ def adamerging_rule(base, experts, params, ctx):
     return combine(base, deltas, fitted_lambdas(fitted, ctx.name))
 
 
-GRANULARITY = Param("granularity", str, "layer", "one λ per task and parameter tensor (layer) or per task (task)",
-                    choices=GRANULARITIES)
+GRANULARITY = Param(
+    "granularity",
+    str,
+    "layer",
+    "one λ per task and parameter tensor (layer) or per task (task)",
+    choices=GRANULARITIES,
+)
 INIT = Param("init", float, 0.3, "initial λ (the official prior)")
 BATCH_SIZE = Param("batch_size", int, 16, "unlabeled inputs per task and batch", low=1)
+
 
 def learned_recipe(fitted: FitResult, recipe: Recipe, folder: Path) -> dict[str, Any]:
     """Learned coefficients replay as a plain task_arithmetic recipe, ``learned_recipe.yaml`` (not AdaMerging++)."""
@@ -92,21 +101,32 @@ ADAMERGING = MergeMethod(
     name="adamerging",
     rule=Rule(adamerging_rule),
     summary="θ₀ + Σ λ_k τ_k with λ (per tensor or per task) learned by test-time entropy minimisation; "
-            "ties: true = AdaMerging++",
+    "ties: true = AdaMerging++",
     paper="Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024 "
-          "(arXiv:2310.02575)",
+    "(arXiv:2310.02575)",
     params=(
         GRANULARITY,
         Param("ties", bool, False, "AdaMerging++: learn λ over TIES-trimmed, sign-elected task vectors"),
-        Param("density", float, 0.2, "AdaMerging++: fraction of |τ_k| kept, over the whole network (K = 20 %)",
-              low=0.0, high=1.0),
+        Param(
+            "density",
+            float,
+            0.2,
+            "AdaMerging++: fraction of |τ_k| kept, over the whole network (K = 20 %)",
+            low=0.0,
+            high=1.0,
+        ),
         INIT,
         Param("clamp", bool, True, "clamp λ to [0, 1] in the forward (official code; FusionBench: false)"),
         Param("steps", int, 500, "Adam steps (FusionBench: 1000)", low=0),
         Param("lr", float, 1e-3, "Adam learning rate on λ", low=0.0),
         BATCH_SIZE,
-        Param("batches_per_step", int, 1, "batches per task whose entropies are summed each step (the "
-              "official loop: 2)", low=1),
+        Param(
+            "batches_per_step",
+            int,
+            1,
+            "batches per task whose entropies are summed each step (the official loop: 2)",
+            low=1,
+        ),
     ),
     fit=Fit(fit_adamerging, DataNeed.UNLABELED),
     artifacts=Artifacts(learned_recipe),

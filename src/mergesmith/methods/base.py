@@ -126,8 +126,13 @@ class Rule:
     elementwise: bool | ParamsTest = False
     reads: Literal["all", "first"] = "all"
 
-    def __call__(self, base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
-                 ctx: TensorContext) -> torch.Tensor:
+    def __call__(
+        self,
+        base: torch.Tensor | None,
+        experts: list[torch.Tensor],
+        params: dict[str, Any],
+        ctx: TensorContext,
+    ) -> torch.Tensor:
         return self.fn(base, experts, params, ctx)
 
     def blockwise(self, params: dict[str, Any]) -> bool:

@@ -42,11 +42,15 @@ from mergesmith.ops.stream import TensorContext
 from mergesmith.ops.taskvec import rescale_kept
 from mergesmith.ops.ties import majority_sign_pass
 
-PAPER = "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024 " \
+PAPER = (
+    "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024 "
     "(arXiv:2312.06795)"
+)
 
 
-def band_mask(magnitudes: torch.Tensor, density: float, gamma: float, counts: str = "mergekit") -> torch.Tensor:
+def band_mask(
+    magnitudes: torch.Tensor, density: float, gamma: float, counts: str = "mergekit"
+) -> torch.Tensor:
     """Keep a middle band of each row of ``[R, n]`` magnitudes (ties broken by position).
 
     ``mergekit``: keep ⌊density·n⌋ entries right below the top min(⌊gamma·n⌋, n − keep).
@@ -65,7 +69,9 @@ def band_mask(magnitudes: torch.Tensor, density: float, gamma: float, counts: st
     return mask
 
 
-def breadcrumbs_sparsify(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
+def breadcrumbs_sparsify(
+    delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     density, gamma = params["density"][i], params["gamma"][i]
     if delta.dim() == 0 or (density >= 1 and (gamma <= 0 or params["scope"] == "tensor")):
         return delta
@@ -77,33 +83,60 @@ def breadcrumbs_sparsify(delta: torch.Tensor, i: int, params: dict[str, Any], ct
     return rescale_kept(delta, mask, density, params["rescale"])
 
 
-def breadcrumbs_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-                     ctx: TensorContext) -> torch.Tensor:
+def breadcrumbs_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     return merge_task_vectors(base, experts, params, ctx, sparsify=breadcrumbs_sparsify)
 
 
-def breadcrumbs_ties_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-                          ctx: TensorContext) -> torch.Tensor:
+def breadcrumbs_ties_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     return merge_task_vectors(base, experts, params, ctx, sparsify=breadcrumbs_sparsify, consensus=True)
 
 
-DENSITY = Param("density", float, 0.15, "fraction of each task vector kept (paper: 85–90 % sparsity)",
-                per_model=True, low=0.0, high=1.0, mergekit=1.0)
-GAMMA = Param("gamma", float, 0.01, "fraction of the largest |τ| dropped as outliers", per_model=True, low=0.0,
-              high=1.0)
-SCOPE = Param("scope", str, "tensor",
-              "rank per tensor (paper text, mergekit) or per last-dim row with the official code's counts",
-              choices=("tensor", "row"))
-RESCALE = Param("rescale", str, "none", "none (paper) or l1: match each tensor's L1 norm after masking",
-                choices=("none", "l1"))
+DENSITY = Param(
+    "density",
+    float,
+    0.15,
+    "fraction of each task vector kept (paper: 85–90 % sparsity)",
+    per_model=True,
+    low=0.0,
+    high=1.0,
+    mergekit=1.0,
+)
+GAMMA = Param(
+    "gamma", float, 0.01, "fraction of the largest |τ| dropped as outliers", per_model=True, low=0.0, high=1.0
+)
+SCOPE = Param(
+    "scope",
+    str,
+    "tensor",
+    "rank per tensor (paper text, mergekit) or per last-dim row with the official code's counts",
+    choices=("tensor", "row"),
+)
+RESCALE = Param(
+    "rescale",
+    str,
+    "none",
+    "none (paper) or l1: match each tensor's L1 norm after masking",
+    choices=("none", "l1"),
+)
 
 BREADCRUMBS = MergeMethod(
     name="breadcrumbs",
     rule=Rule(breadcrumbs_rule),
     summary="drop the largest and smallest |τ| (keep a middle band), then task arithmetic",
     paper=PAPER,
-    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, Param("normalize", bool, False, "divide by Σ_t w_t"), SCOPE,
-            RESCALE),
+    params=(
+        WEIGHT,
+        DENSITY,
+        GAMMA,
+        LAMBDA,
+        Param("normalize", bool, False, "divide by Σ_t w_t"),
+        SCOPE,
+        RESCALE,
+    ),
     aliases=dict(RESCALE_ALIAS),
 )
 
@@ -117,4 +150,7 @@ BREADCRUMBS_TIES = MergeMethod(
     model_stats=ModelStats(majority_sign_pass(breadcrumbs_sparsify)),
 )
 
-METHODS = (BREADCRUMBS, BREADCRUMBS_TIES,)
+METHODS = (
+    BREADCRUMBS,
+    BREADCRUMBS_TIES,
+)

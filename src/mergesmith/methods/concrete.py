@@ -40,8 +40,10 @@ from mergesmith.methods.adamerging import (
 from mergesmith.methods.base import DataNeed, Fit, MergeMethod, Param, Rule
 from mergesmith.ops.taskvec import stack_deltas
 
-PAPER = ("Tang et al., Concrete Subspace Learning based Interference Elimination for Multi-task Model Fusion, "
-         "2023 (arXiv:2312.06173)")
+PAPER = (
+    "Tang et al., Concrete Subspace Learning based Interference Elimination for Multi-task Model Fusion, "
+    "2023 (arXiv:2312.06173)"
+)
 
 
 def concrete_rule(base, experts, params, ctx):
@@ -53,8 +55,14 @@ def concrete_rule(base, experts, params, ctx):
 TEMPERATURE = Param("temperature", float, 0.5, "Concrete (RelaxedBernoulli) temperature T", low=0.0)
 INIT_LOGIT = Param("init_logit", float, 0.0, "initial mask logits x (0: keep probability 0.5)")
 LR = Param("lr", float, 1e-3, "Adam learning rate on the mask logits", low=0.0)
-EVAL_MASK = Param("eval_mask_type", str, "continuous", "final mask: one relaxed sample (continuous, FusionBench), "
-                  "one Bernoulli sample (discrete) or σ(x) (expected)", choices=MASK_KINDS)
+EVAL_MASK = Param(
+    "eval_mask_type",
+    str,
+    "continuous",
+    "final mask: one relaxed sample (continuous, FusionBench), "
+    "one Bernoulli sample (discrete) or σ(x) (expected)",
+    choices=MASK_KINDS,
+)
 
 CONCRETE_TASK_ARITHMETIC = MergeMethod(
     name="concrete_task_arithmetic",
@@ -74,10 +82,14 @@ CONCRETE_TASK_ARITHMETIC = MergeMethod(
 )
 
 # shared with DAM, which is Concrete AdaMerging plus a safety branch
-CLAMP = Param("clamp", bool, False, "clamp λ to [0, 1] in the forward (FusionBench and the released DAM code: false)")
+CLAMP = Param(
+    "clamp", bool, False, "clamp λ to [0, 1] in the forward (FusionBench and the released DAM code: false)"
+)
 BASE_LR = Param("base_lr", float, 1.0, "Adam learning rate of the one inner step on λ", low=0.0)
 ADAMERGING_STEPS = Param("adamerging_steps", int, 1000, "AdaMerging steps on λ with the frozen mask", low=0)
-ADAMERGING_LR = Param("adamerging_lr", float, 1e-3, "Adam learning rate on λ after the mask is frozen", low=0.0)
+ADAMERGING_LR = Param(
+    "adamerging_lr", float, 1e-3, "Adam learning rate on λ after the mask is frozen", low=0.0
+)
 
 CONCRETE_ADAMERGING = MergeMethod(
     name="concrete_adamerging",
@@ -101,4 +113,7 @@ CONCRETE_ADAMERGING = MergeMethod(
     fit=Fit(fit_concrete_adamerging, DataNeed.UNLABELED),
 )
 
-METHODS = (CONCRETE_TASK_ARITHMETIC, CONCRETE_ADAMERGING,)
+METHODS = (
+    CONCRETE_TASK_ARITHMETIC,
+    CONCRETE_ADAMERGING,
+)

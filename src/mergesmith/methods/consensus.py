@@ -47,15 +47,17 @@ def multitask_vector(deltas: torch.Tensor, params: dict[str, Any], ctx: TensorCo
     return disjoint_merge(trimmed, torch.ones_like(trimmed), signs, "sum")
 
 
-def tall_masks(base: torch.Tensor, experts: list[torch.Tensor], mtl: torch.Tensor,
-               lambdas: list[float]) -> torch.Tensor:
+def tall_masks(
+    base: torch.Tensor, experts: list[torch.Tensor], mtl: torch.Tensor, lambdas: list[float]
+) -> torch.Tensor:
     """m_t = |θ₀ − θ_t| > λ_t |θ_MTL − θ_t|, stacked ``[T, *shape]`` (bool)."""
     multi = base + mtl
     return torch.stack([(base - e).abs() > lam * (multi - e).abs() for e, lam in zip(experts, lambdas)])
 
 
-def consensus_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-                   ctx: TensorContext) -> torch.Tensor:
+def consensus_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     mtl = multitask_vector(stack_deltas(base, experts), params, ctx)
     agree = tall_masks(base, experts, mtl, params["lambda_t"]).sum(dim=0) >= params["k"]
     return base + params["lambda"] * (mtl * agree)
@@ -68,8 +70,9 @@ def prepare_consensus(stream: TensorStream, params: dict[str, Any], seed: int = 
 
     def unit_weights():
         for item in stream():
-            yield TensorInputs(item.name, item.base, item.experts,
-                               {**item.params, "weight": [1.0] * len(item.experts)})
+            yield TensorInputs(
+                item.name, item.base, item.experts, {**item.params, "weight": [1.0] * len(item.experts)}
+            )
 
     return prepare_ties(unit_weights, {"trim_scope": params["trim_scope"], "sign_zero": "majority"}, seed)
 
@@ -83,12 +86,30 @@ CONSENSUS = MergeMethod(
     params=(
         LAMBDA,
         Param("k", int, 2, "minimum number of tasks whose TALL mask keeps a weight", low=0),
-        Param("lambda_t", float, 0.6, "per-task TALL mask threshold λ_t (official grid 0.2–0.6)",
-              per_model=True, low=0.0),
-        Param("base_method", str, "ta", "multi-task vector: task-arithmetic sum or TIES (dis-sum)",
-              choices=("ta", "ties")),
-        Param("density", float, 0.2, "TIES keep fraction K for base_method: ties", per_model=True, low=0.0,
-              high=1.0),
+        Param(
+            "lambda_t",
+            float,
+            0.6,
+            "per-task TALL mask threshold λ_t (official grid 0.2–0.6)",
+            per_model=True,
+            low=0.0,
+        ),
+        Param(
+            "base_method",
+            str,
+            "ta",
+            "multi-task vector: task-arithmetic sum or TIES (dis-sum)",
+            choices=("ta", "ties"),
+        ),
+        Param(
+            "density",
+            float,
+            0.2,
+            "TIES keep fraction K for base_method: ties",
+            per_model=True,
+            low=0.0,
+            high=1.0,
+        ),
         replace(TRIM_SCOPE, mergekit=REQUIRED),
     ),
     model_stats=ModelStats(prepare_consensus),

@@ -57,9 +57,9 @@ DAM = MergeMethod(
     name="dam",
     rule=Rule(concrete_rule),
     summary="Concrete AdaMerging whose shared mask is also trained to resist a learned input perturbation "
-            "(backdoor-safe merging)",
+    "(backdoor-safe merging)",
     paper="Yang et al., Mitigating the Backdoor Effect for Multi-Task Model Merging via Safety-Aware Subspace, "
-          "ICLR 2025",
+    "ICLR 2025",
     params=(
         GRANULARITY,
         INIT,
@@ -69,10 +69,21 @@ DAM = MergeMethod(
         LR,
         Param("adv_lr", float, 1e-4, "Adam learning rate on the perturbations δ_k", low=0.0),
         Param("adv_weight", float, 0.1, "weight α of the perturbed-input term of the mask loss", low=0.0),
-        Param("regularizer", str, "entropy", "perturbed-input term: entropy H(f(x+δ)) (released 'regu2') or "
-              "consistency CE(f(x+δ), argmax f(x)) ('regu1')", choices=REGULARIZERS),
-        Param("perturbation_units", str, "embedding_rms", "δ in units of the base token embeddings' RMS "
-              "(embedding_rms) or raw (absolute)", choices=PERTURBATION_UNITS),
+        Param(
+            "regularizer",
+            str,
+            "entropy",
+            "perturbed-input term: entropy H(f(x+δ)) (released 'regu2') or "
+            "consistency CE(f(x+δ), argmax f(x)) ('regu1')",
+            choices=REGULARIZERS,
+        ),
+        Param(
+            "perturbation_units",
+            str,
+            "embedding_rms",
+            "δ in units of the base token embeddings' RMS (embedding_rms) or raw (absolute)",
+            choices=PERTURBATION_UNITS,
+        ),
         ADAMERGING_STEPS,
         ADAMERGING_LR,
         TEMPERATURE,

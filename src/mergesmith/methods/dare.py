@@ -111,8 +111,10 @@ DARE_LINEAR = MergeMethod(
 DARE_TIES = MergeMethod(
     name="dare_ties",
     # the majority-sign pass with an L1 rescale would need whole tensors; every other setting merges in blocks
-    rule=Rule(dare_ties_rule,
-              elementwise=lambda params: params["rescale"] != "l1" or params["sign_zero"] == "positive"),
+    rule=Rule(
+        dare_ties_rule,
+        elementwise=lambda params: params["rescale"] != "l1" or params["sign_zero"] == "positive",
+    ),
     summary="random drop with rescale, then TIES sign election and disjoint merge",
     paper=PAPER,
     params=(WEIGHT, DENSITY, LAMBDA, RESCALE, replace(DISJOINT, mergekit="sum"), SIGN_ZERO),
@@ -122,4 +124,7 @@ DARE_TIES = MergeMethod(
     tensor_stats=TensorStats(l1_ratios, needed=lambda params: params["rescale"] == "l1"),
 )
 
-METHODS = (DARE_LINEAR, DARE_TIES,)
+METHODS = (
+    DARE_LINEAR,
+    DARE_TIES,
+)

@@ -42,8 +42,10 @@ from mergesmith.ops.stream import TensorContext
 from mergesmith.ops.taskvec import rescale_kept
 from mergesmith.ops.ties import majority_sign_pass
 
-PAPER = "Deep, Bhardwaj, Poria, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based " \
+PAPER = (
+    "Deep, Bhardwaj, Poria, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
     "Sampling, 2024 (arXiv:2406.11617)"
+)
 
 
 def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -75,31 +77,54 @@ def magprune(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorCon
     return rescale_kept(delta, mask, probs, params["rescale"])
 
 
-def della_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-               ctx: TensorContext) -> torch.Tensor:
+def della_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     return merge_task_vectors(base, experts, params, ctx, sparsify=magprune, consensus=True)
 
 
-def della_linear_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-                      ctx: TensorContext) -> torch.Tensor:
+def della_linear_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     return merge_task_vectors(base, experts, params, ctx, sparsify=magprune)
 
 
-DENSITY = Param("density", float, 0.7, "mean keep rate (official example: drop rate 0.3)", per_model=True,
-                low=0.0, high=1.0, mergekit=1.0)
-EPSILON = Param("epsilon", float, 0.15, "half-width ε of the keep-probability window", per_model=True, low=0.0,
-                high=1.0)
-RESCALE = Param("rescale", str, "inverse",
-                "inverse: divide each kept entry by its p (paper); l1: match the L1 norm (mergekit); none",
-                choices=("inverse", "l1", "none"), mergekit="l1")
+DENSITY = Param(
+    "density",
+    float,
+    0.7,
+    "mean keep rate (official example: drop rate 0.3)",
+    per_model=True,
+    low=0.0,
+    high=1.0,
+    mergekit=1.0,
+)
+EPSILON = Param(
+    "epsilon", float, 0.15, "half-width ε of the keep-probability window", per_model=True, low=0.0, high=1.0
+)
+RESCALE = Param(
+    "rescale",
+    str,
+    "inverse",
+    "inverse: divide each kept entry by its p (paper); l1: match the L1 norm (mergekit); none",
+    choices=("inverse", "l1", "none"),
+    mergekit="l1",
+)
 
 DELLA = MergeMethod(
     name="della",
     rule=Rule(della_rule),
     summary="MagPrune (rank-based random drop, rescale), then TIES sign election and disjoint mean",
     paper=PAPER,
-    params=(WEIGHT, DENSITY, EPSILON, LAMBDA, RESCALE, DISJOINT,
-            replace(SIGN_ZERO, default="positive", mergekit="positive")),
+    params=(
+        WEIGHT,
+        DENSITY,
+        EPSILON,
+        LAMBDA,
+        RESCALE,
+        DISJOINT,
+        replace(SIGN_ZERO, default="positive", mergekit="positive"),
+    ),
     aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
     random=True,
     model_stats=ModelStats(majority_sign_pass(magprune)),
@@ -115,4 +140,7 @@ DELLA_LINEAR = MergeMethod(
     random=True,
 )
 
-METHODS = (DELLA, DELLA_LINEAR,)
+METHODS = (
+    DELLA,
+    DELLA_LINEAR,
+)

@@ -69,11 +69,22 @@ FISHER = MergeMethod(
     paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv:2111.09832)",
     params=(
         Param("weight", float, 1.0, "model coefficient λ_i (only ratios matter)", per_model=True, low=0.0),
-        Param("estimator", str, "exact", "Fisher estimator: exact (paper), empirical (true labels), batch "
-              "(MergeLM/FusionBench approximation)", choices=ESTIMATORS),
+        Param(
+            "estimator",
+            str,
+            "exact",
+            "Fisher estimator: exact (paper), empirical (true labels), batch "
+            "(MergeLM/FusionBench approximation)",
+            choices=ESTIMATORS,
+        ),
         Param("n_examples", int, 4096, "examples per model for its Fisher (capped at the data given)", low=1),
-        Param("fisher_batch_size", int, 2, "examples per vectorised chunk (exact, empirical) or per batch "
-              "gradient (batch)", low=1),
+        Param(
+            "fisher_batch_size",
+            int,
+            2,
+            "examples per vectorised chunk (exact, empirical) or per batch gradient (batch)",
+            low=1,
+        ),
         Param("fisher_floor", float, 1e-6, "lower bound on F", low=0.0),
         Param("favor_target_model", bool, True, "floor only the first model's Fisher (official code)"),
         Param("normalize_fishers", bool, True, "divide λ_i by the global L2 norm of F_i"),

@@ -28,8 +28,9 @@ from mergesmith.methods.base import BasePolicy, MergeMethod, Param, Rule
 from mergesmith.ops.stream import TensorContext
 
 
-def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10,
-                 tol: float = 1e-5) -> torch.Tensor:
+def karcher_mean(
+    tensors: list[torch.Tensor], weights: list[float], max_iter: int = 10, tol: float = 1e-5
+) -> torch.Tensor:
     """Weighted Karcher mean on the unit sphere of whole flattened tensors, times the weighted mean norm."""
     if len(tensors) == 1:
         return tensors[0].clone()
@@ -68,8 +69,9 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], max_iter: in
     return (scale * mean).reshape(shape)
 
 
-def karcher_rule(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
-                 ctx: TensorContext) -> torch.Tensor:
+def karcher_rule(
+    base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     if sum(params["weight"]) <= 0:
         raise RecipeError(f"tensor '{ctx.name}': karcher needs a positive total weight")
     return karcher_mean(experts, params["weight"], params["max_iter"], params["tol"])

@@ -41,8 +41,9 @@ def model_stock_ratio(offsets: torch.Tensor) -> torch.Tensor:
     return torch.where(singular, torch.zeros_like(cos), count * cos / safe)
 
 
-def model_stock_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-                     ctx: TensorContext) -> torch.Tensor:
+def model_stock_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     shape = base.shape
     w0 = base.reshape(-1, shape[-1]) if params["filter_wise"] and base.dim() >= 2 else base.reshape(1, -1)
     models = torch.stack([e.reshape(w0.shape) for e in experts])

@@ -26,7 +26,9 @@ COLINEAR_EPS = 1e-8
 NORM_EPS = 1e-7
 
 
-def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten: bool = False) -> torch.Tensor:
+def nuslerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten: bool = False
+) -> torch.Tensor:
     """SLERP of v0 → v1 by ``t`` along ``dim`` (or of the whole tensors when ``flatten``)."""
     shape = v0.shape
     if flatten or v0.dim() == 0:
@@ -46,8 +48,9 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten
     return out.reshape(shape)
 
 
-def nuslerp_rule(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
-                 ctx: TensorContext) -> torch.Tensor:
+def nuslerp_rule(
+    base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     w1, w2 = params["weight"]
     total = w1 + w2
     t = 0.5 if abs(total) < 1e-6 else w2 / total
@@ -67,8 +70,12 @@ NUSLERP = MergeMethod(
     params=(
         Param("weight", float, 1.0, "per-model weight; t = w2 / (w1 + w2)", per_model=True),
         Param("nuslerp_flatten", bool, True, "SLERP the whole flattened tensor"),
-        Param("nuslerp_row_wise", bool, False,
-              "without flatten: SLERP slices along dim 0 (true) or along the last dim (false)"),
+        Param(
+            "nuslerp_row_wise",
+            bool,
+            False,
+            "without flatten: SLERP slices along dim 0 (true) or along the last dim (false)",
+        ),
     ),
     base=BasePolicy.OPTIONAL,
     min_experts=2,

@@ -56,8 +56,9 @@ def score_ranks(total: int, ratio: float) -> list[int]:
     return [min(int(total * (1 - ratio)) + 1, total), total]
 
 
-def pcb_scores(deltas: torch.Tensor, low: torch.Tensor, high: torch.Tensor, inter: str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def pcb_scores(
+    deltas: torch.Tensor, low: torch.Tensor, high: torch.Tensor, inter: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped task vectors τ̃ and balancing scores β for ``[N, n]`` deltas, given the ``[N, 1]`` clip bounds."""
     magnitudes = torch.minimum(torch.maximum(deltas.abs(), low), high)
     clipped = torch.sign(deltas) * magnitudes
@@ -68,8 +69,13 @@ def pcb_scores(deltas: torch.Tensor, low: torch.Tensor, high: torch.Tensor, inte
     return clipped, intra * torch.tanh(deltas * trend)
 
 
-def pcb_combine(clipped: torch.Tensor, scores: torch.Tensor, quantile: torch.Tensor, top: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+def pcb_combine(
+    clipped: torch.Tensor,
+    scores: torch.Tensor,
+    quantile: torch.Tensor,
+    top: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
     """τ_m = Σ_i w_i s_i τ̃_i / max(Σ_i s_i, 1e-12) with s_i = Norm(clamp(β_i, q_i, max β_i))."""
     span = top - quantile
     kept = torch.minimum(torch.maximum(scores, quantile), top) - quantile
@@ -108,7 +114,9 @@ def prepare_pcb(stream: TensorStream, params: dict[str, Any], seed: int = 0) -> 
         for item in stream():
             yield rows(item).abs()
 
-    bounds = order_statistics(magnitude_chunks, lambda total: [clip_ranks(total, params["clip"])] * sum(counts))
+    bounds = order_statistics(
+        magnitude_chunks, lambda total: [clip_ranks(total, params["clip"])] * sum(counts)
+    )
     low = [b[0] for b in bounds]
     high = [b[1] for b in bounds]
 
@@ -117,12 +125,15 @@ def prepare_pcb(stream: TensorStream, params: dict[str, Any], seed: int = 0) -> 
             deltas = rows(item)
             yield pcb_scores(deltas, _column(low, deltas), _column(high, deltas), params["inter"])[1]
 
-    quantiles = order_statistics(score_chunks, lambda total: [score_ranks(total, params["ratio"])] * sum(counts))
+    quantiles = order_statistics(
+        score_chunks, lambda total: [score_ranks(total, params["ratio"])] * sum(counts)
+    )
     return {"low": low, "high": high, "quantile": [q[0] for q in quantiles], "top": [q[1] for q in quantiles]}
 
 
-def pcb_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-             ctx: TensorContext) -> torch.Tensor:
+def pcb_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     deltas = stack_deltas(base, experts).reshape(len(experts), -1)
     if deltas.shape[1] == 0:
         return base.clone()
@@ -150,17 +161,44 @@ PCB = MergeMethod(
     summary="balance intra-/inter-task parameter importance, keep the top ratio, weighted merge",
     paper="Du et al., Parameter Competition Balancing for Model Merging, NeurIPS 2024 (arXiv:2410.02396)",
     params=(
-        Param("weight", float, 1.0, "per-task coefficient λ_i inside the weighted sum (official ES/ViT: 1.2)",
-              per_model=True),
+        Param(
+            "weight",
+            float,
+            1.0,
+            "per-task coefficient λ_i inside the weighted sum (official ES/ViT: 1.2)",
+            per_model=True,
+        ),
         LAMBDA,
-        Param("ratio", float, 0.1, "fraction r of the balancing scores kept (T5: 0.05–0.2, ViT: 0.05)",
-              low=0.0, high=1.0),
-        Param("clip", float, 1e-4, "quantile of |τ| clipped at each end (NLP code 1e-4, vision 0.01)",
-              low=0.0, high=0.5),
-        Param("scope", str, "global", "statistics over the whole model (official code) or per tensor",
-              choices=("global", "tensor")),
-        Param("inter", str, "sum", "inter-balancing trend: Σ_j τ_j (NLP code) or Σ_j sign(τ_j) Norm|τ̃_j| "
-              "(vision script)", choices=("sum", "normalized")),
+        Param(
+            "ratio",
+            float,
+            0.1,
+            "fraction r of the balancing scores kept (T5: 0.05–0.2, ViT: 0.05)",
+            low=0.0,
+            high=1.0,
+        ),
+        Param(
+            "clip",
+            float,
+            1e-4,
+            "quantile of |τ| clipped at each end (NLP code 1e-4, vision 0.01)",
+            low=0.0,
+            high=0.5,
+        ),
+        Param(
+            "scope",
+            str,
+            "global",
+            "statistics over the whole model (official code) or per tensor",
+            choices=("global", "tensor"),
+        ),
+        Param(
+            "inter",
+            str,
+            "sum",
+            "inter-balancing trend: Σ_j τ_j (NLP code) or Σ_j sign(τ_j) Norm|τ̃_j| (vision script)",
+            choices=("sum", "normalized"),
+        ),
     ),
     model_stats=ModelStats(prepare_pcb),
 )

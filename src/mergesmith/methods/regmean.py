@@ -40,8 +40,12 @@ def reduce_non_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * gram + (1 - alpha) * torch.diag_embed(gram.diagonal())
 
 
-def regmean_solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], coefficients: Sequence[float],
-                  alpha: float) -> torch.Tensor:
+def regmean_solve(
+    grams: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    alpha: float,
+) -> torch.Tensor:
     """W* = (Σ_i c_i G̃_i)⁻¹ Σ_i c_i G̃_i W_i in fp64, for weights in [in, out] layout."""
     scaled = [c * reduce_non_diagonal(g.double(), alpha) for g, c in zip(grams, coefficients, strict=True)]
     lhs = torch.stack(scaled).sum(0)
@@ -70,8 +74,10 @@ def regmean_rule(base, experts, params, ctx):
     in_out = [e if transposed else e.T for e in experts]
     grams = [fitted[k] for k in keys]
     if any(g.shape != (w.shape[0], w.shape[0]) for g, w in zip(grams, in_out, strict=True)):
-        raise MergeError(f"tensor '{ctx.name}': Gram shape {list(grams[0].shape)} does not fit the weight "
-                         f"{list(experts[0].shape)}; was the fit made for these models?")
+        raise MergeError(
+            f"tensor '{ctx.name}': Gram shape {list(grams[0].shape)} does not fit the weight "
+            f"{list(experts[0].shape)}; was the fit made for these models?"
+        )
     merged = regmean_solve(grams, in_out, coefficients, params["alpha"])
     return (merged if transposed else merged.T).to(experts[0].dtype).contiguous()
 
@@ -83,12 +89,26 @@ REGMEAN = MergeMethod(
     paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 "
     "(arXiv:2212.09849)",
     params=(
-        Param("weight", float, 1.0, "per-model coefficient c_i (scales its Gram and its average share)",
-              per_model=True, low=0.0),
-        Param("alpha", float, 0.9, "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal)",
-              low=0.0, high=1.0),
+        Param(
+            "weight",
+            float,
+            1.0,
+            "per-model coefficient c_i (scales its Gram and its average share)",
+            per_model=True,
+            low=0.0,
+        ),
+        Param(
+            "alpha",
+            float,
+            0.9,
+            "off-diagonal scale of the Grams (1 = exact RegMean, 0 = diagonal)",
+            low=0.0,
+            high=1.0,
+        ),
         Param("n_examples", int, 1000, "examples per model for its Grams (capped at the data given)", low=1),
-        Param("batch_size", int, 16, "examples per forward pass (changes the Grams only with padding)", low=1),
+        Param(
+            "batch_size", int, 16, "examples per forward pass (changes the Grams only with padding)", low=1
+        ),
         Param("include_padding", bool, False, "count padding positions too (official code)"),
     ),
     base=BasePolicy.IGNORED,

@@ -27,8 +27,9 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD,
-          eps: float = EPS) -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS
+) -> torch.Tensor:
     """Whole-tensor SLERP of two same-shape tensors (t = 0 → v0)."""
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a = v0.reshape(-1).to(dtype)
@@ -49,8 +50,9 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
     return out.reshape(v0.shape)
 
 
-def slerp_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-               ctx: TensorContext) -> torch.Tensor:
+def slerp_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     return slerp(params["t"], base, experts[0])
 
 
@@ -59,7 +61,9 @@ SLERP = MergeMethod(
     rule=Rule(slerp_rule),
     summary="spherical interpolation between the base and one other model",
     paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985 (model merging: mergekit)",
-    params=(Param("t", float, help="interpolation factor: 0 = base, 1 = the other model", low=0.0, high=1.0),),
+    params=(
+        Param("t", float, help="interpolation factor: 0 = base, 1 = the other model", low=0.0, high=1.0),
+    ),
     base=BasePolicy.REQUIRED,
     min_experts=1,
     max_experts=1,

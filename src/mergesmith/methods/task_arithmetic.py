@@ -15,7 +15,9 @@ from mergesmith.ops.gta import merge_task_vectors
 
 TASK_ARITHMETIC = MergeMethod(
     name="task_arithmetic",
-    rule=Rule(lambda base, experts, params, ctx: merge_task_vectors(base, experts, params, ctx), elementwise=True),
+    rule=Rule(
+        lambda base, experts, params, ctx: merge_task_vectors(base, experts, params, ctx), elementwise=True
+    ),
     summary="θ₀ + λ Σ w_t (θ_t − θ₀)",
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
     params=(

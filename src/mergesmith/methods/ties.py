@@ -42,13 +42,24 @@ TRIM_SCOPE = Param(
 TIES = MergeMethod(
     name="ties",
     # the majority-sign pass of a per-tensor trim needs whole tensors; every other setting merges in blocks
-    rule=Rule(ties_rule, elementwise=lambda params: params["trim_scope"] == "global" or params["sign_zero"] == "positive"),
+    rule=Rule(
+        ties_rule,
+        elementwise=lambda params: params["trim_scope"] == "global" or params["sign_zero"] == "positive",
+    ),
     summary="trim to top-k |τ|, elect signs by mass, disjoint mean",
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708)",
     params=(
         WEIGHT,
-        Param("density", float, 0.2, "fraction of |τ| kept (paper K = 20 %)", per_model=True, low=0.0,
-              high=1.0, mergekit=1.0),
+        Param(
+            "density",
+            float,
+            0.2,
+            "fraction of |τ| kept (paper K = 20 %)",
+            per_model=True,
+            low=0.0,
+            high=1.0,
+            mergekit=1.0,
+        ),
         LAMBDA,
         DISJOINT,
         TRIM_SCOPE,
@@ -56,8 +67,10 @@ TIES = MergeMethod(
     ),
     aliases=dict(NORMALIZE_ALIAS),
     model_stats=ModelStats(prepare_ties),
-    tensor_stats=TensorStats(tensor_thresholds, needed=lambda params: params["trim_scope"] == "tensor"
-                             and any(d < 1 for d in params["density"])),
+    tensor_stats=TensorStats(
+        tensor_thresholds,
+        needed=lambda params: params["trim_scope"] == "tensor" and any(d < 1 for d in params["density"]),
+    ),
 )
 
 METHODS = (TIES,)

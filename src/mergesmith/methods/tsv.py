@@ -52,8 +52,9 @@ def tsv_merge_matrix(deltas: torch.Tensor) -> torch.Tensor:
     return polar_factor(u_cat) @ torch.diag(s_cat) @ polar_factor(vh_cat)
 
 
-def tsv_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-             ctx: TensorContext) -> torch.Tensor:
+def tsv_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     deltas = stack_deltas(base, experts)
     if base.dim() == 2 and base.numel() > 0:
         work = torch.float64 if deltas.dtype == torch.float64 else torch.float32

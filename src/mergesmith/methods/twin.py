@@ -37,15 +37,26 @@ def fit_twin(inputs: FitInputs) -> FitResult:
     """Build the exclusive parts and the router (``fit.twin.build_twin``); the fit result holds both."""
     p = inputs.params
     twin = build_twin(
-        inputs.base, inputs.experts, inputs.tasks, scaling=p["scaling"],
-        mask_rate=p["mask_rate"], exclude=_exclude_patterns(p), factor_dtype=getattr(torch, p["factor_dtype"]),
-        router_epochs=p["router_epochs"], router_lr=p["router_lr"], router_batch_size=p["router_batch_size"],
-        max_router_examples=p["max_router_examples"], seed=inputs.seed, progress=inputs.progress)
+        inputs.base,
+        inputs.experts,
+        inputs.tasks,
+        scaling=p["scaling"],
+        mask_rate=p["mask_rate"],
+        exclude=_exclude_patterns(p),
+        factor_dtype=getattr(torch, p["factor_dtype"]),
+        router_epochs=p["router_epochs"],
+        router_lr=p["router_lr"],
+        router_batch_size=p["router_batch_size"],
+        max_router_examples=p["max_router_examples"],
+        seed=inputs.seed,
+        progress=inputs.progress,
+    )
     return twin.to_fit()
 
 
-def twin_rule(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-              ctx: TensorContext) -> torch.Tensor:
+def twin_rule(
+    base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext
+) -> torch.Tensor:
     """The shared expert θ* (``fit.twin.shared_tensor``, the definition the fit uses too)."""
     return shared_tensor(ctx.name, base, experts, params["scaling"], _exclude_patterns(params), ctx)
 
@@ -55,14 +66,26 @@ TWIN = MergeMethod(
     rule=Rule(twin_rule),
     summary="shared expert θ* = θ₀ + λ Σ τ_t; fit: SVD-compressed θ_t − θ* and a task router for per-input merging",
     paper="Lu et al., Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging, NeurIPS 2024 "
-          "(arXiv:2406.15479)",
+    "(arXiv:2406.15479)",
     params=(
         Param("scaling", float, 0.3, "λ of the task-arithmetic shared expert (official Twin config: 0.29)"),
-        Param("mask_rate", float, 0.9, "fraction of singular values of θ_t − θ* dropped (keep 10 %)",
-              low=0.0, high=1.0),
-        Param("exclude", str, "|".join(DEFAULT_EXCLUDE),
-              "regex (re.match) of tensors kept out of the shared merge and the SVD ('' = none)"),
-        Param("factor_dtype", str, "float32", "dtype of the stored SVD factors", choices=("float32", "float16")),
+        Param(
+            "mask_rate",
+            float,
+            0.9,
+            "fraction of singular values of θ_t − θ* dropped (keep 10 %)",
+            low=0.0,
+            high=1.0,
+        ),
+        Param(
+            "exclude",
+            str,
+            "|".join(DEFAULT_EXCLUDE),
+            "regex (re.match) of tensors kept out of the shared merge and the SVD ('' = none)",
+        ),
+        Param(
+            "factor_dtype", str, "float32", "dtype of the stored SVD factors", choices=("float32", "float16")
+        ),
         Param("router_epochs", int, 50, "router training epochs", low=0),
         Param("router_lr", float, 5e-4, "router AdamW learning rate", low=0.0),
         Param("router_batch_size", int, 1024, "router training batch size", low=1),

@@ -18,6 +18,7 @@ from mergesmith.ops.taskvec import disjoint_merge, elect_signs, per_model, stack
 # a sparsifier may overwrite (the drop and trim are memory-bound: no temporaries)
 Sparsifier = Callable[[torch.Tensor, int, dict[str, Any], TensorContext], torch.Tensor]
 
+
 def merge_task_vectors(
     base: torch.Tensor,
     experts: list[torch.Tensor],
@@ -41,13 +42,22 @@ def merge_task_vectors(
     return (merged if params["lambda"] == 1 else merged.mul_(params["lambda"])).add_(base)
 
 
-def _summed(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any], ctx: TensorContext,
-            sparsify: Sparsifier | None) -> torch.Tensor:
+def _summed(
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    params: dict[str, Any],
+    ctx: TensorContext,
+    sparsify: Sparsifier | None,
+) -> torch.Tensor:
     """θ₀ + λ Σ_t w_t s(τ_t) (÷ Σ_t w_t when ``normalize``), one task vector at a time in a scratch buffer: no
     [T, *shape] stack, and the sum accumulates in place (the merge is memory-bound)."""
     weights = [float(w) for w in params["weight"]]
     total = sum(weights)
-    scale = params["lambda"] / total if params.get("normalize", False) and abs(total) >= 1e-8 else params["lambda"]
+    scale = (
+        params["lambda"] / total
+        if params.get("normalize", False) and abs(total) >= 1e-8
+        else params["lambda"]
+    )
     merged = torch.sub(experts[0], base)  # the first task vector is written straight into the sum
     if sparsify is not None:
         merged = sparsify(merged, 0, params, ctx)

@@ -90,8 +90,9 @@ def _accumulate_digits(hist: torch.Tensor, keys: torch.Tensor, width: int, nonne
         _accumulate(hist, _top_digit(keys, width))
 
 
-def _accumulate_bucket(hist: torch.Tensor, keys: torch.Tensor, prefix: int, fixed_shift: int, shift: int,
-                       nonnegative: bool) -> None:
+def _accumulate_bucket(
+    hist: torch.Tensor, keys: torch.Tensor, prefix: int, fixed_shift: int, shift: int, nonnegative: bool
+) -> None:
     """Histogram of the next digit of the keys whose bits above ``fixed_shift`` equal ``prefix``."""
     if shift == 0 and keys.dtype == torch.int32 and keys.numel() >= 4 * _BINS:
         # last digit of non-negative int32 keys: key − (prefix << 16) is the digit inside the bucket and out of
@@ -177,8 +178,14 @@ def order_statistics(chunks: Chunks, ranks: Callable[[int], Sequence[Sequence[in
                 continue
             keys, nonnegative = _sortable(rows, width)
             for t, (r, _) in enumerate(targets):
-                _accumulate_bucket(level_hists[t * _BINS : (t + 1) * _BINS], keys[r], prefixes[t], fixed_shift,
-                                   shift, nonnegative)
+                _accumulate_bucket(
+                    level_hists[t * _BINS : (t + 1) * _BINS],
+                    keys[r],
+                    prefixes[t],
+                    fixed_shift,
+                    shift,
+                    nonnegative,
+                )
         level_hists = level_hists.reshape(-1, _BINS)
         for t in range(len(targets)):
             digit, residuals[t] = _pick(level_hists[t], residuals[t])

@@ -18,7 +18,9 @@ class TensorContext:
     name: str
     seed: int = 0
     state: Any = None  # what the method's prepare() returned
-    fitted: Any = None  # a data-driven method's FitResult (mergesmith.fit.task): statistics, masks, coefficients
+    fitted: Any = (
+        None  # a data-driven method's FitResult (mergesmith.fit.task): statistics, masks, coefficients
+    )
     rows: tuple[int, int] | None = None  # the row block being merged (elementwise methods, large tensors)
     tensor_state: Any = None  # what the method's tensor_stats() returned for this tensor
     layer: int | None = None
@@ -46,7 +48,9 @@ class TensorInputs:
     base: torch.Tensor | None
     experts: list[torch.Tensor]
     params: dict[str, Any]
-    rows: tuple[int, int] | None = None  # the row block, when a large tensor of an elementwise method is split
+    rows: tuple[int, int] | None = (
+        None  # the row block, when a large tensor of an elementwise method is split
+    )
 
 
 # A pass over the model: calling it yields each mergeable tensor's inputs once.

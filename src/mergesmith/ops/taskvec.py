@@ -54,8 +54,9 @@ def magnitude_mask(delta: torch.Tensor, density: float, count_rule: str) -> torc
     return magnitudes >= threshold
 
 
-def bernoulli_mask(shape: Sequence[int] | torch.Size, keep: float, seed: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def bernoulli_mask(
+    shape: Sequence[int] | torch.Size, keep: float, seed: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """m ~ Bernoulli(keep) elementwise, as 0/1 in ``dtype``, with P(m = 1) = ⌊keep · 2³²⌋ / 2³² exactly.
 
     With N = ⌊keep · 2³²⌋ = n · 2^(32−b) (n odd), the law needs b random bits per element: m = [U < n] for U
@@ -67,7 +68,9 @@ def bernoulli_mask(shape: Sequence[int] | torch.Size, keep: float, seed: int,
     The mask is a large part of a DARE merge: torch.rand + compare costs 5× (32-bit words) to 17× (one bit) more.
     """
     count = math.prod(shape)
-    numerator = int(keep * 2**32) if keep < 1 else 2**32  # keep is a double: keep · 2³² is exact, the floor is the law
+    numerator = (
+        int(keep * 2**32) if keep < 1 else 2**32
+    )  # keep is a double: keep · 2³² is exact, the floor is the law
     if numerator >= 2**32:
         return torch.ones(tuple(shape), dtype=dtype)
     if numerator <= 0:
@@ -84,7 +87,10 @@ def bernoulli_mask(shape: Sequence[int] | torch.Size, keep: float, seed: int,
     word = np.int16 if width == 16 else np.int32
     words = generator.random_raw(-(-count // (64 // width))).view(word)[:count]
     threshold = word((n << (width - bits)) - 2 ** (width - 1))
-    if dtype in (torch.float32, torch.float64):  # straight into the float mask (torch's int < scalar is slower)
+    if dtype in (
+        torch.float32,
+        torch.float64,
+    ):  # straight into the float mask (torch's int < scalar is slower)
         np.less(words, threshold, out=out.numpy().reshape(-1), casting="unsafe")
         return out
     return out.copy_(torch.lt(torch.from_numpy(words), int(threshold)).reshape(tuple(shape)))
@@ -105,8 +111,13 @@ def _less_than_planes(planes: np.ndarray, n: int) -> np.ndarray:
     return less
 
 
-def rescale_kept(delta: torch.Tensor, mask: torch.Tensor, keep_prob: float | torch.Tensor, how: str,
-                 ratio: float | None = None) -> torch.Tensor:
+def rescale_kept(
+    delta: torch.Tensor,
+    mask: torch.Tensor,
+    keep_prob: float | torch.Tensor,
+    how: str,
+    ratio: float | None = None,
+) -> torch.Tensor:
     """Apply a drop mask and rescale what survives, written over ``delta`` (the callers' own scratch copy of the
     task vector: the drop is memory-bound, so no temporaries).
 
@@ -157,7 +168,9 @@ def elect_signs(deltas: torch.Tensor, zero: str, majority: float = 1.0) -> torch
     return sign.add_(sign.abs().mul_(-majority).add_(majority))  # 0 → majority, ±1 unchanged
 
 
-def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Tensor, how: str) -> torch.Tensor:
+def disjoint_merge(
+    deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Tensor, how: str
+) -> torch.Tensor:
     """TIES disjoint merge over the experts whose (weighted) entry agrees with the elected sign.
 
     ``deltas`` are already weighted, and overwritten (the callers pass their own scratch stack). ``mean`` divides
@@ -179,7 +192,9 @@ def disjoint_merge(deltas: torch.Tensor, weights: torch.Tensor, signs: torch.Ten
     return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
-def weighted_sum_of(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+def weighted_sum_of(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool
+) -> torch.Tensor:
     """Σ_t w_t x_t (÷ Σ_t w_t when ``normalize``) accumulated in place: no stacked copy of the inputs, one pass
     per input (the linear merge is memory-bound, so every avoided copy is time)."""
     out = tensors[0] * weights[0]

@@ -90,8 +90,9 @@ def _constant_densities(stream: TensorStream) -> list[float]:
     return densities or []
 
 
-def prepare_ties(stream: TensorStream, shared: dict[str, Any], seed: int = 0, sparsify: Sparsifier = trim
-                 ) -> dict[str, Any]:
+def prepare_ties(
+    stream: TensorStream, shared: dict[str, Any], seed: int = 0, sparsify: Sparsifier = trim
+) -> dict[str, Any]:
     """The whole-model passes: global thresholds (trim_scope: global) and the majority sign (sign_zero: majority)."""
     state: dict[str, Any] = {}
     if shared["trim_scope"] == "global":

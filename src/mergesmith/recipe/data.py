@@ -62,7 +62,9 @@ class DataSpec(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
         if (self.path is None) == (self.zoo is None):
-            raise ValueError("give either `path:` (a .jsonl or .csv file) or `zoo:` with `task:`, not both or neither")
+            raise ValueError(
+                "give either `path:` (a .jsonl or .csv file) or `zoo:` with `task:`, not both or neither"
+            )
         if self.zoo is not None and not self.task:
             raise ValueError(f"`zoo: {self.zoo}` needs `task:` (one of the zoo's tasks)")
         stray = [k for k in ZOO_ONLY_KEYS if getattr(self, k) is not None] if self.path is not None else []
@@ -93,8 +95,12 @@ class Examples:
 
     def report(self) -> dict[str, Any]:
         """What the manifest records about these examples."""
-        out: dict[str, Any] = {"file": str(self.file), "sha256": self.sha256, "examples": len(self.texts),
-                               "labeled": self.labels is not None}
+        out: dict[str, Any] = {
+            "file": str(self.file),
+            "sha256": self.sha256,
+            "examples": len(self.texts),
+            "labeled": self.labels is not None,
+        }
         if self.label_names is not None:
             out["label_ids"] = {name: i for i, name in enumerate(self.label_names)}
         return out
@@ -106,8 +112,10 @@ def read_examples(spec: DataSpec, need_labels: bool, where: str = "") -> Example
     shown = spec.path if spec.path is not None else str(path)
     prefix = f"{where}: {shown}" if where else shown
     if spec.zoo is not None and not path.exists():
-        raise RecipeError(f"{prefix}: not found; the {spec.zoo} zoo has no '{spec.task}' {spec.split_name} split here "
-                          f"(build it with `mergesmith zoo build {spec.zoo}{' --quick' if spec.quick else ''}`)")
+        raise RecipeError(
+            f"{prefix}: not found; the {spec.zoo} zoo has no '{spec.task}' {spec.split_name} split here "
+            f"(build it with `mergesmith zoo build {spec.zoo}{' --quick' if spec.quick else ''}`)"
+        )
     if path.suffix.lower() not in FORMATS:
         raise RecipeError(f"{prefix}: unknown data format '{path.suffix}' (use a .jsonl or .csv file)")
     if not path.is_file():
@@ -127,17 +135,24 @@ def read_examples(spec: DataSpec, need_labels: bool, where: str = "") -> Example
     for line, row in rows:
         value = row.get(spec.text_column)
         if value is None:
-            raise RecipeError(f"{prefix}: line {line} has no '{spec.text_column}' column (columns: "
-                              f"{', '.join(map(str, row)) or 'none'}); set text_column:")
+            raise RecipeError(
+                f"{prefix}: line {line} has no '{spec.text_column}' column (columns: "
+                f"{', '.join(map(str, row)) or 'none'}); set text_column:"
+            )
         if not isinstance(value, str) or not value.strip():
-            raise RecipeError(f"{prefix}: line {line}: empty text" if isinstance(value, str) else
-                              f"{prefix}: line {line}: '{spec.text_column}' must be a string, got {value!r}")
+            raise RecipeError(
+                f"{prefix}: line {line}: empty text"
+                if isinstance(value, str)
+                else f"{prefix}: line {line}: '{spec.text_column}' must be a string, got {value!r}"
+            )
         texts.append(value)
         if need_labels:
             label = row.get(spec.label_column)
             if spec.label_column not in row:
-                raise RecipeError(f"{prefix}: line {line} has no '{spec.label_column}' column (columns: "
-                                  f"{', '.join(map(str, row))}); the method needs labels: set label_column:")
+                raise RecipeError(
+                    f"{prefix}: line {line} has no '{spec.label_column}' column (columns: "
+                    f"{', '.join(map(str, row))}); the method needs labels: set label_column:"
+                )
             if label is None or label == "":
                 raise RecipeError(f"{prefix}: line {line}: no label (the method needs labels)")
             raw_labels.append((line, label))
@@ -145,8 +160,13 @@ def read_examples(spec: DataSpec, need_labels: bool, where: str = "") -> Example
         raise RecipeError(f"{prefix}: {len(texts)} examples, the recipe asks for {spec.limit} (limit)")
     labels, names = _class_ids(raw_labels, prefix) if need_labels else (None, None)
     end = spec.limit if spec.limit is not None else len(texts)
-    return Examples(texts[:end], labels[:end] if labels is not None else None, names, path,
-                    hashlib.sha256(raw).hexdigest())
+    return Examples(
+        texts[:end],
+        labels[:end] if labels is not None else None,
+        names,
+        path,
+        hashlib.sha256(raw).hexdigest(),
+    )
 
 
 def _jsonl_rows(text: str, prefix: str) -> list[tuple[int, dict[str, Any]]]:
@@ -159,7 +179,7 @@ def _jsonl_rows(text: str, prefix: str) -> list[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise RecipeError(f"{prefix}: line {number} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise RecipeError(f"{prefix}: line {number} is not a JSON object ({{\"text\": ..., \"label\": ...}})")
+            raise RecipeError(f'{prefix}: line {number} is not a JSON object ({{"text": ..., "label": ...}})')
         rows.append((number, row))
     return rows
 

