@@ -1,0 +1,183 @@
+"""95 % confidence intervals for benchmark rows, by the bootstrap (#15: noise you can see).
+
+A row's score is the **normalized average**: the mean over tasks of (accuracy on the task / the fine-tuned expert's
+accuracy on it). Its uncertainty has two sources, and the bootstrap resamples both:
+
+- the **test examples**: each task's examples are resampled with replacement, independently per task (a stratified
+  bootstrap: every task keeps its size, so the average stays an average over the same tasks);
+- the **seeds**, for rows whose merge is random (DARE, DELLA) or learned (AdaMerging, Concrete, DAM, Twin): the
+  seeds are resampled with replacement too, and a resample's accuracy on a task is the mean over its drawn seeds
+  of their accuracy on the drawn examples (the same examples for every seed: they are one test set).
+
+The fine-tuned accuracies that normalize the score are taken as fixed (they are the ruler, not the measurement).
+
+**Comparing two rows** (:func:`paired_difference`): both rows were scored on the same test examples, so the
+difference is bootstrapped with the *same* resampled examples for both (a paired bootstrap); seeds are resampled
+per row. The interval of the difference excludes 0 exactly when the difference is significant at the 5 % level (the
+two-sided p-value is twice the smaller tail of the resampled differences around 0). Two unpaired intervals that
+overlap can still differ significantly; that is why the README's significance column comes from this test.
+
+Percentile intervals from ``resamples`` draws (default 2,000) of a seeded generator: the same inputs give the same
+interval bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+RESAMPLES = 2000
+LEVEL = 0.95
+
+# Per task: correctness of each test example, one row per seed: a bool or 0/1 tensor of shape (seeds, examples).
+Outcomes = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a two-sided percentile bootstrap interval at ``level``."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float = LEVEL
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def as_dict(self) -> dict[str, float]:
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level}
+
+
+@dataclass(frozen=True)
+class Difference(Interval):
+    """The paired difference of two rows (first minus second) and its two-sided bootstrap p-value."""
+
+    p_value: float = 1.0
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 0: the rows differ at the level's significance."""
+        return self.low > 0 or self.high < 0
+
+    def as_dict(self) -> dict[str, float | bool]:  # type: ignore[override]
+        return {**super().as_dict(), "p_value": self.p_value, "significant": self.significant}
+
+
+def _as_runs(outcomes: Outcomes) -> dict[str, torch.Tensor]:
+    """Every task's outcomes as a float (seeds, examples) tensor; one dimension means one seed."""
+    out = {}
+    for task, values in outcomes.items():
+        tensor = torch.as_tensor(values).to(torch.float64)
+        if tensor.dim() == 1:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 2 or tensor.shape[1] == 0 or tensor.shape[0] == 0:
+            raise ValueError(
+                f"task '{task}': outcomes must be (seeds, examples) with at least one of each, "
+                f"got shape {tuple(tensor.shape)}"
+            )
+        out[task] = tensor
+    return out
+
+
+def normalized_average(outcomes: Outcomes, finetuned: Mapping[str, float]) -> float:
+    """Mean over tasks of (accuracy, averaged over seeds) / fine-tuned accuracy."""
+    runs = _as_runs(outcomes)
+    return float(sum(r.mean() / finetuned[t] for t, r in runs.items()) / len(runs))
+
+
+def _check_tasks(runs: Mapping[str, torch.Tensor], finetuned: Mapping[str, float]) -> None:
+    missing = [t for t in runs if t not in finetuned]
+    if missing:
+        raise ValueError(f"no fine-tuned accuracy for task '{missing[0]}'")
+    bad = [t for t in runs if not finetuned[t] > 0]
+    if bad:
+        raise ValueError(
+            f"task '{bad[0]}': the fine-tuned accuracy must be positive, got {finetuned[bad[0]]}"
+        )
+
+
+def _resampled_accuracy(
+    runs: torch.Tensor, examples: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Each resample's accuracy on one task: (resamples,). ``examples`` (resamples, n) are the drawn example
+    indices; the seeds are drawn here (resamples, seeds)."""
+    seeds, n = runs.shape
+    # (seeds, resamples): each seed's accuracy on each resample's examples; 0/1 counts are exact in fp32
+    per_seed = runs.to(torch.float32)[:, examples].sum(-1).to(torch.float64) / n
+    if seeds == 1:
+        return per_seed[0]
+    drawn = torch.randint(seeds, (examples.shape[0], seeds), generator=generator)
+    return per_seed.T.gather(1, drawn).mean(1)
+
+
+def _draws(
+    runs: Mapping[str, torch.Tensor], resamples: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The resampled example indices of every task, (resamples, examples): one draw shared by paired rows."""
+    return {
+        t: torch.randint(r.shape[1], (resamples, r.shape[1]), generator=generator) for t, r in runs.items()
+    }
+
+
+def _percentiles(values: torch.Tensor, level: float) -> tuple[float, float]:
+    alpha = (1 - level) / 2
+    low, high = torch.quantile(values, torch.tensor([alpha, 1 - alpha], dtype=values.dtype)).tolist()
+    return low, high
+
+
+def bootstrap_normalized(
+    outcomes: Outcomes,
+    finetuned: Mapping[str, float],
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Interval:
+    """The normalized average of one row with its percentile bootstrap interval (examples resampled within each
+    task; seeds resampled too when a task has more than one row)."""
+    runs = _as_runs(outcomes)
+    _check_tasks(runs, finetuned)
+    generator = torch.Generator().manual_seed(seed)
+    draws = _draws(runs, resamples, generator)
+    scores = sum(_resampled_accuracy(r, draws[t], generator) / finetuned[t] for t, r in runs.items()) / len(
+        runs
+    )
+    low, high = _percentiles(scores, level)
+    return Interval(normalized_average(runs, finetuned), low, high, level)
+
+
+def paired_difference(
+    first: Outcomes,
+    second: Outcomes,
+    finetuned: Mapping[str, float],
+    *,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Difference:
+    """Normalized average of ``first`` minus that of ``second``, both scored on the same test examples: a paired
+    bootstrap (the same resampled examples for both rows; each row's seeds resampled on their own)."""
+    a, b = _as_runs(first), _as_runs(second)
+    if set(a) != set(b):
+        raise ValueError(f"the rows cover different tasks: {sorted(a)} vs {sorted(b)}")
+    for task in a:
+        if a[task].shape[1] != b[task].shape[1]:
+            raise ValueError(
+                f"task '{task}': {a[task].shape[1]} vs {b[task].shape[1]} test examples; a paired "
+                "comparison needs the same examples"
+            )
+    _check_tasks(a, finetuned)
+    generator = torch.Generator().manual_seed(seed)
+    draws = _draws(a, resamples, generator)
+    diffs = sum(
+        (_resampled_accuracy(a[t], draws[t], generator) - _resampled_accuracy(b[t], draws[t], generator))
+        / finetuned[t]
+        for t in a
+    ) / len(a)
+    low, high = _percentiles(diffs, level)
+    tail = min(float((diffs <= 0).double().mean()), float((diffs >= 0).double().mean()))
+    estimate = normalized_average(a, finetuned) - normalized_average(b, finetuned)
+    return Difference(estimate, low, high, level, p_value=min(1.0, 2 * tail))
