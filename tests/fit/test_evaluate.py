@@ -110,6 +110,8 @@ def test_sequence_classifier_matches_hf_logits(tiny, arch):
     assert metrics["loss"] == pytest.approx(loss, abs=1e-5)
     assert torch.allclose(task.logits(model), logits, atol=1e-5)
     assert_close_metrics(task.evaluate(model, batch_size=1), metrics)
+    outcomes = task.outcomes(model)  # per example, in the data's order: what a bootstrap interval resamples
+    assert outcomes.dtype == torch.bool and outcomes.tolist() == (logits.argmax(1) == labels).tolist()
 
 
 HEAD_CASES = [

@@ -181,23 +181,46 @@ class ClassificationTask:
         progress: bool = False,
     ) -> dict[str, float]:
         """``accuracy`` (argmax = label), ``loss`` (mean cross-entropy) and ``examples`` of ``model``."""
+        logits = self.labeled_logits(model, params, batch_size, progress)
         labels = self.data.labels
-        if len(labels) and int(labels.min()) < 0:
-            raise MergeError(f"{self.name}: the examples have no labels (classification needs labeled data)")
-        logits = self.logits(model, params, batch_size, progress)
         if not len(labels):
             return {"accuracy": math.nan, "loss": math.nan, "examples": 0}
-        if int(labels.max()) >= logits.shape[1]:
-            raise CheckpointError(
-                f"{self.name}: label {int(labels.max())} but the model has "
-                f"{logits.shape[1]} classes (labels are class ids from 0; string labels "
-                "get ids in sorted order)"
-            )
         return {
             "accuracy": float((logits.argmax(1) == labels).float().mean()),
             "loss": float(F.cross_entropy(logits.double(), labels)),
             "examples": len(labels),
         }
+
+    def outcomes(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Whether each example is classified correctly (bool, in the data's order): what a bootstrap confidence
+        interval resamples (``mergesmith.bench.confidence``); its mean is ``evaluate``'s accuracy."""
+        return self.labeled_logits(model, params, batch_size, progress).argmax(1) == self.data.labels
+
+    def labeled_logits(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`logits`, after checking that the examples have labels the model's classes cover."""
+        labels = self.data.labels
+        if len(labels) and int(labels.min()) < 0:
+            raise MergeError(f"{self.name}: the examples have no labels (classification needs labeled data)")
+        logits = self.logits(model, params, batch_size, progress)
+        if len(labels) and int(labels.max()) >= logits.shape[1]:
+            raise CheckpointError(
+                f"{self.name}: label {int(labels.max())} but the model has "
+                f"{logits.shape[1]} classes (labels are class ids from 0; string labels "
+                "get ids in sorted order)"
+            )
+        return logits
 
 
 @dataclass
