@@ -385,6 +385,15 @@ def test_loaders_give_fp32_eval_modules_without_gradients(tiny):
 # --- the zoo through the evaluator
 
 
+def old_accuracy(encoder, head, data, bf16):
+    """The zoo's accuracy before the evaluator (``bench.zoo.models.accuracy`` at f6417b9): mean-pooled features
+    in length-sorted batches of 128, then the linear head."""
+    from mergesmith.bench.zoo.models import pooled
+
+    predictions = torch.nn.functional.linear(pooled(encoder, data, 128, bf16), head["weight"], head["bias"])
+    return float((predictions.argmax(1) == data.labels).float().mean()) if len(data) else math.nan
+
+
 def test_zoo_evaluate_equals_the_old_accuracy_path(tiny_zoo, monkeypatch):
     from mergesmith.bench.zoo.models import accuracy, load_encoder
 
@@ -404,17 +413,21 @@ def test_zoo_evaluate_equals_the_old_accuracy_path(tiny_zoo, monkeypatch):
     ):
         for split in ("val", "test"):
             old = {
-                t: accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, split), bf16=False)
+                t: old_accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, split), False)
                 for t in tiny_zoo.tasks
             }
             assert tiny_zoo.evaluate(given, split) == old
+            # the zoo build's and the backdoor bench's accuracy goes through the evaluator too
+            assert {
+                t: accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, split), bf16=False) for t in old
+            } == old
     # a merge runs through params=: the shared encoder keeps the base weights
     assert all(torch.equal(v, tiny_zoo.shared_module().state_dict()[k]) for k, v in shared.items())
     # a zoo built with bf16 evaluates its encoders under bf16 autocast, as before
     monkeypatch.setitem(tiny_zoo.manifest["config"], "bf16", True)
     for given, encoder in ((expert, expert), (merged, merged_encoder)):
         old = {
-            t: accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, "test"), bf16=True)
+            t: old_accuracy(encoder, tiny_zoo.head(t), tiny_zoo.split(t, "test"), True)
             for t in tiny_zoo.tasks
         }
         assert tiny_zoo.evaluate(given, "test") == old

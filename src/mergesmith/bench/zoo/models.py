@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mergesmith.fit.data import Encoded, mean_pool
+from mergesmith.fit.evaluate import ClassificationTask
+from mergesmith.fit.task import TaskModel
 
 
 def pooled(encoder, data: Encoded, batch_size: int = 128, bf16: bool = True) -> torch.Tensor:
@@ -73,9 +75,10 @@ def logits(encoder, head: dict[str, torch.Tensor], batch: Encoded) -> torch.Tens
 def accuracy(
     encoder, head: dict[str, torch.Tensor], data: Encoded, batch_size: int = 128, bf16: bool = True
 ) -> float:
-    features = pooled(encoder, data, batch_size, bf16)
-    predictions = F.linear(features, head["weight"], head["bias"]).argmax(1)
-    return float((predictions == data.labels).float().mean()) if len(data) else math.nan
+    """Accuracy of ``encoder`` with a linear ``head`` over mean-pooled states: the evaluator's classification
+    task (length-sorted batches; bf16 autocast of the encoder with ``bf16``)."""
+    model = TaskModel(encoder, head, autocast=torch.bfloat16 if bf16 else None)
+    return ClassificationTask(data).evaluate(model, batch_size=batch_size)["accuracy"]
 
 
 @dataclass
