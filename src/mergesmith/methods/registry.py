@@ -2,7 +2,7 @@
 
 ``get_method(name)`` and ``all_methods()`` are what the engine, the api and the command line look methods up with.
 A new built-in method is one module that defines its :class:`~mergesmith.methods.base.MergeMethod` objects in a
-``METHODS`` tuple, and one line below.
+``METHODS`` tuple, and its name in the import and in ``MODULES`` below.
 """
 
 from __future__ import annotations
@@ -34,28 +34,29 @@ from mergesmith.methods import (
 )
 from mergesmith.methods.base import MergeMethod
 
-BUILT_IN: tuple[MergeMethod, ...] = (
-    *adamerging.METHODS,
-    *breadcrumbs.METHODS,
-    *concrete.METHODS,
-    *consensus.METHODS,
-    *dam.METHODS,
-    *dare.METHODS,
-    *della.METHODS,
-    *fisher.METHODS,
-    *karcher.METHODS,
-    *linear.METHODS,
-    *model_stock.METHODS,
-    *nuslerp.METHODS,
-    *passthrough.METHODS,
-    *pcb.METHODS,
-    *regmean.METHODS,
-    *slerp.METHODS,
-    *task_arithmetic.METHODS,
-    *ties.METHODS,
-    *tsv.METHODS,
-    *twin.METHODS,
+MODULES = (
+    adamerging,
+    breadcrumbs,
+    concrete,
+    consensus,
+    dam,
+    dare,
+    della,
+    fisher,
+    karcher,
+    linear,
+    model_stock,
+    nuslerp,
+    passthrough,
+    pcb,
+    regmean,
+    slerp,
+    task_arithmetic,
+    ties,
+    tsv,
+    twin,
 )
+BUILT_IN: tuple[MergeMethod, ...] = tuple(method for module in MODULES for method in module.METHODS)
 registered: dict[str, MergeMethod] = {}  # name -> method (tests may patch entries)
 
 
