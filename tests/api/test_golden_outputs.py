@@ -83,7 +83,7 @@ def build_inputs(root: Path) -> dict[str, dict[str, Path]]:
         intermediate_size=32,
         max_position_embeddings=32,
     )
-    shapes = {k: v for k, v in _shapes(lambda c: BertModel(c, add_pooling_layer=False), bert_config).items()}
+    shapes = _shapes(lambda c: BertModel(c, add_pooling_layer=False), bert_config)
     bert = _family(root, "bert", bert_config, shapes, seed=2, experts=2)
     for folder in bert.values():
         (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
