@@ -79,3 +79,17 @@ def test_bad_inputs():
         paired_difference({"a": torch.ones(3)}, {"a": torch.ones(4)}, {"a": 1.0})
     with pytest.raises(ValueError, match="different tasks"):
         paired_difference({"a": torch.ones(3)}, {"b": torch.ones(3)}, {"a": 1.0, "b": 1.0})
+
+
+def test_packed_outcomes_round_trip_bit_for_bit():
+    from mergesmith.bench.confidence import pack_outcomes, runs_outcomes, unpack_outcomes
+
+    g = torch.Generator().manual_seed(3)
+    outcomes = {"a": torch.rand(1003, generator=g) > 0.4, "b": torch.tensor([True]), "c": torch.zeros(8) > 1}
+    packed = pack_outcomes(outcomes)
+    assert len(packed["a"]) == len("1003:") + 2 * 126  # 8 examples a byte
+    back = unpack_outcomes(packed)
+    assert all(torch.equal(back[t], outcomes[t]) for t in outcomes)
+    stacked = runs_outcomes([{"outcomes": packed}, {"outcomes": packed}])
+    assert stacked is not None and stacked["a"].shape == (2, 1003)
+    assert runs_outcomes([{"accuracy": {}}]) is None  # rows written before intervals existed

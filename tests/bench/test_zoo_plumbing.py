@@ -85,6 +85,18 @@ def test_bench_and_reports(zoo, tmp_path, monkeypatch):
     paths = bench.write_reports(results, tmp_path, "tiny")
     table = paths["md"].read_text()
     assert "fine-tuned" in table and "`task_arithmetic`" in table and "norm. avg" in table
+    # every row has its 95 % interval around its estimate, and a paired difference with TA (not TA's own row)
+    for row in (ta["default"], results["methods"]["linear"]["default"], results["reference"]["zeroshot"]):
+        ci = row["ci"]
+        assert ci["low"] <= row["normalized"] <= ci["high"] and ci["estimate"] == pytest.approx(
+            row["normalized"]
+        )
+    assert "vs_task_arithmetic" not in ta["default"]
+    diff = results["methods"]["linear"]["default"]["vs_task_arithmetic"]
+    assert diff["estimate"] == pytest.approx(
+        results["methods"]["linear"]["default"]["normalized"] - ta["default"]["normalized"]
+    )
+    assert f"{100 * ta['default']['ci']['low']:.1f}" in table
     assert paths["png"].stat().st_size > 1000
     assert json.loads(paths["json"].read_text())["tasks"] == ["a", "b"]
 
@@ -99,3 +111,53 @@ def test_combine_runs_in_method_order():
     assert list(joined["methods"]) == ["linear", "tsv"] and joined["seconds"] == 3.0
     with pytest.raises(ValueError):
         combine([part1, {**part2, "tasks": ["b"]}])
+
+
+@pytest.mark.parametrize("protocol", ["joint", "descriptions", "lpft"])
+def test_head_protocols(protocol, tmp_path):
+    """joint: the head trains with the encoder (zero-shot = the base with the trained head; the multi-task
+    model keeps its own heads); descriptions: frozen rows of unit class-description embeddings × a scale;
+    lpft: a frozen probe. Each manifest's zero-shot accuracy is what the evaluator measures."""
+    from safetensors.torch import load_file
+
+    from tests.bench.zoo_fixtures import tiny_bert
+
+    config = ZooConfig(
+        n_train=40, n_val=20, n_test=20, epochs=1, batch_size=8, lr=1e-3, head_lr=1e-2, probe_steps=20,
+        bf16=False, protocol=protocol,
+    )  # fmt: skip
+    zoo = Zoo(
+        build_zoo(
+            tasks=["a", "b"],
+            cache=tmp_path,
+            config=config,
+            loader=fixture_task,
+            base_model=tiny_bert(tmp_path / "bert"),
+        )
+    )
+    head = zoo.head("a")
+    zeroshot = zoo.evaluate(zoo.base, "test")
+    assert zeroshot == pytest.approx({t: zoo.manifest["accuracy"]["zeroshot"][t]["test"] for t in zoo.tasks})
+    mt_heads = zoo.multitask_heads()
+    if protocol == "joint":
+        initial = load_file(zoo.root / "tasks" / "a" / "head-init.safetensors")
+        assert float(initial["weight"].std()) == pytest.approx(0.02, rel=0.5)
+        assert not torch.equal(initial["weight"], head["weight"])  # trained with the encoder
+        assert not torch.equal(mt_heads["a"]["weight"], head["weight"])  # the multi-task model's own
+    else:
+        assert all(torch.equal(mt_heads[t]["weight"], zoo.head(t)["weight"]) for t in zoo.tasks)  # frozen
+    if protocol == "descriptions":
+        norms = head["weight"].norm(dim=1)
+        assert torch.allclose(norms, norms[0].expand_as(norms)) and torch.equal(head["bias"], torch.zeros(2))
+    mt = zoo.evaluate(zoo.multitask_path, "test", heads=mt_heads)
+    assert mt == pytest.approx({t: zoo.manifest["accuracy"]["multitask"][t]["test"] for t in zoo.tasks})
+
+
+def test_reference_outcomes_are_cached_and_match_the_manifest(zoo):
+    first = zoo.reference_outcomes()
+    assert (zoo.root / "reference-outcomes.json").exists()
+    again = zoo.reference_outcomes()
+    for name, rows in first.items():
+        assert all(torch.equal(rows[t], again[name][t]) for t in rows)
+        for t in zoo.tasks:
+            assert float(rows[t].float().mean()) == pytest.approx(zoo.manifest["accuracy"][name][t]["test"])

@@ -181,3 +181,42 @@ def paired_difference(
     tail = min(float((diffs <= 0).double().mean()), float((diffs >= 0).double().mean()))
     estimate = normalized_average(a, finetuned) - normalized_average(b, finetuned)
     return Difference(estimate, low, high, level, p_value=min(1.0, 2 * tail))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark rows: per-example outcomes kept compactly in the results JSON, and a row's interval from its runs
+
+
+def pack_outcomes(outcomes: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Per task, 0/1 outcomes as a hex string of their bits (8 examples a byte; the length is kept as
+    ``"<n>:<hex>"``): a 1,000-example task is 255 characters of JSON instead of a list of 1,000 numbers."""
+    out = {}
+    for task, values in outcomes.items():
+        bits = torch.as_tensor(values).to(torch.bool).flatten()
+        n = len(bits)
+        padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8)
+        padded[:n] = bits.to(torch.uint8)
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        packed = (padded.view(-1, 8) * weights).sum(1).to(torch.uint8)
+        out[task] = f"{n}:{bytes(packed.tolist()).hex()}"
+    return out
+
+
+def unpack_outcomes(packed: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`pack_outcomes`: per task, a bool tensor."""
+    out = {}
+    for task, text in packed.items():
+        count, _, digits = text.partition(":")
+        raw = torch.tensor(list(bytes.fromhex(digits)), dtype=torch.uint8)
+        bits = (raw.unsqueeze(1) >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1
+        out[task] = bits.flatten()[: int(count)].to(torch.bool)
+    return out
+
+
+def runs_outcomes(runs: list[Mapping[str, object]]) -> dict[str, torch.Tensor] | None:
+    """A row's outcomes as (seeds, examples) per task, from its runs' packed ``outcomes`` (None when a run
+    has none: results written before intervals existed)."""
+    if not runs or any("outcomes" not in run for run in runs):
+        return None
+    unpacked = [unpack_outcomes(run["outcomes"]) for run in runs]  # type: ignore[arg-type]
+    return {task: torch.stack([u[task] for u in unpacked]) for task in unpacked[0]}

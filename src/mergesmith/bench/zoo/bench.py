@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergesmith.api import merge_state_dicts
+from mergesmith.bench.confidence import bootstrap_normalized, pack_outcomes, paired_difference, runs_outcomes
 from mergesmith.bench.zoo.models import mean
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.methods.registry import get_method
@@ -139,11 +140,13 @@ class Bench:
             started = time.perf_counter()
             state = self.merged(method, params, seed)
             merge_seconds = time.perf_counter() - started
-            acc = self.zoo.evaluate(state, "test")
+            outcomes = self.zoo.outcomes(state, "test")
+            acc = accuracies(outcomes)
             runs.append(
                 {
                     "seed": seed,
                     "accuracy": acc,
+                    "outcomes": pack_outcomes(outcomes),
                     "merge_seconds": round(merge_seconds, 2),
                     **summarize(acc, self.finetuned),
                 }
@@ -166,16 +169,57 @@ def sample_std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def reference_rows(zoo: Zoo) -> dict[str, dict[str, Any]]:
-    finetuned = zoo.finetuned_accuracy("test")
+def accuracies(outcomes: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {t: float(o.float().mean()) for t, o in outcomes.items()}
+
+
+def reference_rows(zoo: Zoo, progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Zero-shot, fine-tuned and multi-task rows, each with its test outcomes (for the intervals)."""
+    outcomes = zoo.reference_outcomes(progress)
+    finetuned = accuracies(outcomes["finetuned"])
     rows = {}
-    for name in ("zeroshot", "finetuned", "multitask"):
-        per_task = zoo.manifest["accuracy"].get(name) or {}
-        if not per_task:
-            continue
-        acc = {t: per_task[t]["test"] for t in zoo.tasks}
-        rows[name] = {"accuracy": acc, **summarize(acc, finetuned), "average_std": 0.0, "normalized_std": 0.0}
+    for name, per_task in outcomes.items():
+        acc = accuracies(per_task)
+        run = {"seed": 0, "accuracy": acc, "outcomes": pack_outcomes(per_task)}
+        rows[name] = {
+            "accuracy": acc,
+            **summarize(acc, finetuned),
+            "average_std": 0.0,
+            "normalized_std": 0.0,
+            "runs": [run],
+        }
     return rows
+
+
+def method_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every row of a results dict that has runs: reference rows, each data-free method's default and best row,
+    and the data-driven rows, as (label, row)."""
+    rows = [(name, row) for name, row in results.get("reference", {}).items()]
+    for method, entry in results.get("methods", {}).items():
+        rows.append((f"{method}:default", entry["default"]))
+        if entry["best"] is not entry["default"]:
+            rows.append((f"{method}:best", entry["best"]))
+    for key, row in results.get("data_methods", {}).get("methods", {}).items():
+        rows.append((f"data:{key}", row))
+    return rows
+
+
+def add_intervals(results: dict[str, Any]) -> None:
+    """Give every row with per-example outcomes its 95 % bootstrap interval (``ci``) and its paired
+    difference with task arithmetic at its paper default (``vs_task_arithmetic``), in place."""
+    reference = results.get("reference", {}).get("finetuned")
+    if reference is None:
+        return
+    finetuned = reference["accuracy"]
+    anchor_entry = results.get("methods", {}).get("task_arithmetic")
+    anchor = runs_outcomes(anchor_entry["default"]["runs"]) if anchor_entry else None
+    for _, row in method_rows(results):
+        outcomes = runs_outcomes(row.get("runs", []))
+        if outcomes is None or set(outcomes) != set(finetuned):
+            continue
+        row["ci"] = bootstrap_normalized(outcomes, finetuned).as_dict()
+        if anchor is not None and row is not anchor_entry["default"]:
+            row["vs_task_arithmetic"] = paired_difference(outcomes, anchor, finetuned).as_dict()
 
 
 def run_bench(
@@ -196,7 +240,7 @@ def run_bench(
         "tasks": zoo.tasks,
         "seeds": seeds,
         "config": zoo.manifest["config"],
-        "reference": reference_rows(zoo),
+        "reference": reference_rows(zoo, progress),
         "methods": {},
     }
     chosen = [BENCH_METHODS[m] for m in (methods or BENCH_METHODS)]
@@ -257,83 +301,109 @@ def format_cell(value: float, std: float = 0.0) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std > 0 else "")
 
 
+def format_interval(row: dict[str, Any], key: str = "normalized") -> str:
+    """The row's normalized average with its 95 % interval, ``83.1 [81.9, 84.3]`` (± seeds' std without one)."""
+    ci = row.get("ci")
+    if ci is None:
+        return format_cell(row[key], row.get(f"{key}_std", 0.0))
+    return f"{100 * ci['estimate']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+
+
+def format_difference(row: dict[str, Any]) -> str:
+    """The paired difference with task arithmetic (default), ``+2.5 [+1.2, +3.8]`` and ``*`` when significant."""
+    diff = row.get("vs_task_arithmetic")
+    if diff is None:
+        return "—"
+    cell = f"{100 * diff['estimate']:+.1f} [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]"
+    return cell + (" *" if diff["significant"] else "")
+
+
+REFERENCE_NAMES = {
+    "zeroshot": "zero-shot (base + heads)",
+    "finetuned": "fine-tuned (each task)",
+    "multitask": "multi-task",
+}
+
+
+def table_row(name: str, setting: str, row: dict[str, Any], tasks: Sequence[str]) -> str:
+    cells = [
+        name,
+        setting,
+        *[format_cell(row["accuracy"][t]) for t in tasks],
+        format_cell(row["average"], row.get("average_std", 0.0)),
+        format_interval(row),
+        format_difference(row),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
+    """Per-task test accuracy, the average, the normalized average with its 95 % interval, and the paired
+    difference with task arithmetic (``*``: significant at 5 %)."""
+    add_intervals(results)
     tasks = results["tasks"]
-    head = ["method", "setting", *[SHORT.get(t, t) for t in tasks], "avg", "norm. avg"]
+    head = ["method", "setting", *[SHORT.get(t, t) for t in tasks], "avg", "norm. avg [95 % CI]", "vs TA"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    names = {
-        "zeroshot": "zero-shot (base + heads)",
-        "finetuned": "fine-tuned (each task)",
-        "multitask": "multi-task",
-    }
     for key, row in results["reference"].items():
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    names[key],
-                    "—",
-                    *[format_cell(row["accuracy"][t]) for t in tasks],
-                    format_cell(row["average"]),
-                    format_cell(row["normalized"]),
-                ]
-            )
-            + " |"
-        )
+        lines.append(table_row(REFERENCE_NAMES[key], "—", row, tasks))
     for method, entry in results["methods"].items():
         settings = [("default", entry["default"])]
         if entry["best"]["params"] != entry["default"]["params"]:
             settings.append(("best on val", entry["best"]))
         for label, row in settings:
             params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "—"
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        f"`{method}`",
-                        f"{label}: {params}",
-                        *[format_cell(row["accuracy"][t]) for t in tasks],
-                        format_cell(row["average"], row["average_std"]),
-                        format_cell(row["normalized"], row["normalized_std"]),
-                    ]
-                )
-                + " |"
-            )
+            lines.append(table_row(f"`{method}`", f"{label}: {params}", row, tasks))
     return "\n".join(lines) + "\n"
 
 
+def error_bars(rows: Sequence[dict[str, Any]]) -> list[list[float]]:
+    """Matplotlib's asymmetric ``yerr`` (in %) from each row's interval (its seeds' std without one)."""
+    low, high = [], []
+    for row in rows:
+        ci = row.get("ci")
+        if ci is None:
+            low.append(100 * row.get("normalized_std", 0.0))
+            high.append(100 * row.get("normalized_std", 0.0))
+        else:
+            low.append(100 * (row["normalized"] - ci["low"]))
+            high.append(100 * (ci["high"] - row["normalized"]))
+    return [[max(0.0, v) for v in low], [max(0.0, v) for v in high]]
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Bars of each method's normalized accuracy (paper default, and best on validation when searched) with
+    95 % intervals as error bars, on a y axis from 0; the zero-shot and multi-task rows as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    add_intervals(results)
     methods = list(results["methods"])
-    default = [results["methods"][m]["default"]["normalized"] for m in methods]
-    best = [results["methods"][m]["best"]["normalized"] for m in methods]
-    best_err = [results["methods"][m]["best"]["normalized_std"] for m in methods]
+    default = [results["methods"][m]["default"] for m in methods]
+    best = [results["methods"][m]["best"] for m in methods]
     fig, ax = plt.subplots(figsize=(11, 4.8))
     x = range(len(methods))
-    searched = any(
-        results["methods"][m]["best"] is not results["methods"][m]["default"]
-        and results["methods"][m]["best"]["params"] != results["methods"][m]["default"]["params"]
-        for m in methods
-    )
+    searched = any(b["params"] != d["params"] for b, d in zip(best, default))
     width = 0.4 if searched else 0.6
     ax.bar(
-        [i - (0.2 if searched else 0) for i in x], [100 * v for v in default], width, label="paper default"
+        [i - (0.2 if searched else 0) for i in x],
+        [100 * r["normalized"] for r in default],
+        width,
+        yerr=error_bars(default),
+        capsize=3,
+        label="paper default",
     )
     if searched:
         ax.bar(
             [i + 0.2 for i in x],
-            [100 * v for v in best],
+            [100 * r["normalized"] for r in best],
             width,
-            yerr=[100 * e for e in best_err],
+            yerr=error_bars(best),
             capsize=3,
             label="best on validation",
         )
-    shown = [*default, *best] + [r["normalized"] for r in results["reference"].values()]
-    ax.set_ylim(max(0.0, 100 * min(shown) - 5), 102)  # the differences live in the last few points
+    ax.set_ylim(0, 105)
     for key, style in (("zeroshot", ":"), ("multitask", "--")):
         if key in results["reference"]:
             ax.axhline(
@@ -344,8 +414,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             )
     ax.axhline(100, color="black", linewidth=0.8, label="fine-tuned (100 %)")
     ax.set_xticks(list(x), methods, rotation=35, ha="right")
-    ax.set_ylabel("normalized accuracy (%)")
-    ax.set_title(f"{results['zoo']}: merging {len(results['tasks'])} MiniLM-L6 experts (test split)")
+    ax.set_ylabel("normalized accuracy (%), 95 % CI")
+    ax.set_title(f"{results['zoo']}: merging {len(results['tasks'])} experts (test split)")
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -25,13 +25,25 @@ import torch
 from tqdm.auto import tqdm
 
 from mergesmith.api import fit_state_dicts, merge_state_dicts
+from mergesmith.bench.confidence import pack_outcomes
 from mergesmith.bench.zoo.backdoor import (
     attack_success_rate,
     backdoor_facts,
     build_backdoor_experts,
     triggered_split,
 )
-from mergesmith.bench.zoo.bench import BENCH_METHODS, SHORT, aggregate, format_cell, sample_std, write_reports
+from mergesmith.bench.zoo.bench import (
+    BENCH_METHODS,
+    SHORT,
+    accuracies,
+    aggregate,
+    error_bars,
+    format_cell,
+    format_difference,
+    format_interval,
+    sample_std,
+    write_reports,
+)
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.errors import MergeError
 from mergesmith.fit.twin import build_twin, evaluate
@@ -238,8 +250,13 @@ class DataBench:
             merged = merge_state_dicts(
                 self.base, self.experts, row.method, seed=seed, threads=2, fitted=fitted, **params
             )
-            acc = self.zoo.evaluate(merged, split, limit=limit)
+            outcomes = self.zoo.outcomes(merged, split, limit=limit)
+            acc = accuracies(outcomes)
+            if split == "test":  # what the row's 95 % interval resamples
+                info["outcomes"] = pack_outcomes(outcomes)
+        packed = info.pop("outcomes", None)
         return {
+            **({"outcomes": packed} if packed is not None else {}),
             "seed": seed,
             "accuracy": acc,
             "fit_seconds": round(fit_seconds, 1),
@@ -601,7 +618,8 @@ def data_markdown(data: dict[str, Any]) -> str:
         "setting",
         *[SHORT.get(t, t) for t in tasks],
         "avg",
-        "norm. avg",
+        "norm. avg [95 % CI]",
+        "vs TA",
         "runs",
         "fit s",
         "examples",
@@ -620,6 +638,7 @@ def data_markdown(data: dict[str, Any]) -> str:
                 "—",
                 "—",
                 "—",
+                "—",
             ]
         )
         + " |"
@@ -634,7 +653,8 @@ def data_markdown(data: dict[str, Any]) -> str:
                     params,
                     *[format_cell(row["accuracy"][t]) for t in tasks],
                     format_cell(row["average"], row["average_std"]),
-                    format_cell(row["normalized"], row["normalized_std"]),
+                    format_interval(row),
+                    format_difference(row),
                     str(len(row["runs"])),
                     f"{row['fit_seconds']:.0f}",
                     str(row["examples"]),
@@ -677,14 +697,14 @@ def plot_data(data: dict[str, Any], path: Path) -> None:
 
     keys = list(data["methods"])
     values = [100 * data["methods"][k]["normalized"] for k in keys]
-    errors = [100 * data["methods"][k]["normalized_std"] for k in keys]
+    errors = error_bars([data["methods"][k] for k in keys])
     fig, ax = plt.subplots(figsize=(10, 4.5))
     colors = ["gray" if data["methods"][k]["fit_split"] == "none" else "tab:blue" for k in keys]
     ax.bar(range(len(keys)), values, 0.6, yerr=errors, capsize=3, color=colors)
-    ax.set_ylim(max(0.0, min(values) - 5), 102)
+    ax.set_ylim(0, 105)
     ax.axhline(100, color="black", linewidth=0.8)
     ax.set_xticks(range(len(keys)), keys, rotation=35, ha="right")
-    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_ylabel("normalized accuracy (%), 95 % CI")
     ax.set_title(f"{data['zoo']}: data-driven methods (blue) vs data-free anchors (gray), test split")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

