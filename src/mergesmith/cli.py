@@ -140,6 +140,9 @@ EVAL_DEFAULTS = {
 }
 
 
+BENCH_OUT_DEFAULT = "bench/results"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``mergesmith eval``: a zoo's per-task accuracy (``--zoo``, the default mode) or one task's metrics
     (``--task`` with ``--data``), as a table or, with ``--json``, as JSON."""
@@ -147,6 +150,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise MergeError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.bench is not None:
+        if args.task is not None or args.zoo is not None or args.data is not None:
+            raise MergeError("a BENCH.yaml brings its own tasks and data: drop --task, --zoo and --data")
+        return _eval_suite(args)
     if args.task is None:
         return _eval_zoo(args)
     if args.zoo is not None or args.quick or args.split is not None:
@@ -244,6 +251,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mergesmith.bench.zoo.bench import markdown_table, run_bench, write_reports
     from mergesmith.bench.zoo.text8 import Zoo, build_zoo
 
+    if args.bench_file is not None:
+        return _bench_suite(args)
+    args.seeds = 3 if args.seeds is None else args.seeds
+
     if args.report:  # only join finished runs and write the reports
         from mergesmith.bench.zoo.bench import combine
 
@@ -302,6 +313,81 @@ def cmd_bench(args: argparse.Namespace) -> int:
     (Path(args.out) / f"{name}.partial.json").unlink(missing_ok=True)
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _bench_suite(args: argparse.Namespace) -> int:
+    """``mergesmith bench BENCH.yaml``: the data-free benchmark on the user's own base and experts; finished
+    methods are kept in <out>/runs/ so that a stopped run resumes."""
+    from pathlib import Path
+
+    from mergesmith.bench.suite import Suite, check_methods
+    from mergesmith.bench.zoo.bench import BENCH_METHODS, markdown_table, run_bench, write_reports
+
+    if args.data or args.checks or args.report or args.quick:
+        raise MergeError("--data, --checks, --report and --quick go with the built-in zoo, not a BENCH.yaml")
+    suite = Suite(args.bench_file)
+    check_methods(suite.spec.methods, BENCH_METHODS, suite.path)
+    check_methods(args.methods, BENCH_METHODS, suite.path)
+    methods = args.methods or suite.spec.methods
+    out = Path(args.out) if args.out != BENCH_OUT_DEFAULT else suite.out
+    name = args.name or suite.name
+    results = run_bench(
+        suite,
+        methods=methods,
+        seeds=args.seeds or suite.spec.seeds,
+        val_limit=args.val_limit or suite.spec.val_limit,
+        checkpoint=out / "runs" / f"{name}.partial.json",
+    )
+    paths = write_reports(results, out, name)
+    print(markdown_table(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    """``mergesmith eval MODEL BENCH.yaml``: one model (e.g. a merge) on every task of a BENCH.yaml, each task
+    with its own head, normalized by the experts, with the 95 % interval."""
+    import json
+    import math
+
+    from mergesmith.bench.confidence import bootstrap_normalized
+    from mergesmith.bench.suite import Suite, backbone, folder_tensors
+    from mergesmith.bench.zoo.bench import accuracies, reference_rows
+    from mergesmith.bench.zoo.text8 import summarize
+    from mergesmith.fit.evaluate import model_folder
+
+    suite = Suite(args.bench, progress=not args.json)
+    folder = model_folder(args.model)
+    state = backbone(folder_tensors(folder), suite.arch_prefix)
+    missing = [n for n in suite.base_state() if n not in state]
+    if missing:
+        raise MergeError(
+            f"{folder}: no '{missing[0]}' ({len(missing)} backbone tensors missing); give a merge of "
+            f"this benchmark's experts"
+        )
+    reference = reference_rows(suite)
+    finetuned = reference["finetuned"]["accuracy"]
+    outcomes = suite.outcomes(state, "test")
+    values = accuracies(outcomes)
+    summary = summarize(values, finetuned, suite.kinds)
+    ci = bootstrap_normalized(outcomes, finetuned, kinds=suite.kinds)
+    if args.json:
+        print(json.dumps({"values": values, "finetuned": finetuned, **summary, "ci": ci.as_dict()}, indent=2))
+        return 0
+
+    def shown(value: float, kind: str) -> str:
+        return f"ppl {math.exp(value):.2f}" if kind == "loss" else f"{100 * value:.1f}"
+
+    print(f"{'task':<16} {'score':>10} {'fine-tuned':>12} {'normalized':>10}")
+    for t, v in values.items():
+        kind = suite.kinds[t]
+        norm = summarize({t: v}, {t: finetuned[t]}, {t: kind})["normalized"]
+        print(f"{t:<16} {shown(v, kind):>10} {shown(finetuned[t], kind):>12} {100 * norm:>10.1f}")
+    print(
+        f"normalized average {100 * ci.estimate:.1f} (95 % CI {100 * ci.low:.1f}-{100 * ci.high:.1f}; "
+        f"the experts = 100, the base = {100 * reference['zeroshot']['normalized']:.1f})"
+    )
     return 0
 
 
@@ -391,12 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a model: a zoo's per-task accuracy, or one task (classification, perplexity, "
         "exact-match) on a data file",
         description="Zoo mode (default): `mergesmith eval ENCODER [--zoo text8] [--quick] [--split test]`. "
+        "Your benchmark: `mergesmith eval MODEL BENCH.yaml`. "
         "Task mode: `mergesmith eval MODEL --task classification|perplexity|exact-match --data "
         "FILE`. Local model folders only; nothing is downloaded.",
     )
     p.add_argument(
         "model",
         help="a Hugging Face model folder (zoo mode: an encoder, e.g. a merge of the zoo's task encoders)",
+    )
+    p.add_argument(
+        "bench",
+        nargs="?",
+        default=None,
+        metavar="BENCH.yaml",
+        help="score MODEL (e.g. a merge of its experts) on every task of your own benchmark",
     )
     p.add_argument("--zoo", default=None, choices=["text8"], help="zoo mode: the zoo (default text8)")
     p.add_argument("--quick", action="store_true", help="zoo mode: use the quick zoo")
@@ -472,13 +566,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmark the data-free methods on a zoo (tables + chart)")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the data-free methods on a zoo, or on your own models (BENCH.yaml): tables + chart",
+        description="`mergesmith bench [--zoo text8]` or `mergesmith bench BENCH.yaml` (your base, experts, "
+        "data and metrics; see the README's benchmark section).",
+    )
+    p.add_argument("bench_file", nargs="?", default=None, metavar="BENCH.yaml", help="your own benchmark")
     p.add_argument("--zoo", default="text8", choices=["text8"])
     p.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
-    p.add_argument("--seeds", type=int, default=3, help="seeds for methods with random drops (default 3)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds for methods with random drops (default 3, or BENCH.yaml's)",
+    )
     p.add_argument("--quick", action="store_true", help="use (and build) the quick zoo")
     p.add_argument("--val-limit", type=int, default=None, help="validation examples per task for the grid")
-    p.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown and PNG results")
+    p.add_argument(
+        "--out",
+        default=BENCH_OUT_DEFAULT,
+        help="folder for the JSON, Markdown and PNG results (default bench/results; a BENCH.yaml's out:)",
+    )
     p.add_argument("--name", default=None, help="file name stem (default: the zoo's name)")
     p.add_argument(
         "--data",

@@ -93,3 +93,17 @@ def test_packed_outcomes_round_trip_bit_for_bit():
     stacked = runs_outcomes([{"outcomes": packed}, {"outcomes": packed}])
     assert stacked is not None and stacked["a"].shape == (2, 1003)
     assert runs_outcomes([{"accuracy": {}}]) is None  # rows written before intervals existed
+
+
+def test_loss_tasks_normalize_by_the_perplexity_ratio():
+    """A loss task's score is exp(expert loss - loss): constant per-window losses give a point interval; a
+    task of each kind averages their normalized scores."""
+    from mergesmith.bench.confidence import bootstrap_normalized, normalized_average
+
+    losses = {"lm": torch.full((40,), 2.5, dtype=torch.float64), "cls": torch.ones(10, dtype=torch.bool)}
+    kinds = {"lm": "loss", "cls": "accuracy"}
+    finetuned = {"lm": 2.0, "cls": 1.0}
+    expected = (math.exp(2.0 - 2.5) + 1.0) / 2
+    assert normalized_average(losses, finetuned, kinds) == pytest.approx(expected)
+    ci = bootstrap_normalized(losses, finetuned, kinds=kinds, resamples=200)
+    assert ci.low == pytest.approx(expected) and ci.high == pytest.approx(expected)

@@ -73,7 +73,7 @@ def test_bench_and_reports(zoo, tmp_path, monkeypatch):
     )
     ta = results["methods"]["task_arithmetic"]
     assert [g["params"] for g in ta["grid"]] == [{"lambda": 0.3}, {"lambda": 1.0}]
-    best = max(ta["grid"], key=lambda g: g["val_average"])["params"]
+    best = max(ta["grid"], key=lambda g: g["val_score"])["params"]
     assert ta["best"]["params"] == best
     assert (
         len(results["methods"]["dare_linear"]["best"]["runs"]) == 2

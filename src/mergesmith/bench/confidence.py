@@ -11,6 +11,11 @@ accuracy on it). Its uncertainty has two sources, and the bootstrap resamples bo
 
 The fine-tuned accuracies that normalize the score are taken as fixed (they are the ruler, not the measurement).
 
+A task may instead be scored by a **loss** (``kinds[task] == "loss"``: a causal-LM task's per-window mean token
+cross-entropy, lower is better): its outcomes are per-example losses, its fine-tuned value is the expert's mean
+loss, and its normalized score is ``exp(finetuned loss - loss)`` = the expert's perplexity / this row's
+perplexity (1 at the expert, below 1 when worse), so it averages with accuracy ratios.
+
 **Comparing two rows** (:func:`paired_difference`): both rows were scored on the same test examples, so the
 difference is bootstrapped with the *same* resampled examples for both (a paired bootstrap); seeds are resampled
 per row. The interval of the difference excludes 0 exactly when the difference is significant at the 5 % level (the
@@ -23,6 +28,7 @@ interval bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,6 +36,7 @@ import torch
 
 RESAMPLES = 2000
 LEVEL = 0.95
+ACCURACY, LOSS = "accuracy", "loss"  # a task's kind: outcomes are 0/1 hits, or per-example losses
 
 # Per task: correctness of each test example, one row per seed: a bool or 0/1 tensor of shape (seeds, examples).
 Outcomes = Mapping[str, torch.Tensor]
@@ -82,17 +89,35 @@ def _as_runs(outcomes: Outcomes) -> dict[str, torch.Tensor]:
     return out
 
 
-def normalized_average(outcomes: Outcomes, finetuned: Mapping[str, float]) -> float:
-    """Mean over tasks of (accuracy, averaged over seeds) / fine-tuned accuracy."""
+def normalized_score(
+    value: float | torch.Tensor, finetuned: float, kind: str = ACCURACY
+) -> float | torch.Tensor:
+    """One task's normalized score: accuracy / the expert's accuracy, or for a loss exp(expert's loss - loss)
+    (the ratio of perplexities)."""
+    if kind == LOSS:
+        return math.exp(finetuned - value) if isinstance(value, float) else torch.exp(finetuned - value)
+    return value / finetuned
+
+
+def normalized_average(
+    outcomes: Outcomes, finetuned: Mapping[str, float], kinds: Mapping[str, str] | None = None
+) -> float:
+    """Mean over tasks of the normalized score of the task's mean outcome (averaged over seeds)."""
     runs = _as_runs(outcomes)
-    return float(sum(r.mean() / finetuned[t] for t, r in runs.items()) / len(runs))
+    kinds = kinds or {}
+    return float(
+        sum(normalized_score(float(r.mean()), finetuned[t], kinds.get(t, ACCURACY)) for t, r in runs.items())
+        / len(runs)
+    )
 
 
-def _check_tasks(runs: Mapping[str, torch.Tensor], finetuned: Mapping[str, float]) -> None:
+def _check_tasks(
+    runs: Mapping[str, torch.Tensor], finetuned: Mapping[str, float], kinds: Mapping[str, str] | None = None
+) -> None:
     missing = [t for t in runs if t not in finetuned]
     if missing:
         raise ValueError(f"no fine-tuned accuracy for task '{missing[0]}'")
-    bad = [t for t in runs if not finetuned[t] > 0]
+    bad = [t for t in runs if not finetuned[t] > 0 and (kinds or {}).get(t, ACCURACY) == ACCURACY]
     if bad:
         raise ValueError(
             f"task '{bad[0]}': the fine-tuned accuracy must be positive, got {finetuned[bad[0]]}"
@@ -105,8 +130,9 @@ def _resampled_accuracy(
     """Each resample's accuracy on one task: (resamples,). ``examples`` (resamples, n) are the drawn example
     indices; the seeds are drawn here (resamples, seeds)."""
     seeds, n = runs.shape
-    # (seeds, resamples): each seed's accuracy on each resample's examples; 0/1 counts are exact in fp32
-    per_seed = runs.to(torch.float32)[:, examples].sum(-1).to(torch.float64) / n
+    # (seeds, resamples): each seed's mean on each resample's examples; 0/1 counts are exact in fp32
+    exact = bool(((runs == 0) | (runs == 1)).all())
+    per_seed = runs.to(torch.float32 if exact else torch.float64)[:, examples].sum(-1).to(torch.float64) / n
     if seeds == 1:
         return per_seed[0]
     drawn = torch.randint(seeds, (examples.shape[0], seeds), generator=generator)
@@ -135,18 +161,21 @@ def bootstrap_normalized(
     resamples: int = RESAMPLES,
     level: float = LEVEL,
     seed: int = 0,
+    kinds: Mapping[str, str] | None = None,
 ) -> Interval:
     """The normalized average of one row with its percentile bootstrap interval (examples resampled within each
     task; seeds resampled too when a task has more than one row)."""
     runs = _as_runs(outcomes)
-    _check_tasks(runs, finetuned)
+    _check_tasks(runs, finetuned, kinds)
+    kinds = kinds or {}
     generator = torch.Generator().manual_seed(seed)
     draws = _draws(runs, resamples, generator)
-    scores = sum(_resampled_accuracy(r, draws[t], generator) / finetuned[t] for t, r in runs.items()) / len(
-        runs
-    )
+    scores = sum(
+        normalized_score(_resampled_accuracy(r, draws[t], generator), finetuned[t], kinds.get(t, ACCURACY))
+        for t, r in runs.items()
+    ) / len(runs)
     low, high = _percentiles(scores, level)
-    return Interval(normalized_average(runs, finetuned), low, high, level)
+    return Interval(normalized_average(runs, finetuned, kinds), low, high, level)
 
 
 def paired_difference(
@@ -157,6 +186,7 @@ def paired_difference(
     resamples: int = RESAMPLES,
     level: float = LEVEL,
     seed: int = 0,
+    kinds: Mapping[str, str] | None = None,
 ) -> Difference:
     """Normalized average of ``first`` minus that of ``second``, both scored on the same test examples: a paired
     bootstrap (the same resampled examples for both rows; each row's seeds resampled on their own)."""
@@ -169,17 +199,20 @@ def paired_difference(
                 f"task '{task}': {a[task].shape[1]} vs {b[task].shape[1]} test examples; a paired "
                 "comparison needs the same examples"
             )
-    _check_tasks(a, finetuned)
+    _check_tasks(a, finetuned, kinds)
+    kinds = kinds or {}
     generator = torch.Generator().manual_seed(seed)
     draws = _draws(a, resamples, generator)
     diffs = sum(
-        (_resampled_accuracy(a[t], draws[t], generator) - _resampled_accuracy(b[t], draws[t], generator))
-        / finetuned[t]
+        normalized_score(_resampled_accuracy(a[t], draws[t], generator), finetuned[t], kinds.get(t, ACCURACY))
+        - normalized_score(
+            _resampled_accuracy(b[t], draws[t], generator), finetuned[t], kinds.get(t, ACCURACY)
+        )
         for t in a
     ) / len(a)
     low, high = _percentiles(diffs, level)
     tail = min(float((diffs <= 0).double().mean()), float((diffs >= 0).double().mean()))
-    estimate = normalized_average(a, finetuned) - normalized_average(b, finetuned)
+    estimate = normalized_average(a, finetuned, kinds) - normalized_average(b, finetuned, kinds)
     return Difference(estimate, low, high, level, p_value=min(1.0, 2 * tail))
 
 
@@ -187,11 +220,15 @@ def paired_difference(
 # Benchmark rows: per-example outcomes kept compactly in the results JSON, and a row's interval from its runs
 
 
-def pack_outcomes(outcomes: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def pack_outcomes(outcomes: Mapping[str, torch.Tensor]) -> dict[str, str | list[float]]:
     """Per task, 0/1 outcomes as a hex string of their bits (8 examples a byte; the length is kept as
-    ``"<n>:<hex>"``): a 1,000-example task is 255 characters of JSON instead of a list of 1,000 numbers."""
-    out = {}
+    ``"<n>:<hex>"``): a 1,000-example task is 255 characters of JSON instead of a list of 1,000 numbers.
+    Per-example losses (a float tensor) stay a list of floats."""
+    out: dict[str, str | list[float]] = {}
     for task, values in outcomes.items():
+        if torch.is_floating_point(torch.as_tensor(values)):
+            out[task] = [float(v) for v in torch.as_tensor(values).flatten()]
+            continue
         bits = torch.as_tensor(values).to(torch.bool).flatten()
         n = len(bits)
         padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8)
@@ -202,10 +239,13 @@ def pack_outcomes(outcomes: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return out
 
 
-def unpack_outcomes(packed: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`pack_outcomes`: per task, a bool tensor."""
+def unpack_outcomes(packed: Mapping[str, str | list[float]]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`pack_outcomes`: per task, a bool tensor (or a float64 one of losses)."""
     out = {}
     for task, text in packed.items():
+        if not isinstance(text, str):
+            out[task] = torch.tensor(text, dtype=torch.float64)
+            continue
         count, _, digits = text.partition(":")
         raw = torch.tensor(list(bytes.fromhex(digits)), dtype=torch.uint8)
         bits = (raw.unsqueeze(1) >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1

@@ -261,31 +261,57 @@ class PerplexityTask:
     ) -> dict[str, float]:
         """``loss`` (mean cross-entropy over every predicted token), ``perplexity`` = exp(loss), ``tokens``
         (the predicted ones) and ``windows``."""
-        module = module_of(model)
-        weights = check_params(module, params)
-        windows = self.windows()
-        size = batch_size or PERPLEXITY_BATCH
-        groups: list[list[torch.Tensor]] = []  # windows of one length batched together: no padding
-        for w in windows:
-            if groups and len(groups[-1]) < size and len(groups[-1][0]) == len(w):
-                groups[-1].append(w)
-            else:
-                groups.append([w])
-        total, count = 0.0, 0
-        with eval_mode(module), torch.inference_mode():
-            for group in tqdm(groups, desc=self.name, leave=False, disable=not progress):
-                ids = torch.stack(group).to(next(module.parameters()).device)
-                logits = run(module, weights, input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                predicted = logits[:, :-1].flatten(0, 1).double()
-                total += float(F.cross_entropy(predicted, ids[:, 1:].flatten(), reduction="sum"))
-                count += ids[:, 1:].numel()
+        sums, counts = self.window_sums(model, params, batch_size, progress)
+        total, count = float(sums.sum()), int(counts.sum())
         loss = total / count if count else math.nan
         return {
             "loss": loss,
             "perplexity": math.exp(loss) if count else math.nan,
             "tokens": count,
-            "windows": len(windows),
+            "windows": len(counts),
         }
+
+    def outcomes(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Each window's mean token cross-entropy (float64, in text order): what a bootstrap over windows
+        resamples (the windows are equally long but the last, so their mean is close to ``loss``)."""
+        sums, counts = self.window_sums(model, params, batch_size, progress)
+        return sums / counts
+
+    def window_sums(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per window, in text order: the summed token cross-entropy (float64) and the predicted tokens."""
+        module = module_of(model)
+        weights = check_params(module, params)
+        windows = self.windows()
+        size = batch_size or PERPLEXITY_BATCH
+        groups: list[list[int]] = []  # windows of one length batched together: no padding
+        for i, w in enumerate(windows):
+            if groups and len(groups[-1]) < size and len(windows[groups[-1][0]]) == len(w):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        sums = torch.zeros(len(windows), dtype=torch.float64)
+        counts = torch.tensor([len(w) - 1 for w in windows], dtype=torch.float64)
+        with eval_mode(module), torch.inference_mode():
+            for group in tqdm(groups, desc=self.name, leave=False, disable=not progress):
+                ids = torch.stack([windows[i] for i in group]).to(next(module.parameters()).device)
+                logits = run(module, weights, input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                losses = F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2).double(), ids[:, 1:], reduction="none"
+                ).sum(1)
+                sums[group] = losses.cpu()
+        return sums, counts
 
 
 def normalize_answer(text: str, stop_at_newline: bool = True) -> str:
@@ -399,13 +425,26 @@ class ExactMatchTask:
         progress: bool = False,
     ) -> dict[str, float]:
         """``exact_match``: the fraction of normalized continuations equal to the stripped answers."""
-        continuations = self.generate(model, params, batch_size, progress)
-        hits = sum(
-            normalize_answer(c, self.stop_at_newline) == a.strip()
-            for c, a in zip(continuations, self.answers)
-        )
+        hits = self.outcomes(model, params, batch_size, progress)
         n = len(self.answers)
-        return {"exact_match": hits / n if n else math.nan, "examples": n}
+        return {"exact_match": float(hits.sum()) / n if n else math.nan, "examples": n}
+
+    def outcomes(
+        self,
+        model: TaskModel | nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Whether each prompt's normalized continuation equals its stripped answer (bool, prompts' order)."""
+        continuations = self.generate(model, params, batch_size, progress)
+        return torch.tensor(
+            [
+                normalize_answer(c, self.stop_at_newline) == a.strip()
+                for c, a in zip(continuations, self.answers)
+            ],
+            dtype=torch.bool,
+        )
 
 
 def forward_parameters(module: nn.Module) -> set[str]:

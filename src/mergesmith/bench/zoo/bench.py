@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from mergesmith.api import merge_state_dicts
 from mergesmith.bench.confidence import bootstrap_normalized, pack_outcomes, paired_difference, runs_outcomes
 from mergesmith.bench.zoo.models import mean
-from mergesmith.bench.zoo.text8 import Zoo, summarize
+from mergesmith.bench.zoo.text8 import summarize
 from mergesmith.methods.registry import get_method
 
 
@@ -118,21 +119,29 @@ BENCH_METHODS: dict[str, BenchMethod] = {
 
 
 class Bench:
-    def __init__(self, zoo: Zoo, val_limit: int | None = None, progress: bool = True):
+    """Merges and scores on a suite: the built-in zoo (:class:`~mergesmith.bench.zoo.text8.Zoo`) or a user's
+    BENCH.yaml (:class:`~mergesmith.bench.suite.Suite`); both offer ``base_state()``, ``expert_states()``,
+    ``outcomes(state, split, limit)``, ``reference_outcomes()``, ``tasks``, ``kinds``, ``name`` and ``identity``."""
+
+    def __init__(self, zoo: Any, val_limit: int | None = None, progress: bool = True):
         self.zoo = zoo
         self.val_limit = val_limit
         self.progress = progress
-        self.base_state = zoo.state_dict(zoo.base)
-        self.expert_states = [zoo.state_dict(zoo.encoder_path(t)) for t in zoo.tasks]
-        self.finetuned = zoo.finetuned_accuracy("test")
+        self.kinds = zoo.kinds
+        self.base_state = zoo.base_state()
+        self.expert_states = zoo.expert_states()
+        self.reference = reference_rows(zoo, progress)
+        self.finetuned = self.reference["finetuned"]["accuracy"]
 
     def merged(self, method: str, params: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
         base = self.base_state if get_method(method).base.value != "ignored" else None
         return merge_state_dicts(base, self.expert_states, method, seed=seed, threads=2, **params)
 
     def val_score(self, method: str, params: dict[str, Any]) -> float:
-        acc = self.zoo.evaluate(self.merged(method, params), "val", limit=self.val_limit)
-        return mean(acc.values())
+        """The normalized average on the validation split (normalized by the experts' test scores: a fixed
+        weight per task, so it ranks settings as the test table does)."""
+        outcomes = self.zoo.outcomes(self.merged(method, params), "val", limit=self.val_limit)
+        return summarize(accuracies(outcomes), self.finetuned, self.kinds)["normalized"]
 
     def test_row(self, method: str, params: dict[str, Any], seeds: int) -> dict[str, Any]:
         runs = []
@@ -148,7 +157,7 @@ class Bench:
                     "accuracy": acc,
                     "outcomes": pack_outcomes(outcomes),
                     "merge_seconds": round(merge_seconds, 2),
-                    **summarize(acc, self.finetuned),
+                    **summarize(acc, self.finetuned, self.kinds),
                 }
             )
         return aggregate(runs) | {"params": params}
@@ -170,12 +179,14 @@ def sample_std(values: list[float]) -> float:
 
 
 def accuracies(outcomes: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {t: float(o.float().mean()) for t, o in outcomes.items()}
+    """Each task's value: the mean of its per-example outcomes (accuracy, or a loss task's mean loss)."""
+    return {t: float(o.double().mean()) for t, o in outcomes.items()}
 
 
-def reference_rows(zoo: Zoo, progress: bool = False) -> dict[str, dict[str, Any]]:
+def reference_rows(zoo: Any, progress: bool = False) -> dict[str, dict[str, Any]]:
     """Zero-shot, fine-tuned and multi-task rows, each with its test outcomes (for the intervals)."""
     outcomes = zoo.reference_outcomes(progress)
+    kinds = zoo.kinds
     finetuned = accuracies(outcomes["finetuned"])
     rows = {}
     for name, per_task in outcomes.items():
@@ -183,7 +194,7 @@ def reference_rows(zoo: Zoo, progress: bool = False) -> dict[str, dict[str, Any]
         run = {"seed": 0, "accuracy": acc, "outcomes": pack_outcomes(per_task)}
         rows[name] = {
             "accuracy": acc,
-            **summarize(acc, finetuned),
+            **summarize(acc, finetuned, kinds),
             "average_std": 0.0,
             "normalized_std": 0.0,
             "runs": [run],
@@ -211,19 +222,20 @@ def add_intervals(results: dict[str, Any]) -> None:
     if reference is None:
         return
     finetuned = reference["accuracy"]
+    kinds = results.get("kinds")
     anchor_entry = results.get("methods", {}).get("task_arithmetic")
     anchor = runs_outcomes(anchor_entry["default"]["runs"]) if anchor_entry else None
     for _, row in method_rows(results):
         outcomes = runs_outcomes(row.get("runs", []))
         if outcomes is None or set(outcomes) != set(finetuned):
             continue
-        row["ci"] = bootstrap_normalized(outcomes, finetuned).as_dict()
+        row["ci"] = bootstrap_normalized(outcomes, finetuned, kinds=kinds).as_dict()
         if anchor is not None and row is not anchor_entry["default"]:
-            row["vs_task_arithmetic"] = paired_difference(outcomes, anchor, finetuned).as_dict()
+            row["vs_task_arithmetic"] = paired_difference(outcomes, anchor, finetuned, kinds=kinds).as_dict()
 
 
 def run_bench(
-    zoo: Zoo,
+    zoo: Any,
     methods: Sequence[str] | None = None,
     seeds: int = 3,
     val_limit: int | None = None,
@@ -232,31 +244,41 @@ def run_bench(
     checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Grid-search each method on validation, then test the paper default and the best setting.
-    ``search=False`` tests the paper defaults only (the demo)."""
+    ``search=False`` tests the paper defaults only (the demo). With ``checkpoint``, each finished method is saved
+    there, and a rerun of the same suite and settings resumes at the first unfinished one."""
     bench = Bench(zoo, val_limit, progress)
     started = time.perf_counter()
     results: dict[str, Any] = {
-        "zoo": zoo.manifest["zoo"],
+        "zoo": zoo.name,
         "tasks": zoo.tasks,
+        "kinds": zoo.kinds,
         "seeds": seeds,
-        "config": zoo.manifest["config"],
-        "reference": reference_rows(zoo, progress),
+        "val_limit": val_limit,
+        "search": search,
+        "config": zoo.identity,
+        "reference": bench.reference,
         "methods": {},
     }
+    if checkpoint is not None and checkpoint.exists():
+        saved = json.loads(checkpoint.read_text())
+        same = ("tasks", "seeds", "val_limit", "search", "config")
+        if all(saved.get(k) == results[k] for k in same):
+            results["methods"] = saved.get("methods", {})
     chosen = [BENCH_METHODS[m] for m in (methods or BENCH_METHODS)]
-    total = sum(len(m.search) for m in chosen) if search else 0
+    todo = [spec for spec in chosen if spec.method not in results["methods"]]
+    total = sum(len(m.search) for m in todo) if search else 0
     bar = tqdm(total=total, desc="validation grid", unit="setting", disable=not progress or not search)
-    for spec in chosen:
+    for spec in todo:
         method_start = time.perf_counter()
         scores = []
         for params in spec.search if search else []:
-            scores.append({"params": params, "val_average": bench.val_score(spec.method, params)})
+            scores.append({"params": params, "val_score": bench.val_score(spec.method, params)})
             bar.update(1)
             bar.set_postfix_str(spec.method)
         best = (
-            max(scores, key=lambda s: s["val_average"])
+            max(scores, key=lambda s: s["val_score"])
             if scores
-            else {"params": spec.default, "val_average": None}
+            else {"params": spec.default, "val_score": None}
         )
         entry = {
             "note": spec.note,
@@ -264,7 +286,7 @@ def run_bench(
             # random methods: all seeds at the chosen setting, one (seed 0) at the default
             "default": bench.test_row(spec.method, spec.default, 1),
             "best": None,
-            "best_val_average": best["val_average"],
+            "best_val_score": best["val_score"],
             "seconds": 0.0,
         }
         random = get_method(spec.method).random
@@ -276,8 +298,11 @@ def run_bench(
         results["methods"][spec.method] = entry
         if checkpoint is not None:  # a long run keeps what it has finished
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text(json.dumps(results, indent=1) + "\n")
+            tmp = checkpoint.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+            tmp.replace(checkpoint)
     bar.close()
+    results["methods"] = {spec.method: results["methods"][spec.method] for spec in chosen}
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
@@ -325,12 +350,23 @@ REFERENCE_NAMES = {
 }
 
 
-def table_row(name: str, setting: str, row: dict[str, Any], tasks: Sequence[str]) -> str:
+def task_cell(value: float, kind: str) -> str:
+    """Accuracy in %, or a loss task's perplexity (exp of its mean window loss)."""
+    return f"{math.exp(value):.2f}" if kind == "loss" else format_cell(value)
+
+
+def table_row(
+    name: str, setting: str, row: dict[str, Any], tasks: Sequence[str], kinds: dict[str, str] | None = None
+) -> str:
+    kinds = kinds or {}
+    mixed = any(
+        k != "accuracy" for k in kinds.values()
+    )  # an average of accuracies and perplexities means nothing
     cells = [
         name,
         setting,
-        *[format_cell(row["accuracy"][t]) for t in tasks],
-        format_cell(row["average"], row.get("average_std", 0.0)),
+        *[task_cell(row["accuracy"][t], kinds.get(t, "accuracy")) for t in tasks],
+        "—" if mixed else format_cell(row["average"], row.get("average_std", 0.0)),
         format_interval(row),
         format_difference(row),
     ]
@@ -342,17 +378,19 @@ def markdown_table(results: dict[str, Any]) -> str:
     difference with task arithmetic (``*``: significant at 5 %)."""
     add_intervals(results)
     tasks = results["tasks"]
-    head = ["method", "setting", *[SHORT.get(t, t) for t in tasks], "avg", "norm. avg [95 % CI]", "vs TA"]
+    kinds = results.get("kinds") or {}
+    names = [SHORT.get(t, t) + (" (ppl)" if kinds.get(t) == "loss" else "") for t in tasks]
+    head = ["method", "setting", *names, "avg", "norm. avg [95 % CI]", "vs TA"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, row in results["reference"].items():
-        lines.append(table_row(REFERENCE_NAMES[key], "—", row, tasks))
+        lines.append(table_row(REFERENCE_NAMES[key], "—", row, tasks, kinds))
     for method, entry in results["methods"].items():
         settings = [("default", entry["default"])]
         if entry["best"]["params"] != entry["default"]["params"]:
             settings.append(("best on val", entry["best"]))
         for label, row in settings:
             params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "—"
-            lines.append(table_row(f"`{method}`", f"{label}: {params}", row, tasks))
+            lines.append(table_row(f"`{method}`", f"{label}: {params}", row, tasks, kinds))
     return "\n".join(lines) + "\n"
 
 
@@ -441,6 +479,7 @@ def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def write_reports(results: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}
+    add_intervals(results)  # the JSON keeps every row's interval and paired difference too
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
     paths["md"].write_text(markdown_table(results))
     plot(results, paths["png"])

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mergesmith.bench.confidence import pack_outcomes, unpack_outcomes
+from mergesmith.bench.confidence import normalized_score, pack_outcomes, unpack_outcomes
 from mergesmith.bench.zoo import text8_data
 from mergesmith.bench.zoo.models import (
     TrainConfig,
@@ -126,6 +126,25 @@ class Zoo:
     @property
     def base(self) -> Path:
         return self.root / "base"
+
+    # what the bench runs on (a BENCH.yaml suite offers the same: bench.suite.Suite)
+    @property
+    def name(self) -> str:
+        return self.manifest["zoo"]
+
+    @property
+    def identity(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        return {t: "accuracy" for t in self.tasks}
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        return self.state_dict(self.base)
+
+    def expert_states(self) -> list[dict[str, torch.Tensor]]:
+        return [self.state_dict(self.encoder_path(t)) for t in self.tasks]
 
     def encoder_path(self, task: str) -> Path:
         return self.root / "tasks" / task / "encoder"
@@ -269,8 +288,13 @@ def normalized_accuracy(acc: dict[str, float], finetuned: dict[str, float]) -> d
     return {t: acc[t] / finetuned[t] for t in acc}
 
 
-def summarize(acc: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
-    return {"average": mean(acc.values()), "normalized": mean(normalized_accuracy(acc, finetuned).values())}
+def summarize(
+    acc: dict[str, float], finetuned: dict[str, float], kinds: Mapping[str, str] | None = None
+) -> dict[str, float]:
+    """The average of the task values and the normalized average (a loss task: the ratio of perplexities)."""
+    kinds = kinds or {}
+    normalized = [normalized_score(acc[t], finetuned[t], kinds.get(t, "accuracy")) for t in acc]
+    return {"average": mean(acc.values()), "normalized": mean(normalized)}
 
 
 def _load_stages(root: Path, task: str, config: ZooConfig) -> dict:

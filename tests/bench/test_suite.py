@@ -1,0 +1,328 @@
+"""``mergesmith bench BENCH.yaml`` and ``mergesmith eval MODEL BENCH.yaml`` on tiny random models of two
+architectures: a BERT suite (a sequence classifier and an encoder with a head file) and a Llama suite (a sequence
+classifier, a perplexity task and an exact-match task). Each number is checked against an independent computation
+(the experts' own modules with the merged backbone loaded the ordinary way); a rerun resumes without merging;
+every bad input is a one-line error naming the file or key."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from mergesmith.bench.suite import Suite, backbone, folder_tensors
+from mergesmith.cli import main
+from mergesmith.fit.evaluate import ClassificationTask, PerplexityTask, load_exact_match, normalize_answer
+from tests.fit.tiny_models import (
+    build_tokenizer,
+    config,
+    linear_head,
+    write_classification,
+    write_prompts,
+    write_text,
+)
+
+
+def perturbed(module: torch.nn.Module, seed: int, names_under: str = "") -> None:
+    """'Fine-tuning': add seeded noise to the module's backbone weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith(names_under) and p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def with_backbone(module: torch.nn.Module, base: torch.nn.Module, prefix: str) -> torch.nn.Module:
+    """``module`` with its backbone replaced by ``base``'s weights (an ordinary load_state_dict)."""
+    state = {f"{prefix}.{k}": v for k, v in base.state_dict().items()}
+    module.load_state_dict(state, strict=False)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bert_suite(tmp_path_factory) -> Path:
+    from transformers import BertForSequenceClassification, BertModel
+
+    root = tmp_path_factory.mktemp("bert-suite")
+    torch.manual_seed(0)
+    base = BertModel(config("bert"))
+    base.save_pretrained(root / "base")
+    build_tokenizer(root / "base", with_cls=True)
+    torch.manual_seed(1)
+    classifier = with_backbone(BertForSequenceClassification(config("bert")), base, "bert")
+    perturbed(classifier, 1, "bert.")
+    classifier.save_pretrained(root / "cls")
+    build_tokenizer(root / "cls", with_cls=True)
+    encoder = BertModel(config("bert"))
+    encoder.load_state_dict(base.state_dict())
+    perturbed(encoder, 2)
+    encoder.save_pretrained(root / "enc")
+    build_tokenizer(root / "enc", with_cls=True)
+    save_file(linear_head(3), str(root / "head.safetensors"))
+    data = root / "data"
+    data.mkdir()
+    for task, seed in (("cls", 10), ("enc", 20)):
+        write_classification(data / f"{task}-val.jsonl", n=12, seed=seed)
+        write_classification(data / f"{task}-test.jsonl", n=40, seed=seed + 1)
+    spec = {
+        "name": "tiny-bert",
+        "base": "base",
+        "seeds": 2,
+        "out": "out",
+        "tasks": {
+            "cls": {"expert": "cls", "val": "data/cls-val.jsonl", "test": "data/cls-test.jsonl"},
+            "enc": {
+                "expert": "enc",
+                "head": "head.safetensors",
+                "val": "data/enc-val.jsonl",
+                "test": "data/enc-test.jsonl",
+            },
+        },
+    }
+    (root / "BENCH.yaml").write_text(yaml.safe_dump(spec))
+    return root / "BENCH.yaml"
+
+
+@pytest.fixture(scope="module")
+def llama_suite(tmp_path_factory) -> Path:
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("llama-suite")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config("llama"))
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)  # greedy continuations that vary with the prompt
+    base.save_pretrained(root / "base")
+    build_tokenizer(root / "base", with_cls=False)
+    torch.manual_seed(1)
+    classifier = with_backbone(LlamaForSequenceClassification(config("llama")), base.model, "model")
+    perturbed(classifier, 1, "model.")
+    classifier.save_pretrained(root / "cls")
+    for name, seed in (("lm", 2), ("qa", 3)):
+        lm = LlamaForCausalLM(config("llama"))
+        lm.load_state_dict(base.state_dict())
+        perturbed(lm, seed)
+        lm.save_pretrained(root / name)
+    for name in ("cls", "lm", "qa"):
+        build_tokenizer(root / name, with_cls=False)
+    data = root / "data"
+    data.mkdir()
+    write_classification(data / "cls-val.jsonl", n=8, seed=1)
+    write_classification(data / "cls-test.jsonl", n=30, seed=2)
+    write_text(data / "lm-val.txt", lines=20, seed=3)
+    write_text(data / "lm-test.txt", lines=60, seed=4)
+    for split, n, seed in (("val", 6, 5), ("test", 24, 6)):
+        # the answers are the qa expert's own greedy continuations: it scores 100 % on its task
+        path = write_prompts(data / f"qa-{split}.jsonl", n=n, seed=seed)
+        task, model = load_exact_match(root / "qa", path, max_new_tokens=3)
+        answers = [normalize_answer(c) for c in task.generate(model)]
+        write_prompts(path, n=n, seed=seed, answers=answers)
+    spec = {
+        "base": "base",
+        "seeds": 1,
+        "tasks": {
+            "cls": {"expert": "cls", "val": "data/cls-val.jsonl", "test": "data/cls-test.jsonl"},
+            "lm": {
+                "expert": "lm",
+                "metric": "perplexity",
+                "max_length": 16,
+                "val": "data/lm-val.txt",
+                "test": "data/lm-test.txt",
+            },
+            "qa": {
+                "expert": "qa",
+                "metric": "exact_match",
+                "max_new_tokens": 3,
+                "val": "data/qa-val.jsonl",
+                "test": "data/qa-test.jsonl",
+            },
+        },
+    }
+    (root / "BENCH.yaml").write_text(yaml.safe_dump(spec))
+    return root / "BENCH.yaml"
+
+
+def run(capsys, *args: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def mean_backbone(*folders: Path, prefix: str) -> dict[str, torch.Tensor]:
+    states = [backbone(folder_tensors(f), prefix) for f in folders]
+    return {k: sum(s[k] for s in states) / len(states) for k in states[0]}
+
+
+def test_bert_suite_end_to_end(bert_suite, capsys):
+    from transformers import AutoModelForSequenceClassification, BertModel
+
+    root = bert_suite.parent
+    code, _, _ = run(capsys, "bench", bert_suite, "--methods", "linear", "task_arithmetic")
+    assert code == 0
+    results = json.loads((root / "out" / "tiny-bert.json").read_text())
+    assert results["tasks"] == ["cls", "enc"] and results["kinds"] == {"cls": "accuracy", "enc": "accuracy"}
+    ref = results["reference"]
+    assert ref["finetuned"]["normalized"] == pytest.approx(1.0)
+    # the experts' accuracies and the zero-shot row, recomputed with ordinary modules
+    suite = Suite(bert_suite, progress=False)
+    cls_test = suite._tasks["cls"].splits["test"]
+    enc_test = suite._tasks["enc"].splits["test"]
+    expert = AutoModelForSequenceClassification.from_pretrained(root / "cls").eval()
+    assert ref["finetuned"]["accuracy"]["cls"] == pytest.approx(cls_test.evaluate(expert)["accuracy"])
+    base = BertModel.from_pretrained(root / "base")
+    zeroshot = with_backbone(AutoModelForSequenceClassification.from_pretrained(root / "cls"), base, "bert")
+    assert ref["zeroshot"]["accuracy"]["cls"] == pytest.approx(cls_test.evaluate(zeroshot.eval())["accuracy"])
+    # the linear row: the mean of the two backbones, loaded into each task's own model
+    merged = mean_backbone(root / "cls", root / "enc", prefix="bert")
+    model = AutoModelForSequenceClassification.from_pretrained(root / "cls")
+    model.load_state_dict({f"bert.{k}": v for k, v in merged.items()}, strict=False)
+    linear = results["methods"]["linear"]["default"]
+    assert linear["accuracy"]["cls"] == pytest.approx(cls_test.evaluate(model.eval())["accuracy"])
+    encoder = BertModel.from_pretrained(root / "enc", add_pooling_layer=False)
+    encoder.load_state_dict({k: v for k, v in merged.items() if not k.startswith("pooler.")})
+    head_model = suite._tasks["enc"].model
+    from mergesmith.fit.task import TaskModel
+
+    ours = ClassificationTask(enc_test.data).evaluate(TaskModel(encoder.eval(), head_model.head))["accuracy"]
+    assert linear["accuracy"]["enc"] == pytest.approx(ours)
+    # intervals and the table
+    assert linear["ci"]["low"] <= linear["normalized"] <= linear["ci"]["high"]
+    table = (root / "out" / "tiny-bert.md").read_text()
+    assert "norm. avg [95 % CI]" in table and "`task_arithmetic`" in table and "vs TA" in table
+    assert (root / "out" / "tiny-bert.png").stat().st_size > 1000
+
+
+def test_bert_suite_resumes_without_merging(bert_suite, capsys, monkeypatch):
+    from mergesmith.bench.zoo import bench
+
+    root = bert_suite.parent
+    run(capsys, "bench", bert_suite, "--methods", "linear")
+    first = json.loads((root / "out" / "tiny-bert.json").read_text())
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("a finished method was merged again")
+
+    monkeypatch.setattr(bench, "merge_state_dicts", no_merge)
+    code, _, _ = run(capsys, "bench", bert_suite, "--methods", "linear")
+    assert code == 0
+    again = json.loads((root / "out" / "tiny-bert.json").read_text())
+    assert (
+        again["methods"]["linear"]["default"]["accuracy"] == first["methods"]["linear"]["default"]["accuracy"]
+    )
+
+
+def test_eval_a_model_on_a_bench_file(bert_suite, capsys):
+    root = bert_suite.parent
+    code, out, _ = run(capsys, "eval", root / "cls", bert_suite, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["values"]["cls"] == pytest.approx(report["finetuned"]["cls"])  # the expert on its own task
+    assert report["ci"]["low"] <= report["normalized"] <= report["ci"]["high"]
+    code, out, _ = run(capsys, "eval", root / "base", bert_suite)
+    assert code == 0 and "normalized average" in out
+
+
+def test_llama_suite_with_causal_lm_tasks(llama_suite, capsys):
+    from transformers import AutoModelForCausalLM
+
+    root = llama_suite.parent
+    code, _, _ = run(capsys, "bench", llama_suite, "--methods", "linear")
+    assert code == 0
+    results = json.loads((root / "bench-out" / "BENCH.json").read_text())
+    assert results["kinds"] == {"cls": "accuracy", "lm": "loss", "qa": "accuracy"}
+    ref = results["reference"]
+    assert ref["finetuned"]["normalized"] == pytest.approx(1.0)
+    # perplexity of the zero-shot row: the base's backbone under the expert's own LM head, scored the ordinary way
+    suite = Suite(llama_suite, progress=False)
+    lm_task: PerplexityTask = suite._tasks["lm"].splits["test"]
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    zeroshot = with_backbone(AutoModelForCausalLM.from_pretrained(root / "lm"), base.model, "model").eval()
+    sums, counts = lm_task.window_sums(zeroshot)
+    assert ref["zeroshot"]["accuracy"]["lm"] == pytest.approx(float((sums / counts).mean()))
+    # its normalized score is the ratio of perplexities
+    ft_loss = ref["finetuned"]["accuracy"]["lm"]
+    zs_loss = ref["zeroshot"]["accuracy"]["lm"]
+    others = [ref["zeroshot"]["accuracy"][t] / ref["finetuned"]["accuracy"][t] for t in ("cls", "qa")]
+    expected = (math.exp(ft_loss - zs_loss) + sum(others)) / 3
+    assert ref["zeroshot"]["normalized"] == pytest.approx(expected)
+    assert ref["finetuned"]["accuracy"]["qa"] == 1.0
+    assert "lm (ppl)" in (root / "bench-out" / "BENCH.md").read_text()
+
+
+def edit(bench_file: Path, tmp_path: Path, change) -> Path:
+    """A copy of the suite's BENCH.yaml (same folder: its relative paths still hold) changed by ``change``."""
+    spec = yaml.safe_load(bench_file.read_text())
+    change(spec, bench_file.parent)
+    target = bench_file.parent / f"bad-{tmp_path.name}.yaml"
+    target.write_text(yaml.safe_dump(spec))
+    return target
+
+
+def set_task(key, value, task="cls"):
+    def change(spec, root):
+        spec["tasks"][task][key] = value
+
+    return change
+
+
+def write_labels(name, labels):
+    def change(spec, root):
+        rows = [{"text": "ba be", "label": y} for y in labels]
+        (root / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        spec["tasks"]["cls"]["test"] = f"data/{name}"
+
+    return change
+
+
+def other_architecture(spec, root):
+    from transformers import RobertaForSequenceClassification
+
+    if not (root / "roberta").exists():
+        RobertaForSequenceClassification(config("roberta")).save_pretrained(root / "roberta")
+        build_tokenizer(root / "roberta", with_cls=True)
+    spec["tasks"]["cls"]["expert"] = "roberta"
+
+
+def renamed_tensor(spec, root):
+    from safetensors.torch import load_file
+
+    if not (root / "renamed").exists():
+        (root / "renamed").mkdir()
+        for f in (root / "enc").iterdir():
+            (root / "renamed" / f.name).write_bytes(f.read_bytes())
+        state = load_file(root / "enc" / "model.safetensors")
+        key = next(k for k in state if k.endswith("query.weight"))
+        state[key.replace("query", "querry")] = state.pop(key)
+        save_file(state, str(root / "renamed" / "model.safetensors"), metadata={"format": "pt"})
+    spec["tasks"]["enc"]["expert"] = "renamed"
+
+
+BAD = [
+    (set_task("test", "data/missing.jsonl"), "data file not found"),
+    (set_task("text_column", "sentence"), "no 'sentence' column"),
+    (write_labels("big-label.jsonl", [0, 1, 7] * 10), "label 7 is outside the expert's 3 classes"),
+    (write_labels("few.jsonl", [0, 1, 2]), "has 3 examples; a test split needs at least 20"),
+    (other_architecture, "different backbones"),
+    (renamed_tensor, "different backbones"),
+    (set_task("expert", "nowhere"), "no such model folder"),
+    (set_task("heads", "x.safetensors"), "unknown key 'tasks.cls.heads'"),
+    (lambda spec, root: spec.pop("base"), "missing required key 'base'"),
+    (lambda spec, root: spec.update(methods=["nope"]), "'nope' is not in the benchmark"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m for _, m in BAD])
+def test_bad_bench_files_are_one_line_errors(bert_suite, tmp_path, capsys, change, message):
+    bad = edit(bert_suite, tmp_path, change)
+    code, _, err = run(capsys, "bench", bad, "--methods", "linear")
+    errors = [line for line in err.splitlines() if line.strip() and "\r" not in line and "shards" not in line]
+    assert code != 0 and len(errors) == 1 and message in errors[0], err  # one line (progress bars aside)
+    assert "Traceback" not in err
+    assert not (bad.parent / "out" / f"{bad.stem}.json").exists()  # nothing half-written
