@@ -291,6 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             step_scale=args.step_scale,
             only=args.methods,
             checkpoint=runs / f"{name}-data.json",
+            search=not args.no_search,
         )
         backdoor = databench.run_backdoor_bench(
             zoo,
@@ -308,6 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         val_limit=args.val_limit,
         checkpoint=Path(args.out) / f"{name}.partial.json",
+        search=not args.no_search,
     )
     paths = write_reports(results, Path(args.out), name)
     (Path(args.out) / f"{name}.partial.json").unlink(missing_ok=True)
@@ -338,6 +340,7 @@ def _bench_suite(args: argparse.Namespace) -> int:
         seeds=args.seeds or suite.spec.seeds,
         val_limit=args.val_limit or suite.spec.val_limit,
         checkpoint=out / "runs" / f"{name}.partial.json",
+        search=not args.no_search,
     )
     paths = write_reports(results, out, name)
     print(markdown_table(results))
@@ -583,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="use (and build) the quick zoo")
     p.add_argument("--val-limit", type=int, default=None, help="validation examples per task for the grid")
+    p.add_argument(
+        "--no-search", action="store_true", help="paper defaults only: no validation grid, no best-on-val rows"
+    )
     p.add_argument(
         "--out",
         default=BENCH_OUT_DEFAULT,

@@ -147,6 +147,10 @@ def test_router_sends_held_out_batches_to_their_task(setup, twin):
     report = evaluate(twin, setup["test"], batch_size=8)
     assert report["router_accuracy"] == {"a": 1.0, "b": 1.0}
     assert set(report["accuracy"]) == {"a", "b"}
+    for task in setup["test"]:  # per-example outcomes in data order: their mean is the accuracy
+        hits = report["outcomes"][task.name]
+        assert hits.dtype == torch.bool and len(hits) == len(task.data)
+        assert float(hits.float().mean()) == pytest.approx(report["accuracy"][task.name])
 
 
 def test_routing_modes(setup, twin):

@@ -491,23 +491,28 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of the dynamically merged model on each task, one task's batches at a time (routing a mixed
-    stream per batch would blend tasks), and the router's per-example accuracy (argmax = the task's index in
+    stream per batch would blend tasks), its per-example correctness (``outcomes``, in data order: what a
+    bootstrap interval resamples), and the router's per-example accuracy (argmax = the task's index in
     ``twin.task_names``; None for a task the router does not know)."""
     accuracy: dict[str, float] = {}
+    outcomes: dict[str, torch.Tensor] = {}
     router_accuracy: dict[str, float | None] = {}
     for task in tqdm(tasks, desc="twin eval", leave=False, disable=not progress):
-        correct = routed = 0
+        hits = []
+        routed = 0
         index = twin.task_names.index(task.name) if task.name in twin.task_names else None
         for batch in batches(task.data, batch_size):
-            correct += int((twin.logits(task.model, batch, routing).argmax(1) == batch.labels).sum())
+            hits.append(twin.logits(task.model, batch, routing).argmax(1) == batch.labels)
             if index is not None:
                 routed += int((twin.router_probs(batch, task.model).argmax(1) == index).sum())
         n = len(task.data)
-        accuracy[task.name] = correct / n if n else math.nan
+        outcomes[task.name] = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+        accuracy[task.name] = float(outcomes[task.name].sum()) / n if n else math.nan
         router_accuracy[task.name] = (routed / n if n else math.nan) if index is not None else None
     known = [v for v in router_accuracy.values() if v is not None]
     return {
         "accuracy": accuracy,
+        "outcomes": outcomes,
         "average": sum(accuracy.values()) / len(accuracy) if accuracy else math.nan,
         "router_accuracy": router_accuracy,
         "router_average": sum(known) / len(known) if known else None,

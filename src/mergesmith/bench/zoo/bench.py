@@ -476,11 +476,27 @@ def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def claims_markdown(checked: list[dict[str, Any]]) -> str:
+    """The papers' claims checked (``bench.zoo.claims``) as a Markdown table."""
+    head = "| paper | claim | rows (normalized %) | difference [95 % CI] | verdict |\n|---|---|---|---|---|\n"
+    lines = []
+    for c in checked:
+        d = c["difference"]
+        rows = f"`{c['first']}` {100 * c['first_normalized']:.1f} vs `{c['second']}` {100 * c['second_normalized']:.1f}"
+        cell = f"{100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+        lines.append(f"| {c['paper']} | {c['claim']} | {rows} | {cell} | **{c['verdict']}** |")
+    return head + "\n".join(lines) + "\n"
+
+
 def write_reports(results: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}
     add_intervals(results)  # the JSON keeps every row's interval and paired difference too
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["md"].write_text(markdown_table(results))
+    table = markdown_table(results)
+    if results.get("claims"):
+        table += "\n## The papers' claims, checked (paired bootstrap vs the second row)\n\n"
+        table += claims_markdown(results["claims"])
+    paths["md"].write_text(table)
     plot(results, paths["png"])
     return paths

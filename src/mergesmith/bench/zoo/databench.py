@@ -238,6 +238,7 @@ class DataBench:
             )
             acc = {t: float(report["accuracy"][t]) for t in self.zoo.tasks}
             info["router_accuracy"] = report.get("router_accuracy")
+            outcomes = report["outcomes"]
         else:
             fitted = None
             if row.split != "none":
@@ -252,11 +253,9 @@ class DataBench:
             )
             outcomes = self.zoo.outcomes(merged, split, limit=limit)
             acc = accuracies(outcomes)
-            if split == "test":  # what the row's 95 % interval resamples
-                info["outcomes"] = pack_outcomes(outcomes)
-        packed = info.pop("outcomes", None)
         return {
-            **({"outcomes": packed} if packed is not None else {}),
+            # test outcomes: what the row's 95 % interval resamples
+            **({"outcomes": pack_outcomes(outcomes)} if split == "test" else {}),
             "seed": seed,
             "accuracy": acc,
             "fit_seconds": round(fit_seconds, 1),

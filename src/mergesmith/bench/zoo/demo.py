@@ -1,5 +1,6 @@
 """``make demo``: build a quick text8 zoo (MiniLM-L6 fine-tuned on eight real text tasks, offline), merge the
-eight experts with a handful of methods at their papers' defaults, and print per-task and normalized accuracy.
+eight experts with a handful of methods at their papers' defaults, and print per-task accuracy and each row's
+normalized accuracy with its 95 % interval and its paired difference with task arithmetic.
 
 The full benchmark (every method, validation grids, 3 seeds) is ``mergesmith bench --zoo text8``; its committed
 results are in bench/results/text8.md.
