@@ -730,7 +730,7 @@ def attach(
     if "data_methods" in results:
         plot_data(results["data_methods"], results_path.with_name(results_path.stem + "-data.png"))
         extra += (
-            "\n## Data-driven methods (same zoo recipe, rebuilt; two data-free anchors re-run on it)\n\n"
+            "\n## Data-driven methods (the same zoo and test examples; two data-free anchors re-run beside them)\n\n"
             + data_markdown(results["data_methods"])
         )
     if "data_checks" in results and "data_methods" in results:
