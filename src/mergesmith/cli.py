@@ -587,7 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="use (and build) the quick zoo")
     p.add_argument("--val-limit", type=int, default=None, help="validation examples per task for the grid")
     p.add_argument(
-        "--no-search", action="store_true", help="paper defaults only: no validation grid, no best-on-val rows"
+        "--no-search",
+        action="store_true",
+        help="paper defaults only: no validation grid, no best-on-val rows",
     )
     p.add_argument(
         "--out",

@@ -14,7 +14,11 @@ def row(hits_a: int, hits_b: int, n: int = 400) -> dict:
     """A row with ``hits_*`` of ``n`` examples right on tasks a and b (the first ones; rows share examples)."""
     outcomes = {"a": torch.arange(n) < hits_a, "b": torch.arange(n) < hits_b}
     acc = {t: float(o.float().mean()) for t, o in outcomes.items()}
-    return {"accuracy": acc, "normalized": sum(acc.values()) / 2, "runs": [{"outcomes": pack_outcomes(outcomes)}]}
+    return {
+        "accuracy": acc,
+        "normalized": sum(acc.values()) / 2,
+        "runs": [{"outcomes": pack_outcomes(outcomes)}],
+    }
 
 
 def entry(r: dict) -> dict:

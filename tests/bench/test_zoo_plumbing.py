@@ -114,14 +114,20 @@ def test_combine_runs_in_method_order():
 
 
 @pytest.mark.parametrize("protocol", ["joint", "descriptions", "lpft"])
-def test_head_protocols(protocol, tmp_path):
+def test_head_protocols(protocol, tmp_path, monkeypatch):
     """joint: the head trains with the encoder (zero-shot = the base with the trained head; the multi-task
     model keeps its own heads); descriptions: frozen rows of unit class-description embeddings × a scale;
     lpft: a frozen probe. Each manifest's zero-shot accuracy is what the evaluator measures."""
     from safetensors.torch import load_file
 
+    from mergesmith.bench.zoo import text8_data
     from tests.bench.zoo_fixtures import tiny_bert
 
+    monkeypatch.setattr(
+        text8_data,
+        "CLASS_DESCRIPTIONS",
+        {"a": ("apple banana cherry", "river mountain forest"), "b": ("red blue green", "fast slow")},
+    )
     config = ZooConfig(
         n_train=40, n_val=20, n_test=20, epochs=1, batch_size=8, lr=1e-3, head_lr=1e-2, probe_steps=20,
         bf16=False, protocol=protocol,
@@ -161,3 +167,21 @@ def test_reference_outcomes_are_cached_and_match_the_manifest(zoo):
         assert all(torch.equal(rows[t], again[name][t]) for t in rows)
         for t in zoo.tasks:
             assert float(rows[t].float().mean()) == pytest.approx(zoo.manifest["accuracy"][name][t]["test"])
+
+
+def test_description_heads_must_differ(tmp_path):
+    """Descriptions the tokenizer cannot tell apart (here: words outside the tiny vocabulary, all [UNK]) would
+    give a head whose classes always tie: a one-line error instead."""
+    from mergesmith.bench.zoo.models import description_head, load_encoder
+    from mergesmith.errors import MergeError
+    from tests.bench.zoo_fixtures import tiny_bert
+
+    folder = tiny_bert(tmp_path / "bert")
+    from transformers import AutoTokenizer
+
+    encoder, tokenizer = load_encoder(folder), AutoTokenizer.from_pretrained(folder)
+    features = torch.ones(4, encoder.config.hidden_size)
+    with pytest.raises(MergeError, match="embed identically"):
+        description_head(encoder, tokenizer, ["x", "y"], features, bf16=False)
+    head = description_head(encoder, tokenizer, ["apple banana", "river forest"], features, bf16=False)
+    assert head["weight"].shape == (2, encoder.config.hidden_size)

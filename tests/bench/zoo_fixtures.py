@@ -47,11 +47,20 @@ def fixture_task(name: str) -> TaskData:
 
 
 def build_tiny_zoo(root):
-    """A two-task zoo ('a', 'b') on a tiny random BERT: 40/20/20 examples per task, one epoch, seconds."""
+    """A two-task zoo ('a', 'b') on a tiny random BERT: 40/20/20 examples per task, one epoch, seconds. LP-FT heads:
+    the fixture's class names ("x", "y") are not in the tiny vocabulary, so description heads would be degenerate."""
     from mergesmith.bench.zoo.text8 import Zoo, ZooConfig, build_zoo
 
     config = ZooConfig(
-        n_train=40, n_val=20, n_test=20, epochs=1, batch_size=8, lr=1e-3, probe_steps=50, bf16=False
+        n_train=40,
+        n_val=20,
+        n_test=20,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        probe_steps=50,
+        bf16=False,
+        protocol="lpft",
     )
     path = build_zoo(
         tasks=["a", "b"],

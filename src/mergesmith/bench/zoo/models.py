@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mergesmith.errors import MergeError
 from mergesmith.fit.data import Encoded, encode, mean_pool
 from mergesmith.fit.evaluate import ClassificationTask
 from mergesmith.fit.task import TaskModel
@@ -93,6 +94,13 @@ def description_head(
     pooled features (their mean norm sets the scale)."""
     data = encode(tokenizer, list(descriptions), [0] * len(descriptions))
     rows = F.normalize(pooled(encoder, data, bf16=bf16), dim=-1)
+    similarity = rows @ rows.T - 2 * torch.eye(len(rows))
+    if len(rows) > 1 and float(similarity.max()) > 0.9999:
+        i, j = divmod(int(similarity.argmax()), len(rows))
+        raise MergeError(
+            f"class descriptions {descriptions[i]!r} and {descriptions[j]!r} embed identically (the tokenizer may "
+            "not know their words); write distinct descriptions, or use protocol joint or lpft"
+        )
     mean_norm = float(features.norm(dim=-1).mean())
     return {"weight": rows * (scale / mean_norm), "bias": torch.zeros(len(descriptions))}
 
