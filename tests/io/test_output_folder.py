@@ -289,6 +289,9 @@ def start_merge(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        # a shell that runs the tests in the background (`make test &`, nohup) starts them with SIGINT ignored, and
+        # the child would inherit that: Python then installs no KeyboardInterrupt handler and the merge runs on
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
