@@ -28,9 +28,11 @@ interval bit for bit.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -260,3 +262,20 @@ def runs_outcomes(runs: list[Mapping[str, object]]) -> dict[str, torch.Tensor] |
         return None
     unpacked = [unpack_outcomes(run["outcomes"]) for run in runs]  # type: ignore[arg-type]
     return {task: torch.stack([u[task] for u in unpacked]) for task in unpacked[0]}
+
+
+def cached_outcomes(
+    path: Path, key: Mapping[str, object], compute: Callable[[], dict[str, dict[str, torch.Tensor]]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Named rows of per-task outcomes kept in a JSON file under ``key``: read when the file has the same key,
+    else computed and written (by rename, so an interrupted write leaves no half file)."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return {name: unpack_outcomes(rows) for name, rows in saved["rows"].items()}
+    rows = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "rows": {n: pack_outcomes(r) for n, r in rows.items()}}) + "\n")
+    tmp.replace(path)
+    return rows

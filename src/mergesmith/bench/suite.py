@@ -55,7 +55,6 @@ stopped run resumes at the first unfinished method. Every mistake is a one-line 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +65,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 
-from mergesmith.bench.confidence import ACCURACY, LOSS, pack_outcomes, unpack_outcomes
+from mergesmith.bench.confidence import ACCURACY, LOSS, cached_outcomes
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit import evaluate as ev
 from mergesmith.fit.data import encode
@@ -409,24 +408,18 @@ class Suite:
     def reference_outcomes(self, progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """``finetuned`` (each expert on its task) and ``zeroshot`` (the base's backbone with each task's
         head), kept in ``<out>/runs/<name>.reference.json`` under the suite's fingerprint."""
-        path = self.out / "runs" / f"{self.name}.reference.json"
-        if path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("identity") == self.identity:
-                return {k: unpack_outcomes(v) for k, v in saved["rows"].items()}
-        rows = {"zeroshot": self.outcomes(self._base), "finetuned": self.outcomes(None)}
-        for t, values in rows["finetuned"].items():
-            if self.kinds[t] == ACCURACY and not bool(values.any()):
-                raise RecipeError(
-                    f"{self.path}: tasks.{t}: the expert scores 0 on its own test data, so no score can be "
-                    "normalized by it; check expert:, the data's labels or answers, and metric:"
-                )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        packed = {k: pack_outcomes(v) for k, v in rows.items()}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"identity": self.identity, "rows": packed}) + "\n")
-        tmp.replace(path)
-        return rows
+
+        def compute() -> dict[str, dict[str, torch.Tensor]]:
+            rows = {"zeroshot": self.outcomes(self._base), "finetuned": self.outcomes(None)}
+            for t, values in rows["finetuned"].items():
+                if self.kinds[t] == ACCURACY and not bool(values.any()):
+                    raise RecipeError(
+                        f"{self.path}: tasks.{t}: the expert scores 0 on its own test data, so no score can be "
+                        "normalized by it; check expert:, the data's labels or answers, and metric:"
+                    )
+            return rows
+
+        return cached_outcomes(self.out / "runs" / f"{self.name}.reference.json", self.identity, compute)
 
 
 def check_methods(methods: Sequence[str] | None, known: Mapping[str, Any], where: Path) -> None:

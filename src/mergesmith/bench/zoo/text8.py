@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mergesmith.bench.confidence import normalized_score, pack_outcomes, unpack_outcomes
+from mergesmith.bench.confidence import cached_outcomes, normalized_score
 from mergesmith.bench.zoo import text8_data
 from mergesmith.bench.zoo.models import (
     TrainConfig,
@@ -260,24 +260,20 @@ class Zoo:
         """Test outcomes of the reference rows: ``zeroshot`` (the base with each task's head), ``finetuned``
         (each expert on its own task) and ``multitask`` (when built), computed once and kept in the zoo folder
         (``reference-outcomes.json``, tied to the manifest's config)."""
-        path = self.root / "reference-outcomes.json"
-        if path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("config") == self.manifest["config"] and saved.get("tasks") == self.tasks:
-                return {name: unpack_outcomes(rows) for name, rows in saved["rows"].items()}
-        rows = {"zeroshot": self.outcomes(self.base, progress=progress)}
-        rows["finetuned"] = {
-            t: self.outcomes(self.encoder_path(t), tasks=[t], progress=progress)[t] for t in self.tasks
-        }
-        if self.multitask_path.is_dir():
-            rows["multitask"] = self.outcomes(
-                self.multitask_path, heads=self.multitask_heads(), progress=progress
-            )
-        packed = {name: pack_outcomes(r) for name, r in rows.items()}
-        path.write_text(
-            json.dumps({"config": self.manifest["config"], "tasks": self.tasks, "rows": packed}) + "\n"
-        )
-        return rows
+
+        def compute() -> dict[str, dict[str, torch.Tensor]]:
+            rows = {"zeroshot": self.outcomes(self.base, progress=progress)}
+            rows["finetuned"] = {
+                t: self.outcomes(self.encoder_path(t), tasks=[t], progress=progress)[t] for t in self.tasks
+            }
+            if self.multitask_path.is_dir():
+                rows["multitask"] = self.outcomes(
+                    self.multitask_path, heads=self.multitask_heads(), progress=progress
+                )
+            return rows
+
+        key = {"config": self.manifest["config"], "tasks": self.tasks}
+        return cached_outcomes(self.root / "reference-outcomes.json", key, compute)
 
     def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
         return {t: self.manifest["accuracy"]["finetuned"][t][split] for t in self.tasks}
