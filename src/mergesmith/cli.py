@@ -293,15 +293,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             checkpoint=runs / f"{name}-data.json",
             search=not args.no_search,
         )
-        backdoor = databench.run_backdoor_bench(
-            zoo,
-            seeds=args.seeds,
-            step_scale=args.step_scale,
-            checkpoint=runs / f"{name}-backdoor.json",
-            chosen=databench.validation_choices(data),
-        )
+        backdoor = None
+        if not args.no_backdoor:
+            backdoor = databench.run_backdoor_bench(
+                zoo,
+                seeds=args.seeds,
+                step_scale=args.step_scale,
+                checkpoint=runs / f"{name}-backdoor.json",
+                chosen=databench.validation_choices(data),
+            )
         databench.attach(target, data, backdoor)
-        print(databench.data_markdown(data) + "\n" + databench.backdoor_markdown(backdoor))
+        print(databench.data_markdown(data))
+        if backdoor is not None:
+            print(databench.backdoor_markdown(backdoor))
         return 0
     results = run_bench(
         zoo,
@@ -609,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.02,
         help="with --data: fraction of the papers' step counts (CPU budget; default 0.02, the committed "
         "rows')",
+    )
+    p.add_argument(
+        "--no-backdoor",
+        action="store_true",
+        help="with --data: the data rows only; the backdoor scenario already in the results is kept",
     )
     p.add_argument(
         "--checks",

@@ -396,7 +396,7 @@ CHECKS = (
         "5 × the steps at 1/5 of the rate",
         0.1,
     ),
-    Check("adamerging_steps1", "adamerging", "the paper's schedule", 1.0, seeds=3),
+    Check("adamerging_steps1", "adamerging", "the paper's schedule", 1.0),
     Check("fisher_n128", "fisher", "4 × the row's training texts", n_examples=128),
     Check("fisher_n512", "fisher", "16 × the row's training texts", n_examples=512),
 )
