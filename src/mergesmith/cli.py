@@ -141,6 +141,7 @@ EVAL_DEFAULTS = {
 
 
 BENCH_OUT_DEFAULT = "bench/results"
+ZOO_STEP_SCALE = 0.02  # the committed data rows' schedules: 2 % of the papers' steps (CPU budget)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -288,7 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data = databench.run_data_bench(
             zoo,
             seeds=args.seeds,
-            step_scale=args.step_scale,
+            step_scale=ZOO_STEP_SCALE if args.step_scale is None else args.step_scale,
             only=args.methods,
             checkpoint=runs / f"{name}-data.json",
             search=not args.no_search,
@@ -298,7 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             backdoor = databench.run_backdoor_bench(
                 zoo,
                 seeds=args.seeds,
-                step_scale=args.step_scale,
+                step_scale=ZOO_STEP_SCALE if args.step_scale is None else args.step_scale,
                 checkpoint=runs / f"{name}-backdoor.json",
                 chosen=databench.validation_choices(data),
             )
@@ -323,25 +324,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_suite(args: argparse.Namespace) -> int:
-    """``mergesmith bench BENCH.yaml``: the data-free benchmark on the user's own base and experts; finished
-    methods are kept in <out>/runs/ so that a stopped run resumes."""
+    """``mergesmith bench BENCH.yaml``: the data-free benchmark on the user's own base and experts (``--data``:
+    the data-driven rows, added to its results); finished rows are kept in <out>/runs/ so that a stopped run
+    resumes."""
+    import json
     from pathlib import Path
 
     from mergesmith.bench.suite import Suite, check_methods
     from mergesmith.bench.zoo.bench import BENCH_METHODS, markdown_table, run_bench, write_reports
 
-    if args.data or args.checks or args.report or args.quick:
-        raise MergeError("--data, --checks, --report and --quick go with the built-in zoo, not a BENCH.yaml")
+    if args.checks or args.report or args.quick:
+        raise MergeError("--checks, --report and --quick go with the built-in zoo, not a BENCH.yaml")
     suite = Suite(args.bench_file)
+    out = Path(args.out) if args.out != BENCH_OUT_DEFAULT else suite.out
+    name = args.name or suite.name
+    seeds = args.seeds or suite.spec.seeds
+    if args.data:
+        from mergesmith.bench.zoo import databench
+
+        known = {r.key: r for r in databench.rows()}
+        check_methods(suite.spec.data_methods, known, suite.path)
+        check_methods(args.methods, known, suite.path)
+        only = args.methods or suite.spec.data_methods
+        suite.check_data_rows(sorted({r.split for r in known.values() if only is None or r.key in only}))
+        target = out / f"{name}.json"
+        if not target.exists():
+            raise MergeError(
+                f"{target}: run `mergesmith bench {args.bench_file}` first; the data-driven rows are added to "
+                "its results"
+            )
+        stored = json.loads(target.read_text())
+        if stored.get("config") != suite.identity:
+            raise MergeError(
+                f"{target}: made from another version of {suite.path} (its files or models changed); rerun "
+                f"`mergesmith bench {args.bench_file}` first"
+            )
+        step_scale = args.step_scale or suite.spec.step_scale or 1.0
+        data = databench.run_data_bench(
+            suite,
+            seeds=seeds,
+            step_scale=step_scale,
+            only=only,
+            checkpoint=out / "runs" / f"{name}-data.json",
+            search=not args.no_search,
+        )
+        databench.attach(target, data, None)
+        print(databench.data_markdown(data))
+        return 0
     check_methods(suite.spec.methods, BENCH_METHODS, suite.path)
     check_methods(args.methods, BENCH_METHODS, suite.path)
     methods = args.methods or suite.spec.methods
-    out = Path(args.out) if args.out != BENCH_OUT_DEFAULT else suite.out
-    name = args.name or suite.name
     results = run_bench(
         suite,
         methods=methods,
-        seeds=args.seeds or suite.spec.seeds,
+        seeds=seeds,
         val_limit=args.val_limit or suite.spec.val_limit,
         checkpoint=out / "runs" / f"{name}.partial.json",
         search=not args.no_search,
@@ -610,9 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step-scale",
         type=float,
-        default=0.02,
-        help="with --data: fraction of the papers' step counts (CPU budget; default 0.02, the committed "
-        "rows')",
+        default=None,
+        help="with --data: fraction of the papers' step counts (CPU budget; the zoo's default 0.02, the "
+        "committed rows'; a BENCH.yaml's step_scale:, else 1: the papers' schedules)",
     )
     p.add_argument(
         "--no-backdoor",

@@ -67,6 +67,7 @@ def bert_suite(tmp_path_factory) -> Path:
     data = root / "data"
     data.mkdir()
     for task, seed in (("cls", 10), ("enc", 20)):
+        write_classification(data / f"{task}-train.jsonl", n=16, seed=seed + 2)
         write_classification(data / f"{task}-val.jsonl", n=12, seed=seed)
         write_classification(data / f"{task}-test.jsonl", n=40, seed=seed + 1)
     spec = {
@@ -75,10 +76,16 @@ def bert_suite(tmp_path_factory) -> Path:
         "seeds": 2,
         "out": "out",
         "tasks": {
-            "cls": {"expert": "cls", "val": "data/cls-val.jsonl", "test": "data/cls-test.jsonl"},
+            "cls": {
+                "expert": "cls",
+                "train": "data/cls-train.jsonl",
+                "val": "data/cls-val.jsonl",
+                "test": "data/cls-test.jsonl",
+            },
             "enc": {
                 "expert": "enc",
                 "head": "head.safetensors",
+                "train": "data/enc-train.jsonl",
                 "val": "data/enc-val.jsonl",
                 "test": "data/enc-test.jsonl",
             },
@@ -326,3 +333,114 @@ def test_bad_bench_files_are_one_line_errors(bert_suite, tmp_path, capsys, chang
     assert code != 0 and len(errors) == 1 and message in errors[0], err  # one line (progress bars aside)
     assert "Traceback" not in err
     assert not (bad.parent / "out" / f"{bad.stem}.json").exists()  # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --data: the data-driven rows on a BENCH.yaml
+
+
+def test_fit_tasks_name_parameters_as_the_merged_backbone(bert_suite):
+    """A classifier's fit task runs its backbone under the backbone's own names (the head is never merged), so
+    that classifier and head-file tasks fit in one name space; its pooled features are its last hidden layer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from mergesmith.fit.data import mean_pool
+
+    suite = Suite(bert_suite, progress=False)
+    names = set(suite.base_state())
+    for name in ("cls", "enc"):
+        task = suite.task(name, "train", limit=4)
+        assert set(task.model.merge_names()) <= names
+        assert not any(n.startswith(("classifier.", "bert.")) for n in task.model.merge_names())
+        assert len(task.data) == 4 and task.labeled
+    cls = suite.task("cls", "train", limit=4, labeled=False)
+    assert bool((cls.data.labels == -1).all())
+    expert = AutoModelForSequenceClassification.from_pretrained(bert_suite.parent / "cls").eval()
+    batch = cls.data
+    with torch.no_grad():
+        want = mean_pool(
+            expert.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state,
+            batch.attention_mask,
+        )
+        # params= under backbone names reach the backbone: the base's weights give the base's logits
+        base_state = suite.base_state()
+        zeroshot = with_backbone(
+            AutoModelForSequenceClassification.from_pretrained(bert_suite.parent / "cls"),
+            type(expert.bert).from_pretrained(bert_suite.parent / "base"),
+            "bert",
+        ).eval()
+        got_logits = cls.model.logits(batch, {n: base_state[n] for n in cls.model.merge_names()})
+        want_logits = zeroshot(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(cls.model.features(batch), want)
+    torch.testing.assert_close(got_logits, want_logits)
+
+
+def test_bert_suite_data_rows(bert_suite, capsys, monkeypatch):
+    root = bert_suite.parent
+    assert run(capsys, "bench", bert_suite, "--methods", "task_arithmetic", "--no-search")[0] == 0
+    rows = ["fisher", "regmean", "adamerging", "twin", "dam"]
+    args = ["bench", bert_suite, "--data", "--step-scale", "0.01", "--seeds", "1", "--no-search"]
+    code, out, err = run(capsys, *args, "--methods", *rows)
+    assert code == 0, err
+    results = json.loads((root / "out" / "tiny-bert.json").read_text())
+    data = results["data_methods"]
+    assert list(data["methods"]) == rows and data["step_scale"] == 0.01
+    for key in rows:
+        row = data["methods"][key]
+        assert set(row["accuracy"]) == {"cls", "enc"}
+        assert row["ci"]["low"] <= row["normalized"] <= row["ci"]["high"]
+        assert "vs_task_arithmetic" in row
+    assert data["methods"]["twin"]["runs"][0]["info"]["router_accuracy"] is not None
+    assert "`regmean`" in out and "`twin`" in (root / "out" / "tiny-bert.md").read_text()
+    assert (root / "out" / "tiny-bert-data.png").stat().st_size > 1000
+
+    # finished rows resume without fitting again
+    from mergesmith.bench.zoo import databench
+
+    def no_fit(*a, **k):
+        raise AssertionError("a finished row was fitted again")
+
+    monkeypatch.setattr(databench, "fit_state_dicts", no_fit)
+    monkeypatch.setattr(databench, "build_twin", no_fit)
+    assert run(capsys, *args, "--methods", *rows)[0] == 0
+    again = json.loads((root / "out" / "tiny-bert.json").read_text())["data_methods"]
+    assert again["methods"]["fisher"]["accuracy"] == data["methods"]["fisher"]["accuracy"]
+
+
+def test_data_rows_of_identical_experts_keep_the_expert(tmp_path, bert_suite, capsys):
+    """Fisher and RegMean merges of one expert given twice are that expert: each task scores what the expert
+    scores (normalized 100 %), whichever data each task brings."""
+    root = bert_suite.parent
+    spec = yaml.safe_load(bert_suite.read_text())
+    cls = spec["tasks"]["cls"]
+    spec["tasks"] = {"a": cls, "b": {**cls, "train": "data/enc-train.jsonl", "test": "data/enc-test.jsonl"}}
+    spec.update(name="twice", out=str(tmp_path / "out"))
+    spec["base"] = str(root / "base")
+    for task in spec["tasks"].values():
+        for key in ("expert", "train", "val", "test"):
+            task[key] = str(root / task[key])
+    path = tmp_path / "BENCH.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert run(capsys, "bench", path, "--methods", "task_arithmetic", "--no-search")[0] == 0
+    code, _, err = run(capsys, "bench", path, "--data", "--methods", "fisher", "regmean", "--no-search")
+    assert code == 0, err
+    data = json.loads((tmp_path / "out" / "twice.json").read_text())["data_methods"]
+    for key in ("fisher", "regmean"):
+        assert data["methods"][key]["accuracy"] == pytest.approx(data["finetuned"]), key
+
+
+def test_data_rows_need_classification_tasks_and_training_texts(bert_suite, llama_suite, tmp_path, capsys):
+    code, _, err = run(capsys, "bench", llama_suite, "--data", "--methods", "adamerging")
+    assert code != 0 and "tasks.lm: the data-driven rows fit on classification tasks" in err
+
+    def drop_train(spec, root):
+        spec["tasks"]["enc"].pop("train")
+        spec["name"] = "no-train"
+
+    no_train = edit(bert_suite, tmp_path, drop_train)
+    assert run(capsys, "bench", no_train, "--methods", "task_arithmetic", "--no-search")[0] == 0
+    code, _, err = run(capsys, "bench", no_train, "--data", "--methods", "fisher")
+    assert code != 0 and "tasks.enc: Fisher, RegMean and Twin-Merging fit on labeled training texts" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+    code, _, err = run(capsys, "bench", no_train, "--data", "--methods", "nope")
+    assert code != 0 and "'nope' is not in the benchmark" in err

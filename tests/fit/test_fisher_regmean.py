@@ -273,6 +273,16 @@ def test_regmean_rule_layouts_and_averages():
     torch.testing.assert_close(merged["lin.bias"], torch.full((3,), 2.0 / 3.0, dtype=torch.float64))
 
 
+def test_regmean_model_without_a_gram_has_no_inputs_there():
+    """A model whose forward never reaches a layer has no Gram for it: its term of the objective is zero, so
+    the layer is the others' least-squares solution (here: the one model that reaches it)."""
+    xs, ws = least_squares_problem(seed=4)
+    theta = [{"lin.weight": w.T.contiguous()} for w in ws]
+    fit = FitResult({gram_key(0, "lin.weight"): xs[0].T @ xs[0]}, {})
+    merged = merge_state_dicts(None, theta, "regmean", fitted=fit, alpha=1.0)
+    torch.testing.assert_close(merged["lin.weight"], ws[0].T)
+
+
 class TinyTagger(nn.Module):
     """Embedding → Linear → ReLU → HF Conv1D → masked mean → Linear: real inputs for the Gram hooks."""
 

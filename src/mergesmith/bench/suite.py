@@ -10,10 +10,13 @@ methods, each row's normalized average with its 95 % interval and its paired dif
     seeds: 3                            # runs of random methods (DARE, DELLA) at the chosen setting
     val_limit: 200                      # validation examples per task for the grids (default: all)
     methods: [task_arithmetic, ties]    # default: every data-free method of the built-in benchmark
+    data_methods: [regmean, adamerging] # ``--data`` rows (default: all of the built-in data table's)
+    step_scale: 0.1                     # ``--data``: fraction of the papers' step counts (default 1)
     out: bench-out                      # results folder (default: bench-out/ beside this file)
     tasks:
       sst2:                             # a sequence classifier: its own head
         expert: models/sst2
+        train: data/sst2-train.jsonl    # optional: what Fisher, RegMean and Twin-Merging fit on (--data)
         val: data/sst2-val.jsonl        # JSONL or CSV
         test: data/sst2-test.csv
         text_column: sentence           # default text
@@ -47,6 +50,10 @@ perplexity / this row's (``mergesmith.bench.confidence``). Perplexity here is ex
 each window's mean token loss (windows of the model's context, at most 1,024 tokens; the bootstrap resamples
 windows).
 
+``mergesmith bench BENCH.yaml --data`` adds the data-driven rows of the built-in benchmark
+(:mod:`mergesmith.bench.zoo.databench`), which fit on classification tasks: Fisher, RegMean and Twin-Merging on
+``train:``, AdaMerging, Concrete and DAM on the unlabeled ``test:`` inputs.
+
 Finished rows are kept in ``<out>/runs/<name>.partial.json`` and the reference rows' outcomes in
 ``<out>/runs/<name>.reference.json``, both tied to a fingerprint of the file, the data and the model folders: a
 stopped run resumes at the first unfinished method. Every mistake is a one-line error naming the file or key.
@@ -56,7 +63,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,9 +75,9 @@ from safetensors import safe_open
 from mergesmith.bench.confidence import ACCURACY, LOSS, cached_outcomes
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit import evaluate as ev
-from mergesmith.fit.data import encode
+from mergesmith.fit.data import Encoded, encode
 from mergesmith.fit.hf import load_causal_lm, load_classifier, load_encoder, load_tokenizer
-from mergesmith.fit.task import TaskModel
+from mergesmith.fit.task import Task, TaskModel
 from mergesmith.recipe.data import MAX_LENGTH, DataSpec, read_examples
 
 MIN_TEST = 20  # test examples (windows for perplexity) a task needs for an interval that means something
@@ -88,6 +95,7 @@ class TaskSpec(BaseModel):
     pooling: Literal["mean", "cls", "last"] | None = None
     val: str
     test: str
+    train: str | None = None  # labeled training texts: what Fisher, RegMean and Twin-Merging fit on (--data)
     metric: Literal["accuracy", "exact_match", "perplexity"] = "accuracy"
     text_column: str = "text"
     label_column: str = "label"
@@ -108,6 +116,8 @@ class BenchSpec(BaseModel):
     methods: list[str] | None = None
     seeds: int = Field(default=3, ge=1)
     val_limit: int | None = Field(default=None, ge=1)
+    data_methods: list[str] | None = None  # the data-driven rows of --data (default: all of them)
+    step_scale: float | None = Field(default=None, gt=0, le=1)  # --data: fraction of the papers' steps (1)
     out: str | None = None
 
 
@@ -181,6 +191,11 @@ class SuiteTask:
     module_names: frozenset[str]  # the module's weights: a merged tensor it lacks (BERT's pooler) is skipped
 
     @property
+    def fit_model(self) -> TaskModel:
+        """The task's model as data-driven fits run it: parameters named as the merged backbone."""
+        return replace(self.model, prefix=self.prefix)
+
+    @property
     def kind(self) -> str:
         return LOSS if self.spec.metric == "perplexity" else ACCURACY
 
@@ -235,12 +250,16 @@ class Suite:
             model, tokenizer = self._classifier(where, folder, spec)
             module = model.module
             prefix = self._prefix(module, folder, head_file=spec.head is not None)
-            splits = {
-                split: self._classification(where, split, spec, tokenizer, model) for split in ("val", "test")
-            }
+            given = ("train", "val", "test") if spec.train is not None else ("val", "test")
+            splits = {split: self._classification(where, split, spec, tokenizer, model) for split in given}
         else:
             if spec.head is not None or spec.pooling is not None:
                 raise RecipeError(f"{where}: head and pooling go with metric accuracy, not {spec.metric}")
+            if spec.train is not None:
+                raise RecipeError(
+                    f"{where}: train: goes with metric accuracy (the data-driven rows fit on classification "
+                    "tasks); remove it"
+                )
             model = module = load_causal_lm(folder)
             tokenizer = load_tokenizer(folder, ev.TOKENIZER_HINT)
             prefix = self._prefix(module, folder, head_file=False)
@@ -386,7 +405,7 @@ class Suite:
                 stat = file.stat()
                 h.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         for spec in self.spec.tasks.values():
-            for value in (spec.val, spec.test, spec.head):
+            for value in (spec.val, spec.test, spec.head, spec.train):
                 if value is not None:
                     h.update(self._resolve(value).read_bytes())
         return h.hexdigest()
@@ -397,6 +416,47 @@ class Suite:
 
     def expert_states(self) -> list[dict[str, torch.Tensor]]:
         return [task.backbone for task in self._tasks.values()]
+
+    # -- what the data-driven rows fit on (``mergesmith bench BENCH.yaml --data``) ----------------------------
+    def check_data_rows(self, splits: Sequence[str]) -> None:
+        """The data-driven rows fit on classification tasks (``splits``: the ones the chosen rows read): every
+        task must be scored by accuracy and, for rows that fit on training texts, give ``train:``."""
+        for name, task in self._tasks.items():
+            if task.spec.metric != "accuracy":
+                raise RecipeError(
+                    f"{self.path}: tasks.{name}: the data-driven rows fit on classification tasks, and this one "
+                    f"is scored by {task.spec.metric}; run --data on a BENCH file of accuracy tasks"
+                )
+            if "train" in splits and "train" not in task.splits:
+                raise RecipeError(
+                    f"{self.path}: tasks.{name}: Fisher, RegMean and Twin-Merging fit on labeled training "
+                    "texts; add train: FILE (JSONL or CSV, the task's columns), or leave those rows out with "
+                    "data_methods:"
+                )
+
+    def split(self, task: str, split: str, limit: int | None = None, offset: int = 0) -> Encoded:
+        """Examples ``offset`` … ``offset + limit`` of a classification task's split (as the zoo's ``split``)."""
+        data = self._tasks[task].splits[split].data
+        if offset == 0 and (limit is None or limit >= len(data)):
+            return data
+        return data.batch(slice(offset, None if limit is None else offset + limit))
+
+    def task(
+        self, task: str, split: str = "train", limit: int | None = None, labeled: bool = True, offset: int = 0
+    ) -> Task:
+        """A classification task as data-driven fits see it (as the zoo's ``task``): its expert's model named as
+        the merged backbone, with the split's examples (labels hidden, -1, with ``labeled=False``)."""
+        data = self.split(task, split, limit, offset)
+        if not labeled:
+            data = Encoded(data.input_ids, data.attention_mask, torch.full_like(data.labels, -1))
+        return Task(task, self._tasks[task].fit_model, data, labeled)
+
+    def finetuned_accuracy(self, split: str = "test") -> dict[str, float]:
+        """Each expert's score on its own task (the test split's: what rows are normalized by)."""
+        if split != "test":
+            raise ValueError("the experts' reference scores are kept for the test split")
+        finetuned = self.reference_outcomes()["finetuned"]
+        return {t: float(o.double().mean()) for t, o in finetuned.items()}
 
     def outcomes(
         self, state: Mapping[str, torch.Tensor] | None, split: str = "test", limit: int | None = None

@@ -72,7 +72,7 @@ def perturbation_for(
         raise ValueError(f"perturbation_units must be one of {PERTURBATION_UNITS}, got {units!r}")
     model = tasks[0].model
     name = model.embedding_name()
-    table = base[name] if name in base else dict(model.module.named_parameters())[name].detach()
+    table = base[name] if name in base else model.named_parameters()[name].detach()
     scale = float(table.float().pow(2).mean().sqrt()) if units == "embedding_rms" else 1.0
     max_tokens = max(t.data.input_ids.shape[1] for t in tasks)
     return Perturbations(len(tasks), max_tokens, table.shape[1], scale)

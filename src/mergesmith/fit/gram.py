@@ -34,16 +34,19 @@ class Grams:
     transposed: list[str]
 
 
-def linear_layers(module: nn.Module, mergeable: set[str]) -> dict[str, tuple[nn.Module, bool]]:
-    """The linear layers whose weight is mergeable: weight name -> (layer, weight stored as [in, out])."""
+def linear_layers(
+    module: nn.Module, mergeable: set[str], prefix: str = ""
+) -> dict[str, tuple[nn.Module, bool]]:
+    """The linear layers whose weight is mergeable: weight name -> (layer, weight stored as [in, out]). Names
+    are relative to ``prefix`` (a task model's backbone, :class:`~mergesmith.fit.task.TaskModel`)."""
     try:  # imported here, not at module level: importing transformers is slow and it is optional
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover
         Conv1D = None
     found: dict[str, tuple[nn.Module, bool]] = {}
-    for prefix, layer in module.named_modules():
-        weight_name = f"{prefix}.weight" if prefix else "weight"
-        if weight_name not in mergeable:
+    for path, layer in module.named_modules():
+        full = f"{path}.weight" if path else "weight"
+        if not full.startswith(prefix) or (weight_name := full[len(prefix) :]) not in mergeable:
             continue
         if isinstance(layer, nn.Linear):
             found[weight_name] = (layer, False)
@@ -63,7 +66,7 @@ def gram_matrices(
 ) -> Grams:
     """Mean XᵀX of the inputs of every mergeable linear layer while ``model`` runs with ``params`` on ``data``.
     A layer the forward pass never reaches gets no Gram."""
-    layers = linear_layers(model.module, set(params))
+    layers = linear_layers(model.module, set(params), model.prefix)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
     current: dict[str, torch.Tensor] = {}  # the running batch's attention mask, for the hooks

@@ -61,6 +61,11 @@ class TaskModel:
 
     ``autocast`` runs the module (not the pooling or the head) under ``torch.autocast`` in that dtype (the
     zoo's bf16 evaluation); None runs it as loaded.
+
+    ``prefix`` names the parameters relative to a submodule (``"bert."``: the backbone of a BERT classifier):
+    ``merge_names``, ``params`` and every ``params=`` argument then use the backbone's own names, so that tasks
+    of different forms (a classifier's backbone and a bare encoder with a head file) share one name space; the
+    parameters outside the prefix (the classifier) are the task's head and are never merged.
     """
 
     module: nn.Module
@@ -69,26 +74,43 @@ class TaskModel:
     own_head_params: dict[str, torch.Tensor] = field(default_factory=dict)
     pooling: Pooling = "mean"
     autocast: torch.dtype | None = None
+    prefix: str = ""
+    _module_names: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise MergeError(f"unknown pooling '{self.pooling}' (use one of {', '.join(POOLINGS)})")
 
+    def module_names(self) -> frozenset[str]:
+        """Every parameter and buffer name of the module (cached: looked up on every forward)."""
+        if self._module_names is None:
+            self._module_names = frozenset(n for n, _ in self.module.named_parameters()) | frozenset(
+                n for n, _ in self.module.named_buffers()
+            )
+        return self._module_names
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """The module's parameters under ``prefix``, by their names relative to it."""
+        cut = len(self.prefix)
+        return {n[cut:]: p for n, p in self.module.named_parameters() if n.startswith(self.prefix)}
+
     def merge_names(self) -> list[str]:
         """The floating-point parameters a merge combines (module parameters minus the task head)."""
         return [
-            n for n, p in self.module.named_parameters() if n not in self.head_names and p.is_floating_point()
+            n
+            for n, p in self.named_parameters().items()
+            if self.prefix + n not in self.head_names and p.is_floating_point()
         ]
 
     def params(self) -> dict[str, torch.Tensor]:
         """Detached fp32 copies of the mergeable parameters currently in the module."""
-        named = dict(self.module.named_parameters())
+        named = self.named_parameters()
         return {n: named[n].detach().float().clone() for n in self.merge_names()}
 
     def embedding_name(self) -> str:
         """The parameter name of the input token embedding (where DAM adds its learned perturbation)."""
         emb = self.module.get_input_embeddings().weight
-        for n, p in self.module.named_parameters():
+        for n, p in self.named_parameters().items():
             if p is emb:
                 return n
         raise KeyError("input embedding not found among the parameters")
@@ -135,14 +157,20 @@ class TaskModel:
         embeds_delta: torch.Tensor | None,
         want_logits: bool,
     ) -> torch.Tensor:
-        weights: dict[str, torch.Tensor] = dict(params or {})
+        # a weight the module lacks (BERT's pooler, for a task that pools the tokens itself) does not reach it
+        known = self.module_names()
+        weights = {self.prefix + n: v for n, v in (params or {}).items() if self.prefix + n in known}
         weights.update(self.own_head_params)
         kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask}
+        if not want_logits and self.head is None:
+            # a model with its own classifier (…ForSequenceClassification) returns logits, not token states:
+            # its last hidden layer is what Twin-Merging's router and pooled features read
+            kwargs["output_hidden_states"] = True
         if embeds_delta is None:
             kwargs["input_ids"] = batch.input_ids
         else:
             name = self.embedding_name()
-            table = weights.get(name, dict(self.module.named_parameters())[name])
+            table = weights.get(self.prefix + name, self.named_parameters()[name])
             width = batch.input_ids.shape[1]
             kwargs["inputs_embeds"] = F.embedding(batch.input_ids, table) + embeds_delta[:width].to(
                 table.dtype
@@ -158,7 +186,9 @@ class TaskModel:
                 if weights
                 else self.module(**kwargs)
             )
-        return out.logits if want_logits else out.last_hidden_state
+        if want_logits:
+            return out.logits
+        return out.last_hidden_state if self.head is not None else out.hidden_states[-1]
 
 
 @dataclass

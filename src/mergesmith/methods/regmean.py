@@ -68,11 +68,12 @@ def regmean_rule(base, experts, params, ctx):
     present = [k in fitted for k in keys]
     if not any(present):
         return weighted_sum(stacked, per_model(coefficients, stacked), normalize=True)
-    if not all(present):
-        raise MergeError(f"tensor '{ctx.name}': the fit has a Gram for some models but not all; refit")
     transposed = ctx.name in ctx.fitted.info.get("transposed", [])  # HF Conv1D: stored [in, out] already
     in_out = [e if transposed else e.T for e in experts]
-    grams = [fitted[k] for k in keys]
+    # a model whose forward never reaches this layer (a task that pools its tokens itself skips BERT's pooler)
+    # has no inputs there: its term of Σ_i ‖X_i W − X_i W_i‖² is zero, i.e. a zero Gram
+    width = next(fitted[k] for k in keys if k in fitted).shape[0]
+    grams = [fitted[k] if k in fitted else torch.zeros(width, width) for k in keys]
     if any(g.shape != (w.shape[0], w.shape[0]) for g, w in zip(grams, in_out, strict=True)):
         raise MergeError(
             f"tensor '{ctx.name}': Gram shape {list(grams[0].shape)} does not fit the weight "

