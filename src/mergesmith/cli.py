@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import textwrap
@@ -682,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # the library's notices (logger "mergesmith") as plain lines on stderr
+    notices = logging.StreamHandler(sys.stderr)
+    notices.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("mergesmith")
+    logger.addHandler(notices)
+    propagate, logger.propagate = logger.propagate, False
     try:
         return args.func(args)
     except MergeError as e:
@@ -695,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        logger.removeHandler(notices)
+        logger.propagate = propagate
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def test_output_folder_contents(llamas, tmp_path):
     assert str(llamas["a"] / "model.safetensors") in inputs and len(next(iter(inputs.values()))) == 64
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert str(llamas["base"]) in front["base_model"] and "merge" in front["tags"]
+    # the card names the models, not their local paths
+    assert front["base_model"] == ["base", "a", "b"] and "merge" in front["tags"]
+    assert str(llamas["base"]) not in card.split("## Recipe")[0]
     recipe = yaml.safe_load((out / "mergesmith_recipe.yaml").read_text())
     assert recipe["merge_method"] == "task_arithmetic"
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"

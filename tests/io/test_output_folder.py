@@ -396,6 +396,8 @@ def test_verify(tmp_path, llamas):
         [sys.executable, "-m", "mergesmith", "verify", str(out)], capture_output=True, text=True
     )
     assert bad.returncode == 1 and f"{shard.name}: sha256 differs" in bad.stdout
+    # only what is wrong: the index still matches the intact shards
+    assert "index" not in bad.stdout, bad.stdout
 
 
 # -- reproducibility ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ removes it; a kill leaves it for ``resume=True``, which reuses the shards it fin
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from mergesmith.api.publish import write_metadata
 from mergesmith.api.state_dicts import run_fit
 from mergesmith.api.tasks import FitSetup, prepare_fit
 from mergesmith.dtypes import DTYPE_NAMES
+from mergesmith.engine.effective import effective_recipe
 from mergesmith.engine.execute import execute, output_specs
 from mergesmith.engine.plan import Plan, Planner
 from mergesmith.errors import MergeError, RecipeError
@@ -39,6 +41,7 @@ from mergesmith.recipe.schema import Recipe, load_recipe
 from mergesmith.version import __version__
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
+log = logging.getLogger("mergesmith")
 
 
 @dataclass
@@ -50,6 +53,7 @@ class MergeResult:
     shards: int
     seconds: float
     resumed_shards: int = 0
+    notices: tuple[str, ...] = ()
 
     def summary(self) -> str:
         return (
@@ -77,6 +81,7 @@ class Resolved:
     progress: bool
     sources: dict[str, Source]
     setup: FitSetup | None = None
+    notices: tuple[str, ...] = ()
 
     def input_files(self) -> list[Path]:
         """The files a resume's fingerprint covers: every weight file, and the data or fit files."""
@@ -123,6 +128,7 @@ def merge(
         progress=progress,
     ) as job:
         plan = plan_merge(job)
+        job.out.parent.mkdir(parents=True, exist_ok=True)  # every check has passed: the merge writes now
         with OutputLock(job.out):
             key = fingerprint(
                 job.recipe.to_yaml(),
@@ -155,6 +161,7 @@ def merge(
         len(writer.file_names),
         time.perf_counter() - start,
         partial.resumed_from,
+        job.notices,
     )
 
 
@@ -188,6 +195,9 @@ def resolve(
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise RecipeError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}; got '{dtype}'")
     method = get_method(parsed.merge_method)
+    parsed, notices = effective_recipe(parsed, method, where)
+    for line in notices:
+        log.warning("notice: %s", line)
     paths = parsed.model_paths()
     size = parse_size(shard_size)
     out = Path(out_dir)
@@ -208,6 +218,7 @@ def resolve(
             progress,
             sources,
             setup,
+            tuple(notices),
         )
     finally:
         for src in sources.values():
@@ -308,6 +319,7 @@ def publish(
         seconds,
         partial.resumed_from,
         fit_report,
+        job.notices,
     )
     partial.publish(job.out)
 
@@ -341,7 +353,9 @@ def _check_output(out: Path, model_paths: list[str], force: bool) -> None:
         if any(out.iterdir()) and not force:
             raise MergeError(f"{out}: output folder exists and is not empty; pass --force to replace it")
     parent = resolved.parent
-    if not parent.exists():
-        raise MergeError(f"{out}: parent folder {parent} does not exist")
+    while not parent.exists():  # created when the merge starts writing (as mergekit does)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MergeError(f"{out}: {parent} is not a folder; choose another output path")
     if not os.access(parent, os.W_OK):
         raise MergeError(f"{out}: cannot write in {parent} (permission denied)")

@@ -30,6 +30,7 @@ def write_metadata(
     seconds: float,
     resumed_shards: int,
     fit: dict[str, Any] | None = None,
+    notices: tuple[str, ...] = (),
 ) -> None:
     """Every non-weight file of the output folder."""
     if plan.config:
@@ -61,17 +62,29 @@ def write_metadata(
         "resumed_shards": resumed_shards,
         "torch_version": torch.__version__,
     }
+    if notices:
+        manifest["notices"] = list(notices)
     if fit is not None:
         manifest["fit"] = fit
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(recipe, plan, model_paths))
 
 
+def model_name(path: str) -> str:
+    """How the card names a model: a Hub id as it is, a local folder or file by its name (no local paths)."""
+    local = Path(path)
+    if local.exists() or local.is_absolute() or path.startswith((".", "~")):
+        return local.stem if local.is_file() else local.name
+    return path
+
+
 def model_card(recipe: Recipe, plan: Plan, model_paths: list[str]) -> str:
-    """The Hugging Face model card: front matter (base models, tags), the method and its paper, the recipe."""
+    """The Hugging Face model card: front matter (base models, tags), the method and its paper, the recipe with
+    every parameter in effect."""
     method = plan.method
+    names = list(dict.fromkeys(model_name(p) for p in model_paths))
     front = {
-        "base_model": model_paths,
+        "base_model": names,
         "library_name": "transformers",
         "tags": ["merge", "mergesmith", recipe.merge_method],
     }
@@ -81,7 +94,7 @@ def model_card(recipe: Recipe, plan: Plan, model_paths: list[str]) -> str:
         f"Merged with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} using **{method.name}** "
         f"({method.summary}; {method.paper}).\n\n"
         "## Models\n\n"
-        + "".join(f"- {p}\n" for p in model_paths)
+        + "".join(f"- {p}\n" for p in names)
         + "\n## Recipe\n\n```yaml\n"
         + recipe.to_yaml()
         + "```\n"

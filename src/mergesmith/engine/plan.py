@@ -16,6 +16,7 @@ import torch
 from mergesmith.arch.embeddings import is_input_side, is_tied_output, tied_source, ties_embeddings
 from mergesmith.arch.layers import layer_index, num_layers, renumber, with_num_layers
 from mergesmith.dtypes import DTYPE_BY_NAME
+from mergesmith.engine.effective import check_filters
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.io.reader import Source
 from mergesmith.methods.base import BasePolicy, MergeMethod, resolve_method_params
@@ -144,6 +145,7 @@ class Planner:
     def plan(self) -> Plan:
         recipe = self.recipe
         jobs = self._plan_slices() if recipe.slices else self._plan_whole()
+        check_filters(recipe, {n for source in self.sources.values() for n in source.keys()})
         jobs.sort(key=lambda j: natural_key(j.name))
         first = self._config_source()
         config = dict(first.config)

@@ -147,6 +147,7 @@ def verify(out: Path) -> list[str]:
         raise MergeError(f"{manifest_path}: unreadable manifest (no output_sha256)") from None
     problems = []
     names: set[str] = set()
+    intact: set[str] = set()  # the index is compared with these shards only: a bad shard is reported once
     for file_name, digest in shards.items():
         path = out / file_name
         if not path.exists():
@@ -157,12 +158,13 @@ def verify(out: Path) -> list[str]:
             continue
         try:
             names |= set(SafetensorsFile(path).keys())
+            intact.add(file_name)
         except CheckpointError as e:
             problems.append(str(e))
     index = out / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
-        if set(weight_map) != names:
+        if {n for n, f in weight_map.items() if f in intact} != names:
             problems.append("model.safetensors.index.json: its tensor list differs from the shards' contents")
         if set(weight_map.values()) - set(shards):
             problems.append("model.safetensors.index.json: names a shard the manifest does not list")
@@ -175,10 +177,11 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     it to ``out`` when the block ends, and removes it on any error or interrupt (nothing to resume). The same lock,
     partial folder and rename as a merge's output."""
     out = Path(out)
-    if not out.parent.is_dir():
-        raise MergeError(f"{out}: parent folder {out.parent} does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise MergeError(f"{out}: {out.parent} is not a folder; choose another output path")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise MergeError(f"{out}: exists and is not an empty folder; pass force=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
         partial = PartialFolder(out, "", resume=False)
         try:

@@ -49,6 +49,9 @@ class Param:
 
     ``mergekit`` is the value that ``compat: mergekit`` uses when the recipe does not set the parameter; it is
     how every paper-vs-mergekit difference is switched in one place.
+
+    ``global_over`` marks a scope parameter (``global`` | ``tensor``): the parameters it names must be constant
+    over the tensors when the scope is global (one statistic over the whole network).
     """
 
     name: str
@@ -60,6 +63,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     mergekit: Any = REQUIRED
+    global_over: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -103,6 +107,11 @@ class Param:
             raise RecipeError(f"{where}: parameter '{self.name}' must be <= {self.high}, got {value!r}")
         return value
 
+
+# what a mergekit recipe may carry that changes nothing here (every method accepts it, with a notice)
+MERGEKIT_NOOPS = {
+    "int8_mask": "a mergekit memory option (int8 masks); mergesmith merges in fp32 blocks and needs none",
+}
 
 RuleFn = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], TensorContext], torch.Tensor]
 ParamsTest = Callable[[dict[str, Any]], bool]
@@ -213,6 +222,8 @@ class MergeMethod:
     tensor_stats: TensorStats | None = None
     fit: Fit | None = None
     artifacts: Artifacts | None = None
+    # recipe keys that change nothing here (mergekit's memory options, …) -> why; accepted with a notice
+    ignored: dict[str, str] = field(default_factory=lambda: dict(MERGEKIT_NOOPS))
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -225,7 +236,7 @@ class MergeMethod:
         return [p.name for p in self.params]
 
     def check_param_name(self, key: str, where: str) -> None:
-        known = self.param_names + list(self.aliases)
+        known = list(dict.fromkeys(self.param_names + list(self.aliases)))
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
             extra = f"; did you mean '{hint[0]}'?" if hint else f"; known: {', '.join(known) or 'none'}"
@@ -257,7 +268,7 @@ def resolve_method_params(
     """
 
     def apply_aliases(settings: dict[str, Any]) -> dict[str, Any]:
-        out = dict(settings)
+        out = {k: v for k, v in settings.items() if k not in method.ignored}
         for key, (target, mapping) in method.aliases.items():
             if key in out:
                 value = out.pop(key)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods.base import BasePolicy, MergeMethod, Param, Rule
+from mergesmith.methods.base import MERGEKIT_NOOPS, BasePolicy, MergeMethod, Param, Rule
 from mergesmith.ops.stream import TensorContext
 
 
@@ -60,6 +60,11 @@ MODEL_STOCK = MergeMethod(
     params=(Param("filter_wise", bool, False, "one ratio t per row (last-dim slice) instead of per tensor"),),
     base=BasePolicy.REQUIRED,
     min_experts=2,
+    ignored={
+        **MERGEKIT_NOOPS,
+        "weight": "model_stock has no per-model weights (its ratio t comes from the angle; mergekit ignores "
+        "them too)",
+    },
 )
 
 METHODS = (MODEL_STOCK,)

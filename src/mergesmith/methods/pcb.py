@@ -191,6 +191,7 @@ PCB = MergeMethod(
             "global",
             "statistics over the whole model (official code) or per tensor",
             choices=("global", "tensor"),
+            global_over=_GLOBAL_KEYS,
         ),
         Param(
             "inter",

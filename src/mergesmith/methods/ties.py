@@ -37,6 +37,7 @@ TRIM_SCOPE = Param(
     "rank |τ| over each expert's whole network (paper) or per tensor (mergekit)",
     choices=("global", "tensor"),
     mergekit="tensor",
+    global_over=("density",),
 )
 
 TIES = MergeMethod(
