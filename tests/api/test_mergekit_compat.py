@@ -133,6 +133,46 @@ def recipes(m: dict[str, Path]) -> dict[str, dict]:
             "base_model": base,
             "models": [{"model": a}, {"model": b}, {"model": c}],
         },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            # the extra keys a published sce recipe carries: mergekit ignores them, so do we (with a notice)
+            "parameters": {"select_topk": 0.3, "normalize": True, "int8_mask": True},
+            "models": [{"model": a}, {"model": b}, {"model": c}],
+        },
+        "sce_all": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": a}, {"model": b}],
+        },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "models": [
+                {"model": a, "parameters": {"weight": 0.5}},
+                {"model": b, "parameters": {"weight": 0.3}},
+                {"model": c, "parameters": {"weight": 0.2}},
+            ],
+        },
+        "multislerp_base": {
+            "merge_method": "multislerp",
+            "base_model": base,
+            "parameters": {"normalize_weights": False},
+            "models": [
+                {"model": a, "parameters": {"weight": 0.6}},
+                {"model": b, "parameters": {"weight": [0.2, 0.7]}},
+            ],
+        },
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "parameters": {"t": [0.001, 0.05]},
+            "models": [{"model": base}, {"model": a}],
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": a}],
+        },
         "passthrough_slices": {
             "merge_method": "passthrough",
             "slices": [
@@ -159,6 +199,12 @@ CASES = [
     "nuslerp_nobase",
     "karcher",
     "model_stock",
+    "sce",
+    "sce_all",
+    "multislerp",
+    "multislerp_base",
+    "nearswap",
+    "arcee_fusion",
     "passthrough_slices",
 ]
 

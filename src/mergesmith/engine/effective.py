@@ -59,15 +59,12 @@ def varies(setting: Any) -> bool:
 
 def given(method: MergeMethod, settings: Settings) -> set[str]:
     """The method parameters a settings mapping sets, directly or through an alias (mergekit's spellings)."""
-    out = set()
-    for key in settings:
-        out.add(method.aliases[key][0] if key in method.aliases else key)
-    return out
+    return {method.aliases[key][0] if key in method.aliases else key for key in settings}
 
 
 def _check_settings(method: MergeMethod, where: str, settings: Settings) -> None:
     for key, setting in settings.items():
-        if key in method.ignored:
+        if method.ignored_reason(key) is not None:
             continue
         method.check_param_name(key, where)
         if key in method.aliases:
@@ -145,8 +142,9 @@ def effective_recipe(recipe: Recipe, method: MergeMethod, where: str = "recipe")
         )
     for where, settings in settings_of(recipe):
         for key in settings:
-            if key in method.ignored:
-                notices.append(f"{where}.{key}: {method.ignored[key]}; ignored")
+            reason = method.ignored_reason(key)
+            if reason is not None:
+                notices.append(f"{where}.{key}: {reason}; ignored")
     parameters = {**recipe.parameters, **filled}
     return recipe.model_copy(update={"parameters": parameters}), notices
 

@@ -112,6 +112,16 @@ class Param:
 MERGEKIT_NOOPS = {
     "int8_mask": "a mergekit memory option (int8 masks); mergesmith merges in fp32 blocks and needs none",
 }
+# every parameter name of mergekit's methods (0.1.5, and older ones seen in published recipes): a recipe often
+# carries some its method does not read (``normalize`` on sce), which mergekit ignores; so does mergesmith, with
+# a notice. Any other unknown name stays an error (a typo).
+MERGEKIT_PARAMETERS = frozenset(
+    {
+        "alpha", "allow_negative_weights", "density", "eps", "epsilon", "filter_wise", "gamma", "int8_mask",
+        "lambda", "max_iter", "normalize", "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "r",
+        "rescale", "scale", "select_topk", "smooth", "t", "tol", "weight",
+    }
+)  # fmt: skip
 
 RuleFn = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], TensorContext], torch.Tensor]
 ParamsTest = Callable[[dict[str, Any]], bool]
@@ -235,6 +245,14 @@ class MergeMethod:
     def param_names(self) -> list[str]:
         return [p.name for p in self.params]
 
+    def ignored_reason(self, key: str) -> str | None:
+        """Why a recipe key changes nothing for this method (None: it is read, or unknown)."""
+        if key in self.ignored:
+            return self.ignored[key]
+        if key in MERGEKIT_PARAMETERS and key not in self.param_names and key not in self.aliases:
+            return f"not a parameter of {self.name} (mergekit ignores it too)"
+        return None
+
     def check_param_name(self, key: str, where: str) -> None:
         known = list(dict.fromkeys(self.param_names + list(self.aliases)))
         if key not in known:
@@ -268,7 +286,7 @@ def resolve_method_params(
     """
 
     def apply_aliases(settings: dict[str, Any]) -> dict[str, Any]:
-        out = {k: v for k, v in settings.items() if k not in method.ignored}
+        out = {k: v for k, v in settings.items() if method.ignored_reason(k) is None}
         for key, (target, mapping) in method.aliases.items():
             if key in out:
                 value = out.pop(key)

@@ -12,6 +12,7 @@ import difflib
 from mergesmith.errors import RecipeError
 from mergesmith.methods import (
     adamerging,
+    arcee_fusion,
     breadcrumbs,
     concrete,
     consensus,
@@ -22,10 +23,13 @@ from mergesmith.methods import (
     karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
     nuslerp,
     passthrough,
     pcb,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -36,6 +40,7 @@ from mergesmith.methods.base import MergeMethod
 
 MODULES = (
     adamerging,
+    arcee_fusion,
     breadcrumbs,
     concrete,
     consensus,
@@ -46,10 +51,13 @@ MODULES = (
     karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
     nuslerp,
     passthrough,
     pcb,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,
