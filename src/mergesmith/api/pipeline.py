@@ -32,6 +32,7 @@ from mergesmith.engine.execute import execute, output_specs
 from mergesmith.engine.plan import Plan, Planner
 from mergesmith.errors import MergeError, RecipeError
 from mergesmith.fit.task import FIT_FILE, FitResult
+from mergesmith.io.hub import resolve_model
 from mergesmith.io.output import OutputLock, PartialFolder, check_free_space, fingerprint
 from mergesmith.io.reader import CheckpointSource, Source, SourceTensors
 from mergesmith.io.writer import FolderWriter, input_sha256, parse_size
@@ -202,6 +203,8 @@ def resolve(
     size = parse_size(shard_size)
     out = Path(out_dir)
     _check_output(out, paths, force)
+    if parsed.tokenizer_source:  # a Hub id resolved (or refused) now, not after the merge
+        resolve_model(parsed.tokenizer_source)
     sources = _open_sources(paths, allow_pickle, where)
     try:
         setup = prepare_fit(parsed, method, sources) if method.fit is not None else None
@@ -328,9 +331,13 @@ def _open_sources(paths: list[str], allow_pickle: bool, where: str) -> dict[str,
     sources: dict[str, Source] = {}
     try:
         for path in paths:
-            if not Path(path).exists():
-                raise RecipeError(f"{where}: model path '{path}' does not exist")
-            sources[path] = CheckpointSource(path, allow_pickle=allow_pickle)
+            local = resolve_model(path, allow_pickle)  # a Hub id (org/name[@revision]): its snapshot folder
+            if not local.exists():
+                raise RecipeError(
+                    f"{where}: model path '{path}' does not exist (a local folder or file, or a Hub id org/name)"
+                )
+            sources[path] = CheckpointSource(local, allow_pickle=allow_pickle)
+            sources[path].label = path
     except BaseException:
         for src in sources.values():
             with contextlib.suppress(Exception):

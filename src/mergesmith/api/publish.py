@@ -13,6 +13,7 @@ import yaml
 from mergesmith.dtypes import dtype_name
 from mergesmith.engine.plan import Plan
 from mergesmith.io.hf_files import copy_tokenizer_files
+from mergesmith.io.hub import resolve_model
 from mergesmith.recipe.schema import Recipe
 from mergesmith.version import __version__
 
@@ -44,7 +45,7 @@ def write_metadata(
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     config_src = plan.config_source
     tokenizer_dir = (
-        Path(recipe.tokenizer_source)
+        resolve_model(recipe.tokenizer_source)
         if recipe.tokenizer_source
         else (config_src.folder if config_src is not None else None)
     )

@@ -36,6 +36,7 @@ from mergesmith.fit.data import Encoded, encode_examples
 from mergesmith.fit.evaluate import load_head, padded_tokenizer
 from mergesmith.fit.hf import classifier_names, load_classifier, load_encoder
 from mergesmith.fit.task import FIT_FILE, FitResult, Task, TaskModel
+from mergesmith.io.hub import resolve_model
 from mergesmith.io.reader import Source
 from mergesmith.methods.base import DataNeed, MergeMethod
 from mergesmith.recipe.data import DataSpec, Examples, read_examples
@@ -95,7 +96,7 @@ def prepare_fit(recipe: Recipe, method: MergeMethod, sources: dict[str, Source])
     setup.files = sorted({ex.file for ex, _ in examples})
     folder = _folder(sources, module_path)
     # padded on the right (encoded batches are trimmed on the right); no pad token: the end-of-text token pads
-    tokenizer = padded_tokenizer(Path(recipe.tokenizer_source) if recipe.tokenizer_source else folder)
+    tokenizer = padded_tokenizer(resolve_model(recipe.tokenizer_source) if recipe.tokenizer_source else folder)
     encoded: dict[tuple[int, int], Encoded] = {}  # models sharing the recipe's data: encoded once
     datasets = []
     for ex, spec in examples:
