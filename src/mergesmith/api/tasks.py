@@ -96,7 +96,9 @@ def prepare_fit(recipe: Recipe, method: MergeMethod, sources: dict[str, Source])
     setup.files = sorted({ex.file for ex, _ in examples})
     folder = _folder(sources, module_path)
     # padded on the right (encoded batches are trimmed on the right); no pad token: the end-of-text token pads
-    tokenizer = padded_tokenizer(resolve_model(recipe.tokenizer_source) if recipe.tokenizer_source else folder)
+    tokenizer = padded_tokenizer(
+        resolve_model(recipe.tokenizer_source) if recipe.tokenizer_source else folder
+    )
     encoded: dict[tuple[int, int], Encoded] = {}  # models sharing the recipe's data: encoded once
     datasets = []
     for ex, spec in examples:

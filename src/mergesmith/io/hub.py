@@ -71,5 +71,7 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> Path:
         raise CheckpointError(f"{spec}: the Hub refused the download ({e.__class__.__name__})") from None
     if not any(folder.glob("*.safetensors")) and not (allow_pickle and any(folder.glob("*.bin"))):
         hint = "pass --allow-pickle to read its pickled .bin weights" if not allow_pickle else ""
-        raise CheckpointError(f"{spec}: the snapshot has no safetensors weights; {hint or 'nothing to merge'}")
+        raise CheckpointError(
+            f"{spec}: the snapshot has no safetensors weights; {hint or 'nothing to merge'}"
+        )
     return folder
