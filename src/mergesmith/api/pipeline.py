@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergesmith.api.publish import write_metadata
+from mergesmith.api.publish import tokenizer_folder, write_metadata
 from mergesmith.api.state_dicts import run_fit
 from mergesmith.api.tasks import FitSetup, prepare_fit
 from mergesmith.dtypes import DTYPE_NAMES
@@ -83,6 +83,7 @@ class Resolved:
     sources: dict[str, Source]
     setup: FitSetup | None = None
     notices: tuple[str, ...] = ()
+    tokenizer: Path | None = None  # tokenizer_source's folder (None: the config model's own)
 
     def input_files(self) -> list[Path]:
         """The files a resume's fingerprint covers: every weight file, and the data or fit files."""
@@ -203,10 +204,9 @@ def resolve(
     size = parse_size(shard_size)
     out = Path(out_dir)
     _check_output(out, paths, force)
-    if parsed.tokenizer_source:  # a Hub id resolved (or refused) now, not after the merge
-        resolve_model(parsed.tokenizer_source)
     sources = _open_sources(paths, allow_pickle, where)
     try:
+        tokenizer = tokenizer_folder(parsed, sources)  # checked now, not after the merge
         setup = prepare_fit(parsed, method, sources) if method.fit is not None else None
         yield Resolved(
             parsed,
@@ -222,6 +222,7 @@ def resolve(
             sources,
             setup,
             tuple(notices),
+            tokenizer,
         )
     finally:
         for src in sources.values():
@@ -323,6 +324,7 @@ def publish(
         partial.resumed_from,
         fit_report,
         job.notices,
+        job.tokenizer,
     )
     partial.publish(job.out)
 

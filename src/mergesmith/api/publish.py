@@ -12,8 +12,10 @@ import yaml
 
 from mergesmith.dtypes import dtype_name
 from mergesmith.engine.plan import Plan
-from mergesmith.io.hf_files import copy_tokenizer_files
+from mergesmith.errors import RecipeError
+from mergesmith.io.hf_files import TOKENIZER_FILES, copy_tokenizer_files
 from mergesmith.io.hub import resolve_model
+from mergesmith.io.reader import Source
 from mergesmith.recipe.schema import Recipe
 from mergesmith.version import __version__
 
@@ -32,6 +34,7 @@ def write_metadata(
     resumed_shards: int,
     fit: dict[str, Any] | None = None,
     notices: tuple[str, ...] = (),
+    tokenizer_dir: Path | None = None,
 ) -> None:
     """Every non-weight file of the output folder."""
     if plan.config:
@@ -44,11 +47,8 @@ def write_metadata(
                     config[key] = name
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     config_src = plan.config_source
-    tokenizer_dir = (
-        resolve_model(recipe.tokenizer_source)
-        if recipe.tokenizer_source
-        else (config_src.folder if config_src is not None else None)
-    )
+    if tokenizer_dir is None and config_src is not None:
+        tokenizer_dir = config_src.folder
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         copy_tokenizer_files(tokenizer_dir, folder)
     (folder / RECIPE_FILE).write_text(recipe.to_yaml())
@@ -69,6 +69,46 @@ def write_metadata(
         manifest["fit"] = fit
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(recipe, plan, model_paths))
+
+
+def tokenizer_folder(recipe: Recipe, sources: dict[str, Source]) -> Path | None:
+    """Where the output's tokenizer comes from with ``tokenizer_source`` (None: the config model's own), checked
+    before the merge: ``base`` (the base model, else the first), a model folder or a Hub id that holds tokenizer
+    files, and whose vocabulary fits the merged embeddings (token ids past their rows would crash generation)."""
+    spec = recipe.tokenizer_source
+    if spec is None:
+        return None
+    where = f"tokenizer_source: {spec}"
+    if spec == "union":
+        raise RecipeError(
+            f"{where}: a merged vocabulary is not supported yet; use base or a model whose tokenizer fits the "
+            "merged embeddings"
+        )
+    if spec == "base":
+        reference = recipe.base_model or (recipe.models[0].model if recipe.models else None)
+        if reference is None:
+            raise RecipeError(f"{where}: the recipe has no base_model or models to take it from")
+        folder = sources[reference].folder
+    else:
+        folder = resolve_model(spec)
+    if folder is None or not folder.is_dir() or not any((folder / n).exists() for n in TOKENIZER_FILES[:-2]):
+        raise RecipeError(
+            f"{where}: no tokenizer files there (tokenizer.json, tokenizer_config.json, vocab …)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokens = len(AutoTokenizer.from_pretrained(str(folder)))
+    except Exception as e:  # whatever transformers raises: one line naming the source
+        raise RecipeError(f"{where}: not a loadable tokenizer ({type(e).__name__}: {e})") from None
+    reference = recipe.base_model or (recipe.models[0].model if recipe.models else None)
+    rows = sources[reference].config.get("vocab_size") if reference in sources else None
+    if isinstance(rows, int) and tokens > rows:
+        raise RecipeError(
+            f"{where}: {tokens} tokens, but the merged embeddings have {rows} rows (vocab_size); ids from {rows} "
+            "on would index past them — use the models' own tokenizer"
+        )
+    return folder
 
 
 def model_name(path: str) -> str:
