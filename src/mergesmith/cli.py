@@ -283,7 +283,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise MergeError(
                     f"{target}: run `mergesmith bench --data` first; the checks compare with its rows"
                 )
-            checks = databench.run_checks(zoo, runs, only=args.methods)
+            checks = databench.run_checks(
+                zoo, runs, only=args.methods, row_step_scale=stored["data_methods"]["step_scale"]
+            )
             databench.attach(target, None, None, checks)
             print(databench.checks_markdown(checks, stored["data_methods"]))
             return 0

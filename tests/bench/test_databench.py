@@ -177,10 +177,15 @@ def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo
         and fisher.params != next(r for r in databench.rows() if r.key == "fisher").params
     )
 
-    out = databench.run_checks(tiny_zoo, tmp_path, progress=False, checks=checks)
+    out = databench.run_checks(tiny_zoo, tmp_path, progress=False, checks=checks, row_step_scale=0.004)
     saved = tmp_path / f"{tiny_zoo.manifest['zoo']}-check-longer.json"
     longer = json.loads(saved.read_text())
     assert [r["seed"] for r in longer["runs"]] == [0, 1] and longer["params"] == row.params
+    # the row it changes, rerun beside it on the same build: the data bench's runs, bit for bit
+    assert longer["build"] == tiny_zoo.weights_digest()
+    assert [r["accuracy"] for r in longer["baseline_runs"]] == [
+        r["accuracy"] for r in data["methods"]["adamerging"]["runs"]
+    ]
     assert out["fisher_n8"]["runs"][0]["examples"] == 8 * len(tiny_zoo.tasks)
     assert out["longer"]["entry"]["normalized"] == pytest.approx(
         sum(r["normalized"] for r in longer["runs"]) / 2
@@ -188,7 +193,9 @@ def test_checks_rerun_a_row_with_a_compromise_undone_and_resume_by_seed(tiny_zoo
     # a stopped check resumes at the next seed: seed 0's saved run is kept, seed 1 runs again, bit-identically
     marked = {**longer["runs"][0], "marker": True}
     saved.write_text(json.dumps({**longer, "runs": [marked]}))
-    again = databench.run_checks(tiny_zoo, tmp_path, only=["longer"], progress=False, checks=checks)
+    again = databench.run_checks(
+        tiny_zoo, tmp_path, only=["longer"], progress=False, checks=checks, row_step_scale=0.004
+    )
     assert list(again) == ["longer"]
     assert (
         again["longer"]["runs"][0]["marker"]

@@ -436,25 +436,42 @@ def run_checks(
     only: list[str] | None = None,
     progress: bool = True,
     checks: tuple[Check, ...] = CHECKS,
+    row_step_scale: float = 0.02,
 ) -> dict[str, Any]:
     """Run every check (``only``: by key), each seed saved to ``directory/<zoo>-check-<key>.json`` as it ends:
-    the paper's schedule costs half an hour per seed, so a stopped run resumes at the next seed."""
+    the paper's schedule costs half an hour per seed, so a stopped run resumes at the next seed.
+
+    Each check also reruns the row it changes (its settings at ``row_step_scale``, the data bench's) for the same
+    seeds on the same zoo build (``baseline_runs``, with the build's ``weights_digest``), so that the comparison
+    does not mix builds; a file from another build is rerun."""
     unknown = sorted(set(only or ()) - {c.key for c in checks})
     if unknown:
         raise MergeError(
             f"unknown check(s) {', '.join(unknown)}; the checks are {', '.join(c.key for c in checks)}"
         )
     bench = DataBench(zoo, progress)
+    build = zoo.weights_digest()
     out: dict[str, Any] = {}
     for check in checks:
         if only is not None and check.key not in only:
             continue
         row = check_row(check)
+        baseline = next(r for r in rows(row_step_scale) if r.key == check.row)
         path = directory / f"{zoo.manifest['zoo']}-check-{check.key}.json"
         saved = json.loads(path.read_text()) if path.exists() else {}
-        if (saved.get("params"), saved.get("tasks")) != (row.params, zoo.tasks):
-            saved = {"tasks": zoo.tasks, "params": row.params, "runs": []}
+        if (saved.get("params"), saved.get("tasks"), saved.get("build")) != (row.params, zoo.tasks, build):
+            saved = {
+                "tasks": zoo.tasks,
+                "params": row.params,
+                "build": build,
+                "runs": [],
+                "baseline_runs": [],
+            }
         saved["check"] = asdict(check)
+        saved["baseline_params"] = baseline.params
+        for seed in range(len(saved["baseline_runs"]), check.seeds):
+            saved["baseline_runs"].append(bench.run(baseline, seed))
+            _save_checkpoint(path, saved)
         for seed in range(len(saved["runs"]), check.seeds):
             saved["runs"].append(bench.run(row, seed))
             _save_checkpoint(path, saved)
@@ -469,16 +486,20 @@ def run_checks(
 
 
 def checks_markdown(checks: dict[str, Any], data: dict[str, Any]) -> str:
-    """Each check beside the committed row's runs of the same seeds (normalized test accuracy, %)."""
+    """Each check beside its row's runs of the same seeds on the same zoo build (normalized test accuracy, %):
+    the row rerun beside the check, or — for a check file from before builds were recorded — the committed row,
+    which was run on the same build as those checks."""
     lines = [
-        "| check | row | what changed | seeds | committed row | check | fit s (row → check) |",
+        "| check | row | what changed | seeds | row | check | fit s (row → check) |",
         "|---|---|---|---|---|---|---|",
     ]
     for key, saved in checks.items():
         check, entry = saved["check"], saved["entry"]
         committed = data["methods"][check["row"]]
-        changed = ", ".join(f"{k}={v}" for k, v in saved["params"].items() if committed["params"].get(k) != v)
-        same = [r for r in committed["runs"] if r["seed"] < check["seeds"]]
+        reference = saved.get("baseline_params", committed["params"])
+        changed = ", ".join(f"{k}={v}" for k, v in saved["params"].items() if reference.get(k) != v)
+        runs = saved.get("baseline_runs") or committed["runs"]
+        same = [r for r in runs if r["seed"] < check["seeds"]]
         base = aggregate(same)
         fit = statistics.median(r["fit_seconds"] for r in same)
         lines.append(

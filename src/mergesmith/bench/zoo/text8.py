@@ -146,6 +146,17 @@ class Zoo:
     def expert_states(self) -> list[dict[str, torch.Tensor]]:
         return [self.state_dict(self.encoder_path(t)) for t in self.tasks]
 
+    def weights_digest(self) -> str:
+        """sha256 of the base's and every expert's weights: which *build* of the zoo this is. Builds of one config
+        on different machines differ in float rounding (a rebuild agreed with the committed one on 99.4–100 % of
+        task arithmetic's test predictions), so results are compared within one build."""
+        digest = hashlib.sha256()
+        for folder in [self.base] + [self.encoder_path(t) for t in self.tasks]:
+            with open(folder / "model.safetensors", "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
     def check_data_rows(self, splits: Sequence[str]) -> None:
         """Every split a data row may read exists in the zoo (the BENCH.yaml suite checks its files here)."""
 
