@@ -41,8 +41,13 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> Path:
     if parsed is None:
         return Path(spec).expanduser()
     repo, revision = parsed
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise CheckpointError(
+            f"{spec}: a Hub id needs huggingface_hub (pip install 'mergesmith[hf]'), or give a local path"
+        ) from None
 
     patterns = TEXT_FILES + SAFE_FILES + (PICKLE_FILES if allow_pickle else [])
     try:
