@@ -32,9 +32,9 @@ from mergesmith.engine.execute import execute, output_specs
 from mergesmith.engine.plan import Plan, Planner
 from mergesmith.errors import MergeError, RecipeError
 from mergesmith.fit.task import FIT_FILE, FitResult
-from mergesmith.io.hub import resolve_model
+from mergesmith.io.models import open_model
 from mergesmith.io.output import OutputLock, PartialFolder, check_free_space, fingerprint
-from mergesmith.io.reader import CheckpointSource, Source, SourceTensors
+from mergesmith.io.reader import Source, SourceTensors
 from mergesmith.io.writer import FolderWriter, input_sha256, parse_size
 from mergesmith.methods.base import MergeMethod
 from mergesmith.methods.registry import get_method
@@ -332,14 +332,8 @@ def publish(
 def _open_sources(paths: list[str], allow_pickle: bool, where: str) -> dict[str, Source]:
     sources: dict[str, Source] = {}
     try:
-        for path in paths:
-            local = resolve_model(path, allow_pickle)  # a Hub id (org/name[@revision]): its snapshot folder
-            if not local.exists():
-                raise RecipeError(
-                    f"{where}: model path '{path}' does not exist (a local folder or file, or a Hub id org/name)"
-                )
-            sources[path] = CheckpointSource(local, allow_pickle=allow_pickle)
-            sources[path].label = path
+        for path in paths:  # a folder or file, a Hub id, BASE+ADAPTER or an adapter folder
+            sources[path] = open_model(path, allow_pickle)
     except BaseException:
         for src in sources.values():
             with contextlib.suppress(Exception):
