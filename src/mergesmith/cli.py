@@ -97,6 +97,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from mergesmith.api.extract_lora import extract_lora
+
+    report = extract_lora(
+        args.base, args.finetuned, args.out, rank=args.rank, energy=args.energy, force=args.force
+    )
+    print(f"{report.summary()} -> {args.out} (per layer: {args.out}/extraction.json)")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from mergesmith.bench.zoo.text8 import Zoo, build_zoo
 
@@ -508,6 +518,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="recheck an output folder against the sha256 in its manifest")
     p.add_argument("out")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "extract-lora",
+        help="a fine-tune's difference from its base as a PEFT LoRA adapter (truncated SVD per layer)",
+    )
+    p.add_argument("base", help="the base model (folder, Hub id, BASE+ADAPTER)")
+    p.add_argument("finetuned", help="the fine-tuned model")
+    p.add_argument("out", help="the adapter folder to write")
+    p.add_argument("--rank", type=int, default=32, help="the rank of every layer, or the cap with --energy")
+    p.add_argument(
+        "--energy",
+        type=float,
+        default=None,
+        help="per layer, the smallest rank keeping this fraction of Σ s² (e.g. 0.9), at most --rank",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_extract_lora)
 
     p = sub.add_parser("zoo", help="build a benchmark model zoo (offline): `mergesmith zoo build text8`")
     p.add_argument("action", choices=["build"])
