@@ -97,6 +97,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_multi(args: argparse.Namespace) -> int:
+    from mergesmith.api.multi import run_multi
+
+    run_multi(
+        args.config,
+        args.intermediate_dir,
+        args.out,
+        lazy=not args.no_lazy,
+        shard_size=args.shard_size,
+        threads=args.threads,
+        allow_pickle=args.allow_pickle,
+        compat=args.compat,
+        progress=not args.quiet,
+    )
+    return 0
+
+
 def cmd_extract_lora(args: argparse.Namespace) -> int:
     from mergesmith.api.extract_lora import extract_lora
 
@@ -514,6 +531,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "multi", help="several merges that build on each other (mergekit-multi's file), in dependency order"
+    )
+    p.add_argument("config", help="YAML documents, each a recipe with name: (the final one may omit it)")
+    p.add_argument("--intermediate-dir", "-I", required=True, help="where each named merge is written")
+    p.add_argument("--out", default=None, help="the final (unnamed) merge's folder")
+    p.add_argument("--no-lazy", action="store_true", help="redo every merge, even those up to date")
+    p.add_argument("--shard-size", default="5GB", help="largest shard (default 5GB)")
+    p.add_argument("--threads", type=int, default=None, help="tensors merged in parallel")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights")
+    p.add_argument("--compat", default=None, choices=["paper", "mergekit"], help="as for merge")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_multi)
 
     p = sub.add_parser("verify", help="recheck an output folder against the sha256 in its manifest")
     p.add_argument("out")
