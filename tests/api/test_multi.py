@@ -56,7 +56,9 @@ def test_multi_runs_in_dependency_order_and_caches(llamas, tmp_path, capsys):
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     order = [line.split(":")[0] for line in lines]
-    assert sorted(order[:2]) == ["ab", "bc"] and order[2] == "(final)"  # both before the merge that reads them
+    assert (
+        sorted(order[:2]) == ["ab", "bc"] and order[2] == "(final)"
+    )  # both before the merge that reads them
     # the same as merging one by one
     docs = documents(llamas)
     merge({k: v for k, v in docs[2].items() if k != "name"}, tmp_path / "ab", progress=False)

@@ -165,6 +165,31 @@ def test_dare_density_one_is_plain_merge():
     assert all(torch.equal(dare[k], ta[k]) for k in base)
 
 
+def test_dare_ties_trim_is_ties_over_the_dropped_vectors():
+    """DARE's official DARE-TIES: drop (and rescale), then the whole TIES step — the global magnitude trim
+    included — on the dropped vectors. Reference: each dropped vector from dare_linear with a one-hot weight (the
+    same seeded masks), then paper TIES over them."""
+    base, experts = random_models(3, shapes=((16, 12), (12,), (6, 5, 4)))
+    settings = {"density": 0.6, "seed": 5}
+    dropped = [
+        merge_state_dicts(
+            base,
+            experts,
+            "dare_linear",
+            weight=[float(j == i) for j in range(3)],
+            **{"lambda": 1.0},
+            **settings,
+        )
+        for i in range(3)
+    ]
+    reference = merge_state_dicts(base, dropped, "ties", density=0.3, trim_scope="global", **{"lambda": 0.8})
+    got = merge_state_dicts(base, experts, "dare_ties", trim_density=0.3, **{"lambda": 0.8}, **settings)
+    for name in base:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-6, atol=1e-7)
+    untrimmed = merge_state_dicts(base, experts, "dare_ties", **{"lambda": 0.8}, **settings)
+    assert any(not torch.equal(got[k], untrimmed[k]) for k in base)
+
+
 def test_bernoulli_mask_is_the_exact_32_bit_law():
     import numpy as np
 

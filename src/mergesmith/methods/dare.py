@@ -13,6 +13,11 @@ Paper vs mergekit (``compat: mergekit``):
 - dare_ties disjoint merge: the paper (MergeLM's TIES) takes the mean over agreeing experts; mergekit's
   ``dare_ties`` sums (normalize: false).
 - default density: the official LLM script's drop rate p = 0.1 → 0.9 here; mergekit 1.0 (no drop).
+
+DARE's official code (MergeLM) runs the *whole* TIES step after the drop for DARE-TIES, its magnitude trim
+included: ``trim_density`` K keeps, per expert, the top K of |δ̂_t| over the whole network (the paper's TIES trim,
+on the dropped and rescaled vectors; MergeLM tunes the trim rate 1 − K in {0.7, 0.8, 0.9}). The default 1 keeps
+everything, as the paper's text and mergekit describe DARE-TIES.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from typing import Any
 
 import torch
 
+from mergesmith.errors import RecipeError
 from mergesmith.methods.base import MergeMethod, ModelStats, Param, Rule, TensorStats
 from mergesmith.methods.params import DISJOINT, LAMBDA, NORMALIZE_ALIAS, SIGN_ZERO, WEIGHT
 from mergesmith.ops.gta import merge_task_vectors
 from mergesmith.ops.stream import TensorContext, TensorStream
 from mergesmith.ops.taskvec import bernoulli_mask, l1_ratio, rescale_kept, stack_deltas
-from mergesmith.ops.ties import majority_sign_pass
+from mergesmith.ops.ties import global_thresholds, keep_at_least, prepare_ties
 
 PAPER = "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024 (arXiv:2311.03099)"
 
@@ -89,12 +95,44 @@ def l1_ratios(stream: TensorStream, params: dict[str, Any], ctx: TensorContext) 
     return [l1_ratio(b, a) for b, a in zip(before, after)]
 
 
+def drop_then_trim(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
+    """δ̂ after the drop, then (``trim_density`` < 1) only its entries ≥ the expert's whole-network threshold."""
+    dropped = drop_and_rescale(delta, i, params, ctx)
+    trim_density = params.get("trim_density", 1.0)
+    if isinstance(ctx.state, dict) and ctx.state.get("trim_density", trim_density) != trim_density:
+        raise RecipeError(
+            f"tensor '{ctx.name}': trim_density must be the same for every tensor (one top-k over the whole "
+            "network)"
+        )
+    if trim_density >= 1:
+        return dropped
+    return keep_at_least(dropped, ctx.state["trim_thresholds"][i])
+
+
+def prepare_dare_ties(stream: TensorStream, params: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """The whole-model passes: the trim thresholds over the dropped vectors (``trim_density`` < 1), then the
+    majority sign of exact-zero sums (``sign_zero: majority``) on the vectors as the rule leaves them."""
+    state: dict[str, Any] = {"trim_density": params["trim_density"]}  # ``params``: the first tensor's
+    if params["trim_density"] < 1:
+        count = len(params["density"])
+        state["trim_thresholds"] = global_thresholds(
+            stream, [params["trim_density"]] * count, drop_and_rescale, seed
+        )
+
+    def sparsify(delta: torch.Tensor, i: int, p: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
+        ctx.state = {**(ctx.state or {}), **state}
+        return drop_then_trim(delta, i, p, ctx)
+
+    signs = prepare_ties(stream, {**params, "trim_scope": "tensor"}, seed, sparsify=sparsify)
+    return {**state, **signs}
+
+
 def dare_linear_rule(base, experts, params, ctx):
     return merge_task_vectors(base, experts, params, ctx, sparsify=drop_and_rescale)
 
 
 def dare_ties_rule(base, experts, params, ctx):
-    return merge_task_vectors(base, experts, params, ctx, sparsify=drop_and_rescale, consensus=True)
+    return merge_task_vectors(base, experts, params, ctx, sparsify=drop_then_trim, consensus=True)
 
 
 DARE_LINEAR = MergeMethod(
@@ -117,10 +155,25 @@ DARE_TIES = MergeMethod(
     ),
     summary="random drop with rescale, then TIES sign election and disjoint merge",
     paper=PAPER,
-    params=(WEIGHT, DENSITY, LAMBDA, RESCALE, replace(DISJOINT, mergekit="sum"), SIGN_ZERO),
+    params=(
+        WEIGHT,
+        DENSITY,
+        LAMBDA,
+        RESCALE,
+        replace(DISJOINT, mergekit="sum"),
+        SIGN_ZERO,
+        Param(
+            "trim_density",
+            float,
+            1.0,
+            "TIES trim after the drop: keep the top K of |δ̂| over the whole network (DARE's official code); 1: none",
+            low=0.0,
+            high=1.0,
+        ),
+    ),
     aliases={**NORMALIZE_ALIAS, **RESCALE_ALIAS},
     random=True,
-    model_stats=ModelStats(majority_sign_pass(drop_and_rescale)),
+    model_stats=ModelStats(prepare_dare_ties),
     tensor_stats=TensorStats(l1_ratios, needed=lambda params: params["rescale"] == "l1"),
 )
 

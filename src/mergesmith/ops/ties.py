@@ -26,14 +26,25 @@ from mergesmith.ops.taskvec import (
 )
 
 
-def _magnitude_rows(stream: TensorStream) -> Iterator[torch.Tensor]:
-    """One pass: |τ_t| of each tensor as fp32 ``[T, n]`` rows (the chunks that the radix selection ranks)."""
+def _magnitude_rows(
+    stream: TensorStream, sparsify: Sparsifier | None = None, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """One pass: |τ_t| of each tensor as fp32 ``[T, n]`` rows (the chunks that the radix selection ranks); with
+    ``sparsify``, of the task vectors as it leaves them (DARE's drop, drawn with the rule's seeds)."""
+    ctx = TensorContext(name="", seed=seed)
     for item in stream():
-        yield stack_deltas(item.base, item.experts).abs_().to(torch.float32).reshape(len(item.experts), -1)
+        deltas = stack_deltas(item.base, item.experts)
+        if sparsify is not None:
+            ctx.name, ctx.rows = item.name, item.rows
+            deltas = torch.stack([sparsify(deltas[i], i, item.params, ctx) for i in range(len(item.experts))])
+        yield deltas.abs_().to(torch.float32).reshape(len(item.experts), -1)
 
 
-def global_thresholds(stream: TensorStream, densities: list[float]) -> list[float]:
-    """Exact κ_t per expert over the whole model: the (⌊D·K_t⌋ + 1)-th largest |τ_t|, with O(1) memory.
+def global_thresholds(
+    stream: TensorStream, densities: list[float], sparsify: Sparsifier | None = None, seed: int = 0
+) -> list[float]:
+    """Exact κ_t per expert over the whole model: the (⌊D·K_t⌋ + 1)-th largest |τ_t| (of ``sparsify``'s output when
+    given), with O(1) memory.
 
     Radix selection on the fp32 bit patterns (``selection.order_statistics``): two histogram passes.
     """
@@ -42,7 +53,7 @@ def global_thresholds(stream: TensorStream, densities: list[float]) -> list[floa
         # rank (1-based, ascending) of the threshold = D − keep + 1
         return [[total - paper_keep_count(total, d) + 1] for d in densities]
 
-    return [row[0] for row in order_statistics(lambda: _magnitude_rows(stream), ranks)]
+    return [row[0] for row in order_statistics(lambda: _magnitude_rows(stream, sparsify, seed), ranks)]
 
 
 def trim(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorContext) -> torch.Tensor:
