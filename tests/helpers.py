@@ -83,3 +83,19 @@ def run_method(
         )
         for key in base
     }
+
+
+def run_mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
+    """mergekit itself (in-process) on a recipe dict; its output's tensors."""
+    import copy
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = MergeConfiguration.model_validate(copy.deepcopy(recipe))
+    run_merge(
+        config,
+        str(out),
+        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=0),
+    )
+    return load_tensors(out)

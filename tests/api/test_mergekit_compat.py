@@ -6,29 +6,15 @@ tested on their own in the method tests.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from mergesmith import merge
-from tests.helpers import load_tensors
+from tests.helpers import load_tensors, run_mergekit
 
 mergekit = pytest.importorskip("mergekit")
-
-
-def run_mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    config = MergeConfiguration.model_validate(copy.deepcopy(recipe))
-    run_merge(
-        config,
-        str(out),
-        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=0),
-    )
-    return load_tensors(out)
 
 
 def recipes(m: dict[str, Path]) -> dict[str, dict]:

@@ -4,7 +4,8 @@
 The file holds one YAML document per merge, each a recipe plus ``name:``; any model field of a later recipe
 (``base_model``, ``models``, slice sources, ``tokenizer_source``, either side of ``BASE+ADAPTER``) may name an
 earlier merge, which then stands for its output folder ``DIR/NAME``. At most one document has no name: the final
-merge, written to ``--out``. A merge is reused (not redone) when its folder holds a finished mergesmith output of the
+merge, written to ``--out``. A document may instead give ``out_path:`` (mergekit-mega's form): it is written
+there, and later documents read it by that path. A merge is reused (not redone) when its folder holds a finished mergesmith output of the
 same recipe and none of the merges it reads was redone in this run; with ``lazy=False`` every merge runs again.
 Unknown names are just paths; a cycle, a repeated name or two unnamed documents are one-line errors before any merge.
 """
@@ -33,7 +34,12 @@ class Step:
 
     name: str | None
     recipe: dict[str, Any]
-    needs: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)  # labels of the steps it reads
+    out_path: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.out_path or "(final)"
 
 
 def _model_fields(recipe: dict[str, Any]) -> list[tuple[Any, Any]]:
@@ -62,34 +68,38 @@ def read_steps(path: Path) -> list[Step]:
         raise RecipeError(f"{path}: not a readable YAML file ({type(e).__name__})") from None
     if not documents or not all(isinstance(d, dict) for d in documents):
         raise RecipeError(f"{path}: a multi-merge file is YAML documents (---), each a recipe with name:")
-    steps = [Step(d.pop("name", None), d) for d in documents]
+    steps = [Step(d.pop("name", None), d, out_path=d.pop("out_path", None)) for d in documents]
     names = [s.name for s in steps if s.name is not None]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise RecipeError(f"{path}: the name '{repeated[0]}' is used by two merges")
-    if sum(s.name is None for s in steps) > 1:
+    if sum(s.name is None and s.out_path is None for s in steps) > 1:
         raise RecipeError(f"{path}: more than one merge has no name: (only the final merge may omit it)")
+    written = {str(Path(s.out_path).resolve()): s.label for s in steps if s.out_path is not None}
     for step in steps:
         for container, key in _model_fields(step.recipe):
-            step.needs += [p for p in _parts(container[key]) if p in names and p not in step.needs]
+            for part in _parts(container[key]):
+                label = part if part in names else written.get(str(Path(part).resolve()))
+                if label is not None and label not in step.needs and label != step.label:
+                    step.needs.append(label)
     return _ordered(steps, path)
 
 
 def _ordered(steps: list[Step], path: Path) -> list[Step]:
     """Dependency order (a merge after those it reads; otherwise as in the file); a cycle is an error."""
-    by_name = {s.name: s for s in steps if s.name is not None}
+    by_label = {s.label: s for s in steps}
     done: list[Step] = []
     state: dict[int, str] = {}
 
     def visit(step: Step, trail: list[str]) -> None:
         if state.get(id(step)) == "done":
             return
-        label = step.name or "(final)"
+        label = step.label
         if state.get(id(step)) == "active":
             raise RecipeError(f"{path}: the merges form a cycle: {' -> '.join([*trail, label])}")
         state[id(step)] = "active"
         for need in step.needs:
-            visit(by_name[need], [*trail, label])
+            visit(by_label[need], [*trail, label])
         state[id(step)] = "done"
         done.append(step)
 
@@ -98,11 +108,12 @@ def _ordered(steps: list[Step], path: Path) -> list[Step]:
     return done
 
 
-def _resolved(step: Step, folder: Path) -> dict[str, Any]:
-    """The recipe with every earlier merge's name replaced by its output folder."""
+def _resolved(step: Step, folder: Path, names: set[str]) -> dict[str, Any]:
+    """The recipe with every earlier merge's name replaced by its output folder (``out_path`` merges are read by
+    their path already)."""
     recipe = yaml.safe_load(yaml.safe_dump(step.recipe))  # a deep copy
     for container, key in _model_fields(recipe):
-        parts = [str(folder / p) if p in step.needs else p for p in _parts(container[key])]
+        parts = [str(folder / p) if p in step.needs and p in names else p for p in _parts(container[key])]
         container[key] = "+".join(parts)
     return recipe
 
@@ -128,14 +139,17 @@ def run_multi(
     """Run every merge of a multi-merge file in dependency order; returns each merge's result (None: reused)."""
     path, folder = Path(path), Path(intermediate_dir)
     steps = read_steps(path)
-    if any(s.name is None for s in steps) and out is None:
+    if any(s.name is None and s.out_path is None for s in steps) and out is None:
         raise RecipeError(f"{path}: the final merge has no name, so it needs --out")
     results: dict[str, MergeResult | None] = {}
     redone: set[str] = set()
     for step in steps:
-        label = step.name or "(final)"
-        target = folder / step.name if step.name is not None else Path(out)  # type: ignore[arg-type]
-        recipe = _resolved(step, folder)
+        label = step.label
+        if step.name is not None:
+            target = folder / step.name
+        else:
+            target = Path(step.out_path) if step.out_path is not None else Path(out)  # type: ignore[arg-type]
+        recipe = _resolved(step, folder, {s.name for s in steps if s.name is not None})
         if lazy and not redone.intersection(step.needs) and _finished(target, recipe):
             report(f"{label}: up to date in {target}")
             results[label] = None

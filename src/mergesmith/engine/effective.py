@@ -106,6 +106,8 @@ def _fallback_users(recipe: Recipe, method: MergeMethod) -> list[Settings]:
 def effective_recipe(recipe: Recipe, method: MergeMethod, where: str = "recipe") -> tuple[Recipe, list[str]]:
     """The recipe with every unset method parameter written in with its value in effect, and the notices.
     Errors name ``where`` (the recipe file), the key and the model."""
+    recipe = recipe.model_copy(deep=True)
+    notices: list[str] = _read_patterns(recipe)
     for key, settings in settings_of(recipe):
         try:
             _check_settings(method, key, settings)
@@ -114,7 +116,6 @@ def effective_recipe(recipe: Recipe, method: MergeMethod, where: str = "recipe")
     top = given(method, recipe.parameters)
     models = [given(method, s) for s in _fallback_users(recipe, method)] or [set()]
     slices = [given(method, s.parameters) for s in recipe.slices or []] or [set()]
-    notices: list[str] = []
     filled: Settings = {}
     paper_vs_mergekit: list[tuple[str, Any, Any]] = []
     for param in method.params:
@@ -147,6 +148,31 @@ def effective_recipe(recipe: Recipe, method: MergeMethod, where: str = "recipe")
                 notices.append(f"{where}.{key}: {reason}; ignored")
     parameters = {**recipe.parameters, **filled}
     return recipe.model_copy(update={"parameters": parameters}), notices
+
+
+def _read_patterns(recipe: Recipe) -> list[str]:
+    """``pattern:`` entries (published mergekit recipes use it; mergekit ignores it, so the entry matches every
+    tensor) become ``filter:`` — or, under ``compat: mergekit``, are dropped as mergekit drops them — in place."""
+    notices = []
+    for where, settings in settings_of(recipe):
+        for key, setting in settings.items():
+            entries = setting if isinstance(setting, list) else [setting]
+            for entry in entries:
+                if not isinstance(entry, Conditional) or entry.pattern is None:
+                    continue
+                if recipe.compat == "mergekit":
+                    notices.append(
+                        f"{where}.{key}: pattern '{entry.pattern}' is ignored, as mergekit ignores it (the entry "
+                        "applies to every tensor it reaches); write filter: to select tensors"
+                    )
+                elif entry.filter is None:
+                    entry.filter = entry.pattern
+                    notices.append(
+                        f"{where}.{key}: pattern '{entry.pattern}' is read as filter: (mergekit ignores pattern: "
+                        "and applies the entry to every tensor; --compat mergekit does the same)"
+                    )
+                entry.pattern = None
+    return notices
 
 
 def check_filters(recipe: Recipe, names: set[str]) -> None:

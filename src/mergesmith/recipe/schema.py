@@ -43,16 +43,25 @@ Scalar = Union[bool, int, float, str]  # noqa: UP007 (a runtime alias pydantic r
 class Conditional(BaseModel):
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
+    # some published mergekit recipes write `pattern:`; mergekit ignores it (the entry then matches every tensor),
+    # mergesmith reads it as `filter:` — with a notice either way (engine.effective)
+    pattern: str | None = None
     value: Scalar | list[Scalar]
 
 
 ParamValue = Union[Scalar, list[Conditional], list[Scalar]]  # noqa: UP007
 
 
+def _none_is_empty(value: Any) -> Any:
+    """``parameters:`` with nothing under it (YAML null), as mergekit accepts it: no parameters."""
+    return {} if value is None else value
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    _empty = field_validator("parameters", mode="before")(_none_is_empty)
     data: DataSpec | None = None  # data-driven methods: this model's examples (else the recipe's data:)
     head: str | None = None  # a safetensors {weight, bias} linear head over mean-pooled encoder states
 
@@ -62,6 +71,7 @@ class SliceSource(BaseModel):
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    _empty = field_validator("parameters", mode="before")(_none_is_empty)
 
     @field_validator("layer_range")
     @classmethod
@@ -75,6 +85,7 @@ class Slice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    _empty = field_validator("parameters", mode="before")(_none_is_empty)
 
     @field_validator("sources")
     @classmethod
@@ -106,6 +117,8 @@ class Recipe(BaseModel):
     fitted: str | None = (
         None  # an earlier output folder (or its mergesmith_fit.safetensors): replay, do not fit
     )
+
+    _empty = field_validator("parameters", mode="before")(_none_is_empty)
 
     @field_validator("merge_method")
     @classmethod
