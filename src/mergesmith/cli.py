@@ -468,12 +468,16 @@ def _fmt(value: object) -> str:
     return f"`{value}`"
 
 
-def methods_markdown() -> str:
-    """Two Markdown tables generated from the registry: the methods, and every paper-vs-mergekit difference."""
+def methods_markdown(full: bool = True) -> str:
+    """Two Markdown tables generated from the registry: the methods (``full``: with every parameter and its
+    default, and the paper; else what each does, as in the README), and every paper-vs-mergekit difference."""
     from mergesmith.methods.base import REQUIRED
     from mergesmith.methods.registry import all_methods
 
-    rows = ["| method | base | data | parameters (default) | paper |", "|---|---|---|---|---|"]
+    if full:
+        rows = ["| method | base | data | parameters (default) | paper |", "|---|---|---|---|---|"]
+    else:
+        rows = ["| method | base | data | what it does |", "|---|---|---|---|"]
     diffs = ["| method | parameter | paper default | `compat: mergekit` |", "|---|---|---|---|"]
     for m in all_methods():
         params = ", ".join(
@@ -481,15 +485,18 @@ def methods_markdown() -> str:
             for p in m.params
         )
         data = m.fit.data.value if m.fit is not None else "—"
-        rows.append(f"| `{m.name}` | {m.base.value} | {data} | {params} | {m.paper} |")
+        last = f"{params} | {m.paper}" if full else m.summary
+        rows.append(f"| `{m.name}` | {m.base.value} | {data} | {last} |")
         for p in m.params:
             if p.mergekit is not REQUIRED and p.mergekit != p.default:
                 diffs.append(f"| `{m.name}` | `{p.name}` | {_fmt(p.default)} | {_fmt(p.mergekit)} |")
-    return (
-        "\n".join(rows)
-        + "\n\n`*` = per-model parameter; data: what a data-driven method fits on (`data:` in "
-        "the recipe).\n\n" + "\n".join(diffs)
+    note = (
+        "`*` = per-model parameter; data: what a data-driven method fits on (`data:` in the recipe)."
+        if full
+        else "data: what a data-driven method fits on. Parameters, defaults and papers: `mergesmith methods "
+        "NAME` and [docs/methods.md](docs/methods.md). Where the paper and mergekit differ:"
     )
+    return "\n".join(rows) + "\n\n" + note + "\n\n" + "\n".join(diffs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -674,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmark the data-free methods on a zoo, or on your own models (BENCH.yaml): tables + chart",
         description="`mergesmith bench [--zoo text8]` or `mergesmith bench BENCH.yaml` (your base, experts, "
-        "data and metrics; see the README's benchmark section).",
+        "data and metrics; see docs/benchmark.md).",
     )
     p.add_argument("bench_file", nargs="?", default=None, metavar="BENCH.yaml", help="your own benchmark")
     p.add_argument("--zoo", default="text8", choices=["text8"])

@@ -20,7 +20,7 @@ perplexity (1 at the expert, below 1 when worse), so it averages with accuracy r
 difference is bootstrapped with the *same* resampled examples for both (a paired bootstrap); seeds are resampled
 per row. The interval of the difference excludes 0 exactly when the difference is significant at the 5 % level (the
 two-sided p-value is twice the smaller tail of the resampled differences around 0). Two unpaired intervals that
-overlap can still differ significantly; that is why the README's significance column comes from this test.
+overlap can still differ significantly; that is why the benchmark tables' significance column comes from this test.
 
 Percentile intervals from ``resamples`` draws (default 2,000) of a seeded generator: the same inputs give the same
 interval bit for bit.

@@ -121,7 +121,7 @@ def accuracy(
 
 @dataclass
 class TrainConfig:
-    """Fine-tuning hyperparameters (documented in the README's zoo section)."""
+    """Fine-tuning hyperparameters (documented in docs/benchmark.md)."""
 
     epochs: int = 2
     batch_size: int = 32
