@@ -114,6 +114,24 @@ def cmd_multi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_adapters(args: argparse.Namespace) -> int:
+    from mergesmith.api.merge_adapters import merge_adapters
+
+    config = merge_adapters(
+        args.adapters,
+        args.out,
+        weights=args.weights,
+        combination=args.combination,
+        rank=args.rank,
+        density=args.density,
+        majority_sign=args.majority_sign,
+        seed=args.seed,
+        force=args.force,
+    )
+    print(f"merged {len(args.adapters)} adapters ({args.combination}, rank {config['r']}) -> {args.out}")
+    return 0
+
+
 def cmd_extract_lora(args: argparse.Namespace) -> int:
     from mergesmith.api.extract_lora import extract_lora
 
@@ -556,6 +574,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="recheck an output folder against the sha256 in its manifest")
     p.add_argument("out")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "merge-adapters", help="several LoRA adapters of one base into one adapter (PEFT's combinations)"
+    )
+    p.add_argument("out", help="the adapter folder to write")
+    p.add_argument("adapters", nargs="+", help="adapter folders or Hub ids")
+    p.add_argument(
+        "--weights", type=float, nargs="+", default=None, help="one weight per adapter (default 1)"
+    )
+    p.add_argument(
+        "--combination",
+        default="svd",
+        help="cat | svd | linear | ties | ties_svd | dare_linear | dare_linear_svd | dare_ties | dare_ties_svd | "
+        "magnitude_prune | magnitude_prune_svd (default svd)",
+    )
+    p.add_argument(
+        "--rank", type=int, default=None, help="the *_svd combinations' rank (default: the largest)"
+    )
+    p.add_argument(
+        "--density", type=float, default=None, help="kept fraction for ties / dare / magnitude_prune"
+    )
+    p.add_argument("--majority-sign", default="total", choices=["total", "frequency"])
+    p.add_argument("--seed", type=int, default=0, help="DARE's random drop")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_merge_adapters)
 
     p = sub.add_parser(
         "extract-lora",
