@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergesmith.api.publish import tokenizer_folder, write_metadata
+from mergesmith.api.publish import chat_template_for, tokenizer_folder, write_metadata
 from mergesmith.api.state_dicts import run_fit
 from mergesmith.api.tasks import FitSetup, prepare_fit
 from mergesmith.dtypes import DTYPE_NAMES
@@ -84,6 +84,7 @@ class Resolved:
     setup: FitSetup | None = None
     notices: tuple[str, ...] = ()
     tokenizer: Path | None = None  # tokenizer_source's folder (None: the config model's own)
+    chat_template: str | None = None  # the recipe's chat_template, resolved
 
     def input_files(self) -> list[Path]:
         """The files a resume's fingerprint covers: every weight file, and the data or fit files."""
@@ -207,6 +208,7 @@ def resolve(
     sources = _open_sources(paths, allow_pickle, where)
     try:
         tokenizer = tokenizer_folder(parsed, sources)  # checked now, not after the merge
+        template = chat_template_for(parsed, sources, tokenizer)
         setup = prepare_fit(parsed, method, sources) if method.fit is not None else None
         yield Resolved(
             parsed,
@@ -223,6 +225,7 @@ def resolve(
             setup,
             tuple(notices),
             tokenizer,
+            template,
         )
     finally:
         for src in sources.values():
@@ -325,6 +328,7 @@ def publish(
         fit_report,
         job.notices,
         job.tokenizer,
+        job.chat_template,
     )
     partial.publish(job.out)
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import yaml
 
+from mergesmith.api.chat_template import resolve_template, write_template
 from mergesmith.dtypes import dtype_name
 from mergesmith.engine.plan import Plan
 from mergesmith.errors import RecipeError
@@ -35,6 +36,7 @@ def write_metadata(
     fit: dict[str, Any] | None = None,
     notices: tuple[str, ...] = (),
     tokenizer_dir: Path | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Every non-weight file of the output folder."""
     if plan.config:
@@ -51,6 +53,8 @@ def write_metadata(
         tokenizer_dir = config_src.folder
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         copy_tokenizer_files(tokenizer_dir, folder)
+    if chat_template is not None:
+        write_template(folder, chat_template)
     (folder / RECIPE_FILE).write_text(recipe.to_yaml())
     manifest = {
         "mergesmith_version": __version__,
@@ -109,6 +113,19 @@ def tokenizer_folder(recipe: Recipe, sources: dict[str, Source]) -> Path | None:
             "on would index past them — use the models' own tokenizer"
         )
     return folder
+
+
+def chat_template_for(recipe: Recipe, sources: dict[str, Source], tokenizer: Path | None) -> str | None:
+    """The recipe's ``chat_template`` resolved and checked before the merge (None: keep the tokenizer's own)."""
+    if recipe.chat_template is None:
+        return None
+    reference = recipe.base_model or (recipe.models[0].model if recipe.models else None)
+    output_tokenizer = tokenizer or (sources[reference].folder if reference in sources else None)
+    if output_tokenizer is None or not (output_tokenizer / "tokenizer_config.json").is_file():
+        raise RecipeError("chat_template: the output gets no tokenizer_config.json; set tokenizer_source")
+    folders = [sources[reference].folder] if reference in sources else []
+    folders += [s.folder for p, s in sources.items() if p != reference]
+    return resolve_template(recipe.chat_template, folders)
 
 
 def model_name(path: str) -> str:

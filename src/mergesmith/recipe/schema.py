@@ -112,6 +112,7 @@ class Recipe(BaseModel):
     compat: Literal["paper", "mergekit"] = "paper"
     seed: int = 0
     tokenizer_source: str | None = None
+    chat_template: str | None = None  # a name (chatml, llama3, ...), a Jinja template, or auto
     name: str | None = None
     data: DataSpec | None = None  # data-driven methods: examples for every model without its own data:
     fitted: str | None = (
