@@ -85,7 +85,7 @@ def run_method(
     }
 
 
-def run_mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
+def run_mergekit(recipe: dict, out: Path, copy_tokenizer: bool = False) -> dict[str, torch.Tensor]:
     """mergekit itself (in-process) on a recipe dict; its output's tensors."""
     import copy
 
@@ -96,6 +96,6 @@ def run_mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
     run_merge(
         config,
         str(out),
-        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=0),
+        MergeOptions(quiet=True, copy_tokenizer=copy_tokenizer, write_model_card=False, random_seed=0),
     )
     return load_tensors(out)

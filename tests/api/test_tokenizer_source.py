@@ -1,6 +1,6 @@
 """``tokenizer_source``: base, a model folder or a Hub id, checked before the merge: the output's tokenizer files
-are written and load; a source without a tokenizer, a vocabulary larger than the merged embeddings, and ``union``
-(not supported yet) are one-line errors that leave nothing behind."""
+are written and load; a source without a tokenizer and a vocabulary larger than the merged embeddings are one-line
+errors that leave nothing behind (``union``: tests/api/test_vocabulary.py)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ def test_output_tokenizer_loads_and_generates(with_tokenizer, tmp_path, source):
 
 def test_bad_tokenizer_sources_are_one_line_errors(with_tokenizer, llamas, tmp_path):
     cases = [
-        (recipe(with_tokenizer, tokenizer_source="union"), "a merged vocabulary is not supported yet"),
         (recipe(with_tokenizer, tokenizer_source=str(with_tokenizer / "a")), "no tokenizer files there"),
         # 88 tokens over the 64-row embeddings of the small llamas
         (

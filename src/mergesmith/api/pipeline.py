@@ -26,6 +26,7 @@ from typing import Any
 from mergesmith.api.publish import chat_template_for, tokenizer_folder, write_metadata
 from mergesmith.api.state_dicts import run_fit
 from mergesmith.api.tasks import FitSetup, prepare_fit
+from mergesmith.api.vocabulary import reindexed_sources
 from mergesmith.dtypes import DTYPE_NAMES
 from mergesmith.engine.effective import effective_recipe
 from mergesmith.engine.execute import execute, output_specs
@@ -85,6 +86,7 @@ class Resolved:
     notices: tuple[str, ...] = ()
     tokenizer: Path | None = None  # tokenizer_source's folder (None: the config model's own)
     chat_template: str | None = None  # the recipe's chat_template, resolved
+    vocabulary_tokenizer: Any = None  # the merged vocabulary's tokenizer (union, a tokenizer: block)
 
     def input_files(self) -> list[Path]:
         """The files a resume's fingerprint covers: every weight file, and the data or fit files."""
@@ -209,6 +211,7 @@ def resolve(
     try:
         tokenizer = tokenizer_folder(parsed, sources)  # checked now, not after the merge
         template = chat_template_for(parsed, sources, tokenizer)
+        sources, vocabulary = reindexed_sources(parsed, sources)  # a merged vocabulary: rows re-indexed
         setup = prepare_fit(parsed, method, sources) if method.fit is not None else None
         yield Resolved(
             parsed,
@@ -226,6 +229,7 @@ def resolve(
             tuple(notices),
             tokenizer,
             template,
+            vocabulary.tokenizer if vocabulary is not None else None,
         )
     finally:
         for src in sources.values():
@@ -329,6 +333,7 @@ def publish(
         job.notices,
         job.tokenizer,
         job.chat_template,
+        job.vocabulary_tokenizer,
     )
     partial.publish(job.out)
 

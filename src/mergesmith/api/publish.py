@@ -37,6 +37,7 @@ def write_metadata(
     notices: tuple[str, ...] = (),
     tokenizer_dir: Path | None = None,
     chat_template: str | None = None,
+    vocabulary_tokenizer: Any = None,
 ) -> None:
     """Every non-weight file of the output folder."""
     if plan.config:
@@ -53,6 +54,8 @@ def write_metadata(
         tokenizer_dir = config_src.folder
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         copy_tokenizer_files(tokenizer_dir, folder)
+    if vocabulary_tokenizer is not None:  # a merged vocabulary (tokenizer_source: union, a tokenizer: block)
+        vocabulary_tokenizer.save_pretrained(str(folder))
     if chat_template is not None:
         write_template(folder, chat_template)
     (folder / RECIPE_FILE).write_text(recipe.to_yaml())
@@ -80,14 +83,9 @@ def tokenizer_folder(recipe: Recipe, sources: dict[str, Source]) -> Path | None:
     before the merge: ``base`` (the base model, else the first), a model folder or a Hub id that holds tokenizer
     files, and whose vocabulary fits the merged embeddings (token ids past their rows would crash generation)."""
     spec = recipe.tokenizer_source
-    if spec is None:
+    if spec is None or spec == "union":  # union (and a tokenizer: block): api.vocabulary builds the tokenizer
         return None
     where = f"tokenizer_source: {spec}"
-    if spec == "union":
-        raise RecipeError(
-            f"{where}: a merged vocabulary is not supported yet; use base or a model whose tokenizer fits the "
-            "merged embeddings"
-        )
     if spec == "base":
         reference = recipe.base_model or (recipe.models[0].model if recipe.models else None)
         if reference is None:
@@ -121,7 +119,10 @@ def chat_template_for(recipe: Recipe, sources: dict[str, Source], tokenizer: Pat
         return None
     reference = recipe.base_model or (recipe.models[0].model if recipe.models else None)
     output_tokenizer = tokenizer or (sources[reference].folder if reference in sources else None)
-    if output_tokenizer is None or not (output_tokenizer / "tokenizer_config.json").is_file():
+    merged_vocabulary = recipe.tokenizer is not None or recipe.tokenizer_source == "union"
+    if not merged_vocabulary and (
+        output_tokenizer is None or not (output_tokenizer / "tokenizer_config.json").is_file()
+    ):
         raise RecipeError("chat_template: the output gets no tokenizer_config.json; set tokenizer_source")
     folders = [sources[reference].folder] if reference in sources else []
     folders += [s.folder for p, s in sources.items() if p != reference]

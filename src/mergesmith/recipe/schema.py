@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergesmith.dtypes import DTYPE_NAMES
 from mergesmith.errors import RecipeError
@@ -95,6 +95,36 @@ class Slice(BaseModel):
         return v
 
 
+class TokenSetting(BaseModel):
+    """Where one output token's embedding row comes from (mergekit's ``tokenizer.tokens`` entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str | dict[str, Any] | None = (
+        None  # a model, {kind: zero}, {kind: model_token, model, token|token_id}
+    )
+    force: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _known_kind(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            kind = v.get("kind")
+            if kind not in ("zero", "model_token"):
+                raise ValueError(f"source kind must be zero or model_token, got {kind!r}")
+            if kind == "model_token" and ("model" not in v or ("token" in v) == ("token_id" in v)):
+                raise ValueError("a model_token source names a model and one of token or token_id")
+        return v
+
+
+class TokenizerBlock(BaseModel):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and per-token embedding sources."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"  # union | base | a model
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 DtypeName = Literal[DTYPE_NAMES]  # type: ignore[valid-type]  # "float32", "float16", "bfloat16", "float64"
 
 
@@ -113,6 +143,7 @@ class Recipe(BaseModel):
     seed: int = 0
     tokenizer_source: str | None = None
     chat_template: str | None = None  # a name (chatml, llama3, ...), a Jinja template, or auto
+    tokenizer: TokenizerBlock | None = None  # mergekit's tokenizer block (instead of tokenizer_source)
     name: str | None = None
     data: DataSpec | None = None  # data-driven methods: examples for every model without its own data:
     fitted: str | None = (
@@ -135,6 +166,12 @@ class Recipe(BaseModel):
         if isinstance(v, list):
             return [{"model": m} if isinstance(m, str) else m for m in v]
         return v
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> Recipe:
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give tokenizer_source or a tokenizer: block, not both")
+        return self
 
     def model_paths(self) -> list[str]:
         """Every referenced model, base first, without repeats."""
