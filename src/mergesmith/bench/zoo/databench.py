@@ -334,6 +334,8 @@ def run_data_bench(
         "zoo": zoo.name,
         "tasks": zoo.tasks,
         "config": zoo.identity,
+        # the zoo's build (its weights' digest): a rebuild on another machine differs in float rounding
+        "build": zoo.weights_digest() if hasattr(zoo, "weights_digest") else None,
         "seeds": seeds,
         "step_scale": step_scale,
         "lr_scale": scale,
@@ -344,7 +346,7 @@ def run_data_bench(
     saved: dict[str, Any] = {}
     if checkpoint is not None and checkpoint.exists():
         old = json.loads(checkpoint.read_text())
-        same = ("step_scale", "lr_scale", "tasks", "config")
+        same = ("step_scale", "lr_scale", "tasks", "config", "build")
         if all(old.get(k) == results[k] for k in same):
             saved = old["methods"]
             results["methods"] = dict(saved)  # rows not chosen this time stay as they were
