@@ -170,6 +170,10 @@ STATIC_CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("karcher", "karcher", {"base": False}),
     ("slerp", "slerp", {"experts": 1, "parameters": {"t": 0.3}}),
     ("nuslerp", "nuslerp", {"base": False}),
+    ("sce", "sce", {"experts": 3, "parameters": {"select_topk": 0.5}}),
+    ("multislerp", "multislerp", {"experts": 3}),
+    ("nearswap", "nearswap", {"experts": 1, "parameters": {"t": 0.01}}),
+    ("arcee_fusion", "arcee_fusion", {"experts": 1}),
     ("bf16_out", "task_arithmetic", {"out_dtype": "bfloat16"}),
 ]
 

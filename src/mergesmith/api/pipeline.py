@@ -342,7 +342,10 @@ def _open_sources(paths: list[str], allow_pickle: bool, where: str) -> dict[str,
     sources: dict[str, Source] = {}
     try:
         for path in paths:  # a folder or file, a Hub id, BASE+ADAPTER or an adapter folder
-            sources[path] = open_model(path, allow_pickle)
+            try:
+                sources[path] = open_model(path, allow_pickle)
+            except RecipeError as e:  # a wrong model string: name the recipe it is in
+                raise RecipeError(f"{where}: {e}") from None
     except BaseException:
         for src in sources.values():
             with contextlib.suppress(Exception):

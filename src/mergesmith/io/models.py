@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mergesmith.errors import CheckpointError
+from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.io.hub import resolve_model
 from mergesmith.io.lora import Adapter, LoraSource, is_adapter
 from mergesmith.io.reader import CheckpointSource, Source
@@ -30,7 +30,7 @@ def _adapter(spec: str) -> Adapter:
 def _checkpoint(spec: str, allow_pickle: bool) -> CheckpointSource:
     local = resolve_model(spec, allow_pickle)
     if not local.exists():
-        raise CheckpointError(
+        raise RecipeError(
             f"model path '{spec}' does not exist (a local folder or file, a Hub id org/name, or BASE+ADAPTER)"
         )
     source = CheckpointSource(local, allow_pickle=allow_pickle)
