@@ -132,6 +132,16 @@ def cmd_merge_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokensurgeon(args: argparse.Namespace) -> int:
+    from mergesmith.api.tokensurgeon import tokensurgeon
+
+    result, plan = tokensurgeon(
+        args.model, args.donor, args.out, k=args.k, force=args.force, progress=not args.quiet
+    )
+    print(f"{plan.exact} tokens kept, {plan.approximated} approximated (OMP, k={args.k}); {result.summary()}")
+    return 0
+
+
 def cmd_extract_lora(args: argparse.Namespace) -> int:
     from mergesmith.api.extract_lora import extract_lora
 
@@ -574,6 +584,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="recheck an output folder against the sha256 in its manifest")
     p.add_argument("out")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "tokensurgeon", help="give a model another model's tokenizer (new rows by OMP over shared tokens)"
+    )
+    p.add_argument("model", help="the model whose weights are kept")
+    p.add_argument("donor", help="the model whose tokenizer (and embedding geometry) is taken")
+    p.add_argument("out", help="the output folder")
+    p.add_argument(
+        "--k", type=int, default=64, help="shared tokens per new token's approximation (default 64)"
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokensurgeon)
 
     p = sub.add_parser(
         "merge-adapters", help="several LoRA adapters of one base into one adapter (PEFT's combinations)"

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +109,7 @@ def merge(
     dtype: str | None = None,
     compat: str | None = None,
     progress: bool = True,
+    transform_sources: Callable[[dict[str, Source]], dict[str, Source]] | None = None,
 ) -> MergeResult:
     """Merge the checkpoints a recipe names into ``out_dir`` (an HF model folder), atomically.
 
@@ -116,6 +117,9 @@ def merge(
     :mod:`mergesmith.api.tasks` for how the models and their heads are loaded; the fit holds whole models in
     memory, the merge itself still streams), or replays ``fitted:``. The fit is saved as
     ``mergesmith_fit.safetensors`` in the output and summarised under ``fit`` in ``manifest.json``.
+
+    ``transform_sources`` (for tools built on the merge, e.g. ``tokensurgeon``) wraps the opened sources before
+    anything is checked or planned, so that some tensors are read as the tool computes them.
     """
     start = time.perf_counter()
     with resolve(
@@ -131,6 +135,7 @@ def merge(
         dtype=dtype,
         compat=compat,
         progress=progress,
+        transform_sources=transform_sources,
     ) as job:
         plan = plan_merge(job)
         job.out.parent.mkdir(parents=True, exist_ok=True)  # every check has passed: the merge writes now
@@ -185,6 +190,7 @@ def resolve(
     dtype: str | None,
     compat: str | None,
     progress: bool,
+    transform_sources: Callable[[dict[str, Source]], dict[str, Source]] | None = None,
 ) -> Iterator[Resolved]:
     """Step 1: the recipe with the call's overrides, the output checks, the opened sources (closed when the block
     ends) and a data-driven method's tasks, all checked before anything is written."""
@@ -209,6 +215,8 @@ def resolve(
     _check_output(out, paths, force)
     sources = _open_sources(paths, allow_pickle, where)
     try:
+        if transform_sources is not None:  # tools built on merge (tokensurgeon) replace some tensors as read
+            sources = transform_sources(sources)
         tokenizer = tokenizer_folder(parsed, sources)  # checked now, not after the merge
         template = chat_template_for(parsed, sources, tokenizer)
         sources, vocabulary = reindexed_sources(parsed, sources)  # a merged vocabulary: rows re-indexed
