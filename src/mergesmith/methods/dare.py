@@ -2,7 +2,8 @@
 
 δ̂_t = (δ_t ⊙ m_t) / (1 − p),  m_t ~ Bernoulli(1 − p) elementwise, then merge the δ̂_t:
 - ``dare_linear``: θ = θ₀ + λ Σ_t w_t δ̂_t (DARE + task arithmetic);
-- ``dare_ties``:   TIES sign election + disjoint merge over the δ̂_t (DARE + TIES, no magnitude trim).
+- ``dare_ties``:   TIES sign election + disjoint merge over the δ̂_t (DARE + TIES; no magnitude trim unless
+  ``trim_density`` < 1, below).
 
 ``density`` = 1 − p (the keep rate, as mergekit). The drop mask is drawn from a generator seeded by
 (seed, tensor name, model index): the same seed gives the same bits whatever the thread count.
