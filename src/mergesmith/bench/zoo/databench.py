@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergesmith.api import fit_state_dicts, merge_state_dicts
-from mergesmith.bench.confidence import pack_outcomes
+from mergesmith.bench.confidence import pack_outcomes, paired_difference, runs_outcomes
 from mergesmith.bench.zoo.backdoor import (
     attack_success_rate,
     backdoor_facts,
@@ -492,8 +492,8 @@ def checks_markdown(checks: dict[str, Any], data: dict[str, Any]) -> str:
     the row rerun beside the check, or — for a check file from before builds were recorded — the committed row,
     which was run on the same build as those checks."""
     lines = [
-        "| check | row | what changed | seeds | row | check | fit s (row → check) |",
-        "|---|---|---|---|---|---|---|",
+        "| check | row | what changed | seeds | row | check | check − row [95 % CI] | fit s (row → check) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, saved in checks.items():
         check, entry = saved["check"], saved["entry"]
@@ -504,10 +504,20 @@ def checks_markdown(checks: dict[str, Any], data: dict[str, Any]) -> str:
         same = [r for r in runs if r["seed"] < check["seeds"]]
         base = aggregate(same)
         fit = statistics.median(r["fit_seconds"] for r in same)
+        # the paired bootstrap over the same test examples (and the seeds) of the check and its row
+        mine, theirs = runs_outcomes(saved["runs"][: check["seeds"]]), runs_outcomes(same)
+        difference = (
+            format_difference(
+                {"vs_task_arithmetic": paired_difference(mine, theirs, data["finetuned"]).as_dict()}
+            )
+            if mine is not None and theirs is not None
+            else "—"
+        )
         lines.append(
             f"| `{key}` | `{check['row']}` | {check['what']} ({changed}) | {check['seeds']} | "
             f"{format_cell(base['normalized'], base['normalized_std'])} | "
-            f"{format_cell(entry['normalized'], entry['normalized_std'])} | {fit:.0f} → {entry['fit_seconds']:.0f} |"
+            f"{format_cell(entry['normalized'], entry['normalized_std'])} | {difference} | "
+            f"{fit:.0f} → {entry['fit_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
