@@ -421,6 +421,7 @@ CHECKS = (
     Check("adamerging_steps1", "adamerging", "the paper's schedule", 1.0),
     Check("fisher_n128", "fisher", "4 × the row's training texts", n_examples=128),
     Check("fisher_n512", "fisher", "16 × the row's training texts", n_examples=512),
+    Check("regmean_n1000", "regmean", "the official 1,000 training texts per task", n_examples=1000),
 )
 
 
