@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from mergesmith.api.pipeline import MergeResult, merge
+from mergesmith.api.vocabulary import vocabulary_names
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.io.models import open_model
 from mergesmith.io.reader import Source
@@ -88,8 +89,6 @@ class SurgeryPlan:
 
 def plan_surgery(model: Source, donor: Source, k: int) -> SurgeryPlan:
     from transformers import AutoTokenizer
-
-    from mergesmith.api.vocabulary import vocabulary_names
 
     if model.folder is None or donor.folder is None:
         raise RecipeError("tokensurgeon needs model folders with tokenizers")
