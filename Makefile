@@ -46,8 +46,9 @@ bench-claims: zoo
 bench-protocols: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.zoo.protocols
 
-# data rows rerun with a CPU compromise undone (the paper's AdaMerging schedule, 3 seeds; longer Concrete
-# schedules; Fisher on 4 / 16 × the texts), beside the committed rows; resumes per seed: ~2.5 h on 2 cores
+# data rows rerun with a CPU compromise undone (the paper's AdaMerging schedule; longer Concrete schedules; Fisher on
+# 4 / 16 × the texts; RegMean on the official 1,000), each beside its row on the same zoo build; resumes per seed:
+# ~2.5 h on 2 cores
 bench-checks: zoo
 	HF_HUB_OFFLINE=1 $(BIN)/mergesmith bench --zoo text8 --data --checks
 
