@@ -64,7 +64,9 @@ def test_output_folder_contents(llamas, tmp_path):
     front = yaml.safe_load(card.split("---")[1])
     # the card names the models, not their local paths
     assert front["base_model"] == ["base", "a", "b"] and "merge" in front["tags"]
-    assert str(llamas["base"]) not in card.split("## Recipe")[0]
+    assert str(llamas["base"]) not in card  # names only, in the recipe too
+    saved = (out / "mergesmith_recipe.yaml").read_text()
+    assert str(llamas["base"]) in saved  # the saved recipe keeps the paths: it reruns the merge
     recipe = yaml.safe_load((out / "mergesmith_recipe.yaml").read_text())
     assert recipe["merge_method"] == "task_arithmetic"
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"

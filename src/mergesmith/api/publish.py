@@ -154,7 +154,26 @@ def model_card(recipe: Recipe, plan: Plan, model_paths: list[str]) -> str:
         f"({method.summary}; {method.paper}).\n\n"
         "## Models\n\n"
         + "".join(f"- {p}\n" for p in names)
-        + "\n## Recipe\n\n```yaml\n"
-        + recipe.to_yaml()
+        + "\n## Recipe\n\n(models by name; the output's `mergesmith_recipe.yaml` has the paths)\n\n```yaml\n"
+        + _named(recipe).to_yaml()
         + "```\n"
     )
+
+
+def _named(recipe: Recipe) -> Recipe:
+    """The recipe with every model string shown by its name (a card is public: no local paths)."""
+
+    def name(spec: str) -> str:
+        return "+".join(model_name(part) for part in spec.split("+")) if "+" in spec else model_name(spec)
+
+    named = recipe.model_copy(deep=True)
+    if named.base_model:
+        named.base_model = name(named.base_model)
+    if named.tokenizer_source and named.tokenizer_source not in ("base", "union"):
+        named.tokenizer_source = name(named.tokenizer_source)
+    for entry in named.models:
+        entry.model = name(entry.model)
+    for slc in named.slices or []:
+        for source in slc.sources:
+            source.model = name(source.model)
+    return named
