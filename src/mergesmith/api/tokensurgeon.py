@@ -27,7 +27,7 @@ from mergesmith.api.pipeline import MergeResult, merge
 from mergesmith.api.vocabulary import vocabulary_names
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.io.models import open_model
-from mergesmith.io.reader import Source
+from mergesmith.io.reader import Source, WrappedSource
 
 STOP = 1e-6  # relative residual at which a row counts as reproduced (inputs are fp32 or coarser)
 
@@ -127,36 +127,21 @@ def plan_surgery(model: Source, donor: Source, k: int) -> SurgeryPlan:
     return SurgeryPlan(donor_rows, out, len(shared), len(new))
 
 
-class SurgeonSource(Source):
+class SurgeonSource(WrappedSource):
     """MODEL with its vocabulary tensors replaced by the surgery's."""
 
     def __init__(self, source: Source, plan: SurgeryPlan):
-        self.source, self.plan = source, plan
-        self.label, self.folder = source.label, source.folder
-        self.config = {**source.config, "vocab_size": plan.rows}
-
-    def keys(self) -> list[str]:
-        return self.source.keys()
-
-    def has(self, name: str) -> bool:
-        return self.source.has(name)
+        super().__init__(source, config={**source.config, "vocab_size": plan.rows})
+        self.plan = plan
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         if name in self.plan.tensors:
             t = self.plan.tensors[name]
             return t.dtype, tuple(t.shape)
-        return self.source.info(name)
+        return self.inner.info(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.plan.tensors[name] if name in self.plan.tensors else self.source.get(name)
-
-    def files(self) -> list[Path]:
-        return self.source.files()
-
-    def close(self) -> None:
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
+        return self.plan.tensors[name] if name in self.plan.tensors else self.inner.get(name)
 
 
 def tokensurgeon(

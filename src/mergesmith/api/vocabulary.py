@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergesmith.errors import RecipeError
 from mergesmith.io.models import open_model
-from mergesmith.io.reader import Source
+from mergesmith.io.reader import Source, WrappedSource
 from mergesmith.recipe.schema import Recipe, TokenizerBlock
 
 
@@ -225,41 +224,24 @@ class VocabularyRows:
         return tensors[model][vocab.permutations[model][new]].to(dtype)
 
 
-class VocabularySource(Source):
+class VocabularySource(WrappedSource):
     """A model whose vocabulary-indexed tensors read as re-indexed to the output vocabulary."""
 
     def __init__(self, source: Source, model: str, names: set[str], rows: VocabularyRows, size: int):
-        self.source = source
+        super().__init__(source, config={**source.config, "vocab_size": size})
         self.model = model
         self.names = names
         self.shared = rows
         self.size = size
-        self.label = source.label
-        self.config = {**source.config, "vocab_size": size}
-        self.folder = source.folder
-
-    def keys(self) -> list[str]:
-        return self.source.keys()
-
-    def has(self, name: str) -> bool:
-        return self.source.has(name)
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        dtype, shape = self.source.info(name)
+        dtype, shape = self.inner.info(name)
         return (dtype, (self.size, *shape[1:])) if name in self.names else (dtype, shape)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.names:
-            return self.source.get(name)
-        return self.shared.rows(name, self.model).to(self.source.info(name)[0])
-
-    def files(self) -> list[Path]:
-        return self.source.files()
-
-    def close(self) -> None:
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
+            return self.inner.get(name)
+        return self.shared.rows(name, self.model).to(self.inner.info(name)[0])
 
 
 def vocabulary_names(source: Source) -> set[str]:

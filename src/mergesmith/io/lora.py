@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mergesmith.errors import CheckpointError
-from mergesmith.io.reader import Source
+from mergesmith.io.reader import Source, WrappedSource
 from mergesmith.io.safetensors_io import SafetensorsFile
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -138,15 +138,13 @@ class Adapter:
         self.file.close()
 
 
-class LoraSource(Source):
+class LoraSource(WrappedSource):
     """A base checkpoint with a LoRA adapter applied as each tensor is read (the base's config and tokenizer)."""
 
     def __init__(self, base: Source, adapter: Adapter, label: str):
+        super().__init__(base, label=label)
         self.base = base
         self.adapter = adapter
-        self.label = label
-        self.config = base.config
-        self.folder = base.folder
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._check()
@@ -171,15 +169,6 @@ class LoraSource(Source):
                     f"{list(shape)}; is {self.base.label} the adapter's base "
                     f"({self.adapter.base_model or 'not recorded'})?"
                 )
-
-    def keys(self) -> list[str]:
-        return self.base.keys()
-
-    def has(self, name: str) -> bool:
-        return self.base.has(name)
-
-    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        return self.base.info(name)
 
     def get(self, name: str) -> torch.Tensor:
         patch = self.adapter.patches.get(name)
@@ -208,6 +197,4 @@ class LoraSource(Source):
 
     def close(self) -> None:
         self.adapter.close()
-        close = getattr(self.base, "close", None)
-        if close is not None:
-            close()
+        super().close()

@@ -198,6 +198,37 @@ class CheckpointSource(Source):
                 f.close()
 
 
+class WrappedSource(Source):
+    """A source that reads as another (``inner``) except where a subclass overrides ``info`` / ``get``: LoRA on
+    read, re-indexed vocabularies, tokensurgeon. ``config`` replaces the inner config when given."""
+
+    def __init__(self, inner: Source, label: str | None = None, config: dict[str, Any] | None = None):
+        self.inner = inner
+        self.label = label if label is not None else inner.label
+        self.config = config if config is not None else inner.config
+        self.folder = inner.folder
+
+    def keys(self) -> list[str]:
+        return self.inner.keys()
+
+    def has(self, name: str) -> bool:
+        return self.inner.has(name)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.inner.info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(name)
+
+    def files(self) -> list[Path]:
+        return self.inner.files()
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
 class SourceTensors(Mapping[str, torch.Tensor]):
     """A checkpoint seen as a read-only state dict; tensors are read (memory-mapped) when asked for."""
 
