@@ -78,6 +78,11 @@ def write_metadata(
     (folder / "README.md").write_text(model_card(recipe, plan, model_paths))
 
 
+def reference_model(recipe: Recipe) -> str | None:
+    """The model whose tokenizer and vocabulary the output takes by default: the base, else the first model."""
+    return recipe.base_model or (recipe.models[0].model if recipe.models else None)
+
+
 def tokenizer_folder(recipe: Recipe, sources: dict[str, Source]) -> Path | None:
     """Where the output's tokenizer comes from with ``tokenizer_source`` (None: the config model's own), checked
     before the merge: ``base`` (the base model, else the first), a model folder or a Hub id that holds tokenizer
@@ -86,8 +91,8 @@ def tokenizer_folder(recipe: Recipe, sources: dict[str, Source]) -> Path | None:
     if spec is None or spec == "union":  # union (and a tokenizer: block): api.vocabulary builds the tokenizer
         return None
     where = f"tokenizer_source: {spec}"
+    reference = reference_model(recipe)
     if spec == "base":
-        reference = recipe.base_model or (recipe.models[0].model if recipe.models else None)
         if reference is None:
             raise RecipeError(f"{where}: the recipe has no base_model or models to take it from")
         folder = sources[reference].folder
@@ -103,7 +108,6 @@ def tokenizer_folder(recipe: Recipe, sources: dict[str, Source]) -> Path | None:
         tokens = len(AutoTokenizer.from_pretrained(str(folder)))
     except Exception as e:  # whatever transformers raises: one line naming the source
         raise RecipeError(f"{where}: not a loadable tokenizer ({type(e).__name__}: {e})") from None
-    reference = recipe.base_model or (recipe.models[0].model if recipe.models else None)
     rows = sources[reference].config.get("vocab_size") if reference in sources else None
     if isinstance(rows, int) and tokens > rows:
         raise RecipeError(
@@ -117,7 +121,7 @@ def chat_template_for(recipe: Recipe, sources: dict[str, Source], tokenizer: Pat
     """The recipe's ``chat_template`` resolved and checked before the merge (None: keep the tokenizer's own)."""
     if recipe.chat_template is None:
         return None
-    reference = recipe.base_model or (recipe.models[0].model if recipe.models else None)
+    reference = reference_model(recipe)
     output_tokenizer = tokenizer or (sources[reference].folder if reference in sources else None)
     merged_vocabulary = recipe.tokenizer is not None or recipe.tokenizer_source == "union"
     if not merged_vocabulary and (
