@@ -32,6 +32,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         compat=args.compat,
         progress=not args.quiet,
+        device=args.device,
     )
     print(result.summary())
     return 0
@@ -110,6 +111,7 @@ def cmd_multi(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         compat=args.compat,
         progress=not args.quiet,
+        device=args.device,
     )
     return 0
 
@@ -527,6 +529,22 @@ def methods_markdown(full: bool = True) -> str:
     return "\n".join(rows) + "\n\n" + note + "\n\n" + "\n".join(diffs)
 
 
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and mergekit's ``--cuda`` (the same as ``--device cuda``)."""
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the per-tensor arithmetic runs: cpu (default), cuda, cuda:N, mps, or auto (cuda if present)",
+    )
+    p.add_argument(
+        "--cuda",
+        dest="device",
+        action="store_const",
+        const="cuda",
+        help="the same as --device cuda (mergekit)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergesmith", description="Merge neural-network checkpoints.")
     from mergesmith.version import __version__
@@ -545,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)"
     )
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN or Inf")
+    add_device_options(p)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -578,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="tensors merged in parallel")
     p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights")
     p.add_argument("--compat", default=None, choices=["paper", "mergekit"], help="as for merge")
+    add_device_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_multi)
 

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergesmith.api.publish import chat_template_for, tokenizer_folder, write_metadata
 from mergesmith.api.state_dicts import run_fit
 from mergesmith.api.tasks import FitSetup, prepare_fit
 from mergesmith.api.vocabulary import reindexed_sources
 from mergesmith.dtypes import DTYPE_NAMES
+from mergesmith.engine.device import CPU, resolve_device
 from mergesmith.engine.effective import effective_recipe
 from mergesmith.engine.execute import execute, output_specs
 from mergesmith.engine.plan import Plan, Planner
@@ -87,6 +90,7 @@ class Resolved:
     tokenizer: Path | None = None  # tokenizer_source's folder (None: the config model's own)
     chat_template: str | None = None  # the recipe's chat_template, resolved
     vocabulary_tokenizer: Any = None  # the merged vocabulary's tokenizer (union, a tokenizer: block)
+    device: torch.device = CPU  # where the rules run
 
     def input_files(self) -> list[Path]:
         """The files a resume's fingerprint covers: every weight file, and the data or fit files."""
@@ -110,6 +114,7 @@ def merge(
     compat: str | None = None,
     progress: bool = True,
     transform_sources: Callable[[dict[str, Source]], dict[str, Source]] | None = None,
+    device: str | None = None,
 ) -> MergeResult:
     """Merge the checkpoints a recipe names into ``out_dir`` (an HF model folder), atomically.
 
@@ -120,6 +125,9 @@ def merge(
 
     ``transform_sources`` (for tools built on the merge, e.g. ``tokensurgeon``) wraps the opened sources before
     anything is checked or planned, so that some tensors are read as the tool computes them.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``) is where the per-tensor rules run (see
+    :mod:`mergesmith.engine.device`); the default is the CPU.
     """
     start = time.perf_counter()
     with resolve(
@@ -136,13 +144,19 @@ def merge(
         compat=compat,
         progress=progress,
         transform_sources=transform_sources,
+        device=device,
     ) as job:
         plan = plan_merge(job)
         job.out.parent.mkdir(parents=True, exist_ok=True)  # every check has passed: the merge writes now
         with OutputLock(job.out):
             key = fingerprint(
                 job.recipe.to_yaml(),
-                {"dtype": job.out_dtype, "shard_size": job.shard_size, "version": __version__},
+                {
+                    "dtype": job.out_dtype,
+                    "shard_size": job.shard_size,
+                    "version": __version__,
+                    "device": str(job.device),  # another device rounds differently: no mixed shards
+                },
                 job.input_files(),
             )
             partial = PartialFolder(job.out, key, job.resume)
@@ -191,6 +205,7 @@ def resolve(
     compat: str | None,
     progress: bool,
     transform_sources: Callable[[dict[str, Source]], dict[str, Source]] | None = None,
+    device: str | None = None,
 ) -> Iterator[Resolved]:
     """Step 1: the recipe with the call's overrides, the output checks, the opened sources (closed when the block
     ends) and a data-driven method's tasks, all checked before anything is written."""
@@ -205,6 +220,7 @@ def resolve(
         parsed = parsed.model_copy(update=updates)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise RecipeError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}; got '{dtype}'")
+    compute_device = resolve_device(device)  # before anything is opened: a wrong device is the first error
     method = get_method(parsed.merge_method)
     parsed, notices = effective_recipe(parsed, method, where)
     for line in notices:
@@ -238,6 +254,7 @@ def resolve(
             tokenizer,
             template,
             vocabulary.tokenizer if vocabulary is not None else None,
+            compute_device,
         )
     finally:
         for src in sources.values():
@@ -251,6 +268,7 @@ def plan_merge(job: Resolved) -> Plan:
         job.recipe, job.sources, job.out_dtype, job.setup.task_heads if job.setup else frozenset()
     ).plan()
     plan.allow_nonfinite = job.allow_nonfinite
+    plan.device = job.device
     return plan
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from mergesmith.api.chat_template import resolve_template, write_template
 from mergesmith.dtypes import dtype_name
+from mergesmith.engine.device import describe_device
 from mergesmith.engine.plan import Plan
 from mergesmith.errors import RecipeError
 from mergesmith.io.hf_files import TOKENIZER_FILES, copy_tokenizer_files
@@ -69,6 +70,7 @@ def write_metadata(
         "output_sha256": output_hashes,
         "resumed_shards": resumed_shards,
         "torch_version": torch.__version__,
+        "device": describe_device(plan.device),
     }
     if notices:
         manifest["notices"] = list(notices)

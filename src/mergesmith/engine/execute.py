@@ -9,10 +9,11 @@ jobs before the merge pass (their :class:`~mergesmith.methods.base.ModelStats` h
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergesmith.dtypes import compute_dtype
+from mergesmith.engine.device import CPU
 from mergesmith.engine.plan import Job, Plan
 from mergesmith.errors import CheckpointError
 from mergesmith.io.reader import Source
@@ -69,9 +71,14 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
-def _view(source: Source, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def _view(
+    source: Source, name: str, rows: tuple[int, int] | None = None, device: torch.device = CPU
+) -> torch.Tensor:
     tensor = source.get(name)
-    return tensor if rows is None else tensor[rows[0] : rows[1]]  # a view of the mapped file: only these rows
+    tensor = (
+        tensor if rows is None else tensor[rows[0] : rows[1]]
+    )  # a view of the mapped file: only these rows
+    return tensor.to(device)  # as stored (bf16 crosses the bus at half the bytes of fp32); a no-op on the CPU
 
 
 def _checked(tensor: torch.Tensor, source: Source, name: str, check_finite: bool) -> torch.Tensor:
@@ -83,15 +90,21 @@ def _checked(tensor: torch.Tensor, source: Source, name: str, check_finite: bool
     return tensor
 
 
-def _read(source: Source, name: str, check_finite: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    return _checked(_view(source, name, rows), source, name, check_finite)
+def _read(
+    source: Source,
+    name: str,
+    check_finite: bool,
+    rows: tuple[int, int] | None = None,
+    device: torch.device = CPU,
+) -> torch.Tensor:
+    return _checked(_view(source, name, rows, device), source, name, check_finite)
 
 
 def _load(
-    job: Job, check_finite: bool = True, rows: tuple[int, int] | None = None
+    job: Job, check_finite: bool = True, rows: tuple[int, int] | None = None, device: torch.device = CPU
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     inputs = ([job.base] if job.base else []) + job.experts
-    raw = [_view(src, name, rows) for src, name in inputs]
+    raw = [_view(src, name, rows, device) for src, name in inputs]
     dtype = compute_dtype(raw)
     # checked after the conversion: a sum over the fp32 copy, hot in cache, is ~5× cheaper than over the bf16 view
     loaded = [
@@ -120,7 +133,7 @@ def stream_inputs(plan: Plan) -> Callable[[], Iterator[TensorInputs]]:
             if job.copy:
                 continue
             for rows in parts_of(plan, job):
-                base, experts = _load(job, not plan.allow_nonfinite, rows)
+                base, experts = _load(job, not plan.allow_nonfinite, rows, plan.device)
                 yield TensorInputs(job.name, base, experts, job.params, rows)
 
     return one_pass
@@ -136,7 +149,7 @@ def _tensor_stream(
     def one_pass() -> Iterator[TensorInputs]:
         check = not checked[0] and not plan.allow_nonfinite
         for rows in parts:
-            base, experts = _load(job, check, rows)
+            base, experts = _load(job, check, rows, plan.device)
             yield TensorInputs(job.name, base, experts, job.params, rows)
         checked[0] = True
 
@@ -151,7 +164,8 @@ def run_job(
     tensor_state: Any = None,
     checked: bool = False,
 ) -> torch.Tensor:
-    """The merged tensor (or the block ``rows`` of it), in the output dtype."""
+    """The merged tensor (or the block ``rows`` of it), in the output dtype, on the CPU (the rule runs on
+    ``plan.device``)."""
     if job.copy:
         src, name = job.base or job.experts[0]
         return src.get(name).to(
@@ -159,9 +173,9 @@ def run_job(
         )  # integer buffers keep their dtype; a copied task head follows --dtype
     if plan.method.rule.reads == "first":  # the first model's tensor as stored (no other input is read)
         src, name = job.experts[0]
-        experts, base = [_read(src, name, not plan.allow_nonfinite)], None
+        experts, base = [_read(src, name, not plan.allow_nonfinite, device=plan.device)], None
     else:
-        base, experts = _load(job, not (plan.allow_nonfinite or checked), rows)
+        base, experts = _load(job, not (plan.allow_nonfinite or checked), rows, plan.device)
     ctx = TensorContext(
         name=job.name,
         seed=plan.seed,
@@ -177,7 +191,32 @@ def run_job(
         raise AssertionError(
             f"{plan.method.name} returned shape {list(out.shape)} for '{job.name}' {list(expected)}"
         )
-    return out.to(job.dtype)
+    return out.to(job.dtype).to(CPU)  # cast on the device: a bf16 output crosses the bus at half the bytes
+
+
+class DeviceTensors(Mapping[str, torch.Tensor]):
+    """A fit's tensors as the rules see them on another device: each moved when a rule reads it, so a fit as large
+    as the model (Fisher) is never on the device whole."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], device: torch.device):
+        self.tensors, self.device = tensors, device
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key].to(self.device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def on_device(plan: Plan) -> Plan:
+    """``plan`` with its fit's tensors read onto ``plan.device`` (the plan itself when that is the CPU)."""
+    if plan.device == CPU or plan.fitted is None:
+        return plan
+    fitted = dataclasses.replace(plan.fitted, tensors=DeviceTensors(plan.fitted.tensors, plan.device))
+    return dataclasses.replace(plan, fitted=fitted)
 
 
 class _Assembler:
@@ -193,7 +232,7 @@ class _Assembler:
         job = self.jobs[name]
         with self.lock:
             if name not in self.pending:
-                self.pending[name] = (torch.empty(job.shape, dtype=job.dtype), [job.shape[0]])
+                self.pending[name] = (torch.empty(job.shape, dtype=job.dtype, device=CPU), [job.shape[0]])
             full, left = self.pending[name]
         full[first_row : first_row + block.shape[0]] = block
         with self.lock:
@@ -277,6 +316,7 @@ def _execute(
     only: set[str] | None,
     write_rows: Callable[[str, int, torch.Tensor], None] | None,
 ) -> None:
+    plan = on_device(plan)
     state = None
     if plan.method.model_stats is not None:
         first = next((j for j in plan.jobs if not j.copy), None)

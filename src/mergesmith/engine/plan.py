@@ -52,6 +52,7 @@ class Plan:
     config_source: Source | None = None
     allow_nonfinite: bool = False
     fitted: Any = None  # a data-driven method's FitResult, handed to every rule as ctx.fitted
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the rules run
 
 
 def natural_key(name: str) -> list[Any]:

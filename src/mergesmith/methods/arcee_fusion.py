@@ -37,7 +37,7 @@ def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 def outlier_threshold(scores: torch.Tensor) -> torch.Tensor:
     """median + 1.5 · IQR, each quantile the sorted score at ⌊q (N − 1)⌋."""
     ordered, _ = torch.sort(scores.reshape(-1))
-    index = (torch.tensor(QUARTILES) * (ordered.numel() - 1)).long()
+    index = (torch.tensor(QUARTILES, device=ordered.device) * (ordered.numel() - 1)).long()
     q1, median, q3 = ordered[index]
     return median + 1.5 * (q3 - q1)
 

@@ -76,7 +76,7 @@ def drop_and_rescale(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: T
 
 def _drop_mask(delta: torch.Tensor, density: float, i: int, ctx: TensorContext) -> torch.Tensor:
     # the 0/1 keep mask in delta's float dtype (a float product; no boolean copy)
-    return bernoulli_mask(delta.shape, density, ctx.seed_for(f"dare{i}"), delta.dtype)
+    return bernoulli_mask(delta.shape, density, ctx.seed_for(f"dare{i}"), delta.dtype, delta.device)
 
 
 def l1_ratios(stream: TensorStream, params: dict[str, Any], ctx: TensorContext) -> list[float]:

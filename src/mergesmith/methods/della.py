@@ -56,7 +56,7 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
         return torch.full_like(delta, density)
     order = torch.argsort(rows.abs(), dim=1, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(n).expand_as(order).contiguous())
+    ranks.scatter_(1, order, torch.arange(n, device=order.device).expand_as(order).contiguous())
     rank_norm = ranks.to(delta.dtype) / (n - 1)
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(delta.shape)
 
@@ -73,7 +73,9 @@ def magprune(delta: torch.Tensor, i: int, params: dict[str, Any], ctx: TensorCon
             f"{density}, epsilon {epsilon}"
         )
     probs = magprune_probabilities(delta, density, epsilon)
-    mask = torch.bernoulli(probs.to(torch.float32), generator=ctx.generator(f"della{i}")).to(delta.dtype)
+    # drawn on the CPU (the seeded generator's device): the same seed gives the same mask on any device
+    mask = torch.bernoulli(probs.to("cpu", torch.float32), generator=ctx.generator(f"della{i}"))
+    mask = mask.to(delta.device, delta.dtype)
     return rescale_kept(delta, mask, probs, params["rescale"])
 
 

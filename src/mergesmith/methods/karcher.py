@@ -43,7 +43,7 @@ def karcher_mean(
     scale = sum(a * n for a, n in zip(alphas, norms))
     valid = [i for i, n in enumerate(norms) if float(n) > tol]
     if not valid:
-        return torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device=flat[0].device)
     valid_sum = sum(alphas[i] for i in valid)
     coef = [alphas[i] / valid_sum for i in valid]
     units = [flat[i] / norms[i] for i in valid]

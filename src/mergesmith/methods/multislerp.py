@@ -33,7 +33,7 @@ def multislerp_rule(
     if base is not None:
         points = points - base
     flat = points.reshape(points.shape[0], -1)
-    weights = torch.tensor(params["weight"], dtype=flat.dtype)
+    weights = torch.tensor(params["weight"], dtype=flat.dtype, device=flat.device)
     if params["normalize_weights"]:
         weights = weights / weights.sum()
     norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)

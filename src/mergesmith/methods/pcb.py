@@ -89,7 +89,7 @@ def _check_ratio(ratio: float, where: str) -> None:
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype).reshape(-1, 1)
+    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1)
 
 
 def prepare_pcb(stream: TensorStream, params: dict[str, Any], seed: int = 0) -> dict[str, Any]:

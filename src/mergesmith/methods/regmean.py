@@ -56,7 +56,7 @@ def regmean_solve(
     stacked = torch.stack([w.double() for w in weights])
     average = weighted_sum(stacked, per_model(coefficients, stacked), normalize=True)
     eps = RIDGE * max(float(lhs.diagonal().mean()), 1e-12)
-    identity = torch.eye(lhs.shape[0], dtype=lhs.dtype)
+    identity = torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
     return torch.linalg.solve(lhs + eps * identity, rhs + eps * average)
 
 
@@ -73,7 +73,7 @@ def regmean_rule(base, experts, params, ctx):
     # a model whose forward never reaches this layer (a task that pools its tokens itself skips BERT's pooler)
     # has no inputs there: its term of Σ_i ‖X_i W − X_i W_i‖² is zero, i.e. a zero Gram
     width = next(fitted[k] for k in keys if k in fitted).shape[0]
-    grams = [fitted[k] if k in fitted else torch.zeros(width, width) for k in keys]
+    grams = [fitted[k] if k in fitted else torch.zeros(width, width, device=stacked.device) for k in keys]
     if any(g.shape != (w.shape[0], w.shape[0]) for g, w in zip(grams, in_out, strict=True)):
         raise MergeError(
             f"tensor '{ctx.name}': Gram shape {list(grams[0].shape)} does not fit the weight "

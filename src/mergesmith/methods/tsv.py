@@ -44,7 +44,7 @@ def tsv_merge_matrix(deltas: torch.Tensor) -> torch.Tensor:
     count, rows, cols = deltas.shape
     keep = min(rows, cols) // count
     if keep == 0:
-        return torch.zeros(rows, cols, dtype=deltas.dtype)
+        return torch.zeros(rows, cols, dtype=deltas.dtype, device=deltas.device)
     u, s, vh = torch.linalg.svd(deltas, full_matrices=False)  # batched over tasks
     u_cat = u[:, :, :keep].permute(1, 0, 2).reshape(rows, count * keep)
     s_cat = s[:, :keep].reshape(count * keep)

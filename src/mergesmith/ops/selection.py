@@ -111,7 +111,9 @@ def _accumulate_bucket(
 def _pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
     """The bin holding the ``rank``-th smallest entry (1-based) and the rank left inside that bin."""
     cumulative = hist.cumsum(0)
-    digit = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype)))
+    digit = int(
+        torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype, device=cumulative.device))
+    )
     below = int(cumulative[digit - 1]) if digit > 0 else 0
     return digit, rank - below
 
@@ -132,7 +134,7 @@ def _first_pass(chunks: Chunks, forced: int | None) -> tuple[torch.Tensor | None
             return None, 0, 0
         keys, nonnegative = _sortable(rows, width)
         if hists is None:
-            hists = torch.zeros(rows.shape[0] * _BINS, dtype=torch.int64)
+            hists = torch.zeros(rows.shape[0] * _BINS, dtype=torch.int64, device=rows.device)
         total += rows.shape[1]
         for r in range(rows.shape[0]):  # one histogram per row (no widened row-offset copy of the digits)
             _accumulate_digits(hists[r * _BINS : (r + 1) * _BINS], keys[r], width, nonnegative)
@@ -171,7 +173,7 @@ def order_statistics(chunks: Chunks, ranks: Callable[[int], Sequence[Sequence[in
     for level in range(1, width // _DIGIT_BITS):
         fixed_shift = width - _DIGIT_BITS * level  # bits at and above this position are fixed by the prefix
         shift = fixed_shift - _DIGIT_BITS
-        level_hists = torch.zeros(len(targets) * _BINS, dtype=torch.int64)
+        level_hists = torch.zeros(len(targets) * _BINS, dtype=torch.int64, device=hists.device)
         for chunk in chunks():
             rows = chunk.reshape(chunk.shape[0], -1)
             if rows.shape[1] == 0:
@@ -199,5 +201,5 @@ def order_statistics(chunks: Chunks, ranks: Callable[[int], Sequence[Sequence[in
 def local_order_statistics(rows: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     """The in-memory counterpart: the given 1-based ascending ranks of each row of ``[R, n]``, as ``[R, len]``."""
     ordered = rows.sort(dim=1).values
-    index = torch.tensor([k - 1 for k in ranks], dtype=torch.long)
+    index = torch.tensor([k - 1 for k in ranks], dtype=torch.long, device=rows.device)
     return ordered[:, index]

@@ -14,7 +14,7 @@ import torch
 
 def stack_deltas(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
     """τ_t = θ_t − θ₀, stacked: ``[T, *shape]`` (written straight into one buffer: no per-expert temporaries)."""
-    deltas = torch.empty((len(experts), *base.shape), dtype=base.dtype)
+    deltas = torch.empty((len(experts), *base.shape), dtype=base.dtype, device=base.device)
     for i, e in enumerate(experts):
         torch.sub(e, base, out=deltas[i])
     return deltas
@@ -22,7 +22,9 @@ def stack_deltas(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.T
 
 def per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """A per-model scalar list as a tensor that broadcasts against a ``[T, *shape]`` stack."""
-    return torch.tensor(list(values), dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device).reshape(
+        -1, *([1] * (like.dim() - 1))
+    )
 
 
 def kth_largest(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
@@ -55,7 +57,11 @@ def magnitude_mask(delta: torch.Tensor, density: float, count_rule: str) -> torc
 
 
 def bernoulli_mask(
-    shape: Sequence[int] | torch.Size, keep: float, seed: int, dtype: torch.dtype = torch.float32
+    shape: Sequence[int] | torch.Size,
+    keep: float,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """m ~ Bernoulli(keep) elementwise, as 0/1 in ``dtype``, with P(m = 1) = ⌊keep · 2³²⌋ / 2³² exactly.
 
@@ -66,19 +72,23 @@ def bernoulli_mask(
       first), compared with n bitwise — 1/64 of a word per element at keep = 0.5;
     - else one 16- or 32-bit word w per element, read as a signed integer and kept iff w < n − 2^(W−1).
     The mask is a large part of a DARE merge: torch.rand + compare costs 5× (32-bit words) to 17× (one bit) more.
+    The bits are drawn on the CPU whatever ``device`` the mask goes to: the same seed gives the same mask on any
+    device.
     """
+    if torch.device(device).type != "cpu":
+        return bernoulli_mask(shape, keep, seed, dtype).to(device)
     count = math.prod(shape)
     numerator = (
         int(keep * 2**32) if keep < 1 else 2**32
     )  # keep is a double: keep · 2³² is exact, the floor is the law
     if numerator >= 2**32:
-        return torch.ones(tuple(shape), dtype=dtype)
+        return torch.ones(tuple(shape), dtype=dtype, device="cpu")
     if numerator <= 0:
-        return torch.zeros(tuple(shape), dtype=dtype)
+        return torch.zeros(tuple(shape), dtype=dtype, device="cpu")
     zeros = (numerator & -numerator).bit_length() - 1
     bits, n = 32 - zeros, numerator >> zeros
     generator = np.random.PCG64(seed)
-    out = torch.empty(tuple(shape), dtype=dtype)
+    out = torch.empty(tuple(shape), dtype=dtype, device="cpu")
     if bits <= 8:
         kept = _less_than_planes(generator.random_raw((bits, -(-count // 64))), n)
         bytes_ = np.unpackbits(kept.view(np.uint8), count=count, bitorder="little")

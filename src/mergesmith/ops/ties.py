@@ -120,7 +120,7 @@ def prepare_ties(
             deltas = torch.stack([sparsify(deltas[i], i, item.params, ctx) for i in range(len(item.experts))])
             deltas = deltas * per_model(item.params["weight"], deltas)
             total += float(elect_signs(deltas, "positive").sum()) - float((deltas.sum(0) == 0).sum())
-        state["majority"] = float(torch.sign(torch.tensor(total)))
+        state["majority"] = float((total > 0) - (total < 0))  # sign(total)
     return state
 
 
