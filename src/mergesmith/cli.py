@@ -154,6 +154,22 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    import json
+
+    from mergesmith.api.gguf import RECORD, convert_gguf
+
+    out = convert_gguf(args.gguf, args.out, force=args.force, dtype=args.dtype)
+    record = json.loads((out / RECORD).read_text())
+    types = ", ".join(f"{n} {t}" for t, n in record["source"]["tensor_types"].items())
+    print(
+        f"{record['source']['architecture']} GGUF ({types} tensors) -> {out}: "
+        f"{record['output']['parameters']:,} parameters in {record['output']['dtype']}"
+        + (" (dequantized: the weights carry the GGUF's quantization error)" if record["dequantized"] else "")
+    )
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from mergesmith.bench.zoo.text8 import Zoo, build_zoo
 
@@ -659,6 +675,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_extract_lora)
+
+    p = sub.add_parser(
+        "convert-gguf",
+        help="a GGUF causal language model (llama.cpp) -> a Hugging Face safetensors folder (dequantized)",
+    )
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("out", help="the model folder to write (written atomically)")
+    p.add_argument(
+        "--dtype", default="float32", choices=DTYPE_NAMES, help="the weights' dtype (default float32)"
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_convert_gguf)
 
     p = sub.add_parser("zoo", help="build a benchmark model zoo (offline): `mergesmith zoo build text8`")
     p.add_argument("action", choices=["build"])
