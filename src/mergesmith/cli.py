@@ -171,16 +171,41 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
+    if args.zoo == "llm":
+        return _llm_zoo(args)
     from mergesmith.bench.zoo.text8 import Zoo, build_zoo
 
-    if args.zoo != "text8":
-        raise MergeError(f"unknown zoo '{args.zoo}' (available: text8)")
+    if args.action != "build":
+        raise MergeError("lm-eval export is for the llm zoo: mergesmith zoo lm-eval llm --out DIR")
     root = build_zoo(
         tasks=args.tasks, quick=args.quick, rebuild=args.rebuild, multitask=not args.no_multitask
     )
     zoo = Zoo(root)
     print(f"zoo ready: {root}")
     print(_accuracy_table(zoo))
+    return 0
+
+
+def _llm_zoo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mergesmith.bench.zoo.llm import LLMZoo, LLMZooConfig, build_llm_zoo, reference_table
+    from mergesmith.bench.zoo.lm_eval_tasks import write_lm_eval_tasks
+
+    if args.action == "lm-eval":
+        if args.out is None:
+            raise MergeError("zoo lm-eval llm needs --out DIR (the task folder to write)")
+        from mergesmith.io.cache import zoo_dir
+
+        folder = write_lm_eval_tasks(LLMZoo(zoo_dir("llm-quick" if args.quick else "llm")), Path(args.out))
+        print(f"lm-eval tasks written: lm_eval --include_path {folder} --tasks mergesmith_llm --model hf ...")
+        return 0
+    config = LLMZooConfig.quick() if args.quick else LLMZooConfig()
+    if args.tasks:
+        config = LLMZooConfig(**{**config.__dict__, "skills": tuple(args.tasks)})
+    root = build_llm_zoo(quick=args.quick, config=config)
+    print(f"zoo ready: {root}")
+    print(reference_table(LLMZoo(root)))
     return 0
 
 
@@ -689,8 +714,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_gguf)
 
     p = sub.add_parser("zoo", help="build a benchmark model zoo (offline): `mergesmith zoo build text8`")
-    p.add_argument("action", choices=["build"])
-    p.add_argument("zoo", choices=["text8"])
+    p.add_argument(
+        "action", choices=["build", "lm-eval"], help="lm-eval: export the llm zoo's tasks (--out DIR)"
+    )
+    p.add_argument("zoo", choices=["text8", "llm"])
+    p.add_argument("--out", default=None, help="lm-eval: the task folder to write")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the tasks")
     p.add_argument("--quick", action="store_true", help="fewer examples (demo and smoke runs)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if a matching zoo exists")

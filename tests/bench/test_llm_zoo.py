@@ -1,0 +1,253 @@
+"""The LLM zoo: skills' data, splits, training on answers only, evaluation, and the quick pipeline end to end on a
+tiny random Llama with a byte-level tokenizer (the tests never load SmolLM2 and fetch no package)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergesmith.bench.zoo import llm_data
+from mergesmith.bench.zoo.llm import (
+    Encoded,
+    LLMZoo,
+    LLMZooConfig,
+    answer_losses,
+    build_llm_zoo,
+    encode_examples,
+)
+from mergesmith.bench.zoo.llm_data import Example
+from mergesmith.errors import MergeError
+from mergesmith.fit.evaluate import normalize_answer
+from mergesmith.fit.hf import load_causal_lm, load_tokenizer
+
+
+def tiny_lm(path: Path) -> Path:
+    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the generated skills' text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergesmith.bench.llama_demo import train_tokenizer
+
+    texts = [e.prompt + " " + e.answer for e in llm_data.arithmetic(200, 1) + llm_data.json_format(200, 1)]
+    tokenizer = train_tokenizer(texts, 400)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("llm-zoo")
+    config = LLMZooConfig(
+        n_train=64,
+        n_val=8,
+        n_test=16,
+        steps=6,
+        multitask_steps=6,
+        batch_size=8,
+        lr=3e-3,
+        max_length=96,
+        skills=("arithmetic", "json"),
+        bf16=False,
+    )
+    return build_llm_zoo(root=root / "zoo", config=config, base=tiny_lm(root / "base"), progress=False)
+
+
+def test_generated_skills_are_seeded_and_answer_their_prompts():
+    assert llm_data.arithmetic(50, 3) == llm_data.arithmetic(50, 3) != llm_data.arithmetic(50, 4)
+    for example in llm_data.json_format(30, 0):
+        lines = example.prompt.split("\n")[1:-1]
+        record = json.loads(example.answer)
+        assert [line.split(": ")[0] for line in lines] == list(record)
+    problem = Example("x", "1")
+    for example in llm_data.arithmetic(200, 0):
+        assert example.answer.isdigit() and example.prompt.endswith("\nAnswer:")
+    assert problem.as_json() == {"prompt": "x", "answer": "1"}
+
+
+def test_word_problem_answers_follow_the_story():
+    import re
+
+    for example in llm_data.arithmetic(300, 7):
+        count = int(re.match(r"\w+ has (\d+)", example.prompt).group(1))
+        for number in re.findall(r"buys (\d+)", example.prompt):
+            count += int(number)
+        for number in re.findall(r"gives (\d+)", example.prompt):
+            count -= int(number)
+        for packs, size in re.findall(r"gets (\d+) packs of (\d+)", example.prompt):
+            count += int(packs) * int(size)
+        assert str(count) == example.answer
+
+
+def test_package_skills_parse_hand_made_files(tmp_path):
+    german = tmp_path / "de" / llm_data.FORTUNE_DIR / "de"
+    german.mkdir(parents=True)
+    (german / "sprueche").write_text(
+        "Wer Werte vorlebt, ist würdig. Wer Liebe vorlebt, ist liebenswürdig.\n%\n"
+        "Schönheit wirkt auf den ersten Blick angenehm, aber wem fällt sie auf?\n-- George Bernard Shaw\n%\n"
+        "kurz\n%\n"
+    )
+    assert llm_data.german_last_word(tmp_path / "de") == [
+        Example("Wer Werte vorlebt, ist würdig. Wer Liebe vorlebt, ist", "liebenswürdig"),
+        Example("Schönheit wirkt auf den ersten Blick angenehm, aber wem fällt sie", "auf"),
+    ]
+    wordnet = tmp_path / "wn" / llm_data.WORDNET_DIR
+    wordnet.mkdir(parents=True)
+    (wordnet / "data.noun").write_text(
+        "  1 license line\n"
+        "00001 03 n 01 problem 0 000 | a question raised for consideration or solution\n"
+        "00002 03 n 02 dog 0 domestic_dog 0 000 | a member of the genus Canis\n"
+        "00003 03 n 01 zzyzx 0 000 | a word nobody tagged in the corpus\n"
+    )
+    (wordnet / "cntlist.rev").write_text("problem%1:09:00:: 1 100\ndog%1:05:00:: 1 50\n")
+    assert llm_data.reverse_dictionary(tmp_path / "wn") == [
+        Example(
+            "Which word has this meaning: a question raised for consideration or solution?\nAnswer:",
+            "problem",
+        )
+    ]
+    stdlib = tmp_path / "py" / llm_data.PYTHON_DIR
+    stdlib.mkdir(parents=True)
+    body = [f"    value_{i} = compute({i})" for i in range(9)]
+    (stdlib / "mod.py").write_text("def f():\n" + "\n".join(body) + "\n    return value_8 + 1\n")
+    examples = llm_data.python_next_line(tmp_path / "py")
+    assert examples[-1].answer == "return value_8 + 1"
+    assert examples[-1].prompt.endswith("    value_8 = compute(8)\nAnswer:")
+
+
+def test_splits_are_disjoint_seeded_and_keep_test_fixed():
+    examples = llm_data.arithmetic(300, 0)
+    a = llm_data.make_splits(examples, 0, 100, 20, 50)
+    b = llm_data.make_splits(examples, 0, 30, 20, 50)
+    prompts = [{e.prompt for e in a[k]} for k in ("train", "validation", "test")]
+    assert sum(map(len, prompts)) == len(set.union(*prompts)) == 170
+    assert a["test"] == b["test"] and a["validation"] == b["validation"]
+
+
+def test_a_split_line_without_its_answer_is_one_line(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    with pytest.raises(MergeError, match=r"test.jsonl:2: no 'answer' field") as e:
+        llm_data.read_split(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("continuation", "expected"),
+    [(" 42\nQuestion: next", "42"), ("\n  42 \n", "42"), ('{"a": 1}', '{"a": 1}'), ("", "")],
+)
+def test_exact_match_normalisation(continuation, expected):
+    assert normalize_answer(continuation) == expected
+
+
+def test_training_batches_mask_everything_but_the_answer():
+    data = Encoded(prompts=[[5, 6, 7, 8], [9]], answers=[[1, 2], [3, 4, 2]])
+    batch = data.batch([0, 1], pad=0, max_length=5)
+    assert batch["input_ids"].tolist() == [[6, 7, 8, 1, 2], [9, 3, 4, 2, 0]]  # a long prompt keeps its end
+    assert batch["labels"].tolist() == [[-100, -100, -100, 1, 2], [-100, 3, 4, 2, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+
+
+def test_answer_loss_is_the_mean_over_answer_tokens_and_independent_of_batching(tiny_zoo):
+    zoo = LLMZoo(tiny_zoo)
+    module, tokenizer = load_causal_lm(zoo.base), zoo.tokenizer()
+    examples = zoo.split("arithmetic", "test")[:5]
+    encoded = encode_examples(tokenizer, examples)
+    together = answer_losses(module, encoded, 0, 96, batch_size=5)
+    alone = answer_losses(module, encoded, 0, 96, batch_size=1)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    ids = torch.tensor([encoded.prompts[0] + encoded.answers[0]])
+    logits = module(input_ids=ids).logits[0].double()
+    start = len(encoded.prompts[0])
+    direct = torch.nn.functional.cross_entropy(logits[start - 1 : -1], ids[0, start:])
+    assert float(together[0]) == pytest.approx(float(direct), rel=1e-6)
+
+
+def test_quick_pipeline_end_to_end(tiny_zoo):
+    zoo = LLMZoo(tiny_zoo)
+    assert zoo.skills == ["arithmetic", "json"]
+    manifest = zoo.manifest
+    assert set(manifest["scores"]) == {"base", "expert:arithmetic", "expert:json", "multitask"}
+    for skill in zoo.skills:
+        assert manifest["data"][skill]["sizes"] == {"train": 64, "validation": 8, "test": 16}
+        # fine-tuning on a skill lowers its answers' loss (lr 3e-3 for 6 steps on a random model)
+        assert (
+            manifest["scores"][f"expert:{skill}"][skill]["loss"] < manifest["scores"]["base"][skill]["loss"]
+        )
+    expert = load_causal_lm(zoo.expert("json"))
+    base = load_causal_lm(zoo.base)
+    moved = [k for k, v in expert.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert moved, "the expert differs from the base"
+    before = json.loads((tiny_zoo / "evals" / "base.json").read_text())
+    assert len(before["skills"]["json"]["hits"]) == 16
+
+
+def test_a_second_build_reuses_every_stage(tiny_zoo, monkeypatch):
+    from mergesmith.bench.zoo import llm
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(llm, "fine_tune", no_training)
+    config = LLMZoo(tiny_zoo).manifest["config"]
+    config["skills"] = tuple(config["skills"])
+    assert build_llm_zoo(root=tiny_zoo, config=LLMZooConfig(**config), progress=False) == tiny_zoo
+    assert load_tokenizer(tiny_zoo / "base") is not None
+
+
+def test_lm_eval_harness_scores_equal_the_built_in_evaluator(tiny_zoo, tmp_path):
+    """The exported task folder, run by lm-eval's own HF model class, gives the same normalized continuation for
+    every prompt, hence the same exact match, as :func:`score_skill`."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from mergesmith.bench.zoo.llm import score_skill
+    from mergesmith.bench.zoo.lm_eval_tasks import write_lm_eval_tasks
+    from mergesmith.fit.evaluate import ExactMatchTask
+
+    zoo = LLMZoo(tiny_zoo)
+    folder = write_lm_eval_tasks(zoo, tmp_path / "tasks")
+    module, tokenizer = load_causal_lm(zoo.expert("json")), zoo.tokenizer()
+    max_length = zoo.manifest["config"]["max_length"]
+    model = HFLM(pretrained=module, tokenizer=tokenizer, batch_size=1, max_length=max_length)
+    results = lm_eval.simple_evaluate(
+        model=model,
+        tasks=["mergesmith_llm"],
+        task_manager=TaskManager(include_path=str(folder)),
+        log_samples=True,
+        random_seed=0,
+    )
+    for skill in zoo.skills:
+        examples = zoo.split(skill, "test")
+        ours = score_skill(module, tokenizer, examples, skill, max_length)
+        samples = sorted(results["samples"][f"mergesmith_llm_{skill}"], key=lambda s: s["doc_id"])
+        theirs = [s["filtered_resps"][0] for s in samples]
+        budget = llm_data.SKILLS[skill].max_new_tokens
+        task = ExactMatchTask.from_texts(
+            [e.prompt for e in examples],
+            [e.answer for e in examples],
+            tokenizer,
+            max_new_tokens=budget,
+            max_prompt_length=max_length - budget,
+        )
+        assert theirs == [normalize_answer(c) for c in task.generate(module, batch_size=1)]
+        score = results["results"][f"mergesmith_llm_{skill}"]["exact_match,normalized"]
+        assert score == pytest.approx(ours["exact_match"])
