@@ -251,3 +251,15 @@ def test_lm_eval_harness_scores_equal_the_built_in_evaluator(tiny_zoo, tmp_path)
         assert theirs == [normalize_answer(c) for c in task.generate(module, batch_size=1)]
         score = results["results"][f"mergesmith_llm_{skill}"]["exact_match,normalized"]
         assert score == pytest.approx(ours["exact_match"])
+
+
+def test_the_zoo_is_a_bench_suite(tiny_zoo):
+    """``BENCH.yaml`` in the zoo loads as a suite whose fine-tuned rows score what the zoo's own evaluator does."""
+    import yaml
+
+    spec = yaml.safe_load((tiny_zoo / "BENCH.yaml").read_text())
+    assert set(spec["tasks"]) == {"arithmetic", "json"}
+    assert spec["tasks"]["json"]["max_new_tokens"] == llm_data.SKILLS["json"].max_new_tokens
+    for task in spec["tasks"].values():
+        assert (tiny_zoo / task["expert"] / "config.json").exists()
+        assert (tiny_zoo / task["test"]).exists() and (tiny_zoo / task["val"]).exists()

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,7 +41,7 @@ from mergesmith.bench.zoo import llm_data
 from mergesmith.bench.zoo.llm_data import Example
 from mergesmith.bench.zoo.text8 import cpu_has_fast_bf16
 from mergesmith.errors import MergeError
-from mergesmith.fit.evaluate import ExactMatchTask, check_params, run
+from mergesmith.fit.evaluate import ExactMatchTask, check_params, model_context, run
 from mergesmith.fit.hf import load_causal_lm, load_tokenizer, quiet_transformers
 from mergesmith.io.cache import zoo_dir
 
@@ -241,15 +242,17 @@ def score_skill(
     max_length: int,
     params: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Exact match (per example and its mean) and the answers' loss (per example and its mean) on ``examples``."""
+    """Exact match (per example and its mean) and the answers' loss (per example and its mean) on ``examples``.
+    The loss keeps the last ``max_length`` tokens of a long prompt, as training did."""
     encoded = encode_examples(tokenizer, examples)
     max_new = llm_data.SKILLS[skill].max_new_tokens
+    context = model_context(module)  # prompts are cut only to fit the model (as BENCH.yaml and lm-eval do)
     task = ExactMatchTask(
         encoded.prompts,
         [e.answer for e in examples],
         tokenizer,
         max_new_tokens=max_new,
-        max_prompt_length=max_length - max_new,
+        max_prompt_length=context - max_new if context is not None else None,
         name=skill,
     )
     hits = task.outcomes(module, params, batch_size=GENERATION_BATCH)
@@ -421,10 +424,30 @@ def build_llm_zoo(
         _save_model(module, tokenizer, root / "multitask", {"stamp": stamp, "skill": "all", **report})
     runs["multitask"] = json.loads((root / "multitask" / "mergesmith_zoo.json").read_text())
     manifest["training"] = runs
+    write_bench_yaml(root, config)
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     manifest["scores"] = reference_scores(LLMZoo(root), progress)
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return root
+
+
+def write_bench_yaml(root: Path, config: LLMZooConfig) -> Path:
+    """``root/BENCH.yaml``: the zoo as a ``mergesmith bench`` suite (exact match per skill, each skill's token
+    budget; the validation split for the grids, the test split for the table)."""
+    tasks = {
+        s: {
+            "expert": f"experts/{s}",
+            "metric": "exact_match",
+            "val": f"data/{s}/validation.jsonl",
+            "test": f"data/{s}/test.jsonl",
+            "max_new_tokens": llm_data.SKILLS[s].max_new_tokens,
+        }
+        for s in config.skills
+    }
+    spec = {"name": root.name, "base": "base", "seeds": 3, "tasks": tasks}
+    path = root / "BENCH.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def reference_scores(zoo: LLMZoo, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
