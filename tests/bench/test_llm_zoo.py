@@ -263,3 +263,23 @@ def test_the_zoo_is_a_bench_suite(tiny_zoo):
     for task in spec["tasks"].values():
         assert (tiny_zoo / task["expert"] / "config.json").exists()
         assert (tiny_zoo / task["test"]).exists() and (tiny_zoo / task["val"]).exists()
+
+
+def test_stopping_at_the_first_lines_newline_changes_no_answer(tiny_zoo):
+    """A byte-level tokenizer: rows stop once their first line is complete; the compared text is unchanged."""
+    import dataclasses
+
+    from mergesmith.fit.evaluate import ExactMatchTask
+
+    zoo = LLMZoo(tiny_zoo)
+    module, tokenizer = load_causal_lm(zoo.expert("arithmetic")), zoo.tokenizer()
+    examples = zoo.split("arithmetic", "test")
+    task = ExactMatchTask.from_texts(
+        [e.prompt for e in examples], [e.answer for e in examples], tokenizer, max_new_tokens=12
+    )
+    early = task.generate(module, batch_size=8)
+    full = dataclasses.replace(task, stop_at_newline=False).generate(module, batch_size=8)
+    assert [normalize_answer(e) for e in early] == [normalize_answer(f) for f in full]
+    assert all(f.startswith(e) for e, f in zip(early, full))
+    assert task.first_line_done(tokenizer.encode(" 12\nQ", add_special_tokens=False))
+    assert not task.first_line_done(tokenizer.encode("\n 12", add_special_tokens=False))

@@ -5,6 +5,7 @@ zoo's evaluation through the evaluator."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -274,8 +275,13 @@ def test_greedy_exact_match_agrees_with_generate(tiny, arch, tmp_path):
     task, model = load_exact_match(folder, tiny / "qa.jsonl", max_new_tokens=NEW_TOKENS)
     tok = tokenizer(folder)
     reference = hf_greedy(model, tok, prompts)
-    assert task.generate(model, batch_size=8) == reference
-    assert task.generate(model, batch_size=1) == reference
+    full = dataclasses.replace(task, stop_at_newline=False)  # every token up to the budget or end-of-text
+    assert full.generate(model, batch_size=8) == reference
+    assert full.generate(model, batch_size=1) == reference
+    # stopping a row at its first line's newline is exact: a prefix of the full continuation, same first line
+    early = task.generate(model, batch_size=8)
+    assert all(r.startswith(e) for e, r in zip(early, reference, strict=True))
+    assert [normalize_answer(e) for e in early] == [normalize_answer(r) for r in reference]
     # answers: the model's own (normalized) output for every other prompt, a wrong one for the rest
     answers = [normalize_answer(r) if i % 2 == 0 else "xyz" for i, r in enumerate(reference)]
     data = write_prompts(tmp_path / "qa.jsonl", answers=answers)
@@ -290,7 +296,18 @@ def test_greedy_exact_match_agrees_with_generate(tiny, arch, tmp_path):
     assert len(new) == 2
     model.generation_config.eos_token_id = int(new[1])
     stopped = hf_greedy(model, tok, prompts)
-    assert stopped != reference and task.generate(model, batch_size=4) == stopped
+    assert stopped != reference and full.generate(model, batch_size=4) == stopped
+
+
+def test_a_row_stops_where_finished_says_and_keeps_the_tokens_before(tiny):
+    from mergesmith.fit.evaluate import check_params, greedy
+
+    task, model = load_exact_match(tiny / "llama-lm", tiny / "qa.jsonl", max_new_tokens=NEW_TOKENS)
+    args = (model, check_params(model, None), task.prompts, NEW_TOKENS, [], 0)
+    full = greedy(*args)
+    assert all(len(row) == NEW_TOKENS for row in full)
+    cut = greedy(*args, finished=lambda tokens: len(tokens) == 2 or tokens[-1] == full[0][0])
+    assert cut[0] == full[0][:1] and all(row == f[:2] or row == f[:1] for row, f in zip(cut, full))
 
 
 def test_params_give_the_other_checkpoints_generations(tiny):

@@ -41,7 +41,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -359,6 +359,12 @@ class ExactMatchTask:
             ids = [tokenizer(p)["input_ids"] for p in prompts]
         return cls(ids, list(answers), tokenizer, **options)
 
+    def first_line_done(self, tokens: list[int]) -> bool:
+        """Whether the continuation so far has a newline after its leading whitespace: its compared text (the
+        first line) can no longer change, so generating more only costs time. Exact for byte-level and
+        SentencePiece decoders: the text before a newline does not depend on the tokens after it."""
+        return "\n" in self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
     def eos_ids(self, module: nn.Module) -> list[int]:
         """The tokens that end a continuation: the generation config's ``eos_token_id`` (an id or a list),
         else the model config's, else the tokenizer's."""
@@ -412,6 +418,7 @@ class ExactMatchTask:
                     eos,
                     pad,
                     with_positions,
+                    self.first_line_done if self.stop_at_newline else None,
                 )
                 for i, row in zip(group, tokens):
                     out[i] = self.tokenizer.decode(row, skip_special_tokens=True)
@@ -463,10 +470,13 @@ def greedy(
     eos: Sequence[int],
     pad: int,
     with_positions: bool = True,
+    finished: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a batch of prompts (left-padded, with the model's KV cache when its forward takes
     one, else rerunning the whole sequence each step): each row's new tokens up to, not including, its first
-    end-of-text token. Finished rows are fed padding until every row is done."""
+    end-of-text token, or up to and including the token after which ``finished(tokens so far)`` holds (what
+    follows cannot change the result: exact match's first line is complete). Finished rows are fed padding until
+    every row is done."""
     device = next(module.parameters()).device
     accepted = forward_parameters(module)
     # the KV cache argument ("past_key_values", renamed "cache" in transformers 5)
@@ -480,6 +490,7 @@ def greedy(
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # counted from each prompt's first token, as generate does
     stop = torch.tensor(list(eos), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    lengths = [max_new_tokens] * len(prompts)  # where ``finished`` stopped a row
     steps: list[torch.Tensor] = []
     inputs, input_positions, cache = ids, positions, None
     for _ in range(max_new_tokens):
@@ -495,6 +506,11 @@ def greedy(
         token = torch.where(done, torch.full_like(token, pad), token)
         steps.append(token)
         done |= torch.isin(token, stop)
+        if finished is not None:
+            so_far = torch.stack(steps, 1).tolist()
+            for row in (~done).nonzero().flatten().tolist():
+                if finished(so_far[row]):
+                    done[row], lengths[row] = True, len(steps)
         if bool(done.all()):
             break
         cache = getattr(out, cache_name, None) if cache_name is not None else None
@@ -504,9 +520,9 @@ def greedy(
         inputs, input_positions = (ids, positions) if cache is None else (ids[:, -1:], positions[:, -1:])
     stops = set(stop.tolist())
     rows = []
-    for row in torch.stack(steps, 1).tolist():
+    for row, length in zip(torch.stack(steps, 1).tolist(), lengths):
         cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-        rows.append(row[:cut])
+        rows.append(row[: min(cut, length)])
     return rows
 
 
