@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import textwrap
+from pathlib import Path
 
 from mergesmith.dtypes import DTYPE_NAMES
 from mergesmith.errors import MergeError
@@ -353,6 +354,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.bench_file is not None:
         return _bench_suite(args)
+    if args.zoo == "llm":  # the LLM zoo is a BENCH.yaml suite: its results go to <out>/llm.*
+        from mergesmith.bench.zoo.llm import build_llm_zoo
+
+        if args.data or args.checks or args.report:
+            raise MergeError("--data, --checks and --report are not available for the llm zoo yet")
+        root = build_llm_zoo(quick=args.quick)
+        args.bench_file = str(root / "BENCH.yaml")
+        args.name = args.name or ("llm-quick" if args.quick else "llm")
+        args.quick = False
+        return _bench_suite(args, out=Path(args.out))
     args.seeds = 3 if args.seeds is None else args.seeds
 
     if args.report:  # only join finished runs and write the reports
@@ -424,7 +435,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_suite(args: argparse.Namespace) -> int:
+def _bench_suite(args: argparse.Namespace, out: Path | None = None) -> int:
     """``mergesmith bench BENCH.yaml``: the data-free benchmark on the user's own base and experts (``--data``:
     the data-driven rows, added to its results); finished rows are kept in <out>/runs/ so that a stopped run
     resumes."""
@@ -432,12 +443,13 @@ def _bench_suite(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mergesmith.bench.suite import Suite, check_methods
-    from mergesmith.bench.zoo.bench import BENCH_METHODS, markdown_table, run_bench, write_reports
+    from mergesmith.bench.zoo.bench import ROWS, markdown_table, run_bench, write_reports
 
     if args.checks or args.report or args.quick:
         raise MergeError("--checks, --report and --quick go with the built-in zoo, not a BENCH.yaml")
     suite = Suite(args.bench_file)
-    out = Path(args.out) if args.out != BENCH_OUT_DEFAULT else suite.out
+    if out is None:
+        out = Path(args.out) if args.out != BENCH_OUT_DEFAULT else suite.out
     name = args.name or suite.name
     seeds = args.seeds or suite.spec.seeds
     if args.data:
@@ -472,8 +484,8 @@ def _bench_suite(args: argparse.Namespace) -> int:
         databench.attach(target, data, None)
         print(databench.data_markdown(data))
         return 0
-    check_methods(suite.spec.methods, BENCH_METHODS, suite.path)
-    check_methods(args.methods, BENCH_METHODS, suite.path)
+    check_methods(suite.spec.methods, ROWS, suite.path)
+    check_methods(args.methods, ROWS, suite.path)
     methods = args.methods or suite.spec.methods
     results = run_bench(
         suite,
@@ -826,8 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
         "data and metrics; see docs/benchmark.md).",
     )
     p.add_argument("bench_file", nargs="?", default=None, metavar="BENCH.yaml", help="your own benchmark")
-    p.add_argument("--zoo", default="text8", choices=["text8"])
-    p.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
+    p.add_argument("--zoo", default="text8", choices=["text8", "llm"])
+    p.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (and community rows)")
     p.add_argument(
         "--seeds",
         type=int,

@@ -58,7 +58,7 @@ def tiny_zoo(tmp_path_factory) -> Path:
     config = LLMZooConfig(
         n_train=64,
         n_val=8,
-        n_test=16,
+        n_test=20,
         steps=6,
         multitask_steps=6,
         batch_size=8,
@@ -186,7 +186,7 @@ def test_quick_pipeline_end_to_end(tiny_zoo):
     manifest = zoo.manifest
     assert set(manifest["scores"]) == {"base", "expert:arithmetic", "expert:json", "multitask"}
     for skill in zoo.skills:
-        assert manifest["data"][skill]["sizes"] == {"train": 64, "validation": 8, "test": 16}
+        assert manifest["data"][skill]["sizes"] == {"train": 64, "validation": 8, "test": 20}
         # fine-tuning on a skill lowers its answers' loss (lr 3e-3 for 6 steps on a random model)
         assert (
             manifest["scores"][f"expert:{skill}"][skill]["loss"] < manifest["scores"]["base"][skill]["loss"]
@@ -196,7 +196,7 @@ def test_quick_pipeline_end_to_end(tiny_zoo):
     moved = [k for k, v in expert.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert moved, "the expert differs from the base"
     before = json.loads((tiny_zoo / "evals" / "base.json").read_text())
-    assert len(before["skills"]["json"]["hits"]) == 16
+    assert len(before["skills"]["json"]["hits"]) == 20
 
 
 def test_a_second_build_reuses_every_stage(tiny_zoo, monkeypatch):
@@ -283,3 +283,69 @@ def test_stopping_at_the_first_lines_newline_changes_no_answer(tiny_zoo):
     assert all(f.startswith(e) for e, f in zip(early, full))
     assert task.first_line_done(tokenizer.encode(" 12\nQ", add_special_tokens=False))
     assert not task.first_line_done(tokenizer.encode("\n 12", add_special_tokens=False))
+
+
+def self_scoring_suite(zoo_root: Path) -> Path:
+    """The zoo's BENCH.yaml with every other answer replaced by its expert's own greedy answer, so that the
+    random tiny experts score 50 % and rows can be normalized (their real answers they never learn)."""
+    import shutil
+
+    import yaml
+
+    from mergesmith.fit.evaluate import ExactMatchTask
+
+    root = zoo_root.parent / "self-scoring"
+    if (root / "BENCH.yaml").exists():
+        return root / "BENCH.yaml"
+    shutil.copytree(zoo_root, root)
+    zoo = LLMZoo(root)
+    tokenizer = zoo.tokenizer()
+    for skill in zoo.skills:
+        module = load_causal_lm(zoo.expert(skill))
+        for split in ("validation", "test"):
+            examples = zoo.split(skill, split)
+            task = ExactMatchTask.from_texts(
+                [e.prompt for e in examples], [e.answer for e in examples], tokenizer
+            )
+            own = [normalize_answer(c) for c in task.generate(module)]
+            rows = [Example(e.prompt, own[i] if i % 2 == 0 else e.answer) for i, e in enumerate(examples)]
+            llm_data.write_split(root / "data" / skill / f"{split}.jsonl", rows)
+    spec = yaml.safe_load((root / "BENCH.yaml").read_text())
+    for task in spec["tasks"].values():
+        task["max_new_tokens"] = 32  # the budget the answers above were generated with
+    (root / "BENCH.yaml").write_text(yaml.safe_dump(spec))
+    return root / "BENCH.yaml"
+
+
+def test_community_rows_merge_under_mergekit_semantics_and_chosen_experts(tiny_zoo):
+    """A community row is mergekit's recipe (compat: mergekit) over the experts it names; SLERP's first named
+    expert is its base endpoint, as mergekit's slerp recipes put it."""
+    from mergesmith import merge_state_dicts
+    from mergesmith.bench.suite import Suite
+    from mergesmith.bench.zoo.bench import COMMUNITY_ROWS, Bench, BenchMethod, run_bench
+
+    suite = Suite(self_scoring_suite(tiny_zoo))
+    bench = Bench(suite, progress=False)
+    arithmetic, json_expert = bench.expert_states
+    row = BenchMethod(
+        "slerp",
+        {"t": 0.3},
+        [],
+        key="slerp(json,arithmetic)",
+        compat="mergekit",
+        models=("json", "arithmetic"),
+    )
+    expected = merge_state_dicts(json_expert, [arithmetic], "slerp", compat="mergekit", t=0.3)
+    got = bench.merged(row, {"t": 0.3})
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    ties = COMMUNITY_ROWS["ties@mergekit"]
+    expected = merge_state_dicts(
+        bench.base_state, bench.expert_states, "ties", compat="mergekit", density=0.5, weight=0.5
+    )
+    got = bench.merged(ties, ties.default)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    with pytest.raises(MergeError, match="row 'slerp\\(arithmetic,python\\)' merges task 'python'"):
+        bench.merged(COMMUNITY_ROWS["slerp(arithmetic,python)"], {"t": 0.5})
+    results = run_bench(suite, methods=["ties@mergekit"], seeds=1, progress=False)
+    assert list(results["methods"]) == ["ties@mergekit"]
+    assert results["methods"]["ties@mergekit"]["best"]["params"] == {"density": 0.5, "weight": 0.5}

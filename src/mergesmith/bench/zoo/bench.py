@@ -27,6 +27,7 @@ from mergesmith.api import merge_state_dicts
 from mergesmith.bench.confidence import bootstrap_normalized, pack_outcomes, paired_difference, runs_outcomes
 from mergesmith.bench.zoo.models import mean
 from mergesmith.bench.zoo.text8 import summarize
+from mergesmith.errors import MergeError
 from mergesmith.methods.registry import get_method
 
 
@@ -37,12 +38,21 @@ def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class BenchMethod:
-    """A method's benchmark settings: the paper's default and the validation grid."""
+    """A row's settings: the method, its paper default and its validation grid. A community recipe is a row
+    of its own (``key``), optionally under mergekit's semantics (``compat``) and over some tasks' experts only
+    (``models``; for SLERP the first is mergekit's ``base_model`` endpoint, the second the model it moves to)."""
 
     method: str
     default: dict[str, Any]
     search: list[dict[str, Any]]
     note: str = ""
+    key: str | None = None
+    compat: str = "paper"
+    models: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.key or self.method
 
 
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0)
@@ -117,6 +127,48 @@ BENCH_METHODS: dict[str, BenchMethod] = {
     ]
 }
 
+# The recipes mergekit users publish, as rows beside the papers' (the LLM benchmark runs them): mergekit's
+# semantics (compat), the settings seen in its examples and model cards, no validation grid.
+COMMUNITY_ROWS: dict[str, BenchMethod] = {
+    m.name: m
+    for m in [
+        BenchMethod(
+            "dare_ties",
+            {"density": 0.5, "weight": 0.5},
+            [],
+            "mergekit: density 0.5, weight 0.5 per model (the most common DARE-TIES recipe)",
+            key="dare_ties@mergekit",
+            compat="mergekit",
+        ),
+        BenchMethod(
+            "ties",
+            {"density": 0.5, "weight": 0.5},
+            [],
+            "mergekit: density 0.5, weight 0.5 per model",
+            key="ties@mergekit",
+            compat="mergekit",
+        ),
+        BenchMethod(
+            "task_arithmetic",
+            {"weight": 0.5},
+            [],
+            "mergekit: weight 0.5 per model",
+            key="task_arithmetic@mergekit",
+            compat="mergekit",
+        ),
+        BenchMethod(
+            "slerp",
+            {"t": 0.5},
+            [],
+            "mergekit: SLERP t = 0.5 between the arithmetic and python experts (the others' skills are not merged)",
+            key="slerp(arithmetic,python)",
+            compat="mergekit",
+            models=("arithmetic", "python"),
+        ),
+    ]
+}
+ROWS: dict[str, BenchMethod] = BENCH_METHODS | COMMUNITY_ROWS
+
 
 class Bench:
     """Merges and scores on a suite: the built-in zoo (:class:`~mergesmith.bench.zoo.text8.Zoo`) or a user's
@@ -133,21 +185,34 @@ class Bench:
         self.reference = reference_rows(zoo, progress)
         self.finetuned = self.reference["finetuned"]["accuracy"]
 
-    def merged(self, method: str, params: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-        base = self.base_state if get_method(method).base.value != "ignored" else None
-        return merge_state_dicts(base, self.expert_states, method, seed=seed, threads=2, **params)
+    def merged(
+        self, row: BenchMethod | str, params: dict[str, Any], seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        row = row if isinstance(row, BenchMethod) else BenchMethod(row, params, [])
+        base = self.base_state if get_method(row.method).base.value != "ignored" else None
+        experts = self.expert_states
+        if row.models is not None:
+            missing = [m for m in row.models if m not in self.zoo.tasks]
+            if missing:
+                raise MergeError(
+                    f"row '{row.name}' merges task '{missing[0]}', which this suite does not have"
+                )
+            experts = [self.expert_states[self.zoo.tasks.index(m)] for m in row.models]
+            if row.method == "slerp":  # mergekit's SLERP: base_model is the first endpoint
+                base, experts = experts[0], experts[1:]
+        return merge_state_dicts(base, experts, row.method, seed=seed, compat=row.compat, threads=2, **params)
 
-    def val_score(self, method: str, params: dict[str, Any]) -> float:
+    def val_score(self, row: BenchMethod | str, params: dict[str, Any]) -> float:
         """The normalized average on the validation split (normalized by the experts' test scores: a fixed
         weight per task, so it ranks settings as the test table does)."""
-        outcomes = self.zoo.outcomes(self.merged(method, params), "val", limit=self.val_limit)
+        outcomes = self.zoo.outcomes(self.merged(row, params), "val", limit=self.val_limit)
         return summarize(accuracies(outcomes), self.finetuned, self.kinds)["normalized"]
 
-    def test_row(self, method: str, params: dict[str, Any], seeds: int) -> dict[str, Any]:
+    def test_row(self, row: BenchMethod | str, params: dict[str, Any], seeds: int) -> dict[str, Any]:
         runs = []
         for seed in range(seeds):
             started = time.perf_counter()
-            state = self.merged(method, params, seed)
+            state = self.merged(row, params, seed)
             merge_seconds = time.perf_counter() - started
             outcomes = self.zoo.outcomes(state, "test")
             acc = accuracies(outcomes)
@@ -264,17 +329,17 @@ def run_bench(
         same = ("tasks", "seeds", "val_limit", "search", "config")
         if all(saved.get(k) == results[k] for k in same):
             results["methods"] = saved.get("methods", {})
-    chosen = [BENCH_METHODS[m] for m in (methods or BENCH_METHODS)]
-    todo = [spec for spec in chosen if spec.method not in results["methods"]]
+    chosen = [ROWS[m] for m in (methods or BENCH_METHODS)]
+    todo = [spec for spec in chosen if spec.name not in results["methods"]]
     total = sum(len(m.search) for m in todo) if search else 0
     bar = tqdm(total=total, desc="validation grid", unit="setting", disable=not progress or not search)
     for spec in todo:
         method_start = time.perf_counter()
         scores = []
         for params in spec.search if search else []:
-            scores.append({"params": params, "val_score": bench.val_score(spec.method, params)})
+            scores.append({"params": params, "val_score": bench.val_score(spec, params)})
             bar.update(1)
-            bar.set_postfix_str(spec.method)
+            bar.set_postfix_str(spec.name)
         best = (
             max(scores, key=lambda s: s["val_score"])
             if scores
@@ -284,25 +349,25 @@ def run_bench(
             "note": spec.note,
             "grid": scores,
             # random methods: all seeds at the chosen setting, one (seed 0) at the default
-            "default": bench.test_row(spec.method, spec.default, 1),
+            "default": bench.test_row(spec, spec.default, 1),
             "best": None,
             "best_val_score": best["val_score"],
             "seconds": 0.0,
         }
         random = get_method(spec.method).random
         if search and (random or best["params"] != spec.default):
-            entry["best"] = bench.test_row(spec.method, best["params"], seeds if random else 1)
+            entry["best"] = bench.test_row(spec, best["params"], seeds if random else 1)
         else:  # the default won (or no search): same setting, same numbers
             entry["best"] = entry["default"]
         entry["seconds"] = round(time.perf_counter() - method_start, 1)
-        results["methods"][spec.method] = entry
+        results["methods"][spec.name] = entry
         if checkpoint is not None:  # a long run keeps what it has finished
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=1) + "\n")
             tmp.replace(checkpoint)
     bar.close()
-    results["methods"] = {spec.method: results["methods"][spec.method] for spec in chosen}
+    results["methods"] = {spec.name: results["methods"][spec.name] for spec in chosen}
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
@@ -468,7 +533,7 @@ def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if other["tasks"] != first["tasks"] or other["config"] != first["config"]:
             raise ValueError("these results come from different zoos")
     methods = {name: entry for part in parts for name, entry in part["methods"].items()}
-    order = [m for m in BENCH_METHODS if m in methods] + [m for m in methods if m not in BENCH_METHODS]
+    order = [m for m in ROWS if m in methods] + [m for m in methods if m not in ROWS]
     return {
         **first,
         "methods": {m: methods[m] for m in order},

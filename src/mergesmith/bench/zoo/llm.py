@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from mergesmith.api.gguf import convert_gguf
 from mergesmith.bench.zoo import llm_data
+from mergesmith.bench.zoo.bench import BENCH_METHODS, COMMUNITY_ROWS
 from mergesmith.bench.zoo.llm_data import Example
 from mergesmith.bench.zoo.text8 import cpu_has_fast_bf16
 from mergesmith.errors import MergeError
@@ -444,7 +445,8 @@ def write_bench_yaml(root: Path, config: LLMZooConfig) -> Path:
         }
         for s in config.skills
     }
-    spec = {"name": root.name, "base": "base", "seeds": 3, "tasks": tasks}
+    methods = list(BENCH_METHODS) + list(COMMUNITY_ROWS)  # the papers' rows and the community recipes
+    spec = {"name": root.name, "base": "base", "seeds": 3, "methods": methods, "tasks": tasks}
     path = root / "BENCH.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
