@@ -459,7 +459,8 @@ def _bench_suite(args: argparse.Namespace, out: Path | None = None) -> int:
         check_methods(suite.spec.data_methods, known, suite.path)
         check_methods(args.methods, known, suite.path)
         only = args.methods or suite.spec.data_methods
-        suite.check_data_rows(sorted({r.split for r in known.values() if only is None or r.key in only}))
+        chosen = [r for r in known.values() if only is None or r.key in only]
+        suite.check_data_rows(sorted({r.split for r in chosen}), sorted({r.method for r in chosen}))
         target = out / f"{name}.json"
         if not target.exists():
             raise MergeError(

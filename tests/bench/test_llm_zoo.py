@@ -349,3 +349,51 @@ def test_community_rows_merge_under_mergekit_semantics_and_chosen_experts(tiny_z
     results = run_bench(suite, methods=["ties@mergekit"], seeds=1, progress=False)
     assert list(results["methods"]) == ["ties@mergekit"]
     assert results["methods"]["ties@mergekit"]["best"]["params"] == {"density": 0.5, "weight": 0.5}
+
+
+def test_next_token_logits_are_the_lms_at_each_prompts_last_token(tiny_zoo):
+    from mergesmith.fit.data import encode_prompts
+    from mergesmith.fit.task import TaskModel
+
+    zoo = LLMZoo(tiny_zoo)
+    module, tokenizer = load_causal_lm(zoo.expert("json")), zoo.tokenizer()
+    examples = zoo.split("json", "test")[:4]
+    data = encode_prompts(tokenizer, [e.prompt for e in examples], [e.answer for e in examples], 64)
+    logits = TaskModel(module, next_token=True).logits(data)
+    for row, example in enumerate(examples):
+        ids = torch.tensor([tokenizer(example.prompt)["input_ids"][-64:]])
+        torch.testing.assert_close(logits[row], module(input_ids=ids).logits[0, -1], rtol=1e-4, atol=1e-5)
+        assert (
+            int(data.labels[row]) == tokenizer(" " + example.answer, add_special_tokens=False)["input_ids"][0]
+        )
+
+
+def test_data_rows_on_llm_tasks(tiny_zoo, tmp_path, capsys):
+    """Fisher and RegMean (first answer token, training prompts) and AdaMerging (unlabeled test prompts) run on
+    prompt/answer tasks; Fisher and RegMean merges of one expert given twice score exactly that expert."""
+    import yaml
+
+    from mergesmith.cli import main
+
+    source = self_scoring_suite(tiny_zoo)
+    spec = yaml.safe_load(source.read_text())
+    root = source.parent
+    task = spec["tasks"]["json"]
+    twice = {"a": dict(task), "b": dict(task)}
+    for t in twice.values():
+        t["train"] = "data/json/train.jsonl"
+        for key in ("expert", "train", "val", "test"):
+            t[key] = str(root / t[key])
+    bench = {"name": "twice", "base": str(root / "base"), "out": str(tmp_path / "out"), "tasks": twice}
+    path = tmp_path / "BENCH.yaml"
+    path.write_text(yaml.safe_dump(bench))
+    assert main(["bench", str(path), "--methods", "task_arithmetic", "--no-search"]) == 0
+    rows = ["fisher", "regmean", "adamerging"]
+    code = main(["bench", str(path), "--data", "--methods", *rows, "--no-search", "--step-scale", "0.004"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "out" / "twice.json").read_text())["data_methods"]
+    for key in ("fisher", "regmean"):
+        assert data["methods"][key]["accuracy"] == pytest.approx(data["finetuned"]), key
+    assert set(data["methods"]["adamerging"]["accuracy"]) == {"a", "b"}
+    code = main(["bench", str(path), "--data", "--methods", "twin", "--no-search"])
+    assert code != 0 and "Twin-Merging routes classification tasks" in capsys.readouterr().err

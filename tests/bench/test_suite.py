@@ -431,7 +431,7 @@ def test_data_rows_of_identical_experts_keep_the_expert(tmp_path, bert_suite, ca
 
 def test_data_rows_need_classification_tasks_and_training_texts(bert_suite, llama_suite, tmp_path, capsys):
     code, _, err = run(capsys, "bench", llama_suite, "--data", "--methods", "adamerging")
-    assert code != 0 and "tasks.lm: the data-driven rows fit on classification tasks" in err
+    assert code != 0 and "tasks.lm: the data-driven rows fit on classification or prompt/answer tasks" in err
 
     def drop_train(spec, root):
         spec["tasks"]["enc"].pop("train")

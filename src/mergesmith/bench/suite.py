@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,7 +75,7 @@ from safetensors import safe_open
 from mergesmith.bench.confidence import ACCURACY, LOSS, cached_outcomes
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit import evaluate as ev
-from mergesmith.fit.data import Encoded, encode
+from mergesmith.fit.data import Encoded, encode, encode_prompts
 from mergesmith.fit.hf import load_causal_lm, load_classifier, load_encoder, load_tokenizer
 from mergesmith.fit.task import Task, TaskModel
 from mergesmith.recipe.data import MAX_LENGTH, DataSpec, read_examples
@@ -189,10 +189,14 @@ class SuiteTask:
     backbone: dict[str, torch.Tensor]  # the expert's backbone, as the folder has it (what is merged)
     splits: dict[str, Any]  # split -> evaluator task
     module_names: frozenset[str]  # the module's weights: a merged tensor it lacks (BERT's pooler) is skipped
+    fit_data: dict[str, Encoded] = field(default_factory=dict)  # exact match: split -> prompts for the fits
 
     @property
     def fit_model(self) -> TaskModel:
-        """The task's model as data-driven fits run it: parameters named as the merged backbone."""
+        """The task's model as data-driven fits run it: parameters named as the merged backbone (a causal LM:
+        its next token after the prompt, over the vocabulary)."""
+        if self.spec.metric == "exact_match":
+            return TaskModel(self.model, prefix=self.prefix, next_token=True)
         return replace(self.model, prefix=self.prefix)
 
     @property
@@ -246,6 +250,7 @@ class Suite:
     def _load_task(self, name: str, spec: TaskSpec) -> SuiteTask:
         where = f"{self.path}: tasks.{name}"
         folder = ev.model_folder(self._resolve(spec.expert))
+        fit_data: dict[str, Encoded] = {}  # exact match: the prompts the data-driven fits read
         if spec.metric == "accuracy":
             model, tokenizer = self._classifier(where, folder, spec)
             module = model.module
@@ -255,10 +260,10 @@ class Suite:
         else:
             if spec.head is not None or spec.pooling is not None:
                 raise RecipeError(f"{where}: head and pooling go with metric accuracy, not {spec.metric}")
-            if spec.train is not None:
+            if spec.train is not None and spec.metric == "perplexity":
                 raise RecipeError(
-                    f"{where}: train: goes with metric accuracy (the data-driven rows fit on classification "
-                    "tasks); remove it"
+                    f"{where}: train: goes with metric accuracy or exact_match (the data-driven rows fit on "
+                    "classification and prompt/answer tasks); remove it"
                 )
             model = module = load_causal_lm(folder)
             tokenizer = load_tokenizer(folder, ev.TOKENIZER_HINT)
@@ -266,10 +271,13 @@ class Suite:
             splits = {
                 split: self._generative(where, split, spec, tokenizer, model) for split in ("val", "test")
             }
+            if spec.metric == "exact_match":
+                given = ("train", "val", "test") if spec.train is not None else ("val", "test")
+                fit_data = {split: self._prompts(where, split, spec, tokenizer, module) for split in given}
         self.arch_prefix = getattr(module, "base_model_prefix", "")
         tensors = backbone(folder_tensors(folder), self.arch_prefix)
         names = frozenset(module.state_dict())
-        return SuiteTask(name, spec, model, prefix, tensors, splits, names)
+        return SuiteTask(name, spec, model, prefix, tensors, splits, names, fit_data)
 
     def _classifier(self, where: str, folder: Path, spec: TaskSpec) -> tuple[TaskModel, Any]:
         tokenizer = ev.padded_tokenizer(folder)
@@ -358,6 +366,15 @@ class Suite:
             name=f"{where}.{split}",
         )
 
+    def _prompts(
+        self, where: str, split: str, spec: TaskSpec, tokenizer: Any, module: torch.nn.Module
+    ) -> Encoded:
+        """A prompt/answer split as the data-driven fits read it: each prompt, its first answer token as label."""
+        file = self._resolve(getattr(spec, split))
+        prompts, answers = ev.read_prompts(file, spec.prompt_column, spec.answer_column)
+        context = min(ev.model_context(module) or ev.MAX_WINDOW, ev.MAX_WINDOW)
+        return encode_prompts(tokenizer, prompts, answers, context - spec.max_new_tokens)
+
     @staticmethod
     def _check_size(where: str, split: str, file: Path, n: int, unit: str = "examples") -> None:
         need = MIN_TEST if split == "test" else MIN_VAL
@@ -418,16 +435,23 @@ class Suite:
         return [task.backbone for task in self._tasks.values()]
 
     # -- what the data-driven rows fit on (``mergesmith bench BENCH.yaml --data``) ----------------------------
-    def check_data_rows(self, splits: Sequence[str]) -> None:
-        """The data-driven rows fit on classification tasks (``splits``: the ones the chosen rows read): every
-        task must be scored by accuracy and, for rows that fit on training texts, give ``train:``."""
+    def check_data_rows(self, splits: Sequence[str], methods: Sequence[str] = ()) -> None:
+        """The data-driven rows fit on classification and prompt/answer tasks (``splits``: the ones the chosen
+        rows read; ``methods``: their methods): no task may be scored by perplexity, Twin-Merging's router needs
+        classification tasks, and rows that fit on training texts need ``train:``."""
         for name, task in self._tasks.items():
-            if task.spec.metric != "accuracy":
+            if task.spec.metric == "perplexity":
                 raise RecipeError(
-                    f"{self.path}: tasks.{name}: the data-driven rows fit on classification tasks, and this one "
-                    f"is scored by {task.spec.metric}; run --data on a BENCH file of accuracy tasks"
+                    f"{self.path}: tasks.{name}: the data-driven rows fit on classification or prompt/answer "
+                    "tasks, and this one is scored by perplexity; run --data on a BENCH file without it"
                 )
-            if "train" in splits and "train" not in task.splits:
+            if task.spec.metric == "exact_match" and "twin" in methods:
+                raise RecipeError(
+                    f"{self.path}: tasks.{name}: Twin-Merging routes classification tasks, not generation; "
+                    "leave twin out with data_methods:"
+                )
+            available = task.fit_data if task.spec.metric == "exact_match" else task.splits
+            if "train" in splits and "train" not in available:
                 raise RecipeError(
                     f"{self.path}: tasks.{name}: Fisher, RegMean and Twin-Merging fit on labeled training "
                     "texts; add train: FILE (JSONL or CSV, the task's columns), or leave those rows out with "
@@ -436,7 +460,8 @@ class Suite:
 
     def split(self, task: str, split: str, limit: int | None = None, offset: int = 0) -> Encoded:
         """Examples ``offset`` … ``offset + limit`` of a classification task's split (as the zoo's ``split``)."""
-        data = self._tasks[task].splits[split].data
+        owner = self._tasks[task]
+        data = owner.fit_data[split] if owner.spec.metric == "exact_match" else owner.splits[split].data
         if offset == 0 and (limit is None or limit >= len(data)):
             return data
         return data.batch(slice(offset, None if limit is None else offset + limit))

@@ -36,6 +36,29 @@ def encode(
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(list(labels), dtype=torch.long))
 
 
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str] | None, max_length: int = MAX_LENGTH
+) -> Encoded:
+    """Prompts for a causal LM's next-token fit: right-padded ids (a longer prompt keeps its last ``max_length``
+    tokens, the ones next to the answer) and, as the label, the first token of `` answer`` — the token the model
+    should generate first (-1 without answers). Prompts get the tokenizer's default special tokens, as exact
+    match encodes them."""
+    ids = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
+    labels = (
+        [tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"][0] for a in answers]
+        if answers is not None
+        else [-1] * len(ids)
+    )
+    width = max((len(i) for i in ids), default=1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    input_ids = torch.full((len(ids), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return Encoded(input_ids, mask, torch.tensor(labels, dtype=torch.long))
+
+
 def encode_examples(examples: Examples, tokenizer: Any, max_length: int = MAX_LENGTH) -> Encoded:
     labels = examples.labels if examples.labels is not None else [-1] * len(examples.texts)
     return encode(tokenizer, examples.texts, labels, max_length)

@@ -62,6 +62,12 @@ class TaskModel:
     ``autocast`` runs the module (not the pooling or the head) under ``torch.autocast`` in that dtype (the
     zoo's bf16 evaluation); None runs it as loaded.
 
+    ``next_token``: the module is a causal LM (``...ForCausalLM``, ``head=None``) and the task is its next token
+    after each prompt: ``logits`` are the LM's logits at each example's last token, over the vocabulary
+    (right-padded batches, :func:`mergesmith.fit.data.encode_prompts`). The data-driven fits then run on LLM
+    tasks as on classifiers: Fisher on the first answer token's log-likelihood, RegMean on the prompts' layer
+    inputs, AdaMerging on the entropy of the next-token distribution.
+
     ``prefix`` names the parameters relative to a submodule (``"bert."``: the backbone of a BERT classifier):
     ``merge_names``, ``params`` and every ``params=`` argument then use the backbone's own names, so that tasks
     of different forms (a classifier's backbone and a bare encoder with a head file) share one name space; the
@@ -75,6 +81,7 @@ class TaskModel:
     pooling: Pooling = "mean"
     autocast: torch.dtype | None = None
     prefix: str = ""
+    next_token: bool = False
     _module_names: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -147,7 +154,11 @@ class TaskModel:
     ) -> torch.Tensor:
         """Class logits (batch, classes), fp32, differentiable with respect to ``params`` and ``embeds_delta``."""
         if self.head is None:
-            return self._call(batch, params, embeds_delta, want_logits=True).float()
+            logits = self._call(batch, params, embeds_delta, want_logits=True).float()
+            if self.next_token:  # the LM's prediction after each prompt's last token (right padding)
+                last = batch.attention_mask.sum(1) - 1
+                return logits[torch.arange(len(last)), last]
+            return logits
         return F.linear(self.pooled(batch, params, embeds_delta), self.head["weight"], self.head["bias"])
 
     def _call(

@@ -327,7 +327,7 @@ def run_data_bench(
     ``zoo``: the built-in zoo or a BENCH.yaml suite. With ``checkpoint``, every finished row is saved there and
     a rerun of the same suite and schedule keeps it, running only the seeds it lacks."""
     chosen_rows = [r for r in rows(step_scale, compress_lr) if only is None or r.key in only]
-    zoo.check_data_rows(sorted({r.split for r in chosen_rows}))
+    zoo.check_data_rows(sorted({r.split for r in chosen_rows}), sorted({r.method for r in chosen_rows}))
     bench = DataBench(zoo, progress)
     scale = learned_lr_scale(step_scale, compress_lr)
     results: dict[str, Any] = {

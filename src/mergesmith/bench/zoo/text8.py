@@ -157,7 +157,7 @@ class Zoo:
                     digest.update(block)
         return digest.hexdigest()
 
-    def check_data_rows(self, splits: Sequence[str]) -> None:
+    def check_data_rows(self, splits: Sequence[str], methods: Sequence[str] = ()) -> None:
         """Every split a data row may read exists in the zoo (the BENCH.yaml suite checks its files here)."""
 
     def encoder_path(self, task: str) -> Path:
