@@ -434,11 +434,13 @@ def build_llm_zoo(
 
 def write_bench_yaml(root: Path, config: LLMZooConfig) -> Path:
     """``root/BENCH.yaml``: the zoo as a ``mergesmith bench`` suite (exact match per skill, each skill's token
-    budget; the validation split for the grids, the test split for the table)."""
+    budget; the training split for the data-driven fits, the validation split for the grids, the test split for
+    the table)."""
     tasks = {
         s: {
             "expert": f"experts/{s}",
             "metric": "exact_match",
+            "train": f"data/{s}/train.jsonl",  # what Fisher and RegMean fit on (--data)
             "val": f"data/{s}/validation.jsonl",
             "test": f"data/{s}/test.jsonl",
             "max_new_tokens": llm_data.SKILLS[s].max_new_tokens,
