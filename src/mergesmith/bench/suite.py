@@ -239,6 +239,8 @@ class Suite:
             self._tasks[name] = self._load_task(name, spec)
         self.tasks: list[str] = list(self._tasks)
         self.kinds = {t: task.kind for t, task in self._tasks.items()}
+        # prompt/answer tasks: the data-driven fits predict a causal LM's next token (databench.for_suite)
+        self.generative = any(task.spec.metric == "exact_match" for task in self._tasks.values())
         self._base = self._base_backbone()
         self.identity = {"fingerprint": self._fingerprint()}
 

@@ -174,6 +174,12 @@ def fit_fisher(inputs: FitInputs) -> FitResult:
         }
     )
     for i, (task, params) in enumerate(zip(inputs.tasks, inputs.experts, strict=True)):
+        if estimator == "exact" and task.model.next_token:
+            raise RecipeError(
+                f"Fisher: task '{task.name}' (model {i}) predicts a causal LM's next token, and the exact Fisher "
+                "needs one gradient per vocabulary entry; use estimator: empirical (the answers' first tokens) "
+                "or batch"
+            )
         if estimator == "empirical" and not task.labeled:
             raise RecipeError(
                 f"Fisher estimator 'empirical' needs labels, but task '{task.name}' (model {i}) is "

@@ -181,6 +181,19 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
     ]
 
 
+def for_suite(row: DataBenchRow, zoo: Any) -> DataBenchRow:
+    """``row`` as it runs on ``zoo``: on prompt/answer tasks (a causal LM's next token) Fisher is the empirical
+    estimator on the first answer token — the exact one needs a gradient per vocabulary entry."""
+    if row.method == "fisher" and getattr(zoo, "generative", False):
+        return replace(
+            row,
+            params={**row.params, "estimator": "empirical"},
+            note="empirical Fisher on the first answer token of 32 training prompts per task (the exact "
+            "Fisher sums over the vocabulary)",
+        )
+    return row
+
+
 class DataBench:
     """Fits, merges and scores data rows on a suite: the built-in zoo or a user's BENCH.yaml
     (:class:`~mergesmith.bench.suite.Suite`); both offer ``base_state()``, ``expert_states()``, ``split()``,
@@ -326,7 +339,7 @@ def run_data_bench(
     validation accuracy (seed 0, ``VAL_LIMIT`` examples per task), tested like the default as ``<key>_val``.
     ``zoo``: the built-in zoo or a BENCH.yaml suite. With ``checkpoint``, every finished row is saved there and
     a rerun of the same suite and schedule keeps it, running only the seeds it lacks."""
-    chosen_rows = [r for r in rows(step_scale, compress_lr) if only is None or r.key in only]
+    chosen_rows = [for_suite(r, zoo) for r in rows(step_scale, compress_lr) if only is None or r.key in only]
     zoo.check_data_rows(sorted({r.split for r in chosen_rows}), sorted({r.method for r in chosen_rows}))
     bench = DataBench(zoo, progress)
     scale = learned_lr_scale(step_scale, compress_lr)
