@@ -397,3 +397,27 @@ def test_data_rows_on_llm_tasks(tiny_zoo, tmp_path, capsys):
     assert set(data["methods"]["adamerging"]["accuracy"]) == {"a", "b"}
     code = main(["bench", str(path), "--data", "--methods", "twin", "--no-search"])
     assert code != 0 and "Twin-Merging routes classification tasks" in capsys.readouterr().err
+
+
+def test_single_expert_rows_and_the_llm_claims(tiny_zoo):
+    """Task arithmetic at λ = 1 on each expert alone is that expert (the row scores exactly the fine-tuned
+    accuracy); the LLM claims are checked on the rows they name."""
+    from mergesmith.bench.suite import Suite
+    from mergesmith.bench.zoo.bench import Bench, run_bench
+    from mergesmith.bench.zoo.claims import LLM_CLAIMS, check_claims, extra_rows
+
+    suite = Suite(self_scoring_suite(tiny_zoo))
+    bench = Bench(suite, progress=False)
+    row = bench.single_expert_row("task_arithmetic", {"lambda": 1.0}, 1)
+    assert row["accuracy"] == pytest.approx(bench.finetuned)
+    results = run_bench(suite, methods=["task_arithmetic", "ties"], seeds=1, progress=False, search=False)
+    results["zoo"] = "llm-tiny"
+    results["claim_rows"] = extra_rows(suite, results, seeds=1)
+    assert set(results["claim_rows"]) == {"dare_single_p0.9"}
+    checked = {c["claim"]: c for c in check_claims(results, LLM_CLAIMS)}
+    assert set(checked) == {
+        "dropping 90 % of one expert's delta (rescaled) keeps its skill",
+        "TIES > task arithmetic (paper defaults)",
+    }
+    for claim in checked.values():
+        assert claim["verdict"] in ("reproduced", "not reproduced", "reversed", "not significant")

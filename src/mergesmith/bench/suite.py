@@ -492,6 +492,16 @@ class Suite:
         losses for perplexity); ``None``: each expert as it is."""
         return {t: task.outcomes(state, split, limit) for t, task in self._tasks.items()}
 
+    def task_outcomes(
+        self,
+        task: str,
+        state: Mapping[str, torch.Tensor] | None,
+        split: str = "test",
+        limit: int | None = None,
+    ) -> torch.Tensor:
+        """One task's per-example outcomes of a merged backbone (``outcomes`` for one task only)."""
+        return self._tasks[task].outcomes(state, split, limit)
+
     def reference_outcomes(self, progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """``finetuned`` (each expert on its task) and ``zeroshot`` (the base's backbone with each task's
         head), kept in ``<out>/runs/<name>.reference.json`` under the suite's fingerprint."""

@@ -227,6 +227,27 @@ class Bench:
             )
         return aggregate(runs) | {"params": params}
 
+    def single_expert_row(self, method: str, params: dict[str, Any], seeds: int) -> dict[str, Any]:
+        """Each task scored by ``method`` applied to its own expert alone (base + that expert's delta): what
+        DARE's single-model claim is about (drop 90 % of a fine-tune's delta and keep its skill)."""
+        own = getattr(self.zoo, "task_outcomes", None)
+        runs = []
+        for seed in range(seeds):
+            outcomes = {}
+            for t, expert in zip(self.zoo.tasks, self.expert_states, strict=True):
+                state = merge_state_dicts(self.base_state, [expert], method, seed=seed, threads=2, **params)
+                outcomes[t] = own(t, state, "test") if own else self.zoo.outcomes(state, "test")[t]
+            acc = accuracies(outcomes)
+            runs.append(
+                {
+                    "seed": seed,
+                    "accuracy": acc,
+                    "outcomes": pack_outcomes(outcomes),
+                    **summarize(acc, self.finetuned, self.kinds),
+                }
+            )
+        return aggregate(runs) | {"params": params, "single_expert": True}
+
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     tasks = list(runs[0]["accuracy"])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.bench.confidence import paired_difference, runs_outcomes
+from mergesmith.bench.suite import Suite
 from mergesmith.bench.zoo.bench import Bench, add_intervals, claims_markdown, method_rows
 from mergesmith.bench.zoo.databench import attach
 from mergesmith.bench.zoo.text8 import Zoo
@@ -63,9 +64,33 @@ CLAIMS: tuple[Claim, ...] = (
 )  # fmt: skip
 
 
-def extra_rows(zoo: Zoo, results: dict[str, Any], seeds: int = 3) -> dict[str, Any]:
-    """Rows a claim needs that the benchmark grid does not test: DARE (linear) at drop p = 0.9 and TA's λ."""
+# The LLM benchmark's claims (bench/results/llm.json): DARE's own setting is one fine-tune (WizardMath), and
+# "merging keeps each skill" is read per skill from the table, not only from the mean.
+LLM_CLAIMS: tuple[Claim, ...] = (
+    Claim("DARE (Yu et al. 2024)", "dropping 90 % of one expert's delta (rescaled) keeps its skill",
+          "extra:dare_single_p0.9", "finetuned", "keeps"),
+    Claim("TIES (Yadav et al. 2023)", "TIES > task arithmetic (paper defaults)", "ties:default",
+          "task_arithmetic:default"),
+    Claim("TIES", "TIES > task arithmetic (both tuned on validation)", "ties:best", "task_arithmetic:best"),
+    Claim("DARE", "DARE-TIES > TIES (mergekit's community recipe vs the paper's TIES)", "dare_ties@mergekit:default",
+          "ties:default"),
+    Claim("TSV-M (Gargiulo et al. 2025)", "TSV-M > TIES (paper defaults)", "tsv:default", "ties:default"),
+)  # fmt: skip
+
+
+def is_llm(results: dict[str, Any]) -> bool:
+    return str(results.get("zoo", "")).startswith("llm")
+
+
+def extra_rows(zoo: Any, results: dict[str, Any], seeds: int = 3) -> dict[str, Any]:
+    """Rows a claim needs that the benchmark grid does not test: on text8, DARE (linear) at drop p = 0.9 and
+    TA's λ; on the LLM zoo, DARE at p = 0.9 on each expert alone (λ = 1: the expert with 10 % of its delta,
+    rescaled by 10), scored on the expert's own skill."""
     bench = Bench(zoo, progress=False)
+    if is_llm(results):
+        return {
+            "dare_single_p0.9": bench.single_expert_row("dare_linear", {"density": 0.1, "lambda": 1.0}, seeds)
+        }
     return {"dare_p0.9": bench.test_row("dare_linear", {"density": 0.1, "lambda": 0.3}, seeds)}
 
 
@@ -117,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = Path(args.results)
     results = json.loads(path.read_text())
-    if "dare_p0.9" not in results.get("claim_rows", {}):
-        zoo = Zoo(zoo_dir(results["zoo"]))
+    needed = "dare_single_p0.9" if is_llm(results) else "dare_p0.9"
+    if needed not in results.get("claim_rows", {}):
+        folder = zoo_dir(results["zoo"])
+        zoo = Suite(folder / "BENCH.yaml") if is_llm(results) else Zoo(folder)
         results.setdefault("claim_rows", {}).update(extra_rows(zoo, results, args.seeds))
-    results["claims"] = check_claims(results)
+    results["claims"] = check_claims(results, LLM_CLAIMS if is_llm(results) else CLAIMS)
     path.write_text(json.dumps(results, indent=1) + "\n")
     attach(path, None, None)  # rewrites the reports with every section the JSON has (data rows, backdoor)
     print(claims_markdown(results["claims"]))
