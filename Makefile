@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-llama test lint install clean zoo zoo-llm bench bench-data bench-checks bench-claims bench-protocols bench-speed
+.PHONY: demo demo-llama demo-tiny-llama test lint install clean zoo zoo-llm bench bench-data bench-checks bench-claims bench-protocols bench-speed
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,8 +28,13 @@ $(SMOL): $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.zoo.demo
 
-# three tiny Llama models (base, Python expert, prose expert) trained here, merged, losses per domain
-demo-llama: $(STAMP)
+# the quick LLM zoo (SmolLM2-135M-Instruct fine-tuned on six skills; cached), merged with a handful of methods:
+# exact match per skill, normalized with 95 % intervals
+demo-llama: $(SMOL)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.zoo.llm_demo
+
+# three tiny Llama models trained here from scratch, merged with examples/demo.yaml, held-out loss per domain
+demo-tiny-llama: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.llama_demo
 
 # the full text8 zoo (21 min on 2 cores) and the data-free benchmark with 95 % intervals (~25 min; bench/results/)
