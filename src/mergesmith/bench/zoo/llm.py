@@ -47,7 +47,6 @@ from mergesmith.fit.hf import load_causal_lm, load_tokenizer, quiet_transformers
 from mergesmith.io.cache import zoo_dir
 
 LOSS_BATCH = 16
-GENERATION_BATCH = 32
 
 
 @dataclass
@@ -256,7 +255,7 @@ def score_skill(
         max_prompt_length=context - max_new if context is not None else None,
         name=skill,
     )
-    hits = task.outcomes(module, params, batch_size=GENERATION_BATCH)
+    hits = task.outcomes(module, params)
     losses = answer_losses(module, encoded, pad_id(tokenizer), max_length, params)
     return {
         "exact_match": float(hits.float().mean()),
