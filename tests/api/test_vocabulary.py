@@ -15,8 +15,8 @@ from tests.helpers import load_tensors, run_mergekit
 SHARED = ["alpha", "beta", "gamma", "delta", "merge", "model", "token"]
 
 
-def build(folder: Path, words: list[str], seed: int) -> None:
-    """A tiny Llama whose embedding has exactly its BPE tokenizer's rows."""
+def build(folder: Path, words: list[str], seed: int, hidden: int = 16) -> None:
+    """A tiny Llama whose embedding has exactly its BPE tokenizer's rows (``hidden`` wide)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -30,7 +30,7 @@ def build(folder: Path, words: list[str], seed: int) -> None:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=16,
+        hidden_size=hidden,
         intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,

@@ -167,7 +167,15 @@ COMMUNITY_ROWS: dict[str, BenchMethod] = {
         ),
     ]
 }
-ROWS: dict[str, BenchMethod] = BENCH_METHODS | COMMUNITY_ROWS
+
+
+def row_spec(name: str) -> BenchMethod:
+    """A row by name: a method's paper row, else a community recipe (looked up when asked, so that a changed
+    registry entry is seen)."""
+    return BENCH_METHODS[name] if name in BENCH_METHODS else COMMUNITY_ROWS[name]
+
+
+ROWS: dict[str, BenchMethod] = BENCH_METHODS | COMMUNITY_ROWS  # every row name (for checks and ordering)
 
 
 class Bench:
@@ -350,7 +358,7 @@ def run_bench(
         same = ("tasks", "seeds", "val_limit", "search", "config")
         if all(saved.get(k) == results[k] for k in same):
             results["methods"] = saved.get("methods", {})
-    chosen = [ROWS[m] for m in (methods or BENCH_METHODS)]
+    chosen = [row_spec(m) for m in (methods or BENCH_METHODS)]
     todo = [spec for spec in chosen if spec.name not in results["methods"]]
     total = sum(len(m.search) for m in todo) if search else 0
     bar = tqdm(total=total, desc="validation grid", unit="setting", disable=not progress or not search)

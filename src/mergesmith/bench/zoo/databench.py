@@ -188,6 +188,7 @@ def for_suite(row: DataBenchRow, zoo: Any) -> DataBenchRow:
         return replace(
             row,
             params={**row.params, "estimator": "empirical"},
+            labeled=True,  # the empirical Fisher reads each prompt's first answer token
             note="empirical Fisher on the first answer token of 32 training prompts per task (the exact "
             "Fisher sums over the vocabulary)",
         )
