@@ -45,6 +45,7 @@ from mergesmith.errors import MergeError
 from mergesmith.fit.evaluate import ExactMatchTask, check_params, model_context, run
 from mergesmith.fit.hf import load_causal_lm, load_tokenizer, quiet_transformers
 from mergesmith.io.cache import zoo_dir
+from mergesmith.io.output import atomic_folder
 
 LOSS_BATCH = 16
 
@@ -310,31 +311,17 @@ class LLMZoo:
         }
 
 
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.parent / f".{final.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def _finish(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
 def _stage_done(folder: Path, stamp: str) -> bool:
     info = folder / "mergesmith_zoo.json"
     return info.exists() and json.loads(info.read_text()).get("stamp") == stamp
 
 
 def _save_model(module: nn.Module, tokenizer: Any, final: Path, info: dict[str, Any]) -> None:
-    tmp = _atomic_dir(final)
-    module.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "mergesmith_zoo.json").write_text(json.dumps(info, indent=1) + "\n")
-    _finish(tmp, final)
+    """A stage's model folder (safetensors, tokenizer, the stage record), appearing only complete."""
+    with atomic_folder(final, force=True) as tmp:
+        module.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "mergesmith_zoo.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
 def _make_base(root: Path, base: Path | None, progress: bool) -> dict[str, Any]:
@@ -344,9 +331,8 @@ def _make_base(root: Path, base: Path | None, progress: bool) -> dict[str, Any]:
         return json.loads((root / "base.json").read_text())
     started = time.perf_counter()
     if base is not None:
-        tmp = _atomic_dir(final)
-        shutil.copytree(base, tmp, dirs_exist_ok=True)
-        _finish(tmp, final)
+        with atomic_folder(final, force=True) as tmp:
+            shutil.copytree(base, tmp, dirs_exist_ok=True)
         source = str(base)
     else:
         gguf = smollm2_gguf()
