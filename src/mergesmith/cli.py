@@ -188,7 +188,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _llm_zoo(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import dataclasses
 
     from mergesmith.bench.zoo.llm import LLMZoo, LLMZooConfig, build_llm_zoo, reference_table
     from mergesmith.bench.zoo.lm_eval_tasks import write_lm_eval_tasks
@@ -203,7 +203,7 @@ def _llm_zoo(args: argparse.Namespace) -> int:
         return 0
     config = LLMZooConfig.quick() if args.quick else LLMZooConfig()
     if args.tasks:
-        config = LLMZooConfig(**{**config.__dict__, "skills": tuple(args.tasks)})
+        config = dataclasses.replace(config, skills=tuple(args.tasks))
     root = build_llm_zoo(quick=args.quick, config=config)
     print(f"zoo ready: {root}")
     print(reference_table(LLMZoo(root)))

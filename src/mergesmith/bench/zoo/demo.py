@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from mergesmith.bench.zoo.bench import markdown_table, run_bench, write_reports
 from mergesmith.bench.zoo.text8 import Zoo, build_zoo
@@ -31,12 +32,18 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results = run_bench(zoo, methods=args.methods, seeds=1, search=False)
-    paths = write_reports(results, Path(args.out), "text8-quick")
+    report(results, Path(args.out), "text8-quick", started)
+    print("Full benchmark: `mergesmith bench --zoo text8` (results committed in bench/results/text8.md).")
+    return 0
+
+
+def report(results: dict[str, Any], out: Path, name: str, started: float) -> None:
+    """A demo's ending: the reports written under ``out``, the table printed, where the chart went and how long
+    the demo took."""
+    paths = write_reports(results, out, name)
     print()
     print(markdown_table(results))
     print(f"chart: {paths['png']}   table: {paths['md']}   ({time.perf_counter() - started:.0f} s)")
-    print("Full benchmark: `mergesmith bench --zoo text8` (results committed in bench/results/text8.md).")
-    return 0
 
 
 if __name__ == "__main__":

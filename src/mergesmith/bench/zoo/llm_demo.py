@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from mergesmith.bench.suite import Suite
-from mergesmith.bench.zoo.bench import markdown_table, run_bench, write_reports
+from mergesmith.bench.zoo.bench import run_bench
+from mergesmith.bench.zoo.demo import report
 from mergesmith.bench.zoo.llm import LLMZoo, build_llm_zoo, reference_table
 
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties@mergekit", "tsv")
@@ -35,10 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results = run_bench(suite, methods=args.methods, seeds=1, search=False)
-    paths = write_reports(results, Path(args.out), "llm-quick")
-    print()
-    print(markdown_table(results))
-    print(f"chart: {paths['png']}   table: {paths['md']}   ({time.perf_counter() - started:.0f} s)")
+    report(results, Path(args.out), "llm-quick", started)
     print("Full benchmark: `mergesmith bench --zoo llm` (docs/llm-benchmark.md).")
     return 0
 
