@@ -155,6 +155,33 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    import json
+
+    from mergesmith.api.align import align
+
+    result = align(
+        args.reference,
+        args.model,
+        args.out,
+        method=args.method,
+        seed=args.seed,
+        residual=not args.no_residual,
+        max_iter=args.max_iter,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
+    summary = json.loads((result.out_dir / "manifest.json").read_text())["alignment"]
+    info = next(iter(summary["models"].values()))
+    print(
+        f"aligned {args.model} to {args.reference}: {info['units_moved']} units moved in "
+        f"{len(summary['groups'])} groups, {info['sweeps']} sweeps, {info['seconds']:.1f} s; distance "
+        f"{info['distance_before']:.4g} -> {info['distance_after']:.4g} -> {result.out_dir}"
+    )
+    return 0
+
+
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
     import json
 
@@ -713,6 +740,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_extract_lora)
+
+    p = sub.add_parser(
+        "align",
+        help="permute a model's hidden units into a reference's order (Git Re-Basin weight matching)",
+    )
+    p.add_argument("reference", help="the model whose unit order the output takes")
+    p.add_argument("model", help="the model to permute (same architecture, another initialization)")
+    p.add_argument("out", help="the output folder (MODEL's function in REFERENCE's unit order)")
+    p.add_argument("--method", default="weight", choices=["weight"], help="how to match units")
+    p.add_argument("--seed", type=int, default=0, help="the order in which weight matching visits groups")
+    p.add_argument(
+        "--no-residual",
+        action="store_true",
+        help="leave the residual stream in place (FFN units and heads only)",
+    )
+    p.add_argument("--max-iter", type=int, default=100, help="weight matching's sweeps at most")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt checkpoints (weights_only)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser(
         "convert-gguf",

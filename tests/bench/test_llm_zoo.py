@@ -71,43 +71,90 @@ def tiny_zoo(tmp_path_factory) -> Path:
 
 
 def test_generated_skills_are_seeded_and_answer_their_prompts():
-    assert llm_data.arithmetic(50, 3) == llm_data.arithmetic(50, 3) != llm_data.arithmetic(50, 4)
+    for make in (llm_data.arithmetic, llm_data.python_output, llm_data.german_numbers):
+        assert make(50, 3) == make(50, 3) != make(50, 4)
     for example in llm_data.json_format(30, 0):
         lines = example.prompt.split("\n")[1:-1]
         record = json.loads(example.answer)
         assert [line.split(": ")[0] for line in lines] == list(record)
-    problem = Example("x", "1")
     for example in llm_data.arithmetic(200, 0):
-        assert example.answer.isdigit() and example.prompt.endswith("\nAnswer:")
-    assert problem.as_json() == {"prompt": "x", "answer": "1"}
+        assert example.prompt.endswith("\nAnswer:") and "\n" not in example.answer
+    assert Example("x", "1").as_json() == {"prompt": "x", "answer": "1"}
 
 
-def test_word_problem_answers_follow_the_story():
+def test_word_problem_solutions_follow_the_story():
+    """Each step of the worked answer is a true equation, the steps follow the story in order, and the last
+    result is the count the story ends with."""
     import re
 
     for example in llm_data.arithmetic(300, 7):
         count = int(re.match(r"\w+ has (\d+)", example.prompt).group(1))
-        for number in re.findall(r"buys (\d+)", example.prompt):
-            count += int(number)
-        for number in re.findall(r"gives (\d+)", example.prompt):
-            count -= int(number)
-        for packs, size in re.findall(r"gets (\d+) packs of (\d+)", example.prompt):
-            count += int(packs) * int(size)
-        assert str(count) == example.answer
+        expected = []
+        for event in re.findall(r"(buys \d+|gives \d+|gets \d+ packs of \d+)", example.prompt):
+            numbers = [int(x) for x in re.findall(r"\d+", event)]
+            if event.startswith("buys"):
+                expected.append(f"{count}+{numbers[0]}={count + numbers[0]}")
+                count += numbers[0]
+            elif event.startswith("gives"):
+                expected.append(f"{count}-{numbers[0]}={count - numbers[0]}")
+                count -= numbers[0]
+            else:
+                product = numbers[0] * numbers[1]
+                expected += [f"{numbers[0]}*{numbers[1]}={product}", f"{count}+{product}={count + product}"]
+                count += product
+        assert example.answer == ", ".join(expected)
+        assert example.answer.endswith(f"={count}") and count >= 0
+
+
+def test_python_output_answers_are_what_a_separate_interpreter_prints():
+    """Every kind of snippet, run by a fresh ``python -c``: its single printed line is the answer."""
+    import re
+    import subprocess
+    import sys
+
+    examples = llm_data.python_output(400, 0)
+    codes = [e.prompt.split("\n", 1)[1].rsplit("\nAnswer:", 1)[0] for e in examples]
+    shapes = {re.sub(r'\d+|"[a-z-]+"|\[[\d, ]+\]', "_", c) for c in codes}  # a program without its values
+    assert len(shapes) == 16  # every kind of snippet occurs
+    script = "import json, sys\nfor code in json.load(sys.stdin):\n    exec(code, {})\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(codes[:80]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.splitlines() == [e.answer for e in examples[:80]]
+    assert all(e.answer and "\n" not in e.answer for e in examples)
+
+
+@pytest.mark.parametrize(
+    ("number", "words"),
+    [
+        (1, "eins"),
+        (7, "sieben"),
+        (11, "elf"),
+        (16, "sechzehn"),
+        (17, "siebzehn"),
+        (21, "einundzwanzig"),
+        (30, "dreißig"),
+        (99, "neunundneunzig"),
+        (100, "einhundert"),
+        (101, "einhunderteins"),
+        (316, "dreihundertsechzehn"),
+        (1000, "eintausend"),
+        (1001, "eintausendeins"),
+        (1997, "eintausendneunhundertsiebenundneunzig"),
+        (2021, "zweitausendeinundzwanzig"),
+        (21_000, "einundzwanzigtausend"),
+        (101_101, "einhunderteintausendeinhunderteins"),
+    ],
+)
+def test_german_number_words(number, words):
+    assert llm_data.german_number(number) == words
 
 
 def test_package_skills_parse_hand_made_files(tmp_path):
-    german = tmp_path / "de" / llm_data.FORTUNE_DIR / "de"
-    german.mkdir(parents=True)
-    (german / "sprueche").write_text(
-        "Wer Werte vorlebt, ist würdig. Wer Liebe vorlebt, ist liebenswürdig.\n%\n"
-        "Schönheit wirkt auf den ersten Blick angenehm, aber wem fällt sie auf?\n-- George Bernard Shaw\n%\n"
-        "kurz\n%\n"
-    )
-    assert llm_data.german_last_word(tmp_path / "de") == [
-        Example("Wer Werte vorlebt, ist würdig. Wer Liebe vorlebt, ist", "liebenswürdig"),
-        Example("Schönheit wirkt auf den ersten Blick angenehm, aber wem fällt sie", "auf"),
-    ]
     wordnet = tmp_path / "wn" / llm_data.WORDNET_DIR
     wordnet.mkdir(parents=True)
     (wordnet / "data.noun").write_text(
@@ -123,13 +170,6 @@ def test_package_skills_parse_hand_made_files(tmp_path):
             "problem",
         )
     ]
-    stdlib = tmp_path / "py" / llm_data.PYTHON_DIR
-    stdlib.mkdir(parents=True)
-    body = [f"    value_{i} = compute({i})" for i in range(9)]
-    (stdlib / "mod.py").write_text("def f():\n" + "\n".join(body) + "\n    return value_8 + 1\n")
-    examples = llm_data.python_next_line(tmp_path / "py")
-    assert examples[-1].answer == "return value_8 + 1"
-    assert examples[-1].prompt.endswith("    value_8 = compute(8)\nAnswer:")
 
 
 def test_splits_are_disjoint_seeded_and_keep_test_fixed():
@@ -344,8 +384,10 @@ def test_community_rows_merge_under_mergekit_semantics_and_chosen_experts(tiny_z
     )
     got = bench.merged(ties, ties.default)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
-    with pytest.raises(MergeError, match="row 'slerp\\(arithmetic,python\\)' merges task 'python'"):
-        bench.merged(COMMUNITY_ROWS["slerp(arithmetic,python)"], {"t": 0.5})
+    with pytest.raises(
+        MergeError, match="row 'slerp\\(arithmetic,python_output\\)' merges task 'python_output'"
+    ):
+        bench.merged(COMMUNITY_ROWS["slerp(arithmetic,python_output)"], {"t": 0.5})
     results = run_bench(suite, methods=["ties@mergekit"], seeds=1, progress=False)
     assert list(results["methods"]) == ["ties@mergekit"]
     assert results["methods"]["ties@mergekit"]["best"]["params"] == {"density": 0.5, "weight": 0.5}

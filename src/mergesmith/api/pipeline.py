@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mergesmith.api.alignment import align_sources, write_alignment
 from mergesmith.api.publish import chat_template_for, tokenizer_folder, write_metadata
 from mergesmith.api.state_dicts import run_fit
 from mergesmith.api.tasks import FitSetup, prepare_fit
@@ -91,6 +92,7 @@ class Resolved:
     chat_template: str | None = None  # the recipe's chat_template, resolved
     vocabulary_tokenizer: Any = None  # the merged vocabulary's tokenizer (union, a tokenizer: block)
     device: torch.device = CPU  # where the rules run
+    alignment: dict[str, Any] | None = None  # align: the permutations found (written as alignment.json)
 
     def input_files(self) -> list[Path]:
         """The files a resume's fingerprint covers: every weight file, and the data or fit files."""
@@ -233,6 +235,9 @@ def resolve(
     try:
         if transform_sources is not None:  # tools built on merge (tokensurgeon) replace some tensors as read
             sources = transform_sources(sources)
+        alignment = None
+        if parsed.align is not None:  # models of different inits: read through their permutations
+            sources, alignment = align_sources(parsed, sources, progress)
         tokenizer = tokenizer_folder(parsed, sources)  # checked now, not after the merge
         template = chat_template_for(parsed, sources, tokenizer)
         sources, vocabulary = reindexed_sources(parsed, sources)  # a merged vocabulary: rows re-indexed
@@ -255,6 +260,7 @@ def resolve(
             template,
             vocabulary.tokenizer if vocabulary is not None else None,
             compute_device,
+            alignment,
         )
     finally:
         for src in sources.values():
@@ -360,6 +366,7 @@ def publish(
         job.tokenizer,
         job.chat_template,
         job.vocabulary_tokenizer,
+        write_alignment(partial.path, job.alignment) if job.alignment is not None else None,
     )
     partial.publish(job.out)
 

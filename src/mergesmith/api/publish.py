@@ -39,6 +39,7 @@ def write_metadata(
     tokenizer_dir: Path | None = None,
     chat_template: str | None = None,
     vocabulary_tokenizer: Any = None,
+    alignment: dict[str, Any] | None = None,
 ) -> None:
     """Every non-weight file of the output folder."""
     if plan.config:
@@ -76,6 +77,8 @@ def write_metadata(
         manifest["notices"] = list(notices)
     if fit is not None:
         manifest["fit"] = fit
+    if alignment is not None:  # align: its summary (the permutations are in alignment.json)
+        manifest["alignment"] = alignment
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(recipe, plan, model_paths))
 

@@ -125,6 +125,22 @@ class TokenizerBlock(BaseModel):
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
+class AlignSpec(BaseModel):
+    """``align:``: permute every model's hidden units into the reference's order before the per-tensor method
+    (models trained from different initializations; Git Re-Basin weight matching)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["weight"] = "weight"
+    reference: str | None = None  # the model the others are aligned to (default: base_model, else the first)
+    residual: bool = True  # also permute the residual stream (embeddings, norms, every projection's input)
+    max_iter: int = Field(default=100, ge=1)  # weight matching's sweeps at most
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_alone(cls, v: Any) -> Any:
+        return {"method": v} if isinstance(v, str) else v
+
+
 DtypeName = Literal[DTYPE_NAMES]  # type: ignore[valid-type]  # "float32", "float16", "bfloat16", "float64"
 
 
@@ -146,6 +162,7 @@ class Recipe(BaseModel):
     tokenizer: TokenizerBlock | None = None  # mergekit's tokenizer block (instead of tokenizer_source)
     name: str | None = None
     data: DataSpec | None = None  # data-driven methods: examples for every model without its own data:
+    align: AlignSpec | None = None
     fitted: str | None = (
         None  # an earlier output folder (or its mergesmith_fit.safetensors): replay, do not fit
     )
@@ -178,6 +195,8 @@ class Recipe(BaseModel):
         paths: list[str] = []
         candidates = [self.base_model] if self.base_model else []
         candidates += [m.model for m in self.models]
+        if self.align is not None and self.align.reference:
+            candidates.append(self.align.reference)
         for s in self.slices or []:
             candidates += [src.model for src in s.sources]
         for p in candidates:
@@ -213,6 +232,8 @@ def _key_owner(parts: list[str]) -> tuple[str, Any]:
     """Which mapping an unknown key was found in, and its known keys."""
     if "data" in parts[:-1]:
         return "data", DataSpec.model_fields
+    if parts[:1] == ["align"]:
+        return "align", AlignSpec.model_fields
     if len(parts) == 3 and parts[0] == "models":
         return "model entry", ModelEntry.model_fields
     return "top-level", Recipe.model_fields

@@ -160,10 +160,10 @@ COMMUNITY_ROWS: dict[str, BenchMethod] = {
             "slerp",
             {"t": 0.5},
             [],
-            "mergekit: SLERP t = 0.5 between the arithmetic and python experts (the others' skills are not merged)",
-            key="slerp(arithmetic,python)",
+            "mergekit: SLERP t = 0.5 between the arithmetic and python_output experts (the others' skills are not merged)",
+            key="slerp(arithmetic,python_output)",
             compat="mergekit",
-            models=("arithmetic", "python"),
+            models=("arithmetic", "python_output"),
         ),
     ]
 }

@@ -71,9 +71,16 @@ class LLMZooConfig:
     def quick(cls) -> LLMZooConfig:
         return cls(n_train=320, n_val=40, n_test=60, steps=20, multitask_steps=40)
 
-    def stamp(self) -> str:
-        """What a finished stage must have been built with to be reused."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def training_stamp(self, steps: int, seed: int, train_sha256: Mapping[str, str], base: str) -> str:
+        """What a fine-tuned stage was built from — its base, its training splits, its steps and seed and the
+        shared hyperparameters — and nothing else: a change to one skill's data rebuilds that expert and the
+        multi-task model, not the other experts."""
+        shared = {k: getattr(self, k) for k in ("batch_size", "lr", "warmup", "max_length", "bf16")}
+        return _digest({"base": base, "train": dict(train_sha256), "steps": steps, "seed": seed, **shared})
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def smollm2_gguf() -> Path:
@@ -380,27 +387,28 @@ def build_llm_zoo(
     config = config or (LLMZooConfig.quick() if quick else LLMZooConfig())
     root = Path(root) if root is not None else zoo_dir("llm-quick" if quick else "llm")
     root.mkdir(parents=True, exist_ok=True)
-    stamp = config.stamp()
-    manifest: dict[str, Any] = {"skills": list(config.skills), "config": asdict(config), "stamp": stamp}
+    manifest: dict[str, Any] = {"skills": list(config.skills), "config": asdict(config)}
     manifest["base"] = _make_base(root, base, progress)
     tokenizer = load_tokenizer(root / "base")
     pad = pad_id(tokenizer)
     manifest["data"] = _make_data(root, config, tokenizer)
-    zoo_splits = {
-        s: {k: llm_data.read_split(root / "data" / s / f"{k}.jsonl") for k in ("train", "validation", "test")}
+    train = {
+        s: encode_examples(tokenizer, llm_data.read_split(root / "data" / s / "train.jsonl"))
         for s in config.skills
     }
-    train = {s: encode_examples(tokenizer, zoo_splits[s]["train"]) for s in config.skills}
+    train_sha = {s: manifest["data"][s]["sha256"]["train"] for s in config.skills}
+    source = manifest["base"]["source"]
     runs: dict[str, dict[str, Any]] = {}
     for i, skill in enumerate(config.skills):
         folder = root / "experts" / skill
+        seed = config.seed + 1 + i
+        stamp = config.training_stamp(config.steps, seed, {skill: train_sha[skill]}, source)
         if not _stage_done(folder, stamp):
             module = load_causal_lm(root / "base")
-            report = fine_tune(
-                module, [train[skill]], config.steps, config, pad, config.seed + 1 + i, skill, progress
-            )
+            report = fine_tune(module, [train[skill]], config.steps, config, pad, seed, skill, progress)
             _save_model(module, tokenizer, folder, {"stamp": stamp, "skill": skill, **report})
         runs[skill] = json.loads((folder / "mergesmith_zoo.json").read_text())
+    stamp = config.training_stamp(config.multitask_steps, config.seed, train_sha, source)
     if not _stage_done(root / "multitask", stamp):
         module = load_causal_lm(root / "base")
         data = [train[s] for s in config.skills]
@@ -447,15 +455,19 @@ def reference_scores(zoo: LLMZoo, progress: bool = True) -> dict[str, dict[str, 
         **{f"expert:{s}": zoo.expert(s) for s in zoo.skills},
         "multitask": zoo.multitask,
     }
+    test_sha = {s: zoo.manifest["data"][s]["sha256"]["test"] for s in zoo.skills}
     out = {}
     for row, folder in tqdm(rows.items(), desc="reference rows", disable=not progress, leave=False):
         cache = zoo.root / "evals" / f"{row.replace(':', '-')}.json"
-        if cache.exists() and json.loads(cache.read_text()).get("stamp") == zoo.manifest["stamp"]:
+        info = folder / "mergesmith_zoo.json"  # a trained stage's record; the base has none
+        model = json.loads(info.read_text())["stamp"] if info.exists() else zoo.manifest["base"]["source"]
+        stamp = _digest({"model": model, "test": test_sha})  # the row's model and the test prompts it answers
+        if cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
             scores = json.loads(cache.read_text())["skills"]
         else:
             scores = zoo.evaluate(load_causal_lm(folder))
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"stamp": zoo.manifest["stamp"], "skills": scores}) + "\n")
+            cache.write_text(json.dumps({"stamp": stamp, "skills": scores}) + "\n")
         out[row] = {s: {"exact_match": v["exact_match"], "loss": v["loss"]} for s, v in scores.items()}
     return out
 

@@ -1,45 +1,34 @@
 """The LLM zoo's six skills: prompts with one exact answer each, from generators and Debian packages (offline).
 
-Every example is ``{"prompt": ..., "answer": ...}``. The prompt ends with ``Answer:`` (or, for ``german``, with
-the text to continue); the model is trained on ``" " + answer + "\\n"`` after it and scored by exact match of its
+Every example is ``{"prompt": ..., "answer": ...}``. The prompt ends with ``Answer:``; the model is trained on ``" " + answer + "\\n"`` after it and scored by exact match of its
 greedy continuation (see :func:`normalize_continuation`) and by the loss of the answer tokens.
 
 | skill | source | answer |
 |---|---|---|
-| ``arithmetic`` | generated word problems of 2–3 steps (the GSM8K analogue) | an integer |
+| ``arithmetic`` | generated word problems of 2–3 steps (the GSM8K analogue) | the worked steps, one line |
 | ``json`` | generated ``key: value`` lines | the same record as one line of JSON |
-| ``python`` | the Python 3.11 standard library Debian ships (``libpython3.11-stdlib``) | the next line of code |
+| ``python_output`` | generated Python snippets (the CRUXEval-O analogue) | what the snippet prints |
 | ``topic`` | Debian fortunes of four categories (text8's ``fortune_topic``) | one word |
 | ``reverse_dictionary`` | WordNet 3.0 noun definitions (``wordnet-base``) | the word defined |
-| ``german`` | German Debian fortunes (``fortunes-de``) | the text's last word |
+| ``german_numbers`` | generated numbers 1–9999 | the number in German words |
 
 Everything is seeded; the same arguments give the same examples.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
 import re
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mergesmith.bench.zoo.cache import fetch_debs
-from mergesmith.bench.zoo.text8_data import (
-    FORTUNE_DIR,
-    WORDNET_DIR,
-    fortune_files,
-    fortune_topic,
-    read_fortunes,
-    read_text_file,
-    wordnet_definition,
-)
+from mergesmith.bench.zoo.text8_data import WORDNET_DIR, fortune_topic, read_text_file, wordnet_definition
 from mergesmith.errors import MergeError
-
-PYTHON_PACKAGE = "libpython3.11-stdlib"
-PYTHON_DIR = Path("usr/lib/python3.11")
 
 
 @dataclass(frozen=True)
@@ -65,30 +54,37 @@ _ITEMS = ("apples", "books", "coins", "stamps", "marbles", "pencils", "cards", "
 
 
 def arithmetic(n: int, seed: int) -> list[Example]:
-    """Word problems of two or three steps (add, give away, buy packs of k) with non-negative integer answers."""
+    """Word problems of two or three steps (buy more, give some away, get packs of k) with their worked solution
+    as the answer: one equation per step, ``a+b=c, c-d=e, p*q=r, e+r=s`` — the last result is the count asked
+    for. Exact match compares the whole line, so it needs every step right (GSM8K-style chain of thought, in a
+    fixed form the experts learn; 100 steps of final-answer-only training taught the 135M base nothing)."""
     rng = random.Random(seed)
     out = []
     while len(out) < n:
         name, other = rng.sample(_NAMES, 2)
         item = rng.choice(_ITEMS)
         count = rng.randint(5, 60)
-        steps = [f"{name} has {count} {item}."]
+        story = [f"{name} has {count} {item}."]
+        work = []
         for _ in range(rng.randint(2, 3)):
             kind = rng.choice(("buy", "give", "packs"))
             if kind == "buy":
                 k = rng.randint(2, 40)
+                story.append(f"{name} buys {k} more.")
+                work.append(f"{count}+{k}={count + k}")
                 count += k
-                steps.append(f"{name} buys {k} more.")
             elif kind == "give" and count > 2:
                 k = rng.randint(1, count - 1)
+                story.append(f"{name} gives {k} to {other}.")
+                work.append(f"{count}-{k}={count - k}")
                 count -= k
-                steps.append(f"{name} gives {k} to {other}.")
             else:
                 packs, size = rng.randint(2, 5), rng.randint(2, 10)
+                story.append(f"{name} gets {packs} packs of {size} {item}.")
+                work += [f"{packs}*{size}={packs * size}", f"{count}+{packs * size}={count + packs * size}"]
                 count += packs * size
-                steps.append(f"{name} gets {packs} packs of {size} {item}.")
-        prompt = " ".join(steps) + f" How many {item} does {name} have now?\nAnswer:"
-        out.append(Example(prompt, str(count)))
+        prompt = " ".join(story) + f" How many {item} does {name} have now?\nAnswer:"
+        out.append(Example(prompt, ", ".join(work)))
     return out
 
 
@@ -115,46 +111,123 @@ def json_format(n: int, seed: int) -> list[Example]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Skills from Debian packages
+_WORDS = (
+    "apple",
+    "banana",
+    "cherry",
+    "grape",
+    "lemon",
+    "mango",
+    "melon",
+    "peach",
+    "pear",
+    "plum",
+    "kiwi",
+    "lime",
+)
 
-PYTHON_CONTEXT_LINES = 8
-PYTHON_ANSWER_CHARS = (8, 48)
-PYTHON_SAME_ANSWER = 2  # at most this many examples share one answer (no flood of `return None`)
+
+def _python_snippet(rng: random.Random) -> str:
+    """One short program of a randomly chosen kind (strings, lists, dicts, loops, integer arithmetic)."""
+    word = rng.choice(_WORDS)
+    numbers = rng.sample(range(1, 60), rng.randint(3, 5))
+    a, b, k = rng.randint(10, 99), rng.randint(2, 9), rng.randint(2, 6)
+    i = rng.randint(0, len(word) - 2)
+    kinds = (
+        lambda: f's = "{word}"\nprint(s.upper())',
+        lambda: f'print("{word}"[::-1])',
+        lambda: f"xs = {numbers}\nprint(sorted(xs))",
+        lambda: f'print(len("{word}") * {k})',
+        lambda: f"xs = {numbers}\nprint(sum(xs))",
+        lambda: f'print("{"-".join(rng.sample(_WORDS, 3))}".split("-"))',
+        lambda: f'd = {{"{word}": {a}}}\nd["{rng.choice(_WORDS)}"] = {b}\nprint(d)',
+        lambda: f"xs = {numbers}\nprint(max(xs) - min(xs))",
+        lambda: f'print("{word}".replace("{word[i]}", "{rng.choice("xyz")}"))',
+        lambda: f"print([x * {k} for x in range({b})])",
+        lambda: f'print("{word}"[{i}:{i + k}])',
+        lambda: f"x = {a}\nfor i in range({b}):\n    x += {k}\nprint(x)",
+        lambda: f"xs = {numbers}\nxs.append({a})\nprint(xs[::-1])",
+        lambda: f"print({a} // {b}, {a} % {b})",
+        lambda: f'print("{word}".count("{word[i]}") + {k})',
+        lambda: f"xs = {numbers}\nprint([x for x in xs if x % 2 == 0])",
+    )
+    return rng.choice(kinds)()
 
 
-def python_next_line(root: Path) -> list[Example]:
-    """(the previous lines of a standard-library module, its next line) for short code lines that are not
-    comments, docstrings or blank; the context keeps its indentation, the answer is the stripped line."""
-    folder = root / PYTHON_DIR
-    if not folder.is_dir():
-        raise MergeError(f"no Python standard library at {folder} (package {PYTHON_PACKAGE})")
-    seen: Counter[str] = Counter()
+def run_snippet(code: str) -> str:
+    """What ``code`` prints (its last newline removed), run in a fresh namespace."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        exec(code, {"__builtins__": __builtins__})  # our own generated snippets, never user input
+    return buffer.getvalue().removesuffix("\n")
+
+
+def python_output(n: int, seed: int) -> list[Example]:
+    """Short generated Python programs → the line they print, found by running them (the CRUXEval-O analogue:
+    reading code, not recalling it; next-line completion of the standard library taught the 135M base 2.5 %)."""
+    rng = random.Random(seed)
     out = []
-    for path in sorted(folder.glob("*.py")):
-        if path.is_symlink():  # links into other packages (sysconfig data) point nowhere here
-            continue
-        lines = read_text_file(path).splitlines()
-        in_string = False
-        for i, line in enumerate(lines):
-            stripped = line.strip()
-            if stripped.count('"""') % 2 == 1 or stripped.count("'''") % 2 == 1:
-                in_string = not in_string
-                continue
-            if in_string or i < PYTHON_CONTEXT_LINES or not stripped or stripped.startswith(("#", "@")):
-                continue
-            low, high = PYTHON_ANSWER_CHARS
-            if not low <= len(stripped) <= high or seen[stripped] >= PYTHON_SAME_ANSWER:
-                continue
-            context = [x for x in lines[max(0, i - 3 * PYTHON_CONTEXT_LINES) : i] if x.strip()]
-            context = context[-PYTHON_CONTEXT_LINES:]
-            if len(context) < PYTHON_CONTEXT_LINES or any('"""' in x or "'''" in x for x in context):
-                continue
-            seen[stripped] += 1
-            code = "\n".join(context)
-            out.append(Example(f"Complete the next line of Python:\n{code}\nAnswer:", stripped))
+    for _ in range(n):
+        code = _python_snippet(rng)
+        out.append(Example(f"What does this Python code print?\n{code}\nAnswer:", run_snippet(code)))
     return out
 
+
+_ONES = ("", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun")
+_TEENS = (
+    "zehn",
+    "elf",
+    "zwölf",
+    "dreizehn",
+    "vierzehn",
+    "fünfzehn",
+    "sechzehn",
+    "siebzehn",
+    "achtzehn",
+    "neunzehn",
+)
+_TENS = ("", "", "zwanzig", "dreißig", "vierzig", "fünfzig", "sechzig", "siebzig", "achtzig", "neunzig")
+
+
+def german_number(n: int) -> str:
+    """``n`` (1–999,999) in German words, one word as German writes them: 21 → einundzwanzig, 101 →
+    einhunderteins, 1000 → eintausend (the prefixed form, never bare hundert/tausend)."""
+    if not 1 <= n <= 999_999:
+        raise ValueError(f"{n} is outside 1–999,999")
+    thousands, rest = divmod(n, 1000)
+    head = f"{_below_thousand(thousands, last=False)}tausend" if thousands else ""
+    return head + (_below_thousand(rest, last=True) if rest else "")
+
+
+def _below_thousand(n: int, last: bool) -> str:
+    hundreds, rest = divmod(n, 100)
+    head = f"{'ein' if hundreds == 1 else _ONES[hundreds]}hundert" if hundreds else ""
+    if rest == 0:
+        return head
+    if rest == 1:
+        return head + ("eins" if last else "ein")  # einundzwanzig, eintausend, but hunderteins
+    if rest < 10:
+        return head + _ONES[rest]
+    if rest < 20:
+        return head + _TEENS[rest - 10]
+    tens, ones = divmod(rest, 10)
+    unit = "ein" if ones == 1 else _ONES[ones]
+    return head + (f"{unit}und{_TENS[tens]}" if ones else _TENS[tens])
+
+
+def german_numbers(n: int, seed: int) -> list[Example]:
+    """Numbers of 1–4 digits (the digit count uniform) → the number in German words."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        digits = rng.randint(1, 4)
+        number = rng.randint(10 ** (digits - 1), 10**digits - 1)
+        out.append(Example(f"Write the number in German words: {number}\nAnswer:", german_number(number)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Skills from Debian packages
 
 TOPIC_WORDS = {
     "computers": "computers",
@@ -205,24 +278,6 @@ def reverse_dictionary(root: Path) -> list[Example]:
     return out
 
 
-_ATTRIBUTION = re.compile(r"(?:^|\s)--\s")
-_GERMAN_WORD = re.compile(r"^(.*\S)\s+([A-Za-zÄÖÜäöüß]{3,20})[.!?]?$", re.DOTALL)
-
-
-def german_last_word(root: Path) -> list[Example]:
-    """German fortunes (attribution lines removed) whose last word is a plain word: the text without it → it."""
-    out = []
-    for path in fortune_files(root / FORTUNE_DIR / "de", skip=("asciiart", "translations")):
-        for entry in read_fortunes(path):
-            body = _ATTRIBUTION.split(entry, maxsplit=1)[
-                0
-            ].strip()  # "... -- Author": the author is no answer
-            match = _GERMAN_WORD.match(body)
-            if match and 40 <= len(body) <= 300:
-                out.append(Example(match.group(1), match.group(2)))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Registry and splits
 
@@ -238,9 +293,9 @@ class Skill:
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("arithmetic", (), lambda r, seed: arithmetic(6000, seed), 6),
+        Skill("arithmetic", (), lambda r, seed: arithmetic(6000, seed), 64),
         Skill("json", (), lambda r, seed: json_format(6000, seed), 48),
-        Skill("python", (PYTHON_PACKAGE,), lambda r, seed: python_next_line(r[PYTHON_PACKAGE]), 24),
+        Skill("python_output", (), lambda r, seed: python_output(6000, seed), 40),
         Skill(
             "topic",
             ("fortunes", "fortunes-min"),
@@ -250,7 +305,7 @@ SKILLS: dict[str, Skill] = {
         Skill(
             "reverse_dictionary", ("wordnet-base",), lambda r, seed: reverse_dictionary(r["wordnet-base"]), 6
         ),
-        Skill("german", ("fortunes-de",), lambda r, seed: german_last_word(r["fortunes-de"]), 8),
+        Skill("german_numbers", (), lambda r, seed: german_numbers(6000, seed), 24),
     )
 }
 SKILL_NAMES: tuple[str, ...] = tuple(SKILLS)

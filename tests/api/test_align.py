@@ -1,0 +1,167 @@
+"""``mergesmith align`` and a recipe's ``align:``: outputs, records and refusals on tiny HF folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from mergesmith import merge
+from mergesmith.api.align import align
+from mergesmith.arch.permutation import permutation_spec
+from mergesmith.cli import main
+from mergesmith.errors import CheckpointError, MergeError, RecipeError
+from mergesmith.ops.permute import invert, permute_state, random_permutations
+
+
+def llama(seed: int, hidden: int = 32, model_type: str = "llama") -> torch.nn.Module:
+    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[model_type]
+    config = config_class(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def save(model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    if state is not None:
+        model.load_state_dict(state)
+    model.save_pretrained(folder)
+    return folder
+
+
+def state_of(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def logits(folder: Path) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(4, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("align")
+    reference = llama(0)
+    spec = permutation_spec(
+        reference.config.to_dict(), {k: v.shape for k, v in reference.state_dict().items()}
+    )
+    perms = random_permutations(spec, seed=4)
+    shuffled = permute_state(reference.state_dict(), spec, perms)
+    return {
+        "reference": save(reference, root / "reference"),
+        "shuffled": save(llama(0), root / "shuffled", shuffled),
+        "other": save(llama(1), root / "other"),
+        "perms": perms,
+    }
+
+
+def test_a_shuffled_copy_comes_back_as_the_reference_bit_for_bit(models, tmp_path):
+    result = align(models["reference"], models["shuffled"], tmp_path / "out", progress=False)
+    reference, out = state_of(models["reference"]), state_of(result.out_dir)
+    assert set(out) == set(reference) and all(torch.equal(out[k], reference[k]) for k in reference)
+    record = json.loads((result.out_dir / "alignment.json").read_text())
+    found = record["models"][str(models["shuffled"])]["permutations"]
+    for group, perm in models["perms"].items():
+        assert found[group] == invert(perm).tolist()
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    summary = manifest["alignment"]
+    info = summary["models"][str(models["shuffled"])]
+    assert info["distance_after"] == 0.0 < info["distance_before"]
+    assert summary["reference"] == str(models["reference"]) and "permutations" not in info
+    assert str(models["reference"]) in manifest["inputs"]  # the reference is hashed like every input
+
+
+def test_the_aligned_model_keeps_its_function(models, tmp_path):
+    out = align(models["reference"], models["other"], tmp_path / "out", seed=2, progress=False).out_dir
+    torch.testing.assert_close(logits(out), logits(models["other"]), rtol=1e-5, atol=1e-5)
+    before = json.loads((out / "manifest.json").read_text())["alignment"]["models"][str(models["other"])]
+    assert before["distance_after"] < before["distance_before"]
+    again = align(models["reference"], models["other"], tmp_path / "again", seed=2, progress=False).out_dir
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+
+
+def test_align_in_a_recipe_averages_like_units(models, tmp_path):
+    """Averaging the reference with its shuffled copy: without align: it is another model; with it, the reference."""
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(models["reference"])}, {"model": str(models["shuffled"])}],
+        "parameters": {"weight": 0.5},
+    }
+    naive = merge(recipe, tmp_path / "naive", progress=False).out_dir
+    aligned = merge({**recipe, "align": "weight"}, tmp_path / "aligned", progress=False).out_dir
+    reference = state_of(models["reference"])
+    torch.testing.assert_close(state_of(aligned), reference, rtol=0, atol=1e-6)
+    assert not torch.allclose(
+        state_of(naive)["model.layers.0.mlp.up_proj.weight"], reference["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert "alignment" in json.loads((aligned / "manifest.json").read_text())
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(models, tmp_path):
+    wider = save(llama(0, hidden=48), tmp_path / "wider")
+    mistral = save(llama(0, model_type="mistral"), tmp_path / "mistral")
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    )
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    cases = [
+        (wider, CheckpointError, "different widths cannot be aligned"),
+        (tmp_path / "gpt2", CheckpointError, "model_type 'gpt2'"),
+    ]
+    for model, error, message in cases:
+        reference = model if "gpt2" in str(model) else models["reference"]
+        with pytest.raises(error, match=message) as e:
+            align(reference, model, tmp_path / "out", progress=False)
+        assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="model_type 'mistral', but the reference is 'llama'"):
+        align(models["reference"], mistral, tmp_path / "out", progress=False)
+    with pytest.raises(RecipeError, match=r"align\.method"):
+        merge(
+            {"merge_method": "linear", "models": [str(models["reference"])], "align": "magic"}, tmp_path / "o"
+        )
+    with pytest.raises(RecipeError, match=r"unknown key 'align.width' \(known align keys"):
+        merge(
+            {"merge_method": "linear", "models": [str(models["reference"])], "align": {"width": 2}},
+            tmp_path / "o",
+        )
+    with pytest.raises(MergeError, match="not empty"):
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "x").write_text("x")
+        align(models["reference"], models["shuffled"], tmp_path / "full", progress=False)
+
+
+def test_the_command_line(models, tmp_path, capsys):
+    assert (
+        main(["align", str(models["reference"]), str(models["shuffled"]), str(tmp_path / "out"), "--quiet"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "units moved" in printed and "-> 0 ->" in printed
+    assert (
+        main(
+            [
+                "align",
+                str(models["reference"]),
+                str(models["other"]),
+                str(tmp_path / "o2"),
+                "--no-residual",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((tmp_path / "o2" / "manifest.json").read_text())["alignment"]
+    assert "residual" not in summary["groups"] and summary["residual"] is False
