@@ -165,6 +165,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         args.model,
         args.out,
         method=args.method,
+        data=args.data,
         seed=args.seed,
         residual=not args.no_residual,
         max_iter=args.max_iter,
@@ -748,7 +749,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", help="the model whose unit order the output takes")
     p.add_argument("model", help="the model to permute (same architecture, another initialization)")
     p.add_argument("out", help="the output folder (MODEL's function in REFERENCE's unit order)")
-    p.add_argument("--method", default="weight", choices=["weight"], help="how to match units")
+    p.add_argument(
+        "--method",
+        default="weight",
+        choices=["weight", "activation"],
+        help="weight matching (data-free) or activation matching (correlations on --data)",
+    )
+    p.add_argument("--data", default=None, help="activation: a .jsonl or .csv file of texts (column 'text')")
     p.add_argument("--seed", type=int, default=0, help="the order in which weight matching visits groups")
     p.add_argument(
         "--no-residual",

@@ -17,11 +17,25 @@ from mergesmith.cli import main
 from mergesmith.errors import CheckpointError, MergeError, RecipeError
 from mergesmith.ops.permute import invert, permute_state, random_permutations
 
+TEXTS = [
+    f"{name} has {n} apples and gives {k} to the next person in line."
+    for n in range(30)
+    for k in (1, 2)
+    for name in ("Tom", "Ann")
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mergesmith.bench.llama_demo import train_tokenizer
+
+    return train_tokenizer(TEXTS, 300)
+
 
 def llama(seed: int, hidden: int = 32, model_type: str = "llama") -> torch.nn.Module:
     config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[model_type]
     config = config_class(
-        vocab_size=64,
+        vocab_size=300,
         hidden_size=hidden,
         intermediate_size=48,
         num_hidden_layers=2,
@@ -33,10 +47,14 @@ def llama(seed: int, hidden: int = 32, model_type: str = "llama") -> torch.nn.Mo
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def save(model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+def save(
+    model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None, tokenizer=None
+) -> Path:
     if state is not None:
         model.load_state_dict(state)
     model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -46,14 +64,15 @@ def state_of(folder: Path) -> dict[str, torch.Tensor]:
 
 def logits(folder: Path) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = torch.randint(4, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(4, 290, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model(input_ids=ids).logits
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("align")
+    assert len(tokenizer) <= 300
     reference = llama(0)
     spec = permutation_spec(
         reference.config.to_dict(), {k: v.shape for k, v in reference.state_dict().items()}
@@ -61,11 +80,41 @@ def models(tmp_path_factory) -> dict[str, Path]:
     perms = random_permutations(spec, seed=4)
     shuffled = permute_state(reference.state_dict(), spec, perms)
     return {
-        "reference": save(reference, root / "reference"),
-        "shuffled": save(llama(0), root / "shuffled", shuffled),
-        "other": save(llama(1), root / "other"),
+        "reference": save(reference, root / "reference", tokenizer=tokenizer),
+        "shuffled": save(llama(0), root / "shuffled", shuffled, tokenizer),
+        "other": save(llama(1), root / "other", tokenizer=tokenizer),
         "perms": perms,
+        "data": _texts(root / "texts.jsonl"),
     }
+
+
+def _texts(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return path
+
+
+def test_activation_matching_recovers_a_shuffled_copy_and_keeps_function(models, tmp_path):
+    out = align(
+        models["reference"],
+        models["shuffled"],
+        tmp_path / "out",
+        method="activation",
+        data=models["data"],
+        progress=False,
+    ).out_dir
+    reference = state_of(models["reference"])
+    assert all(torch.equal(state_of(out)[k], reference[k]) for k in reference)
+    other = align(
+        models["reference"],
+        models["other"],
+        tmp_path / "other",
+        method="activation",
+        data=models["data"],
+        progress=False,
+    ).out_dir
+    torch.testing.assert_close(logits(other), logits(models["other"]), rtol=1e-5, atol=1e-5)
+    record = json.loads((other / "manifest.json").read_text())["alignment"]
+    assert record["method"] == "activation" and record["models"][str(models["other"])]["objective_gain"] > 0
 
 
 def test_a_shuffled_copy_comes_back_as_the_reference_bit_for_bit(models, tmp_path):
@@ -137,6 +186,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(models, tmp_path):
             {"merge_method": "linear", "models": [str(models["reference"])], "align": {"width": 2}},
             tmp_path / "o",
         )
+    with pytest.raises(RecipeError, match="activation matching needs data"):
+        align(models["reference"], models["other"], tmp_path / "out", method="activation", progress=False)
     with pytest.raises(MergeError, match="not empty"):
         (tmp_path / "full").mkdir()
         (tmp_path / "full" / "x").write_text("x")

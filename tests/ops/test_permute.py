@@ -173,3 +173,23 @@ def test_an_unknown_tensor_on_the_stream_is_refused():
     with pytest.raises(CheckpointError, match=r"'extra_head\.weight' has no rule .* residual: false"):
         permutation_spec(model.config.to_dict(), shapes)
     assert permutation_spec(model.config.to_dict(), shapes, residual=False).sizes
+
+
+@pytest.mark.parametrize("family", ["bert-mlm", "roberta-sequence", "qwen2-bias", "llama-gqa"])
+def test_activation_matching_recovers_a_random_permutation(family):
+    """Correlations of the two models' activations on random tokens: the shuffle's inverse for every group."""
+    from mergesmith.fit.activations import unit_correlations
+    from mergesmith.fit.data import Encoded
+
+    model = MODELS[family]()
+    spec = spec_of(model)
+    perms = random_permutations(spec, seed=2)
+    shuffled = loaded(model, permute_state(model.state_dict(), spec, perms))
+    ids = torch.randint(4, 60, (6, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0  # padding is left out of the statistics
+    batches = [Encoded(ids[:3], mask[:3], -torch.ones(3)), Encoded(ids[3:], mask[3:], -torch.ones(3))]
+    costs = unit_correlations(spec, model, shuffled, batches)
+    assert set(costs) == set(spec.groups)
+    for group in spec.groups:
+        assert torch.equal(solve_assignment(costs[group]), invert(perms[group])), group

@@ -21,6 +21,7 @@ def align(
     out: str | Path,
     *,
     method: str = "weight",
+    data: str | Path | None = None,
     seed: int = 0,
     residual: bool = True,
     max_iter: int = 100,
@@ -28,11 +29,16 @@ def align(
     allow_pickle: bool = False,
     progress: bool = True,
 ) -> MergeResult:
-    """Write ``model`` aligned to ``reference`` into ``out`` (see the module docstring)."""
-    recipe: dict[str, Any] = {
+    """Write ``model`` aligned to ``reference`` into ``out`` (see the module docstring); ``method`` weight
+    (data-free) or activation (on ``data``, a .jsonl or .csv file of texts)."""
+    settings: dict[str, Any] = {"method": method, "reference": str(reference), "residual": residual}
+    settings["max_iter"] = max_iter
+    if data is not None:
+        settings["data"] = {"path": str(data)}
+    recipe = {
         "merge_method": "passthrough",
         "models": [{"model": str(model)}],
         "seed": seed,
-        "align": {"method": method, "reference": str(reference), "residual": residual, "max_iter": max_iter},
+        "align": settings,
     }
     return merge(recipe, out, force=force, allow_pickle=allow_pickle, progress=progress)

@@ -21,8 +21,12 @@ from tqdm.auto import tqdm
 from mergesmith.api.publish import reference_model
 from mergesmith.arch.permutation import PermutationSpec, permutation_spec
 from mergesmith.errors import CheckpointError, RecipeError
+from mergesmith.fit.activations import unit_correlations
+from mergesmith.fit.data import Encoded, encode
+from mergesmith.fit.hf import load_as_saved, load_tokenizer
 from mergesmith.io.reader import Source, SourceTensors
-from mergesmith.ops.permute import PermutedSource, permute_tensor, weight_matching
+from mergesmith.ops.permute import PermutedSource, permute_tensor, solve_assignment, weight_matching
+from mergesmith.recipe.data import DataSpec, read_examples
 from mergesmith.recipe.schema import Recipe
 
 ALIGNMENT_FILE = "alignment.json"
@@ -90,27 +94,34 @@ def align_sources(
         "models": {},
     }
     ref_tensors = SourceTensors(reference)
+    batches = _activation_batches(settings.data, reference) if settings.method == "activation" else None
     for path, source in sources.items():
         if path == reference_path:
             continue
         check_same_architecture(reference, source)
         started = time.perf_counter()
-        with tqdm(desc=f"align {Path(path).name}", unit="sweep", disable=not progress, leave=False) as bar:
-            perms, report = weight_matching(
-                spec,
-                ref_tensors,
-                SourceTensors(source),
-                seed=recipe.seed,
-                max_iter=settings.max_iter,
-                on_sweep=lambda _sweep, _gain, bar=bar: bar.update(1),
-            )
+        if batches is not None:
+            perms, sweeps, gain = _activation_matching(spec, reference, source, batches)
+        else:
+            with tqdm(
+                desc=f"align {Path(path).name}", unit="sweep", disable=not progress, leave=False
+            ) as bar:
+                perms, report = weight_matching(
+                    spec,
+                    ref_tensors,
+                    SourceTensors(source),
+                    seed=recipe.seed,
+                    max_iter=settings.max_iter,
+                    on_sweep=lambda _sweep, _gain, bar=bar: bar.update(1),
+                )
+            sweeps, gain = report.sweeps, sum(report.gains)
         seconds = time.perf_counter() - started
         before = distance(spec, ref_tensors, SourceTensors(source), {})
         after = distance(spec, ref_tensors, SourceTensors(source), perms)
         moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
         record["models"][path] = {
-            "sweeps": report.sweeps,
-            "objective_gain": sum(report.gains),
+            "sweeps": sweeps,
+            "objective_gain": gain,
             "distance_before": before,
             "distance_after": after,
             "units_moved": moved,
@@ -121,12 +132,41 @@ def align_sources(
             "aligned %s to %s: %d sweeps, distance %.4g -> %.4g",
             path,
             reference_path,
-            report.sweeps,
+            sweeps,
             before,
             after,
         )
         out[path] = PermutedSource(source, spec, perms)
     return out, record
+
+
+ACTIVATION_EXAMPLES = 256  # the examples activation matching runs when data: sets no limit
+ACTIVATION_BATCH = 8
+
+
+def _activation_batches(data: DataSpec | None, reference: Source) -> list[Encoded]:
+    """The data's first examples (``limit``, else 256), tokenized by the reference's tokenizer, in batches."""
+    assert data is not None and reference.folder is not None
+    examples = read_examples(data, need_labels=False, where="align.data")
+    texts = examples.texts[: data.limit or ACTIVATION_EXAMPLES]
+    encoded = encode(load_tokenizer(reference.folder), texts, [-1] * len(texts), data.max_length)
+    return [encoded.batch(slice(i, i + ACTIVATION_BATCH)) for i in range(0, len(encoded), ACTIVATION_BATCH)]
+
+
+def _activation_matching(
+    spec: PermutationSpec, reference: Source, model: Source, batches: list[Encoded]
+) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Each group's assignment on the correlation of the two models' activations (one pass; no sweeps)."""
+    assert reference.folder is not None and model.folder is not None
+    costs = unit_correlations(spec, load_as_saved(reference.folder), load_as_saved(model.folder), batches)
+    missing = sorted(set(spec.groups) - set(costs))
+    if missing:
+        raise CheckpointError(f"{model.label}: no activation reads group {missing[0]!r}; use method: weight")
+    perms = {g: solve_assignment(costs[g]) for g in spec.groups}
+    gain = sum(
+        float(costs[g][torch.arange(len(p)), p].sum() - costs[g].diagonal().sum()) for g, p in perms.items()
+    )
+    return perms, 1, gain
 
 
 def write_alignment(folder: Path, record: dict[str, Any]) -> dict[str, Any]:

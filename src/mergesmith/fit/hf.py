@@ -133,3 +133,23 @@ def classifier_names(module: nn.Module) -> frozenset[str]:
     """The parameters of a sequence classifier outside its backbone (``base_model_prefix``): its task head."""
     prefix = getattr(module, "base_model_prefix", "") + "."
     return frozenset(n for n, _ in module.named_parameters() if not n.startswith(prefix))
+
+
+def load_as_saved(folder: Path) -> nn.Module:
+    """The folder's own architecture (``architectures[0]`` of config.json, else ``AutoModel``), fp32, eval mode: its
+    module names are its checkpoint's tensor names (what a permutation spec speaks of)."""
+    import transformers
+
+    try:
+        with quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+            names = getattr(config, "architectures", None) or []
+            model_class = getattr(transformers, names[0], None) if names else None
+            model_class = model_class or transformers.AutoModel
+            module = model_class.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{folder}: cannot load the model to run it on the data ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    return module.eval().requires_grad_(False)

@@ -130,7 +130,8 @@ class AlignSpec(BaseModel):
     (models trained from different initializations; Git Re-Basin weight matching)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["weight"] = "weight"
+    method: Literal["weight", "activation"] = "weight"
+    data: DataSpec | None = None  # activation: the inputs whose activations are correlated (unlabeled)
     reference: str | None = None  # the model the others are aligned to (default: base_model, else the first)
     residual: bool = True  # also permute the residual stream (embeddings, norms, every projection's input)
     max_iter: int = Field(default=100, ge=1)  # weight matching's sweeps at most
@@ -139,6 +140,12 @@ class AlignSpec(BaseModel):
     @classmethod
     def _method_alone(cls, v: Any) -> Any:
         return {"method": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _activation_needs_data(self) -> AlignSpec:
+        if self.method == "activation" and self.data is None:
+            raise ValueError("activation matching needs data: (a .jsonl or .csv file of texts)")
+        return self
 
 
 DtypeName = Literal[DTYPE_NAMES]  # type: ignore[valid-type]  # "float32", "float16", "bfloat16", "float64"
