@@ -216,3 +216,31 @@ def test_the_command_line(models, tmp_path, capsys):
     )
     summary = json.loads((tmp_path / "o2" / "manifest.json").read_text())["alignment"]
     assert "residual" not in summary["groups"] and summary["residual"] is False
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.5, 2.0])
+def test_pleas_writes_a_wider_model_that_transformers_loads(models, tmp_path, budget):
+    from mergesmith.api.pleas import pleas
+
+    result = pleas(models["reference"], models["other"], tmp_path / "out", budget=budget, data=models["data"])
+    record = json.loads((result.out_dir / "pleas.json").read_text())
+    assert result.budget == record["achieved_budget"] <= budget + 1e-9
+    width = record["intermediate_size"]["after"]
+    assert width == 48 + round(48 * record["ffn_ratio"])
+    assert (width > 48) == (budget > 1.0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(result.out_dir)
+    assert model.config.intermediate_size == width
+    assert torch.isfinite(logits(result.out_dir)).all()
+    if budget == 2.0:  # every FFN unit kept from both models
+        assert record["ffn_ratio"] == 1.0 and width == 96
+
+
+def test_pleas_refuses_bad_input_in_one_line(models, tmp_path):
+    from mergesmith.api.pleas import pleas
+
+    with pytest.raises(RecipeError, match=r"between 1\.0 and 2\.0"):
+        pleas(models["reference"], models["other"], tmp_path / "out", budget=2.5, data=models["data"])
+    wider = save(llama(0, hidden=48), tmp_path / "wider")
+    with pytest.raises(CheckpointError, match="different widths"):
+        pleas(models["reference"], wider, tmp_path / "out", budget=1.2, data=models["data"])
+    assert not (tmp_path / "out").exists()

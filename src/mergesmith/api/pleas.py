@@ -1,0 +1,195 @@
+"""``mergesmith pleas A B OUT --budget 1.5 --data FILE``: PLeaS (Nasery et al., CVPR 2025) — permutation matching,
+a partial merge to a width budget, then layerwise least squares.
+
+1. Match B's units to A's (activation matching on the data, or weight matching) and read B in A's order.
+2. Choose per-group ratios of separate units that meet ``budget`` (1.0: one model's size, every pair merged — Git
+   Re-Basin; 2.0: the ensemble) and build the partial merge (:mod:`mergesmith.ops.partial_merge`).
+3. Refit every linear layer to the permuted ensemble's activations in closed form
+   (:mod:`mergesmith.fit.least_squares`); BatchNorm statistics are recomputed on the data (CNNs).
+
+Which groups widen: every hidden group of the from-scratch MLP/CNN format (per-group ratios, the budget met
+greedily, the worst-matching groups widened first); for Hugging Face families only the FFN units, with one ratio for
+all layers (a config has one ``intermediate_size``; widening the residual stream would change what RMSNorm and
+LayerNorm average over, and heads would change the head count) — their heads and residual stream are merged as in
+Git Re-Basin. The output is a model of the same family whose config holds the new widths.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mergesmith.api.alignment import check_same_architecture, spec_for
+from mergesmith.arch.permutation import RESIDUAL, PermutationSpec
+from mergesmith.errors import CheckpointError, RecipeError
+from mergesmith.fit.activations import unit_correlations
+from mergesmith.fit.data import Encoded, encode
+from mergesmith.fit.hf import load_as_saved, load_tokenizer
+from mergesmith.fit.least_squares import refit_linear_layers
+from mergesmith.io.models import open_model
+from mergesmith.io.output import atomic_folder
+from mergesmith.io.reader import Source, SourceTensors
+from mergesmith.io.writer import input_sha256
+from mergesmith.ops.partial_merge import (
+    UnitSplit,
+    budget_of,
+    matrix_costs,
+    partial_merge,
+    ratios_for_budget,
+    split_units,
+)
+from mergesmith.ops.permute import group_cost, permute_state, solve_assignment, weight_matching
+from mergesmith.recipe.data import DataSpec, read_examples
+
+RECORD = "pleas.json"
+FFN_SUFFIXES = (".mlp", ".intermediate")  # the FFN groups of the decoder and encoder specs
+EXAMPLES, BATCH = 256, 8
+
+
+@dataclass
+class PleasResult:
+    out_dir: Path
+    budget: float
+    ratios: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        widened = sum(1 for r in self.ratios.values() if r > 0)
+        return (
+            f"PLeaS at width budget {self.budget:.3f} ({widened} of {len(self.ratios)} groups widened) in "
+            f"{self.seconds:.1f} s -> {self.out_dir}"
+        )
+
+
+def _batches(data: str | Path, source: Source) -> list[Encoded]:
+    assert source.folder is not None
+    examples = read_examples(DataSpec(path=str(data)), need_labels=False, where="--data")
+    texts = examples.texts[:EXAMPLES]
+    encoded = encode(load_tokenizer(source.folder), texts, [-1] * len(texts))
+    return [encoded.batch(slice(i, i + BATCH)) for i in range(0, len(encoded), BATCH)]
+
+
+def _match(
+    spec: PermutationSpec,
+    method: str,
+    module_a: nn.Module,
+    module_b: nn.Module,
+    a: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    batches: list[Any],
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Permutations, and per group the similarity of each matched pair (A's order)."""
+    if method == "activation":
+        costs = unit_correlations(spec, module_a, module_b, batches)
+        perms = {g: solve_assignment(costs[g]) for g in spec.groups}
+    else:
+        perms, _ = weight_matching(spec, a, b, seed=seed)
+        costs = {g: group_cost(g, spec, a, b, perms) for g in spec.groups}
+    similarity = {g: costs[g][torch.arange(len(p)), p] for g, p in perms.items()}
+    return perms, similarity
+
+
+def pleas(
+    model_a: str | Path,
+    model_b: str | Path,
+    out: str | Path,
+    *,
+    budget: float = 1.0,
+    data: str | Path,
+    method: str = "activation",
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> PleasResult:
+    """Merge two models of one architecture and different initializations into a model of ``budget`` × the width
+    (module docstring); ``data``: a .jsonl or .csv file of texts for the activations and the least squares."""
+    started = time.perf_counter()
+    if not 1.0 <= budget <= 2.0:
+        raise RecipeError(
+            f"--budget must be between 1.0 and 2.0 (one model's width … the ensemble), got {budget}"
+        )
+    if method not in ("activation", "weight"):
+        raise RecipeError(f"--method must be activation or weight, got {method!r}")
+    source_a, source_b = open_model(str(model_a)), open_model(str(model_b))
+    check_same_architecture(source_a, source_b)
+    spec = spec_for(source_a, residual=True)
+    ffn = [g for g in spec.groups if g.endswith(FFN_SUFFIXES)]
+    if not ffn:
+        raise CheckpointError(f"{source_a.label}: no FFN units to widen (PLeaS widens FFN layers)")
+    assert source_a.folder is not None and source_b.folder is not None
+    module_a, module_b = load_as_saved(source_a.folder), load_as_saved(source_b.folder)
+    a, b = dict(SourceTensors(source_a)), dict(SourceTensors(source_b))
+    batches = _batches(data, source_a)
+    perms, similarity = _match(spec, method, module_a, module_b, a, b, batches, seed)
+    b_aligned = permute_state(b, spec, perms)
+    costs = matrix_costs(spec, {n: tuple(t.shape) for n, t in a.items() if n in spec.axes})
+    ratio = _uniform_ratio(ffn, costs, budget)
+    splits: dict[str, UnitSplit] = {g: split_units(similarity[g], ratio) for g in ffn if ratio > 0}
+    merged = partial_merge(spec, a, b_aligned, splits)
+    module_b_aligned = load_as_saved(source_b.folder)
+    module_b_aligned.load_state_dict(b_aligned)
+    merged = refit_linear_layers(spec, splits, merged, module_a, module_b_aligned, batches)
+    width = next(iter(splits.values())).width if splits else spec.sizes[ffn[0]]
+    config = dict(source_a.config) | {"intermediate_size": width}
+    achieved = budget_of(dict.fromkeys(ffn, ratio), costs)
+    record = {
+        "method": "pleas",
+        "matching": method,
+        "budget": budget,
+        "achieved_budget": achieved,
+        "ffn_ratio": ratio,
+        "intermediate_size": {"before": spec.sizes[ffn[0]], "after": width},
+        "merged_as_git_rebasin": [g for g in spec.groups if g not in splits],
+        "residual": RESIDUAL in spec.sizes,
+        "data": {"path": str(data), "examples": sum(len(x) for x in batches)},
+        "inputs": {str(model_a): _hashes(source_a), str(model_b): _hashes(source_b)},
+        "seed": seed,
+    }
+    _write_hf(source_a, config, merged, Path(out), record, force)
+    return PleasResult(Path(out), achieved, dict.fromkeys(ffn, ratio), time.perf_counter() - started)
+
+
+def _uniform_ratio(groups: list[str], costs: list[Any], budget: float) -> float:
+    """The largest ratio on the 5 % grid that, given to every group, stays within the budget."""
+    uniform = ratios_for_budget(groups, dict.fromkeys(groups, 1.0), costs, budget)
+    return min(uniform.values())
+
+
+def _hashes(source: Source) -> dict[str, str]:
+    return {str(p): input_sha256(p) for p in source.files()}
+
+
+def _write_hf(
+    source: Source,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    out: Path,
+    record: dict,
+    force: bool,
+) -> None:
+    import transformers
+
+    assert source.folder is not None
+    hf_config = transformers.AutoConfig.for_model(**config)
+    names = config.get("architectures") or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    module = model_class(hf_config) if model_class is not None else transformers.AutoModel.from_config(hf_config)
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"{source.label}: the widened tensors do not fit the widened config ({(missing or unexpected)[0]})"
+        )
+    with atomic_folder(out, force=force) as folder:
+        module.save_pretrained(folder)
+        tokenizer = load_tokenizer(source.folder) if any(source.folder.glob("tokenizer*")) else None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / RECORD).write_text(json.dumps(record, indent=1) + "\n")
