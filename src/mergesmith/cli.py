@@ -183,6 +183,24 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pleas(args: argparse.Namespace) -> int:
+    from mergesmith.api.pleas import pleas
+
+    result = pleas(
+        args.model_a,
+        args.model_b,
+        args.out,
+        budget=args.budget,
+        data=args.data,
+        method=args.method,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
     import json
 
@@ -767,6 +785,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser(
+        "pleas",
+        help="merge two models of different initializations to a width budget (PLeaS: matching + least squares)",
+    )
+    p.add_argument("model_a", help="the first model (its unit order is kept)")
+    p.add_argument("model_b", help="the second model (same architecture)")
+    p.add_argument("out", help="the output folder (a wider model of the same family)")
+    p.add_argument(
+        "--budget", type=float, default=1.0, help="width over one model's: 1.0 (merged) … 2.0 (ensemble)"
+    )
+    p.add_argument(
+        "--data", required=True, help="a .jsonl or .csv file of texts (activations, least squares)"
+    )
+    p.add_argument(
+        "--method", default="activation", choices=["activation", "weight"], help="how units are matched"
+    )
+    p.add_argument("--seed", type=int, default=0, help="weight matching's visiting order")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_pleas)
 
     p = sub.add_parser(
         "convert-gguf",
