@@ -193,3 +193,30 @@ def test_activation_matching_recovers_a_random_permutation(family):
     assert set(costs) == set(spec.groups)
     for group in spec.groups:
         assert torch.equal(solve_assignment(costs[group]), invert(perms[group])), group
+
+
+def test_diagnostics_of_a_recovered_shuffle_and_of_hand_made_matrices():
+    from mergesmith.ops.alignment_diagnostics import alignment_diagnostics, matrix_alignment
+
+    model = MODELS["llama-gqa"]()
+    spec = spec_of(model)
+    reference = model.state_dict()
+    perms = random_permutations(spec, seed=1)
+    shuffled = permute_state(reference, spec, perms)
+    found, _ = weight_matching(spec, reference, shuffled)
+    rows = alignment_diagnostics(spec, reference, shuffled, found, k=4)
+    assert "model.layers.0.mlp.down_proj.weight" in rows and "model.norm.weight" not in rows
+    for row in rows.values():
+        assert row["relative_distance"] == 0.0
+        assert row["top_k_alignment"] == pytest.approx(1.0) and row["subspace_overlap"] == pytest.approx(1.0)
+        assert row["top_k_alignment_before"] < 0.9
+    # a rotation of the singular vectors within the top-2 subspace: the subspace is the same, the pairs are not
+    u = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    s = torch.diag(torch.tensor([5.0, 4.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64))
+    a = u @ s @ u.T
+    swap = u.clone()
+    swap[:, [0, 1]] = u[:, [1, 0]]
+    b = swap @ s @ swap.T  # same top-2 subspace, its two directions exchanged
+    scores = matrix_alignment(a, b, 2)
+    assert scores["subspace_overlap"] == pytest.approx(1.0)
+    assert scores["top_k_alignment"] == pytest.approx(0.0, abs=1e-9)

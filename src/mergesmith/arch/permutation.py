@@ -10,6 +10,14 @@ unit, ``head_dim`` for a key/value head, ``heads_per_group × head_dim`` for the
 Families: Llama / Mistral / Qwen2 / Qwen3 decoders and BERT-family encoders (BERT, RoBERTa, XLM-R, ELECTRA).
 Normalisation layers (RMSNorm, LayerNorm) act on the residual stream elementwise after a statistic over all its
 channels, so they are permutation-equivariant and simply follow the residual permutation.
+
+Small models trained from scratch (``mergesmith.fit.small_models``): ``mergesmith_mlp``, one group per hidden
+layer; ``mergesmith_resnet`` (torchvision's BasicBlock naming, so torchvision's resnet18/34 state dicts too), a
+residual-stream group per stage (``stage{s}``: the channels every block of the stage adds to, with the stem or the
+stage's projection shortcut writing them) and an inner group per block (``layer{s}.{b}``: conv1's output
+channels). BatchNorm is per channel (its affine parameters and running statistics follow its channels'
+permutation; its step count ``num_batches_tracked`` does not move), and a convolution's kernel moves with its
+output (axis 0) and input (axis 1) channels.
 """
 
 from __future__ import annotations
@@ -78,6 +86,10 @@ DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 
+# the small models trained from scratch (mergesmith.fit.small_models, which arch may not import)
+SMALL_TYPES = ("mergesmith_mlp", "mergesmith_resnet")
+BN_MOVED = ("weight", "bias", "running_mean", "running_var")  # a BatchNorm's per-channel tensors
+
 # Tensors of the families that never touch a permuted axis (buffers, vocabulary biases, heads on the pooler).
 UNMOVED_SUFFIXES = ("position_ids", "token_type_ids", "inv_freq", ".bias", "seq_relationship.weight")
 
@@ -95,8 +107,10 @@ def permutation_spec(
         spec = _decoder_spec(config, names)
     elif family in ENCODER_TYPES:
         spec = _encoder_spec(config, names)
+    elif family in SMALL_TYPES:
+        return _small_spec(family, config, tensor_shapes, residual)
     else:
-        known = ", ".join(DECODER_TYPES + ENCODER_TYPES)
+        known = ", ".join(DECODER_TYPES + ENCODER_TYPES + SMALL_TYPES)
         raise CheckpointError(
             f"model_type {family or '(none)'!r} has no permutation spec (supported: {known})"
         )
@@ -216,3 +230,115 @@ def _encoder_spec(config: Mapping[str, Any], names: list[str]) -> PermutationSpe
 def _layer_norm(spec: PermutationSpec, module: str, residual: AxisGroup) -> None:
     spec.add(f"{module}.weight", 1, a0=residual)
     spec.add(f"{module}.bias", 1, a0=residual)
+
+
+def _small_spec(
+    family: str, config: Mapping[str, Any], tensor_shapes: Mapping[str, Sequence[int]], residual: bool
+) -> PermutationSpec:
+    """The spec of a small model. Their formats are closed, so the guard is stricter than the transformers': a
+    tensor the spec does not know that has any permuted width is an error whatever ``residual`` is (the inner
+    groups move either way, and a ResNet's inner widths are its stage widths), and every moved axis must have its
+    group's length (a checkpoint that disagrees with its config is named here, not in an indexing error)."""
+    names = sorted(tensor_shapes)
+    if family == "mergesmith_mlp":
+        spec, unmoved = _mlp_spec(config, names)
+    else:
+        spec, unmoved = _resnet_spec(names, tensor_shapes, residual)
+    spec = spec.restricted(names)
+    for name, axes in spec.axes.items():
+        shape = tuple(tensor_shapes[name])
+        for axis, entry in enumerate(axes):
+            if entry is not None and (
+                axis >= len(shape) or shape[axis] != spec.sizes[entry.group] * entry.block
+            ):
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {list(shape)}, but axis {axis} belongs to group {entry.group!r} "
+                    f"of {spec.sizes[entry.group]} units: the weights do not match the config"
+                )
+    moved = set(spec.sizes.values())
+    for name in names:
+        if name not in spec.axes and name not in unmoved and moved & set(tensor_shapes[name]):
+            raise CheckpointError(
+                f"tensor {name!r} has no rule in the {family} permutation spec and has a width it permutes"
+            )
+    return spec
+
+
+def _mlp_spec(config: Mapping[str, Any], names: list[str]) -> tuple[PermutationSpec, set[str]]:
+    """One group per hidden layer ``layers.{i}``: its output rows and bias, and the next layer's input columns.
+    There is no residual stream (``residual`` changes nothing); the last layer's bias (the logits) stays."""
+    sizes = config.get("sizes")
+    if not isinstance(sizes, list) or len(sizes) < 2 or not all(isinstance(n, int) for n in sizes):
+        raise CheckpointError("config.json has no list of integers 'sizes' (needed for the permutation spec)")
+    spec = PermutationSpec()
+    last = len(sizes) - 2  # index of the output layer
+    for i in range(last):
+        unit = AxisGroup(f"layers.{i}")
+        spec.sizes[unit.group] = sizes[i + 1]
+        spec.add(f"layers.{i}.weight", 2, a0=unit)
+        spec.add(f"layers.{i}.bias", 1, a0=unit)
+        spec.add(f"layers.{i + 1}.weight", 2, a1=unit)
+    if last == 0:
+        spec.add("layers.0.weight", 2)  # a linear model: nothing to permute, but the tensor is known
+    return spec, {f"layers.{last}.bias"}
+
+
+def _resnet_spec(
+    names: list[str], tensor_shapes: Mapping[str, Sequence[int]], residual: bool
+) -> tuple[PermutationSpec, set[str]]:
+    """Stages ``layer{s}`` and their blocks from the tensor names (any depth, torchvision's naming); the stream
+    groups are left out with ``residual=False``. A stage whose first block has no projection shortcut adds to the
+    stream it reads, so it shares that stream's group (the stem's stream is ``stage1`` unless layer1 projects)."""
+    present = set(names)
+    blocks: dict[int, int] = {}
+    for name in names:
+        parts = name.split(".")
+        if len(parts) > 2 and parts[0].startswith("layer") and parts[0][5:].isdigit() and parts[1].isdigit():
+            if parts[2] == "conv3":
+                raise CheckpointError(
+                    f"tensor {name!r}: Bottleneck ResNet blocks have no permutation spec yet (BasicBlock only)"
+                )
+            s, b = int(parts[0][5:]), int(parts[1])
+            blocks[s] = max(blocks.get(s, 0), b + 1)
+    if "conv1.weight" not in present or not blocks or sorted(blocks) != list(range(1, len(blocks) + 1)):
+        raise CheckpointError(
+            "no tensors named like 'conv1.weight' and 'layer1.0.*': not a ResNet checkpoint"
+        )
+    spec = PermutationSpec()
+    unmoved = {"fc.bias"} | {n for n in names if n.endswith(".num_batches_tracked")}
+
+    def stream(group: str, size_from: str) -> AxisGroup | None:
+        if not residual:
+            return None
+        spec.sizes[group] = int(tensor_shapes[size_from][0])
+        return AxisGroup(group)
+
+    def write(conv: str, bn: str, out: AxisGroup | None, into: AxisGroup | None) -> None:
+        """A convolution (output channels ``out``, input channels ``into``) and the BatchNorm after it."""
+        spec.add(f"{conv}.weight", 4, **_axes(out, into))
+        for tensor in BN_MOVED:
+            spec.add(f"{bn}.{tensor}", 1, **_axes(out, None))
+
+    current = stream("stem" if "layer1.0.downsample.0.weight" in present else "stage1", "conv1.weight")
+    write("conv1", "bn1", current, None)
+    for s in range(1, len(blocks) + 1):
+        for b in range(blocks[s]):
+            block = f"layer{s}.{b}"
+            projection = f"{block}.downsample.0.weight"
+            reads = current
+            if projection in present:
+                current = stream(f"stage{s}", projection)
+                write(f"{block}.downsample.0", f"{block}.downsample.1", current, reads)
+            if f"{block}.conv1.weight" not in present:
+                raise CheckpointError(f"tensor '{block}.conv1.weight' is missing: not a BasicBlock ResNet")
+            inner = AxisGroup(block)
+            spec.sizes[block] = int(tensor_shapes[f"{block}.conv1.weight"][0])
+            write(f"{block}.conv1", f"{block}.bn1", inner, reads)
+            write(f"{block}.conv2", f"{block}.bn2", current, inner)
+    spec.add("fc.weight", 2, **_axes(None, current))
+    return spec, unmoved
+
+
+def _axes(out: AxisGroup | None, into: AxisGroup | None) -> dict[str, AxisGroup]:
+    """``add``'s keyword arguments for a weight's output (axis 0) and input (axis 1) groups, where present."""
+    return {k: v for k, v in (("a0", out), ("a1", into)) if v is not None}

@@ -1,10 +1,13 @@
 """Activation matching (Git Re-Basin, Ainsworth et al., ICLR 2023, §3.1): units paired by how their activations
 correlate on data.
 
-For each permutation group, the activations are the inputs of the linear layers that read the group's units
-(weights with the group on their input axis: an FFN's ``down_proj``, attention's ``o_proj``, and for the residual
-stream every projection reading it — each distinct per-token input once). With z the per-dimension standardized
-activations over the data's tokens (padding excluded),
+For each permutation group, the activations are the inputs of the linear and 2-D convolution layers that read the
+group's units (weights with the group on their input axis: an FFN's ``down_proj``, attention's ``o_proj``, an MLP's
+next layer, a ResNet block's ``conv2``, and for a residual stream every projection or convolution reading it — each
+distinct input once: a *point*). A point's samples are the data's tokens for a transformer (padding excluded; run
+on :class:`Encoded` batches), every spatial position of every image for a convolution (channels as features), and
+every example for a linear layer of a small model (run on plain tensor batches: ``module(x)``). With z the
+per-dimension standardized activations over a point's samples t,
 
     C[i, j] = Σ_points Σ_{d < block} mean_t z^A_{t, i·block+d} · z^B_{t, j·block+d}
 
@@ -25,15 +28,22 @@ from mergesmith.arch.permutation import PermutationSpec
 from mergesmith.fit.data import Encoded
 
 EPS = 1e-8
+# tokenized text for a transformer; an image (or feature) batch for a small model
+Batch = Encoded | torch.Tensor
 
 
 def capture_points(spec: PermutationSpec, module: nn.Module) -> dict[str, tuple[str, int]]:
-    """Linear layer name → (group, block) for every 2-D weight whose input axis (1) a group moves."""
-    linears = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    """Layer name → (group, block) for every linear layer (2-D weight) or 2-D convolution (4-D weight) whose
+    input axis (1) a group moves."""
+    ndims = {
+        name: 2 if isinstance(m, nn.Linear) else 4
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
     out = {}
     for tensor, axes in spec.axes.items():
         layer = tensor.removesuffix(".weight")
-        if tensor.endswith(".weight") and len(axes) == 2 and axes[1] is not None and layer in linears:
+        if tensor.endswith(".weight") and len(axes) == ndims.get(layer) and axes[1] is not None:
             out[layer] = (axes[1].group, axes[1].block)
     return out
 
@@ -66,36 +76,52 @@ class _Inputs:
             h.remove()
 
 
-def _run(module: nn.Module, recorder: _Inputs, batch: Encoded) -> dict[str, list[torch.Tensor]]:
+def _samples(t: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """A captured input as (samples, features) in float64, or None where it has no per-sample rows to use."""
+    if isinstance(batch, Encoded):
+        # per-token inputs only (a head on one token per example, RoBERTa's classifier, is left out)
+        if t.dim() == 3 and tuple(t.shape[:2]) == tuple(batch.attention_mask.shape):
+            return t.reshape(-1, t.shape[-1])[batch.attention_mask.reshape(-1).bool()].double()
+        return None
+    if t.dim() == 4:  # a convolution's (batch, channels, height, width): every position is a sample
+        return t.movedim(1, -1).reshape(-1, t.shape[1]).double()
+    if t.dim() == 2:  # a small model's linear layer (an MLP's, or the head on pooled features): every example
+        return t.double()
+    return None
+
+
+def _run(module: nn.Module, recorder: _Inputs, batch: Batch) -> dict[str, list[torch.Tensor]]:
     with torch.inference_mode():
-        module(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    keep = batch.attention_mask.reshape(-1).bool()
-    shape = tuple(batch.attention_mask.shape)
-    # per-token inputs only (a head on one token per example, RoBERTa's classifier, is left out)
-    return {
-        g: [t.reshape(-1, t.shape[-1])[keep].double() for t in ts if tuple(t.shape[:2]) == shape]
-        for g, ts in recorder.take().items()
-    }
+        if isinstance(batch, Encoded):
+            module(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        else:
+            module(batch)
+    out: dict[str, list[torch.Tensor]] = {}
+    for group, tensors in recorder.take().items():
+        out[group] = [rows for t in tensors if (rows := _samples(t, batch)) is not None]
+    return out
 
 
 def unit_correlations(
-    spec: PermutationSpec, module_a: nn.Module, module_b: nn.Module, batches: Iterable[Encoded]
+    spec: PermutationSpec, module_a: nn.Module, module_b: nn.Module, batches: Iterable[Batch]
 ) -> dict[str, torch.Tensor]:
-    """Per group, the (units × units) sum of correlations C of the module docstring (float64)."""
+    """Per group, the (units × units) sum of correlations C of the module docstring (float64). ``batches`` are
+    :class:`Encoded` (a transformer, called with ``input_ids`` and ``attention_mask``) or tensors (a small model
+    called as ``module(x)``); both models see the same batches."""
     batches = list(batches)
     points = capture_points(spec, module_a)
     blocks = {group: block for group, block in points.values()}
     rec_a, rec_b = _Inputs(module_a, points), _Inputs(module_b, points)
     try:
-        moments: dict[str, list[list[torch.Tensor]]] = {}  # group → per point: [Σa, Σa², Σb, Σb²]
-        count = 0
+        # group → per point: [Σa, Σa², Σb, Σb², samples] (points differ in samples: a ResNet's stages and its
+        # pooled head see different numbers of positions)
+        moments: dict[str, list[list[Any]]] = {}
         for batch in batches:
             acts_a, acts_b = _run(module_a, rec_a, batch), _run(module_b, rec_b, batch)
-            count += int(batch.attention_mask.sum())
             for group, tensors in acts_a.items():
                 if not tensors:
                     continue
-                stats = moments.setdefault(group, [[0.0, 0.0, 0.0, 0.0] for _ in tensors])  # type: ignore[misc]
+                stats = moments.setdefault(group, [[0.0, 0.0, 0.0, 0.0, 0] for _ in tensors])
                 for k, (a, b) in enumerate(zip(tensors, acts_b[group])):
                     s = stats[k]
                     stats[k] = [
@@ -103,11 +129,12 @@ def unit_correlations(
                         s[1] + a.square().sum(0),
                         s[2] + b.sum(0),
                         s[3] + b.square().sum(0),
+                        s[4] + len(a),
                     ]
         scales = {
             group: [
-                (sa / count, _std(saa, sa, count), sb / count, _std(sbb, sb, count))
-                for sa, saa, sb, sbb in stats
+                (sa / count, _std(saa, sa, count), sb / count, _std(sbb, sb, count), count)
+                for sa, saa, sb, sbb, count in stats
             ]
             for group, stats in moments.items()
         }
@@ -118,10 +145,10 @@ def unit_correlations(
                 if group not in costs:
                     continue
                 n, block = spec.sizes[group], blocks[group]
-                for (mean_a, std_a, mean_b, std_b), a, b in zip(scales[group], tensors, acts_b[group]):
+                for (mean_a, std_a, mean_b, std_b, count), a, b in zip(scales[group], tensors, acts_b[group]):
                     za = (
                         ((a - mean_a) / std_a).reshape(-1, n, block).permute(2, 0, 1)
-                    )  # (block, tokens, units)
+                    )  # (block, samples, units)
                     zb = ((b - mean_b) / std_b).reshape(-1, n, block).permute(2, 0, 1)
                     costs[group] += torch.einsum("dti,dtj->ij", za, zb) / count
     finally:
