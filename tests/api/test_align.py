@@ -225,14 +225,17 @@ def test_pleas_writes_a_wider_model_that_transformers_loads(models, tmp_path, bu
     result = pleas(models["reference"], models["other"], tmp_path / "out", budget=budget, data=models["data"])
     record = json.loads((result.out_dir / "pleas.json").read_text())
     assert result.budget == record["achieved_budget"] <= budget + 1e-9
-    width = record["intermediate_size"]["after"]
-    assert width == 48 + round(48 * record["ffn_ratio"])
+    widths = {w["after"] for g, w in record["widths"].items()}
+    ratio = record["ratios"]["model.layers.0.mlp"]
+    assert len(widths) == 1 and set(record["ratios"].values()) == {ratio}  # one intermediate_size
+    width = widths.pop()
+    assert width == 48 + round(48 * ratio)
     assert (width > 48) == (budget > 1.0)
     model = transformers.AutoModelForCausalLM.from_pretrained(result.out_dir)
     assert model.config.intermediate_size == width
     assert torch.isfinite(logits(result.out_dir)).all()
     if budget == 2.0:  # every FFN unit kept from both models
-        assert record["ffn_ratio"] == 1.0 and width == 96
+        assert ratio == 1.0 and width == 96
 
 
 def test_pleas_refuses_bad_input_in_one_line(models, tmp_path):
@@ -244,3 +247,36 @@ def test_pleas_refuses_bad_input_in_one_line(models, tmp_path):
     with pytest.raises(CheckpointError, match="different widths"):
         pleas(models["reference"], wider, tmp_path / "out", budget=1.2, data=models["data"])
     assert not (tmp_path / "out").exists()
+
+
+def test_pleas_on_a_from_scratch_mlp_widens_layers_to_the_budget(tmp_path):
+    """Two MLPs of different seeds: per-layer widths in the saved config; at budget 2.0 the ensemble's outputs."""
+    from safetensors.torch import save_file
+
+    from mergesmith.api.pleas import pleas
+    from mergesmith.fit.small_models import build, load_small_model, save_small_model
+
+    config = {"model_type": "mergesmith_mlp", "sizes": [12, 16, 16, 3]}
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folders.append(save_small_model(build(config), config, tmp_path / f"m{seed}"))
+    inputs = torch.randn(512, 12, generator=torch.Generator().manual_seed(0))
+    save_file({"inputs": inputs}, str(tmp_path / "inputs.safetensors"))
+    a, b = (load_small_model(f)[0] for f in folders)
+    for budget in (1.0, 1.4, 2.0):
+        out = tmp_path / f"pleas-{budget}"
+        result = pleas(*folders, out, budget=budget, data=tmp_path / "inputs.safetensors")
+        merged, merged_config = load_small_model(out)
+        record = json.loads((out / "pleas.json").read_text())
+        assert merged_config["sizes"][1:3] == [w["after"] for w in record["widths"].values()]
+        assert result.budget <= budget + 1e-9
+        if budget == 1.0:
+            assert merged_config["sizes"] == config["sizes"]
+        if budget == 2.0:  # every unit of both kept: least squares reproduces the ensemble
+            assert merged_config["sizes"] == [12, 32, 32, 3]
+            with torch.no_grad():
+                torch.testing.assert_close(merged(inputs), (a(inputs) + b(inputs)) / 2, rtol=1e-3, atol=1e-3)
+    with pytest.raises(RecipeError, match="'inputs' tensor"):
+        save_file({"x": inputs}, str(tmp_path / "bad.safetensors"))
+        pleas(*folders, tmp_path / "bad", budget=1.2, data=tmp_path / "bad.safetensors")

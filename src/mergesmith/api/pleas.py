@@ -26,15 +26,17 @@ import torch
 from torch import nn
 
 from mergesmith.api.alignment import check_same_architecture, spec_for
-from mergesmith.arch.permutation import RESIDUAL, PermutationSpec
+from mergesmith.arch.permutation import PermutationSpec
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit.activations import unit_correlations
 from mergesmith.fit.data import Encoded, encode
 from mergesmith.fit.hf import load_as_saved, load_tokenizer
 from mergesmith.fit.least_squares import refit_linear_layers
+from mergesmith.fit.small_models import MLP_TYPE, RESNET_TYPE, build, load_small_model, save_small_model
 from mergesmith.io.models import open_model
 from mergesmith.io.output import atomic_folder
 from mergesmith.io.reader import Source, SourceTensors
+from mergesmith.io.safetensors_io import SafetensorsFile
 from mergesmith.io.writer import input_sha256
 from mergesmith.ops.partial_merge import (
     UnitSplit,
@@ -49,7 +51,8 @@ from mergesmith.recipe.data import DataSpec, read_examples
 
 RECORD = "pleas.json"
 FFN_SUFFIXES = (".mlp", ".intermediate")  # the FFN groups of the decoder and encoder specs
-EXAMPLES, BATCH = 256, 8
+EXAMPLES, BATCH = 256, 8  # texts for a Hugging Face model
+SMALL_EXAMPLES, SMALL_BATCH = 2048, 256  # inputs for a from-scratch MLP
 
 
 @dataclass
@@ -96,6 +99,21 @@ def _match(
     return perms, similarity
 
 
+def _tensor_batches(data: str | Path) -> list[torch.Tensor]:
+    """A small model's data: the ``inputs`` tensor of a safetensors file (examples first), in batches."""
+    path = Path(data)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise RecipeError(f"{data}: a small model's data is a .safetensors file with an 'inputs' tensor")
+    file = SafetensorsFile(path)
+    try:
+        if "inputs" not in file.keys():
+            raise RecipeError(f"{data}: no 'inputs' tensor (the examples, first axis)")
+        inputs = file.get("inputs").float()[:SMALL_EXAMPLES].clone()
+    finally:
+        file.close()
+    return [inputs[i : i + SMALL_BATCH] for i in range(0, len(inputs), SMALL_BATCH)]
+
+
 def pleas(
     model_a: str | Path,
     model_b: str | Path,
@@ -120,40 +138,80 @@ def pleas(
     source_a, source_b = open_model(str(model_a)), open_model(str(model_b))
     check_same_architecture(source_a, source_b)
     spec = spec_for(source_a, residual=True)
-    ffn = [g for g in spec.groups if g.endswith(FFN_SUFFIXES)]
-    if not ffn:
+    family = str(source_a.config.get("model_type"))
+    if family == RESNET_TYPE:
+        raise CheckpointError(
+            f"{source_a.label}: PLeaS on {RESNET_TYPE} is not supported yet (per-block widths need a config key, "
+            "convolutions a least-squares step); align it with `mergesmith align` instead"
+        )
+    small = family == MLP_TYPE
+    groups = spec.groups if small else [g for g in spec.groups if g.endswith(FFN_SUFFIXES)]
+    if not groups:
         raise CheckpointError(f"{source_a.label}: no FFN units to widen (PLeaS widens FFN layers)")
     assert source_a.folder is not None and source_b.folder is not None
-    module_a, module_b = load_as_saved(source_a.folder), load_as_saved(source_b.folder)
+    load = (lambda folder: load_small_model(folder)[0]) if small else load_as_saved
+    module_a, module_b = load(source_a.folder), load(source_b.folder)
     a, b = dict(SourceTensors(source_a)), dict(SourceTensors(source_b))
-    batches = _batches(data, source_a)
+    batches: list[Any] = _tensor_batches(data) if small else _batches(data, source_a)
     perms, similarity = _match(spec, method, module_a, module_b, a, b, batches, seed)
     b_aligned = permute_state(b, spec, perms)
     costs = matrix_costs(spec, {n: tuple(t.shape) for n, t in a.items() if n in spec.axes})
-    ratio = _uniform_ratio(ffn, costs, budget)
-    splits: dict[str, UnitSplit] = {g: split_units(similarity[g], ratio) for g in ffn if ratio > 0}
+    if small:  # per-layer ratios: the groups whose pairs match worst widen first
+        priority = {
+            g: 1.0 - float(similarity[g].mean()) / max(1e-12, float(similarity[g].abs().max()))
+            for g in groups
+        }
+        ratios = ratios_for_budget(groups, priority, costs, budget)
+    else:  # one intermediate_size for every layer
+        ratios = dict.fromkeys(groups, _uniform_ratio(groups, costs, budget))
+    splits: dict[str, UnitSplit] = {g: split_units(similarity[g], r) for g, r in ratios.items() if r > 0}
     merged = partial_merge(spec, a, b_aligned, splits)
-    module_b_aligned = load_as_saved(source_b.folder)
+    module_b_aligned = load(source_b.folder)
     module_b_aligned.load_state_dict(b_aligned)
     merged = refit_linear_layers(spec, splits, merged, module_a, module_b_aligned, batches)
-    width = next(iter(splits.values())).width if splits else spec.sizes[ffn[0]]
-    config = dict(source_a.config) | {"intermediate_size": width}
-    achieved = budget_of(dict.fromkeys(ffn, ratio), costs)
+    achieved = budget_of(ratios, costs)
     record = {
         "method": "pleas",
         "matching": method,
         "budget": budget,
         "achieved_budget": achieved,
-        "ffn_ratio": ratio,
-        "intermediate_size": {"before": spec.sizes[ffn[0]], "after": width},
+        "ratios": ratios,
+        "widths": {
+            g: {"before": spec.sizes[g], "after": splits[g].width if g in splits else spec.sizes[g]}
+            for g in groups
+        },
         "merged_as_git_rebasin": [g for g in spec.groups if g not in splits],
-        "residual": RESIDUAL in spec.sizes,
         "data": {"path": str(data), "examples": sum(len(x) for x in batches)},
         "inputs": {str(model_a): _hashes(source_a), str(model_b): _hashes(source_b)},
         "seed": seed,
     }
-    _write_hf(source_a, config, merged, Path(out), record, force)
-    return PleasResult(Path(out), achieved, dict.fromkeys(ffn, ratio), time.perf_counter() - started)
+    if small:
+        config = dict(source_a.config)
+        config["sizes"] = (
+            [config["sizes"][0]]
+            + [
+                splits[f"layers.{i}"].width if f"layers.{i}" in splits else n
+                for i, n in enumerate(config["sizes"][1:-1])
+            ]
+            + [config["sizes"][-1]]
+        )
+        _write_small(config, merged, Path(out), record, force)
+    else:
+        width = next(iter(splits.values())).width if splits else spec.sizes[groups[0]]
+        _write_hf(
+            source_a, dict(source_a.config) | {"intermediate_size": width}, merged, Path(out), record, force
+        )
+    return PleasResult(Path(out), achieved, ratios, time.perf_counter() - started)
+
+
+def _write_small(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], out: Path, record: dict, force: bool
+) -> None:
+    module = build(config)
+    module.load_state_dict(tensors)
+    with atomic_folder(out, force=force) as folder:
+        save_small_model(module, config, folder)
+        (folder / RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _uniform_ratio(groups: list[str], costs: list[Any], budget: float) -> float:
@@ -180,7 +238,9 @@ def _write_hf(
     hf_config = transformers.AutoConfig.for_model(**config)
     names = config.get("architectures") or []
     model_class = getattr(transformers, names[0], None) if names else None
-    module = model_class(hf_config) if model_class is not None else transformers.AutoModel.from_config(hf_config)
+    module = (
+        model_class(hf_config) if model_class is not None else transformers.AutoModel.from_config(hf_config)
+    )
     missing, unexpected = module.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

@@ -105,7 +105,8 @@ def _run(module: nn.Module, recorder: _Inputs, batch: Batch) -> dict[str, list[t
 def unit_correlations(
     spec: PermutationSpec, module_a: nn.Module, module_b: nn.Module, batches: Iterable[Batch]
 ) -> dict[str, torch.Tensor]:
-    """Per group, the (units × units) sum of correlations C of the module docstring (float64). ``batches`` are
+    """Per group, the (units × units) correlations C of the module docstring divided by the number of terms — each
+    pair's mean correlation over the capture points and block dimensions (float64). ``batches`` are
     :class:`Encoded` (a transformer, called with ``input_ids`` and ``attention_mask``) or tensors (a small model
     called as ``module(x)``); both models see the same batches."""
     batches = list(batches)
@@ -154,7 +155,8 @@ def unit_correlations(
     finally:
         rec_a.remove()
         rec_b.remove()
-    return costs
+    # the mean correlation per pair, in [-1, 1] (the assignment is the same; PLeaS compares groups with it)
+    return {g: c / (len(scales[g]) * blocks[g]) for g, c in costs.items()}
 
 
 def _std(sum_sq: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
