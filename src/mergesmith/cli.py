@@ -220,6 +220,8 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     if args.zoo == "llm":
         return _llm_zoo(args)
+    if args.zoo == "scratch":
+        return _scratch_zoo(args)
     from mergesmith.bench.zoo.text8 import Zoo, build_zoo
 
     if args.action != "build":
@@ -253,6 +255,26 @@ def _llm_zoo(args: argparse.Namespace) -> int:
     root = build_llm_zoo(quick=args.quick, config=config)
     print(f"zoo ready: {root}")
     print(reference_table(LLMZoo(root)))
+    return 0
+
+
+def _scratch_zoo(args: argparse.Namespace) -> int:
+    from mergesmith.bench.zoo.scratch import ScratchZoo, build_scratch_zoo, summary
+
+    if args.action != "build":
+        raise MergeError("lm-eval export is for the llm zoo: mergesmith zoo lm-eval llm --out DIR")
+    for flag, given in (
+        ("--tasks", args.tasks),
+        ("--rebuild", args.rebuild),
+        ("--no-multitask", args.no_multitask),
+    ):
+        if given:  # the scratch zoo rebuilds exactly the models whose inputs changed
+            raise MergeError(
+                f"{flag} goes with the text8 and llm zoos; `zoo build scratch` takes only --quick"
+            )
+    root = build_scratch_zoo(quick=args.quick)
+    print(f"zoo ready: {root}")
+    print(summary(ScratchZoo(root)))
     return 0
 
 
@@ -823,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "action", choices=["build", "lm-eval"], help="lm-eval: export the llm zoo's tasks (--out DIR)"
     )
-    p.add_argument("zoo", choices=["text8", "llm"])
+    p.add_argument("zoo", choices=["text8", "llm", "scratch"])
     p.add_argument("--out", default=None, help="lm-eval: the task folder to write")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the tasks")
     p.add_argument("--quick", action="store_true", help="fewer examples (demo and smoke runs)")

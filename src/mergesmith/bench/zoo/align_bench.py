@@ -1,0 +1,318 @@
+"""The alignment benchmark (#18): models of different initializations, merged naively, after weight matching,
+after activation matching, and by PLeaS, on the from-scratch zoo (:mod:`mergesmith.bench.zoo.scratch`).
+
+Per pair (dataset, family, width, setting):
+
+- **the linear path** θ(λ) = (1 − λ) θ_A + λ π(θ_B), λ ∈ {0, 0.1, …, 1}, for π = identity (naive), weight
+  matching and activation matching: test loss and accuracy at each λ (BatchNorm statistics recomputed on training
+  inputs at every point, as Git Re-Basin's REPAIR-free baseline does for ResNets), and the **barriers**
+  max_λ [loss(λ) − ((1 − λ) loss(0) + λ loss(1))] and max_λ [((1 − λ) acc(0) + λ acc(1)) − acc(λ)];
+- **merged accuracy** at λ = 0.5 for the three, PLeaS at width budgets 1.0 / 1.2 / 1.5 / 2.0 (MLPs), the ensemble
+  (mean logits) and each model, with 95 % bootstrap intervals over the test examples and, against the naive
+  average, paired differences;
+- **Ito et al.'s diagnostics** for weight matching per layer: ‖θ_A − π(θ_B)‖ / ‖θ_A − θ_B‖ and the top-k
+  singular-vector alignment before and after.
+
+In the ``split`` setting (A on classes 0–4, B on 5–9) accuracy is on all ten classes: each model alone reaches at
+most about half. A finished pair is cached in ``<out>/runs/align/`` by the stamps of its two models.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from mergesmith.api.pleas import pleas
+from mergesmith.arch.permutation import permutation_spec
+from mergesmith.bench.confidence import bootstrap_normalized, paired_difference
+from mergesmith.bench.zoo.scratch import Pair, ScratchZoo, build_scratch_zoo, evaluate, reset_batchnorm
+from mergesmith.fit.activations import unit_correlations
+from mergesmith.fit.small_models import MLP_TYPE, build, load_small_model
+from mergesmith.ops.alignment_diagnostics import alignment_diagnostics
+from mergesmith.ops.permute import identity, permute_state, solve_assignment, weight_matching
+
+LAMBDAS = tuple(round(i / 10, 1) for i in range(11))
+BUDGETS = (1.0, 1.2, 1.5, 2.0)
+MATCH_EXAMPLES, MATCH_BATCH = 2048, 256  # training inputs for activation matching, PLeaS and BatchNorm resets
+MATCHINGS = ("naive", "weight", "activation")
+
+
+def pair_key(pair: Pair) -> str:
+    return f"{pair.dataset}-{pair.family}-w{pair.width}-{pair.setting}"
+
+
+def interpolate(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float
+) -> dict[str, torch.Tensor]:
+    """(1 − λ) a + λ b for every float tensor; integer buffers (BatchNorm's step count) from ``a``."""
+    return {k: (1 - lam) * v + lam * b[k] if v.is_floating_point() else v.clone() for k, v in a.items()}
+
+
+def barrier(points: list[dict[str, float]], key: str, higher_is_better: bool) -> float:
+    """The largest gap between the path and the straight line between its ends (≥ 0 at the ends)."""
+    first, last = points[0][key], points[-1][key]
+    gaps = []
+    for p in points:
+        line = (1 - p["lambda"]) * first + p["lambda"] * last
+        gaps.append(line - p[key] if higher_is_better else p[key] - line)
+    return max(gaps)
+
+
+def _scored(
+    config: dict[str, Any],
+    state: Mapping[str, torch.Tensor],
+    data: dict[str, torch.Tensor],
+    reset: torch.Tensor,
+) -> dict[str, Any]:
+    module = build(config)
+    module.load_state_dict(state)
+    reset_batchnorm(module, reset)
+    return evaluate(module.eval(), data["test_inputs"], data["test_labels"])
+
+
+def _interval(correct: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    return bootstrap_normalized({"test": correct.float()}, {"test": 1.0}, seed=seed).as_dict()
+
+
+def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, Any]:
+    """Everything the module docstring lists for one pair (JSON-ready)."""
+    started = time.perf_counter()
+    data = zoo.data(pair.dataset)
+    module_a, config = load_small_model(pair.a)
+    module_b, _ = load_small_model(pair.b)
+    a, b = module_a.state_dict(), module_b.state_dict()
+    spec = permutation_spec(config, {k: tuple(v.shape) for k, v in a.items()})
+    order = torch.randperm(len(data["train_inputs"]), generator=torch.Generator().manual_seed(0))
+    match_inputs = data["train_inputs"][order[:MATCH_EXAMPLES]]
+    batches = list(match_inputs.split(MATCH_BATCH))
+    perms = {"naive": identity(spec)}
+    timings = {}
+    t = time.perf_counter()
+    perms["weight"], report = weight_matching(spec, a, b, seed=0)
+    timings["weight_matching_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    costs = unit_correlations(spec, module_a, module_b, batches)
+    perms["activation"] = {g: solve_assignment(costs[g]) for g in spec.groups}
+    timings["activation_matching_s"] = round(time.perf_counter() - t, 3)
+    row: dict[str, Any] = {
+        "pair": pair_key(pair),
+        "dataset": pair.dataset,
+        "family": pair.family,
+        "width": pair.width,
+    }
+    row |= {"setting": pair.setting, "weight_matching_sweeps": report.sweeps, **timings}
+    outcomes: dict[str, torch.Tensor] = {}
+    paths = {}
+    bar = tqdm(total=len(MATCHINGS) * len(LAMBDAS), desc=pair_key(pair), leave=False, disable=not progress)
+    for matching in MATCHINGS:
+        aligned = permute_state(b, spec, perms[matching])
+        points = []
+        for lam in LAMBDAS:
+            scores = _scored(config, interpolate(a, aligned, lam), data, match_inputs)
+            points.append(
+                {
+                    "lambda": lam,
+                    "loss": float(scores["loss"].mean()),
+                    "accuracy": float(scores["correct"].float().mean()),
+                }
+            )
+            if lam == 0.5:
+                outcomes[matching] = scores["correct"]
+            bar.update(1)
+        paths[matching] = {
+            "points": points,
+            "loss_barrier": barrier(points, "loss", higher_is_better=False),
+            "accuracy_barrier": barrier(points, "accuracy", higher_is_better=True),
+        }
+    bar.close()
+    row["paths"] = paths
+    for name, module in (("model_a", module_a), ("model_b", module_b)):
+        outcomes[name] = evaluate(module, data["test_inputs"], data["test_labels"])["correct"]
+    with torch.no_grad():
+        logits = (module_a(data["test_inputs"]) + module_b(data["test_inputs"])) / 2
+    outcomes["ensemble"] = logits.argmax(1) == data["test_labels"]
+    row["pleas"] = _pleas_rows(pair, config, data, match_inputs, outcomes)
+    row["accuracy"] = {name: _interval(c) for name, c in outcomes.items()}
+    row["vs_naive"] = {
+        name: paired_difference(
+            {"test": c.float()}, {"test": outcomes["naive"].float()}, {"test": 1.0}
+        ).as_dict()
+        for name, c in outcomes.items()
+        if name != "naive"
+    }
+    diagnostics = alignment_diagnostics(spec, a, b, perms["weight"], k=8)
+    row["diagnostics"] = diagnostics
+    row["diagnostics_mean"] = {
+        key: sum(d[key] for d in diagnostics.values()) / len(diagnostics)
+        for key in (
+            "relative_distance",
+            "top_k_alignment_before",
+            "top_k_alignment",
+            "subspace_overlap_before",
+            "subspace_overlap",
+        )
+    }
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def _pleas_rows(
+    pair: Pair,
+    config: dict[str, Any],
+    data: dict[str, torch.Tensor],
+    match_inputs: torch.Tensor,
+    outcomes: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """PLeaS at every budget (MLPs; the ResNet form is not supported yet: its reason instead)."""
+    if config["model_type"] != MLP_TYPE:
+        return {"skipped": "PLeaS on ResNets needs per-block widths and a convolutional least-squares step"}
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "inputs.safetensors"
+        save_file({"inputs": match_inputs.contiguous()}, str(inputs))
+        for budget in BUDGETS:
+            result = pleas(
+                pair.a, pair.b, Path(tmp) / f"pleas-{budget}", budget=budget, data=inputs, progress=False
+            )
+            module, merged_config = load_small_model(result.out_dir)
+            outcomes[f"pleas@{budget}"] = evaluate(module, data["test_inputs"], data["test_labels"])[
+                "correct"
+            ]
+            out[str(budget)] = {
+                "achieved_budget": result.budget,
+                "sizes": merged_config["sizes"],
+                "seconds": round(result.seconds, 2),
+            }
+    return out
+
+
+def run_align_bench(
+    quick: bool = False, out: Path = Path("bench/results"), progress: bool = True
+) -> dict[str, Any]:
+    """Every pair of the (quick) from-scratch zoo; finished pairs are reused from ``out/runs/align``."""
+    zoo = ScratchZoo(build_scratch_zoo(quick=quick, progress=progress))
+    name = "align-quick" if quick else "align"
+    cache = out / "runs" / "align"
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for pair in zoo.pairs():
+        stamps = [
+            json.loads((folder / "mergesmith_zoo.json").read_text())["stamp"] for folder in (pair.a, pair.b)
+        ]
+        path = cache / f"{name}-{pair_key(pair)}.json"
+        if path.exists() and json.loads(path.read_text()).get("stamps") == stamps:
+            rows.append(json.loads(path.read_text())["row"])
+            continue
+        row = run_pair(zoo, pair, progress)
+        path.write_text(json.dumps({"stamps": stamps, "row": row}) + "\n")
+        rows.append(row)
+    results = {
+        "name": name,
+        "command": f"mergesmith bench --zoo scratch{' --quick' if quick else ''}",
+        "rows": rows,
+    }
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown(results))
+    plot(results, out / f"{name}.png")
+    return results
+
+
+def _pct(interval: Mapping[str, float]) -> str:
+    return f"{100 * interval['estimate']:.1f} [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The barrier table, the merged-accuracy table (95 % intervals) and the diagnostics table."""
+    rows = results["rows"]
+    lines = [
+        f"# Alignment benchmark — `{results['command']}`",
+        "",
+        "## Barriers along the linear path (test loss / accuracy points)",
+        "",
+    ]
+    lines += ["| pair | naive | weight matching | activation matching |", "|---|---|---|---|"]
+    for r in rows:
+        cells = [
+            f"{r['paths'][m]['loss_barrier']:.3f} / {100 * r['paths'][m]['accuracy_barrier']:.1f}"
+            for m in MATCHINGS
+        ]
+        lines.append(f"| {r['pair']} | " + " | ".join(cells) + " |")
+    columns = [
+        "model_a",
+        "model_b",
+        "naive",
+        "weight",
+        "activation",
+        *[f"pleas@{b}" for b in BUDGETS],
+        "ensemble",
+    ]
+    lines += ["", "## Merged test accuracy % (λ = 0.5; PLeaS at width budgets; 95 % bootstrap intervals)", ""]
+    lines += ["| pair | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [_pct(r["accuracy"][c]) if c in r["accuracy"] else "—" for c in columns]
+        lines.append(f"| {r['pair']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "A difference from the naive average whose paired interval contains 0 is no difference (`vs_naive` in the JSON).",
+        "",
+    ]
+    lines += ["## Weight matching's diagnostics (Ito et al.; means over weight matrices)", ""]
+    lines += [
+        "| pair | ‖θ_A − π(θ_B)‖ / ‖θ_A − θ_B‖ | top-8 alignment before → after | top-8 subspace overlap before → after |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        d = r["diagnostics_mean"]
+        lines.append(
+            f"| {r['pair']} | {d['relative_distance']:.3f} | {d['top_k_alignment_before']:.3f} → {d['top_k_alignment']:.3f} | "
+            f"{d['subspace_overlap_before']:.3f} → {d['subspace_overlap']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Mapping[str, Any], path: Path) -> Path:
+    """Test loss along the path per pair (naive, weight, activation), and the loss barrier against width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(3.2 * (len(rows) + 1), 3.0), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        for m in MATCHINGS:
+            pts = r["paths"][m]["points"]
+            ax.plot([p["lambda"] for p in pts], [p["loss"] for p in pts], label=m)
+        ax.set_title(r["pair"], fontsize=7)
+        ax.set_xlabel("λ")
+    axes[0][0].set_ylabel("test loss")
+    axes[0][0].legend(fontsize=6)
+    ax = axes[0][-1]
+    for m in MATCHINGS:
+        for key in sorted({(r["dataset"], r["family"], r["setting"]) for r in rows}):
+            sel = sorted(
+                (r for r in rows if (r["dataset"], r["family"], r["setting"]) == key),
+                key=lambda r: r["width"],
+            )
+            ax.plot(
+                [r["width"] for r in sel],
+                [r["paths"][m]["loss_barrier"] for r in sel],
+                marker="o",
+                label=f"{m} {key[1]}/{key[2]}",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width multiplier")
+    ax.set_title("loss barrier vs width", fontsize=8)
+    ax.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,536 @@
+"""The from-scratch zoo (issue #18): pairs of small models of one architecture trained from different random
+initializations — what permutation-based merging (Git Re-Basin, ZipIt, PLeaS) takes as input.
+
+``mergesmith zoo build scratch`` makes, under ``<cache>/zoos/scratch`` (``scratch-quick`` with ``--quick``)::
+
+    data/<dataset>.safetensors   train_inputs (N, 1, H, W) float32, normalized with the training images' mean
+                                 and std; train_labels int64; test_inputs; test_labels (``scratch_data``)
+    data/<dataset>.json          its stage record: stamp, sha256, sizes, the normalization
+    models/<dataset>/<family>-w<width>/<setting>/<a|b>/
+                                 a small-model folder (``mergesmith.fit.small_models``) and its stage record
+                                 ``mergesmith_zoo.json``: stamp, seconds, last loss, training classes and size,
+                                 test accuracy on its own classes and on all ten (and per class)
+    manifest.json                the config, the data records, every pair with its two records, build timings
+
+Families: ``mlp`` — sizes ``[H·W, 128w, 128w, 128w, 10]`` (three hidden layers); ``resnet`` — the CIFAR-style
+ResNet with widths ``[16w, 32w, 64w]``, two BasicBlocks per stage, one input channel, ten classes; ``w`` is the
+width multiplier. Settings: ``same`` — both models train on the whole training set; ``split`` — model ``a`` on the
+training examples of classes 0–4, model ``b`` on classes 5–9, both with ten-way heads (the disjoint-task setting
+of Git Re-Basin, ZipIt and PLeaS). In both, ``a`` has seed 0 and ``b`` seed 1: the seed draws the initialization
+(``torch.manual_seed`` before :func:`~mergesmith.fit.small_models.build`) and the batches (a ``torch.Generator``
+shuffling the training examples every epoch).
+
+Training: Adam (lr 1e-3, no weight decay), batches of 128 (an epoch drops its last partial batch; the next epoch's
+shuffle covers it), the learning rate decayed to zero over all steps by a cosine, cross-entropy loss; ResNets train
+with BatchNorm in training mode and are saved in eval form (the running statistics as training left them). The
+same inputs give bit-identical weights with the same torch version and thread count.
+
+Budget of the full build (Fashion-MNIST, a seeded subset of 20,000 training images, the 10,000 test images),
+timed single-threaded (batches of 128, Adam) on the 2-core AMD EPYC machine while a training job ran on it: one
+training example (forward and backward) costs the MLP 0.02 / 0.03 / 0.11 / 0.32 ms at w = 1 / 2 / 4 / 8 and the
+ResNet 2.3 / 6.9 / 23 ms at w = 1 / 2 / 4; a test example costs the ResNet 0.9 / 2.6 / 8.3 ms. A width's four
+models see three training sets' worth of examples per epoch (``same``: 2 × 20,000, ``split``: 2 × 10,000), so one
+epoch of every width costs the MLPs ~29 s and the ResNets ~1,930 s. 10 MLP epochs (~290 s), 2 ResNet epochs
+(~3,870 s) and the 28 test evaluations (~470 s) make ~77 min on one thread; with both cores of an otherwise idle
+machine (convolutions usually gain ~1.7× from a second thread: assumed, not measured) about 45–55 min. The quick
+build (digits, MLP w 1 and 2, ResNet w 1; 20 MLP and 8 ResNet epochs) took 12 s on one thread.
+
+Every model is a stage, written atomically and stamped with exactly what it was built from (the data file's
+sha256, the architecture, setting, side, classes, seed and training hyperparameters); a stage whose record holds
+the same stamp is reused, so an interrupted build resumes at the model it was training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from mergesmith.bench.zoo import scratch_data
+from mergesmith.errors import MergeError
+from mergesmith.fit.small_models import MLP_TYPE, RESNET_TYPE, build, save_small_model
+from mergesmith.io.cache import zoo_dir
+from mergesmith.io.output import atomic_folder
+from mergesmith.io.safetensors_io import save_file
+from mergesmith.io.writer import sha256_file
+
+FAMILIES = ("mlp", "resnet")
+SETTINGS = ("same", "split")
+SIDES = ("a", "b")
+SPLIT_CLASSES = {"a": (0, 1, 2, 3, 4), "b": (5, 6, 7, 8, 9)}  # the ``split`` setting's training classes
+ALL_CLASSES = tuple(range(scratch_data.NUM_CLASSES))
+RECORD = "mergesmith_zoo.json"
+DATA_FORMAT = 1  # bump when scratch_data changes what it stores: the data stage and every model rebuild
+
+
+@dataclass
+class ScratchZooConfig:
+    """What the zoo holds and how its models train; ``quick`` is for the demo, smoke runs and tests."""
+
+    datasets: tuple[str, ...] = ("fashion_mnist",)
+    n_train: int | None = 20_000  # at most this many training examples (a seeded subset); None: all
+    n_test: int | None = None  # at most this many test examples; None: all (Fashion-MNIST's 10,000)
+    widths: dict[str, tuple[int, ...]] = field(
+        default_factory=lambda: {"mlp": (1, 2, 4, 8), "resnet": (1, 2, 4)}
+    )  # width multipliers per family; a family left out is not built
+    epochs: dict[str, int] = field(default_factory=lambda: {"mlp": 10, "resnet": 2})
+    settings: tuple[str, ...] = SETTINGS
+    seeds: tuple[int, int] = (0, 1)  # model a's and model b's
+    batch_size: int = 128
+    lr: float = 1e-3
+    data_seed: int = 0  # the training/test subsets (and digits' split)
+
+    @classmethod
+    def quick(cls) -> ScratchZooConfig:
+        """Digits (1,397 training images of 8×8), MLP widths 1 and 2, ResNet width 1: seconds on one core."""
+        return cls(
+            datasets=("digits",),
+            n_train=None,
+            widths={"mlp": (1, 2), "resnet": (1,)},
+            epochs={"mlp": 20, "resnet": 8},
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ScratchZooConfig:
+        """The config a manifest recorded (JSON turned its tuples into lists)."""
+        out = dict(values)
+        for key in ("datasets", "settings", "seeds"):
+            out[key] = tuple(out[key])
+        out["widths"] = {k: tuple(v) for k, v in out["widths"].items()}
+        out["epochs"] = dict(out["epochs"])
+        return cls(**out)
+
+    def check(self) -> None:
+        """One-line ``MergeError`` for a config that names unknown things or cannot train."""
+        for name in self.datasets:
+            if name not in scratch_data.DATASETS:
+                raise MergeError(
+                    f"unknown dataset {name!r} (choose from: {', '.join(scratch_data.DATASETS)})"
+                )
+        for family, widths in self.widths.items():
+            if family not in FAMILIES:
+                raise MergeError(f"unknown model family {family!r} (choose from: {', '.join(FAMILIES)})")
+            if not all(isinstance(w, int) and w > 0 for w in widths):
+                raise MergeError(f"{family}: width multipliers must be positive integers, got {list(widths)}")
+            if not isinstance(self.epochs.get(family), int) or self.epochs[family] < 1:
+                raise MergeError(
+                    f"{family}: epochs must be a positive integer, got {self.epochs.get(family)!r}"
+                )
+        for name in self.settings:
+            if name not in SETTINGS:
+                raise MergeError(f"unknown setting {name!r} (choose from: {', '.join(SETTINGS)})")
+        if len(self.seeds) != 2 or self.seeds[0] == self.seeds[1]:
+            raise MergeError(
+                f"seeds must be two different integers (model a's and b's), got {list(self.seeds)}"
+            )
+        if self.batch_size < 1 or not self.lr > 0:
+            raise MergeError(f"batch_size must be ≥ 1 and lr > 0, got {self.batch_size} and {self.lr}")
+
+    def training(self, family: str) -> dict[str, Any]:
+        """A family's training hyperparameters, as its stamps and records hold them."""
+        return {
+            "optimizer": "adam",
+            "lr": self.lr,
+            "schedule": "cosine",
+            "batch_size": self.batch_size,
+            "epochs": self.epochs[family],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def architecture(family: str, width: int, image: Sequence[int]) -> dict[str, Any]:
+    """The small-model config of a family at width multiplier ``width`` for images ``(channels, height, width)``."""
+    if family == "mlp":
+        hidden = 128 * width
+        return {"model_type": MLP_TYPE, "sizes": [math.prod(image), hidden, hidden, hidden, 10]}
+    if family == "resnet":
+        return {
+            "model_type": RESNET_TYPE,
+            "in_channels": int(image[0]),
+            "widths": [16 * width, 32 * width, 64 * width],
+            "blocks": [2, 2, 2],
+            "num_classes": 10,
+        }
+    raise MergeError(f"unknown model family {family!r} (choose from: {', '.join(FAMILIES)})")
+
+
+def train_classes(setting: str, side: str) -> tuple[int, ...]:
+    """The classes whose training examples model ``side`` of a ``setting`` pair sees."""
+    return ALL_CLASSES if setting == "same" else SPLIT_CLASSES[side]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two models of one architecture trained from different initializations: ``a`` and ``b`` are their
+    small-model folders (load them with :func:`mergesmith.fit.small_models.load_small_model`)."""
+
+    dataset: str
+    family: str
+    width: int
+    setting: str
+    a: Path
+    b: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}/{self.family}-w{self.width}/{self.setting}"
+
+    def classes(self, side: str) -> tuple[int, ...]:
+        """The classes model ``side`` (``"a"`` or ``"b"``) trained on."""
+        return train_classes(self.setting, side)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training, evaluation, BatchNorm statistics
+
+
+def train_model(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``module`` in place on ``(inputs, labels)`` with cross-entropy: ``epochs`` passes, each a fresh
+    shuffle (a generator seeded with ``seed``) cut into full batches, Adam with a cosine decay of ``lr`` to zero
+    over all steps. Returns ``{"steps", "seconds", "last_loss"}``; the module is left in eval mode."""
+    count = len(labels)
+    if count == 0:
+        raise MergeError(f"{desc}: no training examples")
+    batch = min(batch_size, count)
+    per_epoch = count // batch
+    steps = epochs * per_epoch
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    module.train().requires_grad_(True)
+    start, loss_value = time.perf_counter(), math.nan
+    bar = tqdm(total=steps, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=not progress)
+    for _ in range(epochs):
+        order = torch.randperm(count, generator=g)
+        for k in range(per_epoch):
+            index = order[k * batch : (k + 1) * batch]
+            loss = F.cross_entropy(module(inputs[index]), labels[index])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_value = float(loss.detach())
+            bar.update()
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+    bar.close()
+    module.eval().requires_grad_(False)
+    return {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "last_loss": loss_value}
+
+
+def evaluate(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> dict:
+    """``module``'s outcomes on ``(inputs, labels)`` in eval mode without gradients: per example ``correct``
+    (bool: the arg-max logit is the label) and ``loss`` (float32 cross-entropy), and their means ``accuracy`` and
+    ``mean_loss`` (floats). The module's training flag is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    correct, losses = [], []
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
+            logits = module(x).float()
+            correct.append(logits.argmax(dim=1) == y)
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
+    module.train(was_training)
+    hits = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    loss = torch.cat(losses) if losses else torch.zeros(0)
+    return {
+        "correct": hits,
+        "loss": loss,
+        "accuracy": float(hits.float().mean()) if len(hits) else math.nan,
+        "mean_loss": float(loss.double().mean()) if len(loss) else math.nan,
+    }
+
+
+def reset_batchnorm(module: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm's running mean and variance on ``inputs``: the statistics are reset, then one
+    pass in batches with the BatchNorms in training mode and cumulative averaging (momentum None: the running
+    values become the plain average of the batches' mean and unbiased variance), the rest of the module in eval
+    mode. The module ends in eval mode with its BatchNorms' momentum as before. A no-op without BatchNorm (what a
+    merged model needs before it is evaluated: REPAIR's "reset")."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    module.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                module(inputs[start : start + batch_size])
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        module.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The zoo on disk
+
+
+class ScratchZoo:
+    """A built from-scratch zoo: its config, its model pairs and its data."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.exists():
+            raise MergeError(f"{self.root}: no from-scratch zoo here (run `mergesmith zoo build scratch`)")
+        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        self.config = ScratchZooConfig.from_dict(self.manifest["config"])
+
+    def pairs(self) -> list[Pair]:
+        """Every pair, in build order (dataset, family, width, setting)."""
+        return [
+            Pair(p["dataset"], p["family"], p["width"], p["setting"], self.root / p["a"], self.root / p["b"])
+            for p in self.manifest["pairs"]
+        ]
+
+    def data(self, dataset: str) -> dict[str, torch.Tensor]:
+        """``train_inputs``, ``train_labels``, ``test_inputs`` and ``test_labels`` of ``dataset``."""
+        if dataset not in self.manifest["data"]:
+            raise MergeError(
+                f"{self.root}: the zoo has no dataset {dataset!r} (it has: {', '.join(self.manifest['data'])})"
+            )
+        return load_file(self.root / "data" / f"{dataset}.safetensors")
+
+    def record(self, folder: str | Path) -> dict[str, Any]:
+        """A model's stage record (training and test numbers)."""
+        return json.loads((Path(folder) / RECORD).read_text())
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Replace ``path`` in one rename: a kill never leaves a torn file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _make_data(root: Path, dataset: str, config: ScratchZooConfig, folder: Path | None) -> dict[str, Any]:
+    """``data/<dataset>.safetensors`` and its record, reused when the record's stamp and the file's sha256 match."""
+    path = root / "data" / f"{dataset}.safetensors"
+    info_path = path.with_suffix(".json")
+    stamp = _digest(
+        {
+            "dataset": dataset,
+            "n_train": config.n_train,
+            "n_test": config.n_test,
+            "seed": config.data_seed,
+            "format": DATA_FORMAT,
+        }
+    )
+    info = _read_record(info_path)
+    if (
+        info is not None
+        and info.get("stamp") == stamp
+        and path.exists()
+        and sha256_file(path) == info["sha256"]
+    ):
+        return info
+    started = time.perf_counter()
+    tensors, norm = scratch_data.prepare(dataset, config.n_train, config.n_test, config.data_seed, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+    info = {
+        "stamp": stamp,
+        "sha256": sha256_file(path),
+        "image": list(tensors["train_inputs"].shape[1:]),
+        "train": len(tensors["train_labels"]),
+        "test": len(tensors["test_labels"]),
+        "normalization": norm,
+        "source": scratch_data.FASHION_PACKAGE
+        if dataset == "fashion_mnist"
+        else "sklearn.datasets.load_digits",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write_json(info_path, info)
+    return info
+
+
+def _stage_done(folder: Path, stamp: str) -> bool:
+    info = _read_record(folder / RECORD)
+    return info is not None and info.get("stamp") == stamp and (folder / "model.safetensors").exists()
+
+
+def _train_stage(
+    folder: Path,
+    stamp: str,
+    arch: dict[str, Any],
+    data: Mapping[str, torch.Tensor],
+    classes: tuple[int, ...],
+    seed: int,
+    training: dict[str, Any],
+    info: dict[str, Any],
+    desc: str,
+    progress: bool,
+) -> None:
+    """Train one model on the training examples of ``classes`` and write its folder with its record."""
+    keep = torch.isin(data["train_labels"], torch.tensor(classes))
+    # the global generator is the caller's: draw the initialization from a forked copy
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build(arch)
+    report = train_model(
+        module,
+        data["train_inputs"][keep],
+        data["train_labels"][keep],
+        epochs=training["epochs"],
+        batch_size=training["batch_size"],
+        lr=training["lr"],
+        seed=seed,
+        desc=desc,
+        progress=progress,
+    )
+    test_labels = data["test_labels"]
+    outcome = evaluate(module, data["test_inputs"], test_labels)
+    correct = outcome["correct"]
+    own = torch.isin(test_labels, torch.tensor(classes))
+    record = {
+        "stamp": stamp,
+        **info,
+        "seed": seed,
+        "classes": list(classes),
+        "train_examples": int(keep.sum()),
+        "training": training,
+        **report,
+        "test_accuracy": outcome["accuracy"],
+        "test_accuracy_own": float(correct[own].float().mean()),
+        "test_loss": outcome["mean_loss"],
+        "test_accuracy_per_class": [
+            round(float(correct[test_labels == c].float().mean()), 4) for c in ALL_CLASSES
+        ],
+    }
+    with atomic_folder(folder, force=True) as tmp:
+        save_small_model(module, arch, tmp)
+        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def build_scratch_zoo(
+    quick: bool = False,
+    root: str | Path | None = None,
+    config: ScratchZooConfig | None = None,
+    progress: bool = True,
+    fashion_folder: str | Path | None = None,
+) -> Path:
+    """Build (or finish building) the from-scratch zoo; returns its folder (``zoo_dir("scratch")``, or
+    ``zoo_dir("scratch-quick")`` with ``quick``, unless ``root`` is given). ``config`` replaces the full or quick
+    config; ``fashion_folder`` replaces the Debian package's Fashion-MNIST idx folder."""
+    config = config or (ScratchZooConfig.quick() if quick else ScratchZooConfig())
+    config.check()
+    root = Path(root) if root is not None else zoo_dir("scratch", quick=quick)
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    jobs = [
+        (dataset, family, width, setting)
+        for dataset in config.datasets
+        for family, widths in config.widths.items()
+        for width in widths
+        for setting in config.settings
+    ]
+    manifest: dict[str, Any] = {"config": config.to_dict(), "data": {}, "pairs": []}
+    trained = reused = 0
+    total, done = 2 * len(jobs), 0
+    for dataset in config.datasets:
+        info = _make_data(root, dataset, config, Path(fashion_folder) if fashion_folder else None)
+        manifest["data"][dataset] = info
+        data = load_file(root / "data" / f"{dataset}.safetensors")
+        for _, family, width, setting in [j for j in jobs if j[0] == dataset]:
+            arch = architecture(family, width, info["image"])
+            training = config.training(family)
+            pair: dict[str, Any] = {"dataset": dataset, "family": family, "width": width, "setting": setting}
+            for side, seed in zip(SIDES, config.seeds):
+                done += 1
+                folder = root / "models" / dataset / f"{family}-w{width}" / setting / side
+                classes = train_classes(setting, side)
+                what = {
+                    "dataset": dataset,
+                    "family": family,
+                    "width": width,
+                    "setting": setting,
+                    "side": side,
+                }
+                stamp = _digest(
+                    {
+                        "data": info["sha256"],
+                        "arch": arch,
+                        **what,
+                        "classes": classes,
+                        "seed": seed,
+                        **training,
+                    }
+                )
+                if _stage_done(folder, stamp):
+                    reused += 1
+                else:
+                    desc = f"[{done}/{total}] {dataset} {family}-w{width} {setting} {side}"
+                    _train_stage(folder, stamp, arch, data, classes, seed, training, what, desc, progress)
+                    trained += 1
+                pair[side] = str(folder.relative_to(root))
+                pair[f"{side}_record"] = _read_record(folder / RECORD)
+            manifest["pairs"].append(pair)
+    manifest["build"] = {
+        "trained": trained,
+        "reused": reused,
+        "seconds": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+    }
+    _write_json(root / "manifest.json", manifest)
+    return root
+
+
+def summary(zoo: ScratchZoo) -> str:
+    """The build's counts and every pair's test accuracy (own classes / all ten, %) as a plain table."""
+    build_info = zoo.manifest["build"]
+    lines = [
+        f"{build_info['trained'] + build_info['reused']} models: {build_info['trained']} trained, "
+        f"{build_info['reused']} reused ({build_info['seconds']:.1f} s)",
+        f"{'dataset':<14} {'model':<10} {'setting':<8} {'a: own / all':>14} {'b: own / all':>14}"
+        "   (test accuracy, %)",
+    ]
+    for p in zoo.manifest["pairs"]:
+        cells = [
+            f"{100 * p[f'{s}_record']['test_accuracy_own']:.1f} / {100 * p[f'{s}_record']['test_accuracy']:.1f}"
+            for s in SIDES
+        ]
+        model = f"{p['family']}-w{p['width']}"
+        lines.append(f"{p['dataset']:<14} {model:<10} {p['setting']:<8} {cells[0]:>14} {cells[1]:>14}")
+    return "\n".join(lines)
