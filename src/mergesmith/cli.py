@@ -422,6 +422,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.bench_file is not None:
         return _bench_suite(args)
+    if args.zoo == "scratch":  # models of different initializations: alignment, PLeaS (its own tables)
+        from mergesmith.bench.zoo.align_bench import markdown as align_markdown
+        from mergesmith.bench.zoo.align_bench import run_align_bench
+
+        results = run_align_bench(quick=args.quick, out=Path(args.out))
+        print(align_markdown(results))
+        return 0
     if args.zoo == "llm":  # the LLM zoo is a BENCH.yaml suite: its results go to <out>/llm.*
         from mergesmith.bench.zoo.llm import build_llm_zoo
 
@@ -954,7 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data and metrics; see docs/benchmark.md).",
     )
     p.add_argument("bench_file", nargs="?", default=None, metavar="BENCH.yaml", help="your own benchmark")
-    p.add_argument("--zoo", default="text8", choices=["text8", "llm"])
+    p.add_argument("--zoo", default="text8", choices=["text8", "llm", "scratch"])
     p.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (and community rows)")
     p.add_argument(
         "--seeds",

@@ -45,10 +45,6 @@ MATCH_EXAMPLES, MATCH_BATCH = 2048, 256  # training inputs for activation matchi
 MATCHINGS = ("naive", "weight", "activation")
 
 
-def pair_key(pair: Pair) -> str:
-    return f"{pair.dataset}-{pair.family}-w{pair.width}-{pair.setting}"
-
-
 def interpolate(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float
 ) -> dict[str, torch.Tensor]:
@@ -103,7 +99,7 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
     perms["activation"] = {g: solve_assignment(costs[g]) for g in spec.groups}
     timings["activation_matching_s"] = round(time.perf_counter() - t, 3)
     row: dict[str, Any] = {
-        "pair": pair_key(pair),
+        "pair": pair.name,
         "dataset": pair.dataset,
         "family": pair.family,
         "width": pair.width,
@@ -111,7 +107,7 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
     row |= {"setting": pair.setting, "weight_matching_sweeps": report.sweeps, **timings}
     outcomes: dict[str, torch.Tensor] = {}
     paths = {}
-    bar = tqdm(total=len(MATCHINGS) * len(LAMBDAS), desc=pair_key(pair), leave=False, disable=not progress)
+    bar = tqdm(total=len(MATCHINGS) * len(LAMBDAS), desc=pair.name, leave=False, disable=not progress)
     for matching in MATCHINGS:
         aligned = permute_state(b, spec, perms[matching])
         points = []
@@ -139,6 +135,7 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
     with torch.no_grad():
         logits = (module_a(data["test_inputs"]) + module_b(data["test_inputs"])) / 2
     outcomes["ensemble"] = logits.argmax(1) == data["test_labels"]
+    outcomes = {k: v.bool() for k, v in outcomes.items()}
     row["pleas"] = _pleas_rows(pair, config, data, match_inputs, outcomes)
     row["accuracy"] = {name: _interval(c) for name, c in outcomes.items()}
     row["vs_naive"] = {
@@ -195,11 +192,16 @@ def _pleas_rows(
 
 
 def run_align_bench(
-    quick: bool = False, out: Path = Path("bench/results"), progress: bool = True
+    quick: bool = False,
+    out: Path = Path("bench/results"),
+    progress: bool = True,
+    zoo: ScratchZoo | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Every pair of the (quick) from-scratch zoo; finished pairs are reused from ``out/runs/align``."""
-    zoo = ScratchZoo(build_scratch_zoo(quick=quick, progress=progress))
-    name = "align-quick" if quick else "align"
+    """Every pair of the (quick) from-scratch zoo, or of ``zoo``; finished pairs are reused from
+    ``out/runs/align``."""
+    zoo = zoo or ScratchZoo(build_scratch_zoo(quick=quick, progress=progress))
+    name = name or ("align-quick" if quick else "align")
     cache = out / "runs" / "align"
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -207,7 +209,7 @@ def run_align_bench(
         stamps = [
             json.loads((folder / "mergesmith_zoo.json").read_text())["stamp"] for folder in (pair.a, pair.b)
         ]
-        path = cache / f"{name}-{pair_key(pair)}.json"
+        path = cache / f"{name}-{pair.name.replace('/', '-')}.json"
         if path.exists() and json.loads(path.read_text()).get("stamps") == stamps:
             rows.append(json.loads(path.read_text())["row"])
             continue

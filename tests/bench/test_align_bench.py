@@ -1,0 +1,66 @@
+"""The alignment benchmark on the tiny digits zoo: every row's pieces, the path's ends, PLeaS at 2× = the
+ensemble, the reports, and a rerun that reuses finished pairs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mergesmith.bench.zoo import align_bench
+from mergesmith.bench.zoo.scratch import ScratchZoo, build_scratch_zoo, evaluate
+from mergesmith.fit.small_models import load_small_model
+from tests.bench.test_scratch_zoo import TINY
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    zoo = ScratchZoo(build_scratch_zoo(root=root / "zoo", config=TINY, progress=False))
+    out = root / "results"
+    return zoo, out, align_bench.run_align_bench(out=out, progress=False, zoo=zoo, name="align-test")
+
+
+def test_every_pair_has_its_paths_barriers_and_rows(results):
+    zoo, _out, found = results
+    assert len(found["rows"]) == len(zoo.pairs()) == 4
+    for row, pair in zip(found["rows"], zoo.pairs()):
+        data = zoo.data(pair.dataset)
+        for side, folder in (("model_a", pair.a), ("model_b", pair.b)):
+            direct = evaluate(load_small_model(folder)[0], data["test_inputs"], data["test_labels"])
+            assert row["accuracy"][side]["estimate"] == pytest.approx(float(direct["correct"].float().mean()))
+        for matching in align_bench.MATCHINGS:
+            path = row["paths"][matching]
+            assert [p["lambda"] for p in path["points"]] == list(align_bench.LAMBDAS)
+            assert path["loss_barrier"] >= 0 and path["accuracy_barrier"] >= 0
+        acc = row["accuracy"]
+        assert all(v["low"] <= v["estimate"] <= v["high"] for v in acc.values())
+        if pair.family == "mlp":  # least squares reproduces the ensemble when every unit is kept
+            assert abs(acc["pleas@2.0"]["estimate"] - acc["ensemble"]["estimate"]) <= 0.01
+            assert row["pleas"]["1.0"]["sizes"] == load_small_model(pair.a)[1]["sizes"]
+        else:
+            assert "skipped" in row["pleas"] and "pleas@1.0" not in acc
+        assert 0 <= row["diagnostics_mean"]["relative_distance"] <= 1.0 + 1e-9
+
+
+def test_reports_and_a_rerun_reuses_every_pair(results, monkeypatch):
+    zoo, out, found = results
+    assert json.loads((out / "align-test.json").read_text())["rows"] == json.loads(json.dumps(found["rows"]))
+    table = (out / "align-test.md").read_text()
+    assert "Barriers" in table and "pleas@1.5" in table and (out / "align-test.png").stat().st_size > 0
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a finished pair ran again")
+
+    monkeypatch.setattr(align_bench, "run_pair", no_run)
+    again = align_bench.run_align_bench(out=out, progress=False, zoo=zoo, name="align-test")
+    assert again["rows"] == found["rows"]
