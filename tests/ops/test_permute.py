@@ -44,8 +44,15 @@ def decoder(model_type: str, seed: int = 0, **extra) -> torch.nn.Module:
 
 
 def encoder(model_type: str, head: str = "mlm", seed: int = 0) -> torch.nn.Module:
-    config_class = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[model_type]
+    config_class = {
+        "bert": transformers.BertConfig,
+        "roberta": transformers.RobertaConfig,
+        "xlm-roberta": transformers.XLMRobertaConfig,
+        "electra": transformers.ElectraConfig,
+    }[model_type]
+    extra = {"embedding_size": 32} if model_type == "electra" else {}
     config = config_class(
+        **extra,
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
@@ -73,6 +80,8 @@ MODELS = {
     "bert-sequence": lambda seed=0: encoder("bert", "sequence", seed),
     "bert-token": lambda seed=0: encoder("bert", "token", seed),
     "roberta-sequence": lambda seed=0: encoder("roberta", "sequence", seed),
+    "xlm-roberta-token": lambda seed=0: encoder("xlm-roberta", "token", seed),
+    "electra-sequence": lambda seed=0: encoder("electra", "sequence", seed),
 }
 
 
