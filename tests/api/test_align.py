@@ -280,3 +280,40 @@ def test_pleas_on_a_from_scratch_mlp_widens_layers_to_the_budget(tmp_path):
     with pytest.raises(RecipeError, match="'inputs' tensor"):
         save_file({"x": inputs}, str(tmp_path / "bad.safetensors"))
         pleas(*folders, tmp_path / "bad", budget=1.2, data=tmp_path / "bad.safetensors")
+
+
+def test_pleas_on_a_from_scratch_resnet_writes_stream_and_block_widths(tmp_path):
+    """Two tiny ResNets: at budget 2.0 every stream and block keeps both models' channels, and with BatchNorm
+    statistics recomputed on the same data the merge computes the ensemble of the two (recomputed) models."""
+    from safetensors.torch import save_file
+
+    from mergesmith.api.pleas import pleas
+    from mergesmith.fit.small_models import build, load_small_model, reset_batchnorm, save_small_model
+
+    config = {
+        "model_type": "mergesmith_resnet",
+        "in_channels": 1,
+        "widths": [4, 8],
+        "blocks": [1, 1],
+        "num_classes": 3,
+    }
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folders.append(save_small_model(build(config), config, tmp_path / f"r{seed}"))
+    inputs = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    save_file({"inputs": inputs}, str(tmp_path / "inputs.safetensors"))
+    result = pleas(
+        *folders, tmp_path / "wide", budget=2.0, data=tmp_path / "inputs.safetensors", method="weight"
+    )
+    merged, merged_config = load_small_model(result.out_dir)
+    assert merged_config["widths"] == [8, 16] and merged_config["inner_widths"] == [[8], [16]]
+    a, b = (load_small_model(f)[0] for f in folders)
+    for model in (a, b):
+        reset_batchnorm(model, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(inputs), (a(inputs) + b(inputs)) / 2, rtol=1e-3, atol=1e-3)
+    half = pleas(*folders, tmp_path / "half", budget=1.3, data=tmp_path / "inputs.safetensors")
+    record = json.loads((half.out_dir / "pleas.json").read_text())
+    assert 1.0 < half.budget <= 1.3 + 1e-9 and any(r > 0 for r in record["ratios"].values())
+    assert torch.isfinite(load_small_model(half.out_dir)[0](inputs)).all()

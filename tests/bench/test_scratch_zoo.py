@@ -26,11 +26,10 @@ from mergesmith.bench.zoo.scratch import (
     ScratchZooConfig,
     build_scratch_zoo,
     evaluate,
-    reset_batchnorm,
 )
 from mergesmith.cli import main
 from mergesmith.errors import MergeError
-from mergesmith.fit.small_models import build, load_small_model
+from mergesmith.fit.small_models import build, load_small_model, reset_batchnorm
 
 # digits, one MLP and one ResNet width, both settings: 8 models in ~5 s on one core
 TINY = ScratchZooConfig(

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mergesmith.arch.permutation import AxisGroup, PermutationSpec
-from mergesmith.fit.least_squares import _solve, refit_linear_layers
+from mergesmith.fit.least_squares import _solve, refit_layers
 from mergesmith.ops.partial_merge import (
     UnitSplit,
     budget_of,
@@ -142,7 +142,7 @@ def test_refit_reproduces_the_ensemble_and_never_fits_worse():
     for ratio in (1.0, 0.5):
         splits = {"h": split_units(torch.linspace(0, 1, 6), ratio)}
         merged = partial_merge(spec, a.state_dict(), b.state_dict(), splits)
-        refit = refit_linear_layers(spec, splits, merged, a, b, batches)
+        refit = refit_layers(spec, splits, merged, a, b, batches)
         with torch.no_grad():
             if ratio == 1.0:  # the ensemble is exactly reachable: least squares finds it
                 torch.testing.assert_close(widened(refit)(x), (a(x) + b(x)) / 2, rtol=1e-4, atol=1e-4)

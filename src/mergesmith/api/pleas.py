@@ -7,8 +7,8 @@ a partial merge to a width budget, then layerwise least squares.
 3. Refit every linear layer to the permuted ensemble's activations in closed form
    (:mod:`mergesmith.fit.least_squares`); BatchNorm statistics are recomputed on the data (CNNs).
 
-Which groups widen: every hidden group of the from-scratch MLP/CNN format (per-group ratios, the budget met
-greedily, the worst-matching groups widened first); for Hugging Face families only the FFN units, with one ratio for
+Which groups widen: every hidden group of the from-scratch MLP/ResNet format (per-group ratios, the budget met
+greedily, the worst-matching groups widened first; a ResNet's stage streams and block interiors alike); for Hugging Face families only the FFN units, with one ratio for
 all layers (a config has one ``intermediate_size``; widening the residual stream would change what RMSNorm and
 LayerNorm average over, and heads would change the head count) — their heads and residual stream are merged as in
 Git Re-Basin. The output is a model of the same family whose config holds the new widths.
@@ -31,8 +31,15 @@ from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit.activations import unit_correlations
 from mergesmith.fit.data import Encoded, encode
 from mergesmith.fit.hf import load_as_saved, load_tokenizer
-from mergesmith.fit.least_squares import refit_linear_layers
-from mergesmith.fit.small_models import MLP_TYPE, RESNET_TYPE, build, load_small_model, save_small_model
+from mergesmith.fit.least_squares import refit_layers
+from mergesmith.fit.small_models import (
+    MLP_TYPE,
+    RESNET_TYPE,
+    build,
+    load_small_model,
+    reset_batchnorm,
+    save_small_model,
+)
 from mergesmith.io.models import open_model
 from mergesmith.io.output import atomic_folder
 from mergesmith.io.reader import Source, SourceTensors
@@ -139,12 +146,7 @@ def pleas(
     check_same_architecture(source_a, source_b)
     spec = spec_for(source_a, residual=True)
     family = str(source_a.config.get("model_type"))
-    if family == RESNET_TYPE:
-        raise CheckpointError(
-            f"{source_a.label}: PLeaS on {RESNET_TYPE} is not supported yet (per-block widths need a config key, "
-            "convolutions a least-squares step); align it with `mergesmith align` instead"
-        )
-    small = family == MLP_TYPE
+    small = family in (MLP_TYPE, RESNET_TYPE)
     groups = spec.groups if small else [g for g in spec.groups if g.endswith(FFN_SUFFIXES)]
     if not groups:
         raise CheckpointError(f"{source_a.label}: no FFN units to widen (PLeaS widens FFN layers)")
@@ -168,7 +170,7 @@ def pleas(
     merged = partial_merge(spec, a, b_aligned, splits)
     module_b_aligned = load(source_b.folder)
     module_b_aligned.load_state_dict(b_aligned)
-    merged = refit_linear_layers(spec, splits, merged, module_a, module_b_aligned, batches)
+    merged = refit_layers(spec, splits, merged, module_a, module_b_aligned, batches, seed)
     achieved = budget_of(ratios, costs)
     record = {
         "method": "pleas",
@@ -186,16 +188,9 @@ def pleas(
         "seed": seed,
     }
     if small:
-        config = dict(source_a.config)
-        config["sizes"] = (
-            [config["sizes"][0]]
-            + [
-                splits[f"layers.{i}"].width if f"layers.{i}" in splits else n
-                for i, n in enumerate(config["sizes"][1:-1])
-            ]
-            + [config["sizes"][-1]]
-        )
-        _write_small(config, merged, Path(out), record, force)
+        widths = {g: splits[g].width if g in splits else n for g, n in spec.sizes.items()}
+        config = _small_config(dict(source_a.config), widths)
+        _write_small(config, merged, Path(out), record, force, torch.cat(batches))
     else:
         width = next(iter(splits.values())).width if splits else spec.sizes[groups[0]]
         _write_hf(
@@ -204,11 +199,30 @@ def pleas(
     return PleasResult(Path(out), achieved, ratios, time.perf_counter() - started)
 
 
+def _small_config(config: dict[str, Any], widths: dict[str, int]) -> dict[str, Any]:
+    """The from-scratch config with the merged widths: an MLP's ``sizes``; a ResNet's stage ``widths`` (its
+    streams) and per-block ``inner_widths``."""
+    if config["model_type"] == MLP_TYPE:
+        hidden = [widths.get(f"layers.{i}", n) for i, n in enumerate(config["sizes"][1:-1])]
+        return config | {"sizes": [config["sizes"][0], *hidden, config["sizes"][-1]]}
+    stages = range(1, len(config["widths"]) + 1)
+    stream = [widths.get(f"stage{s}", config["widths"][s - 1]) for s in stages]
+    inner = [[widths[f"layer{s}.{b}"] for b in range(config["blocks"][s - 1])] for s in stages]
+    return config | {"widths": stream, "inner_widths": inner}
+
+
 def _write_small(
-    config: dict[str, Any], tensors: dict[str, torch.Tensor], out: Path, record: dict, force: bool
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    out: Path,
+    record: dict,
+    force: bool,
+    inputs: torch.Tensor,
 ) -> None:
+    """The merged from-scratch model, its BatchNorm statistics recomputed on the data (a no-op for an MLP)."""
     module = build(config)
     module.load_state_dict(tensors)
+    reset_batchnorm(module, inputs)
     with atomic_folder(out, force=force) as folder:
         save_small_model(module, config, folder)
         (folder / RECORD).write_text(json.dumps(record, indent=1) + "\n")

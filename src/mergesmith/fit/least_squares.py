@@ -1,4 +1,5 @@
-"""PLeaS's least-squares step: each linear layer of the partial merge refit to the permuted ensemble.
+"""PLeaS's least-squares step: each linear (and convolution) layer of the partial merge refit to the permuted
+ensemble.
 
 For a linear layer ℓ, the two models' inputs X_A, X_B and outputs Y_A, Y_B on the data (B in A's unit order) are
 arranged the way the partial merge arranges the layer's units (:mod:`mergesmith.ops.partial_merge`): merged units
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mergesmith.arch.permutation import PermutationSpec
@@ -28,21 +30,39 @@ from mergesmith.ops.permute import block_index
 RIDGE = 1e-6  # relative to the mean diagonal of X̃ᵀX̃: conditioning only
 
 
-def _arrange(a: torch.Tensor, b: torch.Tensor, entry: Any, splits: Mapping[str, UnitSplit]) -> torch.Tensor:
-    """(samples × features) of A and B as the partial merge lays the features out."""
+CONV_POSITIONS = 16  # output positions sampled per image for a convolution's least squares (seeded)
+
+
+def _arrange(
+    a: torch.Tensor, b: torch.Tensor, entry: Any, splits: Mapping[str, UnitSplit], spread: int = 1
+) -> torch.Tensor:
+    """(samples × features) of A and B as the partial merge lays the features out; ``spread`` features per
+    channel (a convolution's unfolded kernel positions)."""
     if entry is None or entry.group not in splits:
         return (a + b) / 2
     split = splits[entry.group]
-    merged, separate = block_index(split.merged, entry.block), block_index(split.separate, entry.block)
+    block = entry.block * spread
+    merged, separate = block_index(split.merged, block), block_index(split.separate, block)
     return torch.cat([(a[:, merged] + b[:, merged]) / 2, a[:, separate], b[:, separate]], 1)
 
 
-def _segments(entry: Any, splits: Mapping[str, UnitSplit]) -> tuple[int, int] | None:
+def _segments(entry: Any, splits: Mapping[str, UnitSplit], spread: int = 1) -> tuple[int, int] | None:
     """(merged, separate) sizes of an axis the partial merge splits, else None."""
     if entry is None or entry.group not in splits:
         return None
     split = splits[entry.group]
-    return len(split.merged) * entry.block, len(split.separate) * entry.block
+    return len(split.merged) * entry.block * spread, len(split.separate) * entry.block * spread
+
+
+def _conv_samples(
+    conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution as a linear map: the unfolded input patches (channel-major: channel c owns columns
+    c·k² … (c+1)·k² − 1, as the flattened kernel) and the outputs, at the sampled output positions."""
+    patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, C·k², L)
+    outputs = y.flatten(2)  # (B, C', L)
+    pick = lambda t: t[:, :, positions].permute(0, 2, 1).reshape(-1, t.shape[1]).double()  # noqa: E731
+    return pick(patches), pick(outputs)
 
 
 class _InputsOutputs:
@@ -82,35 +102,51 @@ def _run(module: nn.Module, batch: Encoded | torch.Tensor) -> torch.Tensor | Non
         return None
 
 
-def refit_linear_layers(
+def refit_layers(
     spec: PermutationSpec,
     splits: Mapping[str, UnitSplit],
     merged: Mapping[str, torch.Tensor],
     module_a: nn.Module,
     module_b_aligned: nn.Module,
     batches: Iterable[Encoded | torch.Tensor],
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The partial merge ``merged`` with every linear layer the spec covers refit (module docstring); other tensors
+    """The partial merge ``merged`` with every linear and (ungrouped) 2-D convolution layer the spec covers refit
+    (module docstring; a convolution on ``CONV_POSITIONS`` seeded output positions per image); other tensors
     unchanged. ``module_b_aligned`` is B with its units already in A's order."""
     layers = {
         n: m
         for n, m in module_a.named_modules()
-        if isinstance(m, nn.Linear) and f"{n}.weight" in spec.axes and f"{n}.weight" in merged
+        if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
+        and f"{n}.weight" in spec.axes
+        and f"{n}.weight" in merged
     }
     rec_a, rec_b = _InputsOutputs(module_a, layers), _InputsOutputs(module_b_aligned, layers)
     grams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    generator = torch.Generator().manual_seed(seed)
     try:
         for batch in batches:
             keep = _run(module_a, batch)
             _run(module_b_aligned, batch)
             seen_a, seen_b = rec_a.take(), rec_b.take()
-            for name in layers:
+            for name, layer in layers.items():
                 if name not in seen_a:
                     continue
                 axes = spec.axes[f"{name}.weight"]
                 (xa, ya), (xb, yb) = seen_a[name], seen_b[name]
-                x = _arrange(_rows(xa, keep), _rows(xb, keep), axes[1], splits)
-                y = _arrange(_rows(ya, keep), _rows(yb, keep), axes[0], splits)
+                spread = 1
+                if isinstance(layer, nn.Conv2d):
+                    spread = layer.kernel_size[0] * layer.kernel_size[1]
+                    length = ya.shape[2] * ya.shape[3]
+                    positions = torch.randperm(length, generator=generator)[: min(CONV_POSITIONS, length)]
+                    (xa, ya), (xb, yb) = (
+                        _conv_samples(layer, xa, ya, positions),
+                        _conv_samples(layer, xb, yb, positions),
+                    )
+                else:
+                    xa, ya, xb, yb = (_rows(t, keep) for t in (xa, ya, xb, yb))
+                x = _arrange(xa, xb, axes[1], splits, spread)
+                y = _arrange(ya, yb, axes[0], splits)
                 x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # the bias column
                 gram, cross = grams.get(name, (0.0, 0.0))
                 grams[name] = (gram + x.T @ x, cross + x.T @ y)  # type: ignore[assignment]
@@ -122,8 +158,11 @@ def refit_linear_layers(
         axes = spec.axes[f"{name}.weight"]
         weight = merged[f"{name}.weight"]
         has_bias = f"{name}.bias" in merged
-        solution = _solve(gram, cross, _segments(axes[0], splits), _segments(axes[1], splits), has_bias)
-        out[f"{name}.weight"] = solution[:, :-1].to(weight.dtype)
+        spread = weight[0, 0].numel() if weight.dim() == 4 else 1
+        solution = _solve(
+            gram, cross, _segments(axes[0], splits), _segments(axes[1], splits, spread), has_bias
+        )
+        out[f"{name}.weight"] = solution[:, :-1].reshape(weight.shape).to(weight.dtype)
         if has_bias:
             out[f"{name}.bias"] = solution[:, -1].to(merged[f"{name}.bias"].dtype)
     return out

@@ -18,7 +18,9 @@ stride-1 stem ``conv1`` (no bias) and BatchNorm ``bn1`` (``weight``, ``bias``, `
 ``widths[s-1]``, each ``conv1 → bn1 → ReLU → conv2 → bn2``, plus the shortcut, then ReLU; the first block of
 every stage after the first has stride 2, and a block whose width or stride changes has a projection shortcut
 ``downsample.0`` (1×1 conv, no bias) and ``downsample.1`` (BatchNorm); then global average pooling and ``fc``
-(``weight``, ``bias``). Widths are the channels themselves (a width multiplier k writes ``[16k, 32k, 64k]``).
+(``weight``, ``bias``). Widths are the channels themselves (a width multiplier k writes ``[16k, 32k, 64k]``). An
+optional ``inner_widths`` (per stage, one width per block) sets each block's ``conv1`` output width (default: the
+stage's width; a PLeaS merge writes it).
 
 In Python::
 
@@ -71,11 +73,12 @@ class MLP(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3×3 convolutions with BatchNorm, and a 1×1 projection shortcut where the width or stride changes."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int):
+    def __init__(self, in_channels: int, channels: int, stride: int, inner: int | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        inner = inner or channels  # conv1's output width (PLeaS widens it on its own)
+        self.conv1 = nn.Conv2d(in_channels, inner, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != channels:
@@ -92,7 +95,14 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A CIFAR-style ResNet: 3×3 stem, stages ``layer1…`` of BasicBlocks, global average pooling, ``fc``."""
 
-    def __init__(self, in_channels: int, widths: list[int], blocks: list[int], num_classes: int):
+    def __init__(
+        self,
+        in_channels: int,
+        widths: list[int],
+        blocks: list[int],
+        num_classes: int,
+        inner_widths: list[list[int]] | None = None,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -100,7 +110,8 @@ class ResNet(nn.Module):
         for s, (width, count) in enumerate(zip(widths, blocks), start=1):
             stage = []
             for b in range(count):
-                stage.append(BasicBlock(channels, width, 2 if s > 1 and b == 0 else 1))
+                inner = inner_widths[s - 1][b] if inner_widths is not None else width
+                stage.append(BasicBlock(channels, width, 2 if s > 1 and b == 0 else 1, inner))
                 channels = width
             self.add_module(f"layer{s}", nn.Sequential(*stage))
         self.stages = len(widths)
@@ -141,11 +152,21 @@ def build(config: Mapping[str, Any]) -> nn.Module:
             raise CheckpointError(
                 f"config.json: 'widths' has {len(widths)} stages but 'blocks' has {len(blocks)}"
             )
+        inner = config.get("inner_widths")
+        if inner is not None and (
+            not isinstance(inner, list)
+            or [len(row) if isinstance(row, list) else -1 for row in inner] != list(blocks)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for row in inner for v in row)
+        ):
+            raise CheckpointError(
+                "config.json: 'inner_widths' must list, per stage, one positive width per block (as 'blocks')"
+            )
         return ResNet(
             _ints(config, "in_channels", single=True),
             list(widths),
             list(blocks),
             _ints(config, "num_classes", single=True),
+            inner,
         )
     raise CheckpointError(
         f"config.json: model_type {family!r} is not a small model (supported: {', '.join(SMALL_TYPES)})"
@@ -214,3 +235,28 @@ def load_small_model(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     finally:
         weights.close()
     return module.eval(), config
+
+
+def reset_batchnorm(module: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm's running mean and variance on ``inputs``: the statistics are reset, then one
+    pass in batches with the BatchNorms in training mode and cumulative averaging (momentum None: the running
+    values become the plain average of the batches' mean and unbiased variance), the rest of the module in eval
+    mode. The module ends in eval mode with its BatchNorms' momentum as before. A no-op without BatchNorm (what a
+    merged model needs before it is evaluated: REPAIR's "reset")."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    module.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                module(inputs[start : start + batch_size])
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        module.eval()

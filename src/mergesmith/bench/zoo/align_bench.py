@@ -7,7 +7,7 @@ Per pair (dataset, family, width, setting):
   matching and activation matching: test loss and accuracy at each λ (BatchNorm statistics recomputed on training
   inputs at every point, as Git Re-Basin's REPAIR-free baseline does for ResNets), and the **barriers**
   max_λ [loss(λ) − ((1 − λ) loss(0) + λ loss(1))] and max_λ [((1 − λ) acc(0) + λ acc(1)) − acc(λ)];
-- **merged accuracy** at λ = 0.5 for the three, PLeaS at width budgets 1.0 / 1.2 / 1.5 / 2.0 (MLPs), the ensemble
+- **merged accuracy** at λ = 0.5 for the three, PLeaS at width budgets 1.0 / 1.2 / 1.5 / 2.0, the ensemble
   (mean logits) and each model, with 95 % bootstrap intervals over the test examples and, against the naive
   average, paired differences;
 - **Ito et al.'s diagnostics** for weight matching per layer: ‖θ_A − π(θ_B)‖ / ‖θ_A − θ_B‖ and the top-k
@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from mergesmith.api.pleas import pleas
 from mergesmith.arch.permutation import permutation_spec
 from mergesmith.bench.confidence import bootstrap_normalized, paired_difference
-from mergesmith.bench.zoo.scratch import Pair, ScratchZoo, build_scratch_zoo, evaluate, reset_batchnorm
+from mergesmith.bench.zoo.scratch import Pair, ScratchZoo, build_scratch_zoo, evaluate
 from mergesmith.fit.activations import unit_correlations
-from mergesmith.fit.small_models import MLP_TYPE, build, load_small_model
+from mergesmith.fit.small_models import build, load_small_model, reset_batchnorm
 from mergesmith.ops.alignment_diagnostics import alignment_diagnostics
 from mergesmith.ops.permute import identity, permute_state, solve_assignment, weight_matching
 
@@ -168,9 +168,7 @@ def _pleas_rows(
     match_inputs: torch.Tensor,
     outcomes: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
-    """PLeaS at every budget (MLPs; the ResNet form is not supported yet: its reason instead)."""
-    if config["model_type"] != MLP_TYPE:
-        return {"skipped": "PLeaS on ResNets needs per-block widths and a convolutional least-squares step"}
+    """PLeaS at every budget (the widths it chose, the budget reached, its time)."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.safetensors"
@@ -183,9 +181,10 @@ def _pleas_rows(
             outcomes[f"pleas@{budget}"] = evaluate(module, data["test_inputs"], data["test_labels"])[
                 "correct"
             ]
+            widths = {k: merged_config[k] for k in ("sizes", "widths", "inner_widths") if k in merged_config}
             out[str(budget)] = {
                 "achieved_budget": result.budget,
-                "sizes": merged_config["sizes"],
+                **widths,
                 "seconds": round(result.seconds, 2),
             }
     return out

@@ -269,31 +269,6 @@ def evaluate(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batc
     }
 
 
-def reset_batchnorm(module: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> None:
-    """Recompute every BatchNorm's running mean and variance on ``inputs``: the statistics are reset, then one
-    pass in batches with the BatchNorms in training mode and cumulative averaging (momentum None: the running
-    values become the plain average of the batches' mean and unbiased variance), the rest of the module in eval
-    mode. The module ends in eval mode with its BatchNorms' momentum as before. A no-op without BatchNorm (what a
-    merged model needs before it is evaluated: REPAIR's "reset")."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    module.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(inputs), batch_size):
-                module(inputs[start : start + batch_size])
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        module.eval()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The zoo on disk
 
