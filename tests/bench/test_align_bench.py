@@ -66,3 +66,13 @@ def test_reports_and_a_rerun_reuses_every_pair(results, monkeypatch):
     monkeypatch.setattr(align_bench, "run_pair", no_run)
     again = align_bench.run_align_bench(out=out, progress=False, zoo=zoo, name="align-test")
     assert again["rows"] == found["rows"]
+
+
+def test_the_speed_table_times_weight_matching_on_a_pair_of_inits(tmp_path):
+    from mergesmith.bench.zoo import align_speed
+
+    tiny = align_speed.SMOLLM2_135M | {"vocab_size": 64, "hidden_size": 24, "num_hidden_layers": 2}
+    tiny |= {"num_attention_heads": 3, "intermediate_size": 32}
+    row = align_speed.time_pair("tiny", tiny)
+    assert row["sweeps"] >= 2 and row["seconds"] >= 0 and row["groups"] == 1 + 2 * 2
+    assert row["parameters"] == sum(v.numel() for v in align_speed.random_state(tiny, 0).values())
