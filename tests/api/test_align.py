@@ -280,6 +280,10 @@ def test_pleas_on_a_from_scratch_mlp_widens_layers_to_the_budget(tmp_path):
     with pytest.raises(RecipeError, match="'inputs' tensor"):
         save_file({"x": inputs}, str(tmp_path / "bad.safetensors"))
         pleas(*folders, tmp_path / "bad", budget=1.2, data=tmp_path / "bad.safetensors")
+    with pytest.raises(RecipeError, match=r"\(9 features\), the MLP takes 12"):
+        save_file({"inputs": torch.randn(8, 9)}, str(tmp_path / "narrow.safetensors"))
+        pleas(*folders, tmp_path / "bad", budget=1.2, data=tmp_path / "narrow.safetensors")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_pleas_on_a_from_scratch_resnet_writes_stream_and_block_widths(tmp_path):

@@ -121,6 +121,22 @@ def _tensor_batches(data: str | Path) -> list[torch.Tensor]:
     return [inputs[i : i + SMALL_BATCH] for i in range(0, len(inputs), SMALL_BATCH)]
 
 
+def _check_inputs(config: dict[str, Any], batches: list[torch.Tensor], data: str | Path) -> None:
+    """Inputs a from-scratch model can take: an MLP's ``sizes[0]`` features, a ResNet's ``in_channels``."""
+    shape = tuple(batches[0].shape[1:]) if batches else ()
+    if config["model_type"] == MLP_TYPE:
+        features = int(torch.Size(shape).numel()) if shape else 0
+        if features != config["sizes"][0]:
+            raise RecipeError(
+                f"{data}: inputs of shape {list(shape)} ({features} features), the MLP takes {config['sizes'][0]}"
+            )
+    elif len(shape) != 3 or shape[0] != config["in_channels"]:
+        raise RecipeError(
+            f"{data}: inputs of shape {list(shape)}, the ResNet takes images of {config['in_channels']} channels "
+            "(examples, channels, height, width)"
+        )
+
+
 def pleas(
     model_a: str | Path,
     model_b: str | Path,
@@ -155,6 +171,8 @@ def pleas(
     module_a, module_b = load(source_a.folder), load(source_b.folder)
     a, b = dict(SourceTensors(source_a)), dict(SourceTensors(source_b))
     batches: list[Any] = _tensor_batches(data) if small else _batches(data, source_a)
+    if small:
+        _check_inputs(dict(source_a.config), batches, data)
     perms, similarity = _match(spec, method, module_a, module_b, a, b, batches, seed)
     b_aligned = permute_state(b, spec, perms)
     costs = matrix_costs(spec, {n: tuple(t.shape) for n, t in a.items() if n in spec.axes})
