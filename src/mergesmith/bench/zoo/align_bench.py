@@ -15,26 +15,37 @@ Per pair (dataset, family, width, setting):
 
 In the ``split`` setting (A on classes 0–4, B on 5–9) accuracy is on all ten classes: each model alone reaches at
 most about half. A finished pair is cached in ``<out>/runs/align/`` by the stamps of its two models.
+
+The bert pairs (Hugging Face ``BertForSequenceClassification`` folders) run the same way on the text task: test
+texts for the scores, the first 512 training texts (tokenized with the zoo's tokenizer) for activation matching, the
+first 256 as PLeaS's ``--data`` (a ``.jsonl`` with a ``text`` column); no BatchNorm, so a point of the path is scored
+as it is. PLeaS widens only their FFN (one ``intermediate_size``; heads and the residual stream are merged as in Git
+Re-Basin), so its 2.0 is twice the FFN — not the ensemble (the achieved budget, over every matrix, stays below 2).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from mergesmith.api.pleas import pleas
 from mergesmith.arch.permutation import permutation_spec
 from mergesmith.bench.confidence import bootstrap_normalized, paired_difference
-from mergesmith.bench.zoo.scratch import Pair, ScratchZoo, build_scratch_zoo, evaluate
-from mergesmith.fit.activations import unit_correlations
+from mergesmith.bench.zoo.scratch import Inputs, Pair, ScratchZoo, build_scratch_zoo, evaluate, predict
+from mergesmith.bench.zoo.scratch_text import write_jsonl
+from mergesmith.fit.activations import Batch, unit_correlations
+from mergesmith.fit.hf import load_classifier
 from mergesmith.fit.small_models import build, load_small_model, reset_batchnorm
 from mergesmith.ops.alignment_diagnostics import alignment_diagnostics
 from mergesmith.ops.permute import identity, permute_state, solve_assignment, weight_matching
@@ -42,6 +53,7 @@ from mergesmith.ops.permute import identity, permute_state, solve_assignment, we
 LAMBDAS = tuple(round(i / 10, 1) for i in range(11))
 BUDGETS = (1.0, 1.2, 1.5, 2.0)
 MATCH_EXAMPLES, MATCH_BATCH = 2048, 256  # training inputs for activation matching, PLeaS and BatchNorm resets
+MATCH_TEXTS, MATCH_TEXT_BATCH = 512, 32  # training texts for activation matching (PLeaS reads the first 256)
 MATCHINGS = ("naive", "weight", "activation")
 
 
@@ -62,16 +74,86 @@ def barrier(points: list[dict[str, float]], key: str, higher_is_better: bool) ->
     return max(gaps)
 
 
-def _scored(
-    config: dict[str, Any],
-    state: Mapping[str, torch.Tensor],
-    data: dict[str, torch.Tensor],
-    reset: torch.Tensor,
-) -> dict[str, Any]:
-    module = build(config)
-    module.load_state_dict(state)
-    reset_batchnorm(module, reset)
-    return evaluate(module.eval(), data["test_inputs"], data["test_labels"])
+@dataclass
+class _Subjects:
+    """One pair as the benchmark runs it, whatever its family: the two models, their config.json, the inputs for
+    activation matching, the test set, and the family's ways to score a state dict, to write PLeaS's data and to
+    load PLeaS's output (with the widths it chose)."""
+
+    module_a: nn.Module
+    module_b: nn.Module
+    config: dict[str, Any]
+    match_batches: list[Batch]
+    test: Inputs
+    test_labels: torch.Tensor
+    score: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]]
+    pleas_data: Callable[[Path], Path]
+    load_merged: Callable[[Path], tuple[nn.Module, dict[str, Any]]]
+
+
+def _image_subjects(zoo: ScratchZoo, pair: Pair) -> _Subjects:
+    """A small-model pair: training inputs for matching, PLeaS and the BatchNorm statistics recomputed at every
+    point of the path (Git Re-Basin's REPAIR-free baseline for ResNets; a no-op for an MLP)."""
+    data = zoo.data(pair.dataset)
+    module_a, config = load_small_model(pair.a)
+    module_b, _ = load_small_model(pair.b)
+    order = torch.randperm(len(data["train_inputs"]), generator=torch.Generator().manual_seed(0))
+    match_inputs = data["train_inputs"][order[:MATCH_EXAMPLES]]
+
+    def score(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        module = build(config)
+        module.load_state_dict(state)
+        reset_batchnorm(module, match_inputs)
+        return evaluate(module.eval(), data["test_inputs"], data["test_labels"])
+
+    def pleas_data(folder: Path) -> Path:
+        path = folder / "inputs.safetensors"
+        save_file({"inputs": match_inputs.contiguous()}, str(path))
+        return path
+
+    def load_merged(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+        module, merged = load_small_model(folder)
+        return module, {k: merged[k] for k in ("sizes", "widths", "inner_widths") if k in merged}
+
+    return _Subjects(
+        module_a,
+        module_b,
+        config,
+        list(match_inputs.split(MATCH_BATCH)),
+        data["test_inputs"],
+        data["test_labels"],
+        score,
+        pleas_data,
+        load_merged,
+    )
+
+
+def _text_subjects(zoo: ScratchZoo, pair: Pair) -> _Subjects:
+    """A bert pair (Hugging Face sequence classifiers): the first training texts, tokenized with the zoo's
+    tokenizer, for matching and PLeaS; the test texts for scores. No BatchNorm: a state dict is scored as is."""
+    data = zoo.text_data(pair.dataset)
+    module_a, module_b = (load_classifier(folder, require_head=True) for folder in (pair.a, pair.b))
+    config = json.loads((pair.a / "config.json").read_text())
+    tokenizer = data.tokenizer()
+    test = data.encoded("test", tokenizer=tokenizer)
+    match = data.encoded("train", limit=MATCH_TEXTS, tokenizer=tokenizer)
+    probe = copy.deepcopy(module_a)  # one module whose weights every point of the path replaces
+
+    def score(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        probe.load_state_dict(state)
+        return evaluate(probe, test)
+
+    def pleas_data(folder: Path) -> Path:
+        path = folder / "texts.jsonl"
+        write_jsonl(path, data.texts("train")[0][:MATCH_TEXTS])
+        return path
+
+    def load_merged(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+        module = load_classifier(folder, require_head=True)
+        return module, {"intermediate_size": int(module.config.intermediate_size)}
+
+    batches = [match.batch(slice(i, i + MATCH_TEXT_BATCH)) for i in range(0, len(match), MATCH_TEXT_BATCH)]
+    return _Subjects(module_a, module_b, config, batches, test, test.labels, score, pleas_data, load_merged)
 
 
 def _interval(correct: torch.Tensor, seed: int = 0) -> dict[str, float]:
@@ -81,21 +163,17 @@ def _interval(correct: torch.Tensor, seed: int = 0) -> dict[str, float]:
 def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, Any]:
     """Everything the module docstring lists for one pair (JSON-ready)."""
     started = time.perf_counter()
-    data = zoo.data(pair.dataset)
-    module_a, config = load_small_model(pair.a)
-    module_b, _ = load_small_model(pair.b)
+    subjects = _text_subjects(zoo, pair) if pair.is_text else _image_subjects(zoo, pair)
+    module_a, module_b = subjects.module_a, subjects.module_b
     a, b = module_a.state_dict(), module_b.state_dict()
-    spec = permutation_spec(config, {k: tuple(v.shape) for k, v in a.items()})
-    order = torch.randperm(len(data["train_inputs"]), generator=torch.Generator().manual_seed(0))
-    match_inputs = data["train_inputs"][order[:MATCH_EXAMPLES]]
-    batches = list(match_inputs.split(MATCH_BATCH))
+    spec = permutation_spec(subjects.config, {k: tuple(v.shape) for k, v in a.items()})
     perms = {"naive": identity(spec)}
     timings = {}
     t = time.perf_counter()
     perms["weight"], report = weight_matching(spec, a, b, seed=0)
     timings["weight_matching_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    costs = unit_correlations(spec, module_a, module_b, batches)
+    costs = unit_correlations(spec, module_a, module_b, subjects.match_batches)
     perms["activation"] = {g: solve_assignment(costs[g]) for g in spec.groups}
     timings["activation_matching_s"] = round(time.perf_counter() - t, 3)
     row: dict[str, Any] = {
@@ -112,7 +190,7 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
         aligned = permute_state(b, spec, perms[matching])
         points = []
         for lam in LAMBDAS:
-            scores = _scored(config, interpolate(a, aligned, lam), data, match_inputs)
+            scores = subjects.score(interpolate(a, aligned, lam))
             points.append(
                 {
                     "lambda": lam,
@@ -130,13 +208,13 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
         }
     bar.close()
     row["paths"] = paths
+    logits = {}
     for name, module in (("model_a", module_a), ("model_b", module_b)):
-        outcomes[name] = evaluate(module, data["test_inputs"], data["test_labels"])["correct"]
-    with torch.no_grad():
-        logits = (module_a(data["test_inputs"]) + module_b(data["test_inputs"])) / 2
-    outcomes["ensemble"] = logits.argmax(1) == data["test_labels"]
+        logits[name] = predict(module, subjects.test)
+        outcomes[name] = logits[name].argmax(1) == subjects.test_labels
+    outcomes["ensemble"] = ((logits["model_a"] + logits["model_b"]) / 2).argmax(1) == subjects.test_labels
     outcomes = {k: v.bool() for k, v in outcomes.items()}
-    row["pleas"] = _pleas_rows(pair, config, data, match_inputs, outcomes)
+    row["pleas"] = _pleas_rows(pair, subjects, outcomes)
     row["accuracy"] = {name: _interval(c) for name, c in outcomes.items()}
     row["vs_naive"] = {
         name: paired_difference(
@@ -161,27 +239,18 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
     return row
 
 
-def _pleas_rows(
-    pair: Pair,
-    config: dict[str, Any],
-    data: dict[str, torch.Tensor],
-    match_inputs: torch.Tensor,
-    outcomes: dict[str, torch.Tensor],
-) -> dict[str, Any]:
-    """PLeaS at every budget (the widths it chose, the budget reached, its time)."""
+def _pleas_rows(pair: Pair, subjects: _Subjects, outcomes: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """PLeaS at every budget (the widths it chose, the budget reached, its time); its test outcomes go into
+    ``outcomes``."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = Path(tmp) / "inputs.safetensors"
-        save_file({"inputs": match_inputs.contiguous()}, str(inputs))
+        data = subjects.pleas_data(Path(tmp))
         for budget in BUDGETS:
             result = pleas(
-                pair.a, pair.b, Path(tmp) / f"pleas-{budget}", budget=budget, data=inputs, progress=False
+                pair.a, pair.b, Path(tmp) / f"pleas-{budget}", budget=budget, data=data, progress=False
             )
-            module, merged_config = load_small_model(result.out_dir)
-            outcomes[f"pleas@{budget}"] = evaluate(module, data["test_inputs"], data["test_labels"])[
-                "correct"
-            ]
-            widths = {k: merged_config[k] for k in ("sizes", "widths", "inner_widths") if k in merged_config}
+            module, widths = subjects.load_merged(result.out_dir)
+            outcomes[f"pleas@{budget}"] = evaluate(module, subjects.test, subjects.test_labels)["correct"]
             out[str(budget)] = {
                 "achieved_budget": result.budget,
                 **widths,
@@ -263,6 +332,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines += [
         "",
         "A difference from the naive average whose paired interval contains 0 is no difference (`vs_naive` in the JSON).",
+        "For the bert pairs PLeaS widens only the FFN: pleas@2.0 is twice the FFN, not the ensemble.",
         "",
     ]
     lines += ["## Weight matching's diagnostics (Ito et al.; means over weight matrices)", ""]

@@ -10,13 +10,23 @@ initializations — what permutation-based merging (Git Re-Basin, ZipIt, PLeaS) 
                                  a small-model folder (``mergesmith.fit.small_models``) and its stage record
                                  ``mergesmith_zoo.json``: stamp, seconds, last loss, training classes and size,
                                  test accuracy on its own classes and on all ten (and per class)
+    data/<task>/                 the bert family's text task (``scratch_text``): train.jsonl, test.jsonl (text,
+                                 label), corpus.jsonl (the masked-LM texts), tokenizer/ (WordPiece, shared)
+    data/<task>.json             its stage record: stamp, sha256 of every file, sizes, label names
+    models/<task>/bert-w<width>/mlm/seed<seed>/
+                                 a masked-LM encoder (``BertForMaskedLM`` folder) and its stage record; both
+                                 settings' classifiers of that seed start from it
+    models/<task>/bert-w<width>/<setting>/<a|b>/
+                                 a ``BertForSequenceClassification`` folder with the tokenizer, and its record
     manifest.json                the config, the data records, every pair with its two records, build timings
 
 Families: ``mlp`` — sizes ``[H·W, 128w, 128w, 128w, 10]`` (three hidden layers); ``resnet`` — the CIFAR-style
-ResNet with widths ``[16w, 32w, 64w]``, two BasicBlocks per stage, one input channel, ten classes; ``w`` is the
-width multiplier. Settings: ``same`` — both models train on the whole training set; ``split`` — model ``a`` on the
+ResNet with widths ``[16w, 32w, 64w]``, two BasicBlocks per stage, one input channel, ten classes; ``bert`` — a
+BERT encoder of hidden size 64w, two layers and two heads, pretrained by masked-LM, then fine-tuned on the text task
+(``fortune_topic``, four classes; :mod:`~mergesmith.bench.zoo.scratch_text` says how); ``w`` is the width
+multiplier. Settings: ``same`` — both models train on the whole training set; ``split`` — model ``a`` on the
 training examples of classes 0–4, model ``b`` on classes 5–9, both with ten-way heads (the disjoint-task setting
-of Git Re-Basin, ZipIt and PLeaS). In both, ``a`` has seed 0 and ``b`` seed 1: the seed draws the initialization
+of Git Re-Basin, ZipIt and PLeaS; for the text task classes 0–1 and 2–3 of four). In both, ``a`` has seed 0 and ``b`` seed 1: the seed draws the initialization
 (``torch.manual_seed`` before :func:`~mergesmith.fit.small_models.build`) and the batches (a ``torch.Generator``
 shuffling the training examples every epoch).
 
@@ -35,9 +45,19 @@ epoch of every width costs the MLPs ~29 s and the ResNets ~1,930 s. 10 MLP epoch
 machine (convolutions usually gain ~1.7× from a second thread: assumed, not measured) about 45–55 min. The quick
 build (digits, MLP w 1 and 2, ResNet w 1; 20 MLP and 8 ResNet epochs) took 12 s on one thread.
 
+The bert family, timed the same way: a masked-LM step (32 blocks of 64 tokens) costs 0.055–0.063 s at w = 1 and
+0.12 s at w = 2, a fine-tuning step (32 texts) 0.045 / 0.11 s, the 400 test texts 0.23 / 0.51 s. Two seeds ×
+1,500 masked-LM steps × (0.06 + 0.12) s ≈ 540 s; per width the four classifiers take 750 fine-tuning steps (5
+epochs: ``same`` 2 × 250, ``split`` 2 × 125), ≈ 115 s for both widths; the text data and tokenizer (~5 s), the
+corpus's blocks and the evaluations (~15 s): ≈ 11 min on one thread, within the 15 minutes the issue allows on 2
+cores. With the quick config's BERT (w 1, 400 texts cut at 32 tokens, 60 masked-LM steps, 10 epochs) the quick
+build took 36 s on one thread.
+
 Every model is a stage, written atomically and stamped with exactly what it was built from (the data file's
-sha256, the architecture, setting, side, classes, seed and training hyperparameters); a stage whose record holds
-the same stamp is reused, so an interrupted build resumes at the model it was training.
+sha256, the architecture, setting, side, classes, seed and training hyperparameters; a bert classifier's stamp holds
+its masked-LM encoder's, whose stamp holds the text data's files); a stage whose record holds the same stamp is
+reused, so an interrupted build resumes at the model it was training, and a change to the fine-tuning keeps the
+pretrained encoders.
 """
 
 from __future__ import annotations
@@ -58,21 +78,24 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergesmith.bench.zoo import scratch_data
+from mergesmith.bench.zoo import scratch_data, scratch_text
+from mergesmith.bench.zoo.scratch_text import TextConfig, TextData
 from mergesmith.errors import MergeError
+from mergesmith.fit.data import Encoded
 from mergesmith.fit.small_models import MLP_TYPE, RESNET_TYPE, build, save_small_model
 from mergesmith.io.cache import zoo_dir
 from mergesmith.io.output import atomic_folder
 from mergesmith.io.safetensors_io import save_file
 from mergesmith.io.writer import sha256_file
 
-FAMILIES = ("mlp", "resnet")
+IMAGE_FAMILIES = ("mlp", "resnet")
+TEXT_FAMILIES = ("bert",)  # trained on the text task (scratch_text), not on the image datasets
+FAMILIES = IMAGE_FAMILIES + TEXT_FAMILIES
 SETTINGS = ("same", "split")
 SIDES = ("a", "b")
-SPLIT_CLASSES = {"a": (0, 1, 2, 3, 4), "b": (5, 6, 7, 8, 9)}  # the ``split`` setting's training classes
-ALL_CLASSES = tuple(range(scratch_data.NUM_CLASSES))
 RECORD = "mergesmith_zoo.json"
 DATA_FORMAT = 1  # bump when scratch_data changes what it stores: the data stage and every model rebuild
+TEXT_FORMAT = 1  # the same for scratch_text's data folder (splits, corpus, tokenizer)
 
 
 @dataclass
@@ -83,23 +106,27 @@ class ScratchZooConfig:
     n_train: int | None = 20_000  # at most this many training examples (a seeded subset); None: all
     n_test: int | None = None  # at most this many test examples; None: all (Fashion-MNIST's 10,000)
     widths: dict[str, tuple[int, ...]] = field(
-        default_factory=lambda: {"mlp": (1, 2, 4, 8), "resnet": (1, 2, 4)}
+        default_factory=lambda: {"mlp": (1, 2, 4, 8), "resnet": (1, 2, 4), "bert": (1, 2)}
     )  # width multipliers per family; a family left out is not built
-    epochs: dict[str, int] = field(default_factory=lambda: {"mlp": 10, "resnet": 2})
+    # passes over the training set (bert: the fine-tuning's; its masked-LM steps are text.mlm_steps)
+    epochs: dict[str, int] = field(default_factory=lambda: {"mlp": 10, "resnet": 2, "bert": 5})
     settings: tuple[str, ...] = SETTINGS
     seeds: tuple[int, int] = (0, 1)  # model a's and model b's
     batch_size: int = 128
     lr: float = 1e-3
-    data_seed: int = 0  # the training/test subsets (and digits' split)
+    data_seed: int = 0  # the training/test subsets (digits' split, the text task's splits)
+    text: TextConfig = field(default_factory=TextConfig)  # the bert family's task, corpus and training
 
     @classmethod
     def quick(cls) -> ScratchZooConfig:
-        """Digits (1,397 training images of 8×8), MLP widths 1 and 2, ResNet width 1: seconds on one core."""
+        """Digits (1,397 training images of 8×8), MLP widths 1 and 2, ResNet width 1, and BERT width 1 on 400
+        fortunes (60 masked-LM steps): seconds on one core."""
         return cls(
             datasets=("digits",),
             n_train=None,
-            widths={"mlp": (1, 2), "resnet": (1,)},
-            epochs={"mlp": 20, "resnet": 8},
+            widths={"mlp": (1, 2), "resnet": (1,), "bert": (1,)},
+            epochs={"mlp": 20, "resnet": 8, "bert": 10},
+            text=TextConfig.quick(),
         )
 
     @classmethod
@@ -110,6 +137,7 @@ class ScratchZooConfig:
             out[key] = tuple(out[key])
         out["widths"] = {k: tuple(v) for k, v in out["widths"].items()}
         out["epochs"] = dict(out["epochs"])
+        out["text"] = TextConfig(**out.get("text", {}))  # manifests from before the bert family have none
         return cls(**out)
 
     def check(self) -> None:
@@ -137,9 +165,19 @@ class ScratchZooConfig:
             )
         if self.batch_size < 1 or not self.lr > 0:
             raise MergeError(f"batch_size must be ≥ 1 and lr > 0, got {self.batch_size} and {self.lr}")
+        if any(self.widths.get(family) for family in TEXT_FAMILIES):
+            self.text.check()
 
     def training(self, family: str) -> dict[str, Any]:
-        """A family's training hyperparameters, as its stamps and records hold them."""
+        """A family's (bert: its fine-tuning's) training hyperparameters, as its stamps and records hold them."""
+        if family in TEXT_FAMILIES:
+            return {
+                "optimizer": "adam",
+                "lr": self.text.fine_tune_lr,
+                "schedule": "cosine",
+                "batch_size": self.text.fine_tune_batch,
+                "epochs": self.epochs[family],
+            }
         return {
             "optimizer": "adam",
             "lr": self.lr,
@@ -172,15 +210,21 @@ def architecture(family: str, width: int, image: Sequence[int]) -> dict[str, Any
     raise MergeError(f"unknown model family {family!r} (choose from: {', '.join(FAMILIES)})")
 
 
-def train_classes(setting: str, side: str) -> tuple[int, ...]:
-    """The classes whose training examples model ``side`` of a ``setting`` pair sees."""
-    return ALL_CLASSES if setting == "same" else SPLIT_CLASSES[side]
+def train_classes(setting: str, side: str, num_classes: int = scratch_data.NUM_CLASSES) -> tuple[int, ...]:
+    """The classes whose training examples model ``side`` of a ``setting`` pair sees: all of them (``same``), or
+    the first half for ``a`` and the rest for ``b`` (``split``: 0–4 and 5–9 of ten, 0–1 and 2–3 of four)."""
+    if setting == "same":
+        return tuple(range(num_classes))
+    half = num_classes // 2
+    return tuple(range(half)) if side == "a" else tuple(range(half, num_classes))
 
 
 @dataclass(frozen=True)
 class Pair:
     """Two models of one architecture trained from different initializations: ``a`` and ``b`` are their
-    small-model folders (load them with :func:`mergesmith.fit.small_models.load_small_model`)."""
+    small-model folders (load them with :func:`mergesmith.fit.small_models.load_small_model`), or for the bert
+    family Hugging Face folders with the tokenizer (``transformers`` loads them); ``dataset`` is then the text
+    task."""
 
     dataset: str
     family: str
@@ -188,23 +232,42 @@ class Pair:
     setting: str
     a: Path
     b: Path
+    num_classes: int = scratch_data.NUM_CLASSES
 
     @property
     def name(self) -> str:
         return f"{self.dataset}/{self.family}-w{self.width}/{self.setting}"
 
+    @property
+    def is_text(self) -> bool:
+        return self.family in TEXT_FAMILIES
+
     def classes(self, side: str) -> tuple[int, ...]:
         """The classes model ``side`` (``"a"`` or ``"b"``) trained on."""
-        return train_classes(self.setting, side)
+        return train_classes(self.setting, side, self.num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training, evaluation, BatchNorm statistics
 
+# what the models take: an image (or feature) batch for the small models, tokenized text for bert
+Inputs = torch.Tensor | Encoded
+
+
+def _take(inputs: Inputs, index: torch.Tensor | slice) -> Inputs:
+    return inputs.batch(index) if isinstance(inputs, Encoded) else inputs[index]
+
+
+def _forward(module: nn.Module, batch: Inputs) -> torch.Tensor:
+    """The logits: ``module(x)`` for a small model, a Hugging Face classifier's ``.logits`` for text."""
+    if isinstance(batch, Encoded):
+        return module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return module(batch)
+
 
 def train_model(
     module: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     labels: torch.Tensor,
     epochs: int,
     batch_size: int,
@@ -215,7 +278,9 @@ def train_model(
 ) -> dict[str, Any]:
     """Train ``module`` in place on ``(inputs, labels)`` with cross-entropy: ``epochs`` passes, each a fresh
     shuffle (a generator seeded with ``seed``) cut into full batches, Adam with a cosine decay of ``lr`` to zero
-    over all steps. Returns ``{"steps", "seconds", "last_loss"}``; the module is left in eval mode."""
+    over all steps. ``inputs`` are images or features, or :class:`Encoded` texts for a Hugging Face sequence
+    classifier (dropout then draws from the global generator: seed it for a reproducible run). Returns
+    ``{"steps", "seconds", "last_loss"}``; the module is left in eval mode."""
     count = len(labels)
     if count == 0:
         raise MergeError(f"{desc}: no training examples")
@@ -232,7 +297,7 @@ def train_model(
         order = torch.randperm(count, generator=g)
         for k in range(per_epoch):
             index = order[k * batch : (k + 1) * batch]
-            loss = F.cross_entropy(module(inputs[index]), labels[index])
+            loss = F.cross_entropy(_forward(module, _take(inputs, index)), labels[index])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -245,22 +310,37 @@ def train_model(
     return {"steps": steps, "seconds": round(time.perf_counter() - start, 1), "last_loss": loss_value}
 
 
-def evaluate(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> dict:
-    """``module``'s outcomes on ``(inputs, labels)`` in eval mode without gradients: per example ``correct``
-    (bool: the arg-max logit is the label) and ``loss`` (float32 cross-entropy), and their means ``accuracy`` and
-    ``mean_loss`` (floats). The module's training flag is restored afterwards."""
+def predict(module: nn.Module, inputs: Inputs, batch_size: int = 512) -> torch.Tensor:
+    """``module``'s float32 logits on every example of ``inputs`` (eval mode, no gradients, in batches); the
+    module's training flag is restored afterwards."""
     was_training = module.training
     module.eval()
-    correct, losses = [], []
+    count = len(inputs)
+    out = []
     with torch.no_grad():
-        for start in range(0, len(labels), batch_size):
-            x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
-            logits = module(x).float()
-            correct.append(logits.argmax(dim=1) == y)
-            losses.append(F.cross_entropy(logits, y, reduction="none"))
+        for start in range(0, count, batch_size):
+            out.append(_forward(module, _take(inputs, slice(start, start + batch_size))).float())
     module.train(was_training)
-    hits = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
-    loss = torch.cat(losses) if losses else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def evaluate(
+    module: nn.Module, inputs: Inputs, labels: torch.Tensor | None = None, batch_size: int = 512
+) -> dict:
+    """``module``'s outcomes on ``(inputs, labels)`` (``Encoded`` texts carry their labels) in eval mode without
+    gradients: per example ``correct`` (bool: the arg-max logit is the label) and ``loss`` (float32
+    cross-entropy), and their means ``accuracy`` and ``mean_loss`` (floats). The module's training flag is
+    restored afterwards."""
+    if labels is None:
+        if not isinstance(inputs, Encoded):
+            raise MergeError("evaluate: labels are needed for tensor inputs")
+        labels = inputs.labels
+    logits = predict(module, inputs, batch_size)
+    if len(labels):
+        hits = logits.argmax(dim=1) == labels
+        loss = F.cross_entropy(logits, labels, reduction="none")
+    else:
+        hits, loss = torch.zeros(0, dtype=torch.bool), torch.zeros(0)
     return {
         "correct": hits,
         "loss": loss,
@@ -285,19 +365,42 @@ class ScratchZoo:
         self.config = ScratchZooConfig.from_dict(self.manifest["config"])
 
     def pairs(self) -> list[Pair]:
-        """Every pair, in build order (dataset, family, width, setting)."""
+        """Every pair, in build order (image datasets, then the text task; family, width, setting)."""
         return [
-            Pair(p["dataset"], p["family"], p["width"], p["setting"], self.root / p["a"], self.root / p["b"])
+            Pair(
+                p["dataset"],
+                p["family"],
+                p["width"],
+                p["setting"],
+                self.root / p["a"],
+                self.root / p["b"],
+                p.get("num_classes", scratch_data.NUM_CLASSES),
+            )
             for p in self.manifest["pairs"]
         ]
 
     def data(self, dataset: str) -> dict[str, torch.Tensor]:
-        """``train_inputs``, ``train_labels``, ``test_inputs`` and ``test_labels`` of ``dataset``."""
+        """``train_inputs``, ``train_labels``, ``test_inputs`` and ``test_labels`` of the image ``dataset`` (a
+        text task's data: :meth:`text_data`)."""
+        if dataset in self.manifest.get("text", {}):
+            raise MergeError(
+                f"{dataset} is the zoo's text task: its data is ScratchZoo.text_data({dataset!r})"
+            )
         if dataset not in self.manifest["data"]:
             raise MergeError(
                 f"{self.root}: the zoo has no dataset {dataset!r} (it has: {', '.join(self.manifest['data'])})"
             )
         return load_file(self.root / "data" / f"{dataset}.safetensors")
+
+    def text_data(self, task: str) -> TextData:
+        """The text ``task``'s training and test texts, masked-LM corpus and tokenizer (what the bert pairs
+        trained on; :meth:`TextData.encoded` and :meth:`TextData.batches` tokenize them)."""
+        texts = self.manifest.get("text", {})
+        if task not in texts:
+            raise MergeError(
+                f"{self.root}: the zoo has no text task {task!r} (it has: {', '.join(texts) or 'none'})"
+            )
+        return TextData.load(self.root / "data" / task, texts[task])
 
     def record(self, folder: str | Path) -> dict[str, Any]:
         """A model's stage record (training and test numbers)."""
@@ -395,27 +498,180 @@ def _train_stage(
         desc=desc,
         progress=progress,
     )
-    test_labels = data["test_labels"]
-    outcome = evaluate(module, data["test_inputs"], test_labels)
+    outcome = evaluate(module, data["test_inputs"], data["test_labels"])
+    record = _model_record(
+        stamp, info, seed, classes, int(keep.sum()), training, report, outcome, data["test_labels"]
+    )
+    with atomic_folder(folder, force=True) as tmp:
+        save_small_model(module, arch, tmp)
+        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _model_record(
+    stamp: str,
+    info: dict[str, Any],
+    seed: int,
+    classes: tuple[int, ...],
+    train_examples: int,
+    training: dict[str, Any],
+    report: dict[str, Any],
+    outcome: dict[str, Any],
+    test_labels: torch.Tensor,
+    num_classes: int = scratch_data.NUM_CLASSES,
+) -> dict[str, Any]:
+    """A trained model's stage record: what it was built from, its training report and its test numbers."""
     correct = outcome["correct"]
     own = torch.isin(test_labels, torch.tensor(classes))
-    record = {
+    return {
         "stamp": stamp,
         **info,
         "seed": seed,
         "classes": list(classes),
-        "train_examples": int(keep.sum()),
+        "train_examples": train_examples,
         "training": training,
         **report,
         "test_accuracy": outcome["accuracy"],
         "test_accuracy_own": float(correct[own].float().mean()),
         "test_loss": outcome["mean_loss"],
         "test_accuracy_per_class": [
-            round(float(correct[test_labels == c].float().mean()), 4) for c in ALL_CLASSES
+            round(float(correct[test_labels == c].float().mean()), 4) for c in range(num_classes)
         ],
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bert family's stages (scratch_text): the text data, a masked-LM encoder per width and seed, a classifier
+# per pair side
+
+
+def _make_text_data(root: Path, config: ScratchZooConfig, cache: Path | None) -> dict[str, Any]:
+    """``data/<task>/`` (splits, corpus, tokenizer) and its record ``data/<task>.json``, reused when the record's
+    stamp and every file's sha256 match."""
+    text = config.text
+    folder = root / "data" / text.task
+    info_path = root / "data" / f"{text.task}.json"
+    stamp = _digest({**text.data(), "seed": config.data_seed, "format": TEXT_FORMAT})
+    info = _read_record(info_path)
+    if (
+        info is not None
+        and info.get("stamp") == stamp
+        and folder.is_dir()
+        and scratch_text.folder_sha256(folder) == info["sha256"]
+    ):
+        return info
+    started = time.perf_counter()
+    splits, corpus, source = scratch_text.prepare_text(text, config.data_seed, cache)
     with atomic_folder(folder, force=True) as tmp:
-        save_small_model(module, arch, tmp)
+        sizes = scratch_text.write_text_data(tmp, splits, corpus, text)
+    info = {
+        "stamp": stamp,
+        "sha256": scratch_text.folder_sha256(folder),
+        **sizes,
+        "max_length": text.max_length,
+        "source": source,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write_json(info_path, info)
+    return info
+
+
+class _TextInputs:
+    """The text task tokenized once per build, the masked-LM blocks only when a pretraining stage runs."""
+
+    def __init__(self, data: TextData):
+        self.data = data
+        self.tokenizer = data.tokenizer()
+        self.train = data.encoded("train", tokenizer=self.tokenizer)
+        self.test = data.encoded("test", tokenizer=self.tokenizer)
+        self._blocks: dict[str, torch.Tensor] = {}
+
+    def blocks(self, split: str) -> torch.Tensor:
+        if split not in self._blocks:
+            texts, _ = self.data.texts(split)
+            self._blocks[split] = scratch_text.mlm_blocks(self.tokenizer, texts, self.data.max_length)
+        return self._blocks[split]
+
+
+def _pretrain_stage(
+    folder: Path,
+    stamp: str,
+    arch: dict[str, Any],
+    inputs: _TextInputs,
+    seed: int,
+    pretraining: dict[str, Any],
+    info: dict[str, Any],
+    desc: str,
+    progress: bool,
+) -> None:
+    """Masked-LM pretraining of one encoder; writes a ``BertForMaskedLM`` folder with its record."""
+    blocks = inputs.blocks("corpus")
+    # initialization, masks, batches and dropout from the seed, in a forked copy of the caller's generator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = scratch_text.masked_lm(arch)
+        report = scratch_text.pretrain_mlm(
+            module,
+            blocks,
+            steps=pretraining["steps"],
+            batch_size=pretraining["batch_size"],
+            lr=pretraining["lr"],
+            seed=seed,
+            desc=desc,
+            progress=progress,
+        )
+    record = {
+        "stamp": stamp,
+        **info,
+        "seed": seed,
+        "training": pretraining,
+        "corpus_blocks": len(blocks),
+        **report,
+        "test_mlm_loss": scratch_text.mlm_test_loss(module, inputs.blocks("test")),
+    }
+    with atomic_folder(folder, force=True) as tmp:
+        scratch_text.save_hf(module, inputs.tokenizer, tmp)
+        (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _fine_tune_stage(
+    folder: Path,
+    stamp: str,
+    arch: dict[str, Any],
+    pretrained: Path,
+    inputs: _TextInputs,
+    classes: tuple[int, ...],
+    seed: int,
+    training: dict[str, Any],
+    info: dict[str, Any],
+    desc: str,
+    progress: bool,
+) -> None:
+    """Fine-tune the pretrained encoder of ``pretrained`` on the training texts of ``classes``; writes a
+    ``BertForSequenceClassification`` folder with its tokenizer and record."""
+    train = inputs.train
+    keep = torch.isin(train.labels, torch.tensor(classes))
+    subset = train.batch(keep.nonzero().squeeze(1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = scratch_text.classifier(arch, pretrained)
+        report = train_model(
+            module,
+            subset,
+            subset.labels,
+            epochs=training["epochs"],
+            batch_size=training["batch_size"],
+            lr=training["lr"],
+            seed=seed,
+            desc=desc,
+            progress=progress,
+        )
+    outcome = evaluate(module, inputs.test)
+    num_classes = len(inputs.data.label_names)
+    record = _model_record(
+        stamp, info, seed, classes, len(subset), training, report, outcome, inputs.test.labels, num_classes
+    )
+    with atomic_folder(folder, force=True) as tmp:
+        scratch_text.save_hf(module, inputs.tokenizer, tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -425,10 +681,13 @@ def build_scratch_zoo(
     config: ScratchZooConfig | None = None,
     progress: bool = True,
     fashion_folder: str | Path | None = None,
+    text_cache: str | Path | None = None,
 ) -> Path:
     """Build (or finish building) the from-scratch zoo; returns its folder (``zoo_dir("scratch")``, or
     ``zoo_dir("scratch-quick")`` with ``quick``, unless ``root`` is given). ``config`` replaces the full or quick
-    config; ``fashion_folder`` replaces the Debian package's Fashion-MNIST idx folder."""
+    config; ``fashion_folder`` replaces the Debian package's Fashion-MNIST idx folder; ``text_cache`` is where the
+    text task's Debian packages are (or get) unpacked, ``<text_cache>/debs/<package>/`` (default: the mergesmith
+    cache)."""
     config = config or (ScratchZooConfig.quick() if quick else ScratchZooConfig())
     config.check()
     root = Path(root) if root is not None else zoo_dir("scratch", quick=quick)
@@ -438,12 +697,16 @@ def build_scratch_zoo(
         (dataset, family, width, setting)
         for dataset in config.datasets
         for family, widths in config.widths.items()
+        if family in IMAGE_FAMILIES
         for width in widths
         for setting in config.settings
     ]
-    manifest: dict[str, Any] = {"config": config.to_dict(), "data": {}, "pairs": []}
-    trained = reused = 0
-    total, done = 2 * len(jobs), 0
+    text_widths = [(family, width) for family in TEXT_FAMILIES for width in config.widths.get(family, ())]
+    manifest: dict[str, Any] = {"config": config.to_dict(), "data": {}, "text": {}, "pairs": []}
+    counts = {"trained": 0, "reused": 0}
+    # every classifier, and for text one masked-LM encoder per width and seed
+    total = 2 * len(jobs) + 2 * len(text_widths) * (1 + len(config.settings))
+    done = 0
     for dataset in config.datasets:
         info = _make_data(root, dataset, config, Path(fashion_folder) if fashion_folder else None)
         manifest["data"][dataset] = info
@@ -474,26 +737,105 @@ def build_scratch_zoo(
                     }
                 )
                 if _stage_done(folder, stamp):
-                    reused += 1
+                    counts["reused"] += 1
                 else:
                     desc = f"[{done}/{total}] {dataset} {family}-w{width} {setting} {side}"
                     _train_stage(folder, stamp, arch, data, classes, seed, training, what, desc, progress)
-                    trained += 1
+                    counts["trained"] += 1
                 pair[side] = str(folder.relative_to(root))
                 pair[f"{side}_record"] = _read_record(folder / RECORD)
             manifest["pairs"].append(pair)
+    pretraining = {"trained": 0, "reused": 0}
+    if text_widths:
+        cache = Path(text_cache) if text_cache is not None else None
+        done = _build_text(
+            root, config, cache, text_widths, manifest, counts, pretraining, done, total, progress
+        )
     manifest["build"] = {
-        "trained": trained,
-        "reused": reused,
+        **counts,
         "seconds": round(time.perf_counter() - started, 1),
         "threads": torch.get_num_threads(),
     }
+    if text_widths:
+        manifest["build"]["pretraining"] = pretraining
     _write_json(root / "manifest.json", manifest)
     return root
 
 
+def _build_text(
+    root: Path,
+    config: ScratchZooConfig,
+    cache: Path | None,
+    text_widths: list[tuple[str, int]],
+    manifest: dict[str, Any],
+    counts: dict[str, int],
+    pretraining: dict[str, int],
+    done: int,
+    total: int,
+    progress: bool,
+) -> int:
+    """The text data and every bert pair (their masked-LM encoders first), recorded into ``manifest``; updates
+    the counts and returns the progress count."""
+    text = config.text
+    task = text.task
+    info = _make_text_data(root, config, cache)
+    manifest["text"][task] = info
+    inputs = _TextInputs(TextData.load(root / "data" / task, info))
+    labels = inputs.data.label_names
+    data_digest = _digest(info["sha256"])
+    mlm_training = text.pretraining()
+    for family, width in text_widths:
+        arch = scratch_text.architecture(width, info["vocab_size"], text.max_length, labels)
+        base = root / "models" / task / f"{family}-w{width}"
+        encoders: dict[int, tuple[Path, str]] = {}  # seed -> (masked-LM folder, its stamp)
+        for seed in config.seeds:
+            done += 1
+            folder = base / "mlm" / f"seed{seed}"
+            what = {"dataset": task, "family": family, "width": width, "stage": "masked-lm"}
+            stamp = _digest({"data": data_digest, "arch": arch, **what, "seed": seed, **mlm_training})
+            if _stage_done(folder, stamp):
+                pretraining["reused"] += 1
+            else:
+                desc = f"[{done}/{total}] {task} {family}-w{width} masked-LM seed {seed}"
+                _pretrain_stage(folder, stamp, arch, inputs, seed, mlm_training, what, desc, progress)
+                pretraining["trained"] += 1
+            encoders[seed] = (folder, stamp)
+        training = config.training(family)
+        for setting in config.settings:
+            pair: dict[str, Any] = {"dataset": task, "family": family, "width": width, "setting": setting}
+            pair["num_classes"] = len(labels)
+            for side, seed in zip(SIDES, config.seeds):
+                done += 1
+                folder = base / setting / side
+                classes = train_classes(setting, side, len(labels))
+                what = {"dataset": task, "family": family, "width": width, "setting": setting, "side": side}
+                pretrained, mlm_stamp = encoders[seed]
+                stamp = _digest(
+                    {
+                        "pretrained": mlm_stamp,
+                        "arch": arch,
+                        **what,
+                        "classes": classes,
+                        "seed": seed,
+                        **training,
+                    }
+                )
+                if _stage_done(folder, stamp):
+                    counts["reused"] += 1
+                else:
+                    desc = f"[{done}/{total}] {task} {family}-w{width} {setting} {side}"
+                    _fine_tune_stage(
+                        folder, stamp, arch, pretrained, inputs, classes, seed, training, what, desc, progress
+                    )
+                    counts["trained"] += 1
+                pair[side] = str(folder.relative_to(root))
+                pair[f"{side}_record"] = _read_record(folder / RECORD)
+            manifest["pairs"].append(pair)
+    return done
+
+
 def summary(zoo: ScratchZoo) -> str:
-    """The build's counts and every pair's test accuracy (own classes / all ten, %) as a plain table."""
+    """The build's counts and every pair's test accuracy (own classes / all classes, %) as a plain table."""
     build_info = zoo.manifest["build"]
     lines = [
         f"{build_info['trained'] + build_info['reused']} models: {build_info['trained']} trained, "
