@@ -166,7 +166,7 @@ def english_fortunes(roots: Mapping[str, Path]) -> list[str]:
         for path in text8_data.fortune_files(
             roots[package] / text8_data.FORTUNE_DIR, skip=text8_data.LANGUAGE_SKIP_FILES
         ):
-            texts.update(t for t in text8_data.read_fortunes(path) if text8_data._keep_fortune(t))
+            texts.update(t for t in text8_data.read_fortunes(path) if text8_data.keep_fortune(t))
     return sorted(texts)
 
 

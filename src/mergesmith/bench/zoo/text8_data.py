@@ -238,7 +238,7 @@ def read_fortunes(path: Path) -> list[str]:
     return [entry for entry in entries if entry]
 
 
-def _keep_fortune(text: str) -> bool:
+def keep_fortune(text: str) -> bool:
     return FORTUNE_MIN_CHARS <= len(text) <= FORTUNE_MAX_CHARS
 
 
@@ -281,7 +281,7 @@ def fortune_topic(roots: Path | Sequence[Path], categories: Sequence[str] = FORT
         (entry, category)
         for category in categories
         for entry in read_fortunes(_find_category(roots, category))
-        if _keep_fortune(entry)
+        if keep_fortune(entry)
     ]
     return build_task("fortune_topic", examples, categories, "Debian fortunes: " + ", ".join(categories))
 
@@ -293,7 +293,7 @@ def language(roots: Mapping[str, Path]) -> TaskData:
         if package not in roots:
             raise MergeError(f"language task: no unpacked root given for package {package!r}")
         for path in fortune_files(roots[package] / folder, skip=LANGUAGE_SKIP_FILES):
-            examples.extend((entry, label) for entry in read_fortunes(path) if _keep_fortune(entry))
+            examples.extend((entry, label) for entry in read_fortunes(path) if keep_fortune(entry))
     packages = ", ".join(dict.fromkeys(package for _, package, _ in LANGUAGE_SOURCES))
     return build_task("language", examples, LANGUAGES, f"Debian {packages}")
 
