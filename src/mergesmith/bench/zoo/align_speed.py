@@ -60,7 +60,7 @@ def time_pair(name: str, config: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     return {
         "pair": name,
-        "parameters": sum(v.numel() for v in a.values()),
+        "parameters": sum({v.data_ptr(): v.numel() for v in a.values()}.values()),  # a tied head once
         "groups": len(spec.groups),
         "sweeps": report.sweeps,
         "seconds": round(seconds, 2),
