@@ -30,7 +30,7 @@ from mergesmith.arch.permutation import PermutationSpec
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit.activations import unit_correlations
 from mergesmith.fit.data import Encoded, encode
-from mergesmith.fit.hf import load_as_saved, load_tokenizer
+from mergesmith.fit.hf import load_as_saved, load_tokenizer, saved_class
 from mergesmith.fit.least_squares import refit_layers
 from mergesmith.fit.small_models import (
     MLP_TYPE,
@@ -268,11 +268,9 @@ def _write_hf(
 
     assert source.folder is not None
     hf_config = transformers.AutoConfig.for_model(**config)
-    names = config.get("architectures") or []
-    model_class = getattr(transformers, names[0], None) if names else None
-    module = (
-        model_class(hf_config) if model_class is not None else transformers.AutoModel.from_config(hf_config)
-    )
+    model_class = saved_class(config)
+    auto = model_class is transformers.AutoModel  # the Auto classes build from a config; the others take it
+    module = model_class.from_config(hf_config) if auto else model_class(hf_config)
     missing, unexpected = module.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

@@ -58,10 +58,7 @@ def load_encoder(folder: Path) -> nn.Module:
             except TypeError:  # architectures without a pooler do not take the argument
                 module = AutoModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{folder}: cannot load the model to run it on the data ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
+        raise _cannot_run(folder, e) from None
     return module.eval().requires_grad_(False)
 
 
@@ -143,13 +140,24 @@ def load_as_saved(folder: Path) -> nn.Module:
     try:
         with quiet_transformers():
             config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-            names = getattr(config, "architectures", None) or []
-            model_class = getattr(transformers, names[0], None) if names else None
-            model_class = model_class or transformers.AutoModel
+            model_class = saved_class(config.to_dict())
             module = model_class.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{folder}: cannot load the model to run it on the data ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
+        raise _cannot_run(folder, e) from None
     return module.eval().requires_grad_(False)
+
+
+def saved_class(config: dict[str, Any]) -> Any:
+    """The transformers class config.json's ``architectures[0]`` names (``AutoModel`` when it names none that
+    transformers has): the class whose module names are the checkpoint's tensor names."""
+    import transformers
+
+    names = config.get("architectures") or []
+    return (getattr(transformers, names[0], None) if names else None) or transformers.AutoModel
+
+
+def _cannot_run(folder: Path, error: Exception) -> CheckpointError:
+    first = str(error).splitlines()[0] if str(error) else ""
+    return CheckpointError(
+        f"{folder}: cannot load the model to run it on the data ({type(error).__name__}: {first})"
+    )
