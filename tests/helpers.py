@@ -8,6 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
+
+from mergesmith.arch.permutation import PermutationSpec
+from mergesmith.ops.permute import invert, permute_state, random_permutations, weight_matching
 
 
 def build_llama(
@@ -99,3 +103,41 @@ def run_mergekit(recipe: dict, out: Path, copy_tokenizer: bool = False) -> dict[
         MergeOptions(quiet=True, copy_tokenizer=copy_tokenizer, write_model_card=False, random_seed=0),
     )
     return load_tensors(out)
+
+
+def tiny_decoder(model_type: str, seed: int = 0, **config) -> torch.nn.Module:
+    """A randomly initialized causal LM of ``model_type`` (llama, mistral, qwen2, qwen3): 2 layers, hidden 32,
+    4 query heads over 2 key/value heads (GQA), FFN 48, vocabulary 64; ``config`` overrides any of these."""
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[model_type]
+    settings = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        **config,
+    }
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config_class(**settings)).eval()
+
+
+def assert_weight_matching_undoes_a_shuffle(
+    spec: PermutationSpec, reference: dict[str, torch.Tensor]
+) -> None:
+    """Weight matching of a randomly permuted copy of ``reference`` finds the shuffle's inverse for every group,
+    brings every tensor back bit for bit, and stops after a sweep that gains nothing."""
+    perms = random_permutations(spec, seed=11)
+    shuffled = permute_state(reference, spec, perms)
+    found, report = weight_matching(spec, reference, shuffled, seed=0)
+    for group in spec.groups:  # π(shuffled) = reference: the inverse of the shuffle, unit for unit
+        assert torch.equal(found[group], invert(perms[group])), group
+    back = permute_state(shuffled, spec, found)
+    assert all(torch.equal(back[k], reference[k]) for k in reference)
+    assert report.gains[-1] == 0.0 and report.sweeps >= 2

@@ -16,6 +16,7 @@ from mergesmith.arch.permutation import permutation_spec
 from mergesmith.cli import main
 from mergesmith.errors import CheckpointError, MergeError, RecipeError
 from mergesmith.ops.permute import invert, permute_state, random_permutations
+from tests.helpers import tiny_decoder
 
 TEXTS = [
     f"{name} has {n} apples and gives {k} to the next person in line."
@@ -33,18 +34,7 @@ def tokenizer():
 
 
 def llama(seed: int, hidden: int = 32, model_type: str = "llama") -> torch.nn.Module:
-    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[model_type]
-    config = config_class(
-        vocab_size=300,
-        hidden_size=hidden,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_decoder(model_type, seed, vocab_size=300, hidden_size=hidden)
 
 
 def save(

@@ -6,20 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mergesmith.bench.zoo import align_bench
 from mergesmith.bench.zoo.scratch import ScratchZoo, build_scratch_zoo, evaluate
 from mergesmith.fit.small_models import load_small_model
 from tests.bench.test_scratch_zoo import TINY
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

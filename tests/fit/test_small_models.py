@@ -21,8 +21,8 @@ from mergesmith.ops.permute import (
     permute_state,
     random_permutations,
     solve_assignment,
-    weight_matching,
 )
+from tests.helpers import assert_weight_matching_undoes_a_shuffle
 
 IMAGE = (3, 8, 8)  # channels, height, width: the ResNet's stages see 8×8, 4×4 and 2×2 positions
 CONFIGS = {
@@ -37,15 +37,7 @@ CONFIGS = {
 }
 CASES = [(family, residual) for family in CONFIGS for residual in (True, False)]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only waits, and on a busy machine its spinning made the
-    module ~8× slower (3.6 s with one thread, 27 s with two next to a training job)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(family: str, seed: int = 0) -> nn.Module:
@@ -269,15 +261,7 @@ def test_a_permuted_small_model_computes_the_same_function(family, residual):
 def test_weight_matching_recovers_a_random_permutation_exactly(family, residual):
     module = model(family)
     spec = spec_of(family, module, residual)
-    reference = module.state_dict()
-    perms = random_permutations(spec, seed=11)
-    shuffled = permute_state(reference, spec, perms)
-    found, report = weight_matching(spec, reference, shuffled, seed=0)
-    for group in spec.groups:  # π(shuffled) = reference: the inverse of the shuffle, unit for unit
-        assert torch.equal(found[group], invert(perms[group])), group
-    back = permute_state(shuffled, spec, found)
-    assert all(torch.equal(back[k], reference[k]) for k in reference)
-    assert report.gains[-1] == 0.0 and report.sweeps >= 2
+    assert_weight_matching_undoes_a_shuffle(spec, module.state_dict())
 
 
 @pytest.mark.parametrize(("family", "residual"), CASES)

@@ -20,27 +20,7 @@ from mergesmith.ops.permute import (
     solve_assignment,
     weight_matching,
 )
-
-
-def decoder(model_type: str, seed: int = 0, **extra) -> torch.nn.Module:
-    config_class = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-    }[model_type]
-    config = config_class(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+from tests.helpers import assert_weight_matching_undoes_a_shuffle, tiny_decoder
 
 
 def encoder(model_type: str, head: str = "mlm", seed: int = 0) -> torch.nn.Module:
@@ -71,11 +51,11 @@ def encoder(model_type: str, head: str = "mlm", seed: int = 0) -> torch.nn.Modul
 
 
 MODELS = {
-    "llama-gqa": lambda seed=0: decoder("llama", seed),
-    "llama-tied": lambda seed=0: decoder("llama", seed, tie_word_embeddings=True),
-    "mistral": lambda seed=0: decoder("mistral", seed),
-    "qwen2-bias": lambda seed=0: decoder("qwen2", seed),
-    "qwen3-qk-norm": lambda seed=0: decoder("qwen3", seed, head_dim=8),
+    "llama-gqa": lambda seed=0: tiny_decoder("llama", seed),
+    "llama-tied": lambda seed=0: tiny_decoder("llama", seed, tie_word_embeddings=True),
+    "mistral": lambda seed=0: tiny_decoder("mistral", seed),
+    "qwen2-bias": lambda seed=0: tiny_decoder("qwen2", seed),
+    "qwen3-qk-norm": lambda seed=0: tiny_decoder("qwen3", seed, head_dim=8),
     "bert-mlm": lambda seed=0: encoder("bert", "mlm", seed),
     "bert-sequence": lambda seed=0: encoder("bert", "sequence", seed),
     "bert-token": lambda seed=0: encoder("bert", "token", seed),
@@ -120,20 +100,12 @@ def test_a_permuted_model_computes_the_same_function(family, residual):
 def test_weight_matching_recovers_a_random_permutation_exactly(family):
     model = MODELS[family]()
     spec = spec_of(model)
-    reference = model.state_dict()
-    perms = random_permutations(spec, seed=11)
-    shuffled = permute_state(reference, spec, perms)
-    found, report = weight_matching(spec, reference, shuffled, seed=0)
-    for group in spec.groups:  # π(shuffled) = reference: the inverse of the shuffle, unit for unit
-        assert torch.equal(found[group], invert(perms[group])), group
-    back = permute_state(shuffled, spec, found)
-    assert all(torch.equal(back[k], reference[k]) for k in reference)
-    assert report.gains[-1] == 0.0 and report.sweeps >= 2
+    assert_weight_matching_undoes_a_shuffle(spec, model.state_dict())
 
 
 def test_weight_matching_is_seeded_and_brings_independent_models_closer():
-    a, b = decoder("llama", 0).state_dict(), decoder("llama", 1).state_dict()
-    spec = permutation_spec(decoder("llama").config.to_dict(), {k: v.shape for k, v in a.items()})
+    a, b = tiny_decoder("llama", 0).state_dict(), tiny_decoder("llama", 1).state_dict()
+    spec = permutation_spec(tiny_decoder("llama").config.to_dict(), {k: v.shape for k, v in a.items()})
     first, report = weight_matching(spec, a, b, seed=5)
     again, _ = weight_matching(spec, a, b, seed=5)
     assert all(torch.equal(first[g], again[g]) for g in spec.groups)
@@ -157,9 +129,9 @@ def test_assignment_solver_against_brute_force():
 def test_group_cost_is_the_inner_product_of_units():
     """On a hand-made two-layer MLP written as Llama FFN tensors: C[i, j] = ⟨row i of gate/up of A, row j of B⟩
     + ⟨column i of down of A, column j of B⟩."""
-    model = decoder("llama")
+    model = tiny_decoder("llama")
     spec = spec_of(model, residual=False)
-    a, b = model.state_dict(), decoder("llama", 1).state_dict()
+    a, b = model.state_dict(), tiny_decoder("llama", 1).state_dict()
     group = "model.layers.0.mlp"
     cost = group_cost(group, spec, a, b, identity(spec))
     p = "model.layers.0.mlp."
@@ -177,7 +149,7 @@ def test_a_family_without_a_spec_is_one_line():
 
 
 def test_an_unknown_tensor_on_the_stream_is_refused():
-    model = decoder("llama")
+    model = tiny_decoder("llama")
     shapes = {k: v.shape for k, v in model.state_dict().items()} | {"extra_head.weight": (5, 32)}
     with pytest.raises(CheckpointError, match=r"'extra_head\.weight' has no rule .* residual: false"):
         permutation_spec(model.config.to_dict(), shapes)

@@ -67,8 +67,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -469,6 +470,35 @@ def _stage_done(folder: Path, stamp: str) -> bool:
     return info is not None and info.get("stamp") == stamp and (folder / "model.safetensors").exists()
 
 
+def _stage(folder: Path, stamp: str, counts: dict[str, int], train: Callable[[], None]) -> None:
+    """Run ``train`` (it writes ``folder``) unless ``folder`` already holds the model of ``stamp``; counts which
+    happened in ``counts["trained"]`` / ``counts["reused"]``."""
+    if _stage_done(folder, stamp):
+        counts["reused"] += 1
+    else:
+        train()
+        counts["trained"] += 1
+
+
+def _classifier_stamp(
+    source: dict[str, str],
+    arch: dict[str, Any],
+    what: dict[str, Any],
+    classes: tuple[int, ...],
+    seed: int,
+    training: dict[str, Any],
+) -> str:
+    """A classifier stage's stamp: what it starts from (``source``: the data's sha256, or the pretrained
+    encoder's stamp), its architecture, place in the zoo, classes, seed and training settings."""
+    return _digest({**source, "arch": arch, **what, "classes": classes, "seed": seed, **training})
+
+
+def _record_side(pair: dict[str, Any], side: str, folder: Path, root: Path) -> None:
+    """Enter one side of a pair into its manifest row: the model's folder (relative to ``root``) and record."""
+    pair[side] = str(folder.relative_to(root))
+    pair[f"{side}_record"] = _read_record(folder / RECORD)
+
+
 def _train_stage(
     folder: Path,
     stamp: str,
@@ -726,24 +756,17 @@ def build_scratch_zoo(
                     "setting": setting,
                     "side": side,
                 }
-                stamp = _digest(
-                    {
-                        "data": info["sha256"],
-                        "arch": arch,
-                        **what,
-                        "classes": classes,
-                        "seed": seed,
-                        **training,
-                    }
+                stamp = _classifier_stamp({"data": info["sha256"]}, arch, what, classes, seed, training)
+                desc = f"[{done}/{total}] {dataset} {family}-w{width} {setting} {side}"
+                _stage(
+                    folder,
+                    stamp,
+                    counts,
+                    partial(
+                        _train_stage, folder, stamp, arch, data, classes, seed, training, what, desc, progress
+                    ),
                 )
-                if _stage_done(folder, stamp):
-                    counts["reused"] += 1
-                else:
-                    desc = f"[{done}/{total}] {dataset} {family}-w{width} {setting} {side}"
-                    _train_stage(folder, stamp, arch, data, classes, seed, training, what, desc, progress)
-                    counts["trained"] += 1
-                pair[side] = str(folder.relative_to(root))
-                pair[f"{side}_record"] = _read_record(folder / RECORD)
+                _record_side(pair, side, folder, root)
             manifest["pairs"].append(pair)
     pretraining = {"trained": 0, "reused": 0}
     if text_widths:
@@ -793,12 +816,15 @@ def _build_text(
             folder = base / "mlm" / f"seed{seed}"
             what = {"dataset": task, "family": family, "width": width, "stage": "masked-lm"}
             stamp = _digest({"data": data_digest, "arch": arch, **what, "seed": seed, **mlm_training})
-            if _stage_done(folder, stamp):
-                pretraining["reused"] += 1
-            else:
-                desc = f"[{done}/{total}] {task} {family}-w{width} masked-LM seed {seed}"
-                _pretrain_stage(folder, stamp, arch, inputs, seed, mlm_training, what, desc, progress)
-                pretraining["trained"] += 1
+            desc = f"[{done}/{total}] {task} {family}-w{width} masked-LM seed {seed}"
+            _stage(
+                folder,
+                stamp,
+                pretraining,
+                partial(
+                    _pretrain_stage, folder, stamp, arch, inputs, seed, mlm_training, what, desc, progress
+                ),
+            )
             encoders[seed] = (folder, stamp)
         training = config.training(family)
         for setting in config.settings:
@@ -810,26 +836,28 @@ def _build_text(
                 classes = train_classes(setting, side, len(labels))
                 what = {"dataset": task, "family": family, "width": width, "setting": setting, "side": side}
                 pretrained, mlm_stamp = encoders[seed]
-                stamp = _digest(
-                    {
-                        "pretrained": mlm_stamp,
-                        "arch": arch,
-                        **what,
-                        "classes": classes,
-                        "seed": seed,
-                        **training,
-                    }
+                stamp = _classifier_stamp({"pretrained": mlm_stamp}, arch, what, classes, seed, training)
+                desc = f"[{done}/{total}] {task} {family}-w{width} {setting} {side}"
+                _stage(
+                    folder,
+                    stamp,
+                    counts,
+                    partial(
+                        _fine_tune_stage,
+                        folder,
+                        stamp,
+                        arch,
+                        pretrained,
+                        inputs,
+                        classes,
+                        seed,
+                        training,
+                        what,
+                        desc,
+                        progress,
+                    ),
                 )
-                if _stage_done(folder, stamp):
-                    counts["reused"] += 1
-                else:
-                    desc = f"[{done}/{total}] {task} {family}-w{width} {setting} {side}"
-                    _fine_tune_stage(
-                        folder, stamp, arch, pretrained, inputs, classes, seed, training, what, desc, progress
-                    )
-                    counts["trained"] += 1
-                pair[side] = str(folder.relative_to(root))
-                pair[f"{side}_record"] = _read_record(folder / RECORD)
+                _record_side(pair, side, folder, root)
             manifest["pairs"].append(pair)
     return done
 
