@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mergesmith.bench.zoo import align_bench
 from mergesmith.bench.zoo.scratch import ScratchZoo, build_scratch_zoo, evaluate
@@ -70,3 +71,25 @@ def test_the_speed_table_times_weight_matching_on_a_pair_of_inits(tmp_path):
     assert row["sweeps"] >= 2 and row["seconds"] >= 0 and row["groups"] == 1 + 2 * 2
     state = align_speed.random_state(tiny, 0)
     assert row["parameters"] == sum(v.numel() for k, v in state.items() if k != "lm_head.weight")  # tied
+
+
+def test_the_path_scores_a_seeded_subset_and_the_merged_rows_every_example(results, monkeypatch):
+    zoo, _out, _found = results
+    pair = next(p for p in zoo.pairs() if p.family == "mlp")
+    monkeypatch.setattr(align_bench, "PATH_EXAMPLES", 100)
+    subset = align_bench.path_subset(400)
+    assert (
+        len(subset) == 100
+        and torch.equal(subset, align_bench.path_subset(400))
+        and bool((subset.diff() > 0).all())
+    )
+    row = align_bench.run_pair(zoo, pair, progress=False)
+    data = zoo.data(pair.dataset)
+    module_a, module_b = load_small_model(pair.a)[0], load_small_model(pair.b)[0]
+    on_subset = evaluate(module_a, data["test_inputs"][subset], data["test_labels"][subset])
+    start = row["paths"]["naive"]["points"][0]
+    assert row["path_test_examples"] == 100 and start["accuracy"] == pytest.approx(on_subset["accuracy"])
+    average = {k: (v + module_b.state_dict()[k]) / 2 for k, v in module_a.state_dict().items()}
+    module_a.load_state_dict(average)
+    merged = evaluate(module_a, data["test_inputs"], data["test_labels"])  # an MLP: no BatchNorm to reset
+    assert row["accuracy"]["naive"]["estimate"] == pytest.approx(merged["accuracy"])

@@ -4,7 +4,8 @@ after activation matching, and by PLeaS, on the from-scratch zoo (:mod:`mergesmi
 Per pair (dataset, family, width, setting):
 
 - **the linear path** θ(λ) = (1 − λ) θ_A + λ π(θ_B), λ ∈ {0, 0.1, …, 1}, for π = identity (naive), weight
-  matching and activation matching: test loss and accuracy at each λ (BatchNorm statistics recomputed on training
+  matching and activation matching: test loss and accuracy at each λ (on a seeded 2,000 of the test examples
+  where there are more: ``PATH_EXAMPLES``) (BatchNorm statistics recomputed on training
   inputs at every point, as Git Re-Basin's REPAIR-free baseline does for ResNets), and the **barriers**
   max_λ [loss(λ) − ((1 − λ) loss(0) + λ loss(1))] and max_λ [((1 − λ) acc(0) + λ acc(1)) − acc(λ)];
 - **merged accuracy** at λ = 0.5 for the three, PLeaS at width budgets 1.0 / 1.2 / 1.5 / 2.0, the ensemble
@@ -55,6 +56,17 @@ BUDGETS = (1.0, 1.2, 1.5, 2.0)
 MATCH_EXAMPLES, MATCH_BATCH = 2048, 256  # training inputs for activation matching, PLeaS and BatchNorm resets
 MATCH_TEXTS, MATCH_TEXT_BATCH = 512, 32  # training texts for activation matching (PLeaS reads the first 256)
 MATCHINGS = ("naive", "weight", "activation")
+# test examples scored at each point of the path: a seeded subset (the barrier's standard error stays near one
+# point; scoring Fashion-MNIST's 10,000 at 33 points costs a width-4 ResNet pair ~40 min on 2 cores); the merged
+# accuracies at λ = 0.5, PLeaS, the ensemble and the models are scored on every test example
+PATH_EXAMPLES = 2000
+
+
+def path_subset(count: int) -> torch.Tensor:
+    """The test examples the path scores: all of ``count`` up to ``PATH_EXAMPLES``, else a seeded subset (sorted)."""
+    if count <= PATH_EXAMPLES:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:PATH_EXAMPLES].sort().values
 
 
 def interpolate(
@@ -78,7 +90,8 @@ def barrier(points: list[dict[str, float]], key: str, higher_is_better: bool) ->
 class _Subjects:
     """One pair as the benchmark runs it, whatever its family: the two models, their config.json, the inputs for
     activation matching, the test set, and the family's ways to score a state dict, to write PLeaS's data and to
-    load PLeaS's output (with the widths it chose)."""
+    load PLeaS's output (with the widths it chose). ``score(state, False)`` scores the path's test subset
+    (:func:`path_subset`), ``score(state, True)`` every test example."""
 
     module_a: nn.Module
     module_b: nn.Module
@@ -86,7 +99,7 @@ class _Subjects:
     match_batches: list[Batch]
     test: Inputs
     test_labels: torch.Tensor
-    score: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]]
+    score: Callable[[Mapping[str, torch.Tensor], bool], dict[str, Any]]  # (state, every test example?)
     pleas_data: Callable[[Path], Path]
     load_merged: Callable[[Path], tuple[nn.Module, dict[str, Any]]]
 
@@ -100,11 +113,14 @@ def _image_subjects(zoo: ScratchZoo, pair: Pair) -> _Subjects:
     order = torch.randperm(len(data["train_inputs"]), generator=torch.Generator().manual_seed(0))
     match_inputs = data["train_inputs"][order[:MATCH_EXAMPLES]]
 
-    def score(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    subset = path_subset(len(data["test_labels"]))
+
+    def score(state: Mapping[str, torch.Tensor], every: bool) -> dict[str, Any]:
         module = build(config)
         module.load_state_dict(state)
         reset_batchnorm(module, match_inputs)
-        return evaluate(module.eval(), data["test_inputs"], data["test_labels"])
+        index = slice(None) if every else subset
+        return evaluate(module.eval(), data["test_inputs"][index], data["test_labels"][index])
 
     def pleas_data(folder: Path) -> Path:
         path = folder / "inputs.safetensors"
@@ -139,9 +155,11 @@ def _text_subjects(zoo: ScratchZoo, pair: Pair) -> _Subjects:
     match = data.encoded("train", limit=MATCH_TEXTS, tokenizer=tokenizer)
     probe = copy.deepcopy(module_a)  # one module whose weights every point of the path replaces
 
-    def score(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    path_test = test.batch(path_subset(len(test)))
+
+    def score(state: Mapping[str, torch.Tensor], every: bool) -> dict[str, Any]:
         probe.load_state_dict(state)
-        return evaluate(probe, test)
+        return evaluate(probe, test if every else path_test)
 
     def pleas_data(folder: Path) -> Path:
         path = folder / "texts.jsonl"
@@ -183,6 +201,7 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
         "width": pair.width,
     }
     row |= {"setting": pair.setting, "weight_matching_sweeps": report.sweeps, **timings}
+    row["path_test_examples"] = min(len(subjects.test_labels), PATH_EXAMPLES)
     outcomes: dict[str, torch.Tensor] = {}
     paths = {}
     bar = tqdm(total=len(MATCHINGS) * len(LAMBDAS), desc=pair.name, leave=False, disable=not progress)
@@ -190,7 +209,8 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
         aligned = permute_state(b, spec, perms[matching])
         points = []
         for lam in LAMBDAS:
-            scores = subjects.score(interpolate(a, aligned, lam))
+            state = interpolate(a, aligned, lam)
+            scores = subjects.score(state, False)
             points.append(
                 {
                     "lambda": lam,
@@ -199,7 +219,7 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
                 }
             )
             if lam == 0.5:
-                outcomes[matching] = scores["correct"]
+                outcomes[matching] = subjects.score(state, True)["correct"]
             bar.update(1)
         paths[matching] = {
             "points": points,
