@@ -183,6 +183,45 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe(args: argparse.Namespace) -> int:
+    from mergesmith.api.moe import build_moe
+
+    result = build_moe(
+        args.config,
+        args.out,
+        allow_all_same=args.i_understand_this_is_not_useful_without_training,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+    )
+    print(
+        f"moe: {result.tensors} tensors, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s -> {result.out_dir}"
+    )
+    return 0
+
+
+MOE_KEYS = """config keys (mergekit-moe's, read as they are):
+  base_model          the model every non-FFN tensor (attention, norms, embeddings, head) comes from
+  experts             a list; each becomes one routed expert of every layer:
+    source_model        the dense fine-tune whose FFN it is (a folder, a Hub id, BASE+LORA)
+    positive_prompts    texts that should be routed to it (the prompt gate modes need them)
+    negative_prompts    texts that should not (their vector is subtracted from the router row)
+    noise_scale         Gaussian noise of this std added to its FFN weights (seeded per tensor)
+    residual_scale      scales its down_proj: how much it adds to the residual stream
+  gate_mode           how router rows are set: hidden (the base's hidden state at each prompt's last token,
+                      per layer), hidden_avg (averaged over positions), hidden_last, cheap_embed (the prompts'
+                      token embeddings), random (N(0,1)), uniform_random (nn.Linear's init); default hidden
+  experts_per_token   k of top-k routing (default 2)
+  shared_experts      Qwen2-MoE only: exactly one expert always active, with its own gate (same keys as experts)
+  architecture        mixtral | qwen (Qwen2-MoE) | qwen3 (Qwen3-MoE); default: the first that hosts the models,
+                      Mixtral first (Llama/Mistral experts), as mergekit-moe picks
+  dtype               the output dtype (default: the base's)
+mergesmith's own keys:
+  seed                the random gate modes and the noise (default 0; mergekit's --random-seed draws the same gates)
+  hidden_dtype        what the hidden modes run the base in: bfloat16 (mergekit's, default) or float32
+"""
+
+
 def cmd_pleas(args: argparse.Namespace) -> int:
     from mergesmith.api.pleas import pleas
 
@@ -814,6 +853,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser(
+        "moe",
+        help="build a Mixtral / Qwen2-MoE / Qwen3-MoE from dense fine-tunes (a mergekit-moe config)",
+        description="Dense fine-tunes of one decoder become the experts of an MoE model: every expert's FFN is "
+        "one routed expert of every layer, the base gives every other tensor, the routers come from prompts.",
+        epilog=MOE_KEYS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="the MoE config (mergekit-moe's YAML)")
+    p.add_argument("out", help="the output folder (a transformers MoE model)")
+    p.add_argument(
+        "--i-understand-this-is-not-useful-without-training",
+        action="store_true",
+        help="build even when every expert is the same model",
+    )
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt checkpoints (weights_only)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_moe)
 
     p = sub.add_parser(
         "pleas",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mergesmith.api.alignment import align_sources, write_alignment
-from mergesmith.api.publish import chat_template_for, tokenizer_folder, write_metadata
+from mergesmith.api.publish import OutputNotes, chat_template_for, tokenizer_folder, write_metadata
 from mergesmith.api.state_dicts import run_fit
 from mergesmith.api.tasks import FitSetup, prepare_fit
 from mergesmith.api.vocabulary import reindexed_sources
@@ -93,6 +93,7 @@ class Resolved:
     vocabulary_tokenizer: Any = None  # the merged vocabulary's tokenizer (union, a tokenizer: block)
     device: torch.device = CPU  # where the rules run
     alignment: dict[str, Any] | None = None  # align: the permutations found (written as alignment.json)
+    notes: OutputNotes | None = None  # a tool's own account of the output (mergesmith moe)
 
     def input_files(self) -> list[Path]:
         """The files a resume's fingerprint covers: every weight file, and the data or fit files."""
@@ -117,6 +118,7 @@ def merge(
     progress: bool = True,
     transform_sources: Callable[[dict[str, Source]], dict[str, Source]] | None = None,
     device: str | None = None,
+    notes: OutputNotes | None = None,
 ) -> MergeResult:
     """Merge the checkpoints a recipe names into ``out_dir`` (an HF model folder), atomically.
 
@@ -129,7 +131,8 @@ def merge(
     anything is checked or planned, so that some tensors are read as the tool computes them.
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``) is where the per-tensor rules run (see
-    :mod:`mergesmith.engine.device`); the default is the CPU.
+    :mod:`mergesmith.engine.device`); the default is the CPU. ``notes`` replace the recipe file, the manifest's
+    method and the model card with a tool's own (:class:`mergesmith.api.publish.OutputNotes`).
     """
     start = time.perf_counter()
     with resolve(
@@ -148,6 +151,7 @@ def merge(
         transform_sources=transform_sources,
         device=device,
     ) as job:
+        job.notes = notes
         plan = plan_merge(job)
         job.out.parent.mkdir(parents=True, exist_ok=True)  # every check has passed: the merge writes now
         with OutputLock(job.out):
@@ -158,6 +162,8 @@ def merge(
                     "shard_size": job.shard_size,
                     "version": __version__,
                     "device": str(job.device),  # another device rounds differently: no mixed shards
+                    # a tool's settings (an MoE's gates and experts) decide the tensors too
+                    "notes": job.notes.record if job.notes is not None else None,
                 },
                 job.input_files(),
             )
@@ -367,6 +373,7 @@ def publish(
         job.chat_template,
         job.vocabulary_tokenizer,
         write_alignment(partial.path, job.alignment) if job.alignment is not None else None,
+        job.notes,
     )
     partial.publish(job.out)
 

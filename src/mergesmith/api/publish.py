@@ -4,6 +4,7 @@ and outputs' sha256, versions, the fit) and the model card."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,19 @@ RECIPE_FILE = "mergesmith_recipe.yaml"
 MANIFEST_FILE = "manifest.json"
 
 
+@dataclass(frozen=True)
+class OutputNotes:
+    """What a tool built on the merge pipeline (``mergesmith moe``) writes in place of a merge's own account: the
+    manifest's ``method`` and a section ``key`` holding ``record``, extra text files (name → text; in place of the
+    recipe file, which describes the pipeline's internal passthrough), and the model card."""
+
+    method: str
+    key: str
+    record: dict[str, Any]
+    files: dict[str, str]
+    card: str
+
+
 def write_metadata(
     folder: Path,
     recipe: Recipe,
@@ -40,8 +54,9 @@ def write_metadata(
     chat_template: str | None = None,
     vocabulary_tokenizer: Any = None,
     alignment: dict[str, Any] | None = None,
+    notes: OutputNotes | None = None,
 ) -> None:
-    """Every non-weight file of the output folder."""
+    """Every non-weight file of the output folder (``notes``: a tool's own account, see :class:`OutputNotes`)."""
     if plan.config:
         config = dict(plan.config)
         dtypes = {j.dtype for j in plan.jobs if j.dtype.is_floating_point}
@@ -60,10 +75,14 @@ def write_metadata(
         vocabulary_tokenizer.save_pretrained(str(folder))
     if chat_template is not None:
         write_template(folder, chat_template)
-    (folder / RECIPE_FILE).write_text(recipe.to_yaml())
+    if notes is None:
+        (folder / RECIPE_FILE).write_text(recipe.to_yaml())
+    else:
+        for name, text in notes.files.items():
+            (folder / name).write_text(text)
     manifest = {
         "mergesmith_version": __version__,
-        "method": recipe.merge_method,
+        "method": recipe.merge_method if notes is None else notes.method,
         "compat": recipe.compat,
         "seed": recipe.seed,
         "wall_time_s": round(seconds, 3),
@@ -79,8 +98,11 @@ def write_metadata(
         manifest["fit"] = fit
     if alignment is not None:  # align: its summary (the permutations are in alignment.json)
         manifest["alignment"] = alignment
+    if notes is not None:
+        manifest[notes.key] = notes.record
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(recipe, plan, model_paths))
+    card = model_card(recipe, plan, model_paths) if notes is None else notes.card
+    (folder / "README.md").write_text(card)
 
 
 def reference_model(recipe: Recipe) -> str | None:

@@ -27,6 +27,7 @@ mean-pooled encoder states), and ``fitted: PATH`` to replay an earlier fit inste
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -225,10 +226,21 @@ def _format_validation_error(e: ValidationError, where: str) -> str:
             f"{where}: parameter '{parts[i + 1]}' ({owner}) must be a number, bool or string, a list of them "
             "(a gradient over layers), or a list of {filter, value} entries"
         )
-    loc = ".".join(parts) or "recipe"
+    return describe_validation_error(e, where, _key_owner, "recipe")
+
+
+def describe_validation_error(
+    e: ValidationError, where: str, key_owner: Callable[[list[str]], tuple[str, Any]], top: str
+) -> str:
+    """pydantic's first error as one line naming the file and key: an unknown key with the known keys of the
+    mapping it was found in (``key_owner(location) -> (its name, its fields)``), a missing key, or the message
+    (a whole-document check is located at ``top``)."""
+    first = e.errors()[0]
+    parts = [str(p) for p in first["loc"]]
+    loc = ".".join(parts) or top
     msg = first["msg"].removeprefix("Value error, ")  # our validators' messages are complete sentences
     if first["type"] == "extra_forbidden":
-        owner, fields = _key_owner(parts)
+        owner, fields = key_owner(parts)
         return f"{where}: unknown key '{loc}' (known {owner} keys: {', '.join(fields)})"
     if first["type"] == "missing":
         return f"{where}: missing required key '{loc}'"
@@ -250,27 +262,35 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe) -> Recipe:
     """Parse and validate a recipe from a YAML path, a YAML string, a dict, or a Recipe."""
     if isinstance(source, Recipe):
         return source
-    where = "recipe"
+    data, where = read_mapping(source, "recipe", "merge_method:, models:, ...")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e, where)) from None
+
+
+def read_mapping(source: str | Path | dict[str, Any], what: str, hint: str) -> tuple[dict[str, Any], str]:
+    """A YAML mapping from a file path, a YAML string or a dict, and how errors name it (the path, or ``what``).
+    One-line ``RecipeError`` for a missing or unreadable file, invalid YAML, or YAML that is not a mapping
+    (``hint`` lists the keys expected)."""
+    where = what
     if isinstance(source, (str, Path)) and not (isinstance(source, str) and "\n" in source):
         path = Path(source)
         where = str(path)
         if not path.exists():
-            raise RecipeError(f"{path}: recipe file not found")
+            raise RecipeError(f"{path}: {what} file not found")
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{path}: cannot read recipe ({e})") from None
+            raise RecipeError(f"{path}: cannot read {what} ({e})") from None
         data = _parse_yaml(text, where)
     elif isinstance(source, str):
         data = _parse_yaml(source, where)
     else:
         data = source
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a recipe must be a YAML mapping (merge_method:, models:, ...)")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(_format_validation_error(e, where)) from None
+        raise RecipeError(f"{where}: a {what} must be a YAML mapping ({hint})")
+    return data, where
 
 
 def _parse_yaml(text: str, where: str) -> Any:
