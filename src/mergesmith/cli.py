@@ -200,7 +200,21 @@ def cmd_moe(args: argparse.Namespace) -> int:
     return 0
 
 
-MOE_KEYS = """config keys (mergekit-moe's, read as they are):
+def cmd_moe_inspect(args: argparse.Namespace) -> int:
+    from mergesmith.api.moe_inspect import heatmap, inspect_moe, table, write_report
+
+    stats = inspect_moe(args.model, args.data, limit=args.limit, max_length=args.max_length)
+    print(table(stats), end="")
+    if args.json:
+        print(f"statistics -> {write_report(stats, args.json)}")
+    if args.png:
+        print(f"heatmap -> {heatmap(stats, args.png)}")
+    return 0
+
+
+MOE_KEYS = """`mergesmith moe inspect MODEL --data FILE [--png P] [--json J]` prints how an MoE routes a text file.
+
+config keys (mergekit-moe's, read as they are):
   base_model          the model every non-FFN tensor (attention, norms, embeddings, head) comes from
   experts             a list; each becomes one routed expert of every layer:
     source_model        the dense fine-tune whose FFN it is (a folder, a Hub id, BASE+LORA)
@@ -875,6 +889,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_moe)
 
     p = sub.add_parser(
+        "moe-inspect",
+        help="how an MoE model routes a text file (also: mergesmith moe inspect MODEL --data FILE)",
+    )
+    p.add_argument("model", help="an HF MoE folder (Mixtral, Qwen2-MoE, Qwen3-MoE)")
+    p.add_argument("--data", required=True, help="a .jsonl or .csv file of texts (column 'text')")
+    p.add_argument("--limit", type=int, default=256, help="the first N texts (default 256)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (default 256)")
+    p.add_argument("--png", default=None, help="draw the per-layer top-1 frequency heatmap here")
+    p.add_argument("--json", default=None, help="save the statistics (frequencies per layer and expert) here")
+    p.set_defaults(func=cmd_moe_inspect)
+
+    p = sub.add_parser(
         "pleas",
         help="merge two models of different initializations to a width budget (PLeaS: matching + least squares)",
     )
@@ -1084,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["moe", "inspect"]:  # `moe CONFIG OUT` and `moe inspect MODEL` share the command's name
+        argv = ["moe-inspect", *argv[2:]]
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     # the library's notices (logger "mergesmith") as plain lines on stderr

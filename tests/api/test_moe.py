@@ -225,3 +225,20 @@ def test_the_cli_builds_from_a_mergekit_moe_yaml(llamas, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("base_model: x\nexperts: []\n")
     assert main(["moe", str(tmp_path / "bad.yaml"), str(tmp_path / "bad")]) != 0
     assert "bad.yaml: experts is empty" in capsys.readouterr().err
+
+
+def test_inspect_reports_routing_per_layer(llamas, tmp_path, capsys):
+    out = build_moe(moe_config(llamas, "cheap_embed"), tmp_path / "moe", progress=False).out_dir
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    png, report = tmp_path / "routing.png", tmp_path / "routing.json"
+    args = ["moe", "inspect", str(out), "--data", str(data), "--png", str(png), "--json", str(report)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| layer | expert 0 top-1 / top-2 %" in printed and png.stat().st_size > 0
+    stats = json.loads(report.read_text())
+    assert stats["layers"] == [0, 1] and stats["experts_per_token"] == 2
+    for row in stats["top1"]:
+        assert sum(row) == pytest.approx(1.0, abs=1e-5)  # rounded to 6 decimals in the JSON
+    assert main(["moe", "inspect", str(llamas["base"]), "--data", str(data)]) == 2
+    assert "LlamaForCausalLM has no MoE router" in capsys.readouterr().err
