@@ -212,7 +212,36 @@ def cmd_moe_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from mergesmith.api.moe_merge import merge_moe_experts
+
+    result = merge_moe_experts(
+        args.model,
+        args.out,
+        args.data,
+        groups=args.groups,
+        average_groups=args.average_groups,
+        method=args.method,
+        form=args.form,
+        limit=args.limit,
+        max_length=args.max_length,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    record = json.loads((result.out_dir / "manifest.json").read_text())["moe_merge"]
+    params = record["unique_expert_parameters"]
+    print(
+        f"moe merge ({record['method']}, {record['form']}): {record['experts_before']} -> groups per layer "
+        f"{record['groups_per_layer']}, expert parameters {params['before']:,} -> {params['after']:,} -> {result.out_dir}"
+    )
+    return 0
+
+
 MOE_KEYS = """`mergesmith moe inspect MODEL --data FILE [--png P] [--json J]` prints how an MoE routes a text file.
+`mergesmith moe merge MODEL OUT --data FILE --groups N` merges its experts (MC-SMoE; see its --help).
 
 config keys (mergekit-moe's, read as they are):
   base_model          the model every non-FFN tensor (attention, norms, embeddings, head) comes from
@@ -901,6 +930,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_moe_inspect)
 
     p = sub.add_parser(
+        "moe-merge",
+        help="merge an MoE's experts into fewer per layer (MC-SMoE; also: mergesmith moe merge MODEL OUT ...)",
+    )
+    p.add_argument("model", help="an HF MoE folder (Mixtral, Qwen2-MoE, Qwen3-MoE)")
+    p.add_argument("out", help="the output folder (an MoE with fewer experts per layer)")
+    p.add_argument("--data", required=True, help="calibration texts: a .jsonl or .csv file (column 'text')")
+    p.add_argument("--groups", type=int, default=None, help="experts kept per layer (every layer)")
+    p.add_argument(
+        "--average-groups",
+        type=int,
+        default=None,
+        help="MC-SMoE's adaptive counts: this many per layer on average, by a global usage threshold",
+    )
+    p.add_argument(
+        "--method",
+        default="m-smoe",
+        choices=["m-smoe", "m-smoe-no-align", "uniform", "frequency-prune", "random-drop"],
+        help="m-smoe: frequency-weighted merge of aligned experts (default); the others are the paper's baselines",
+    )
+    p.add_argument(
+        "--form",
+        default="remapped",
+        choices=["remapped", "bound"],
+        help="remapped: one expert per group, router remapped (smaller); bound: MC-SMoE's function exactly",
+    )
+    p.add_argument("--limit", type=int, default=256, help="calibration texts (default 256)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random-drop's choice")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_moe_merge)
+
+    p = sub.add_parser(
         "pleas",
         help="merge two models of different initializations to a width budget (PLeaS: matching + least squares)",
     )
@@ -1111,8 +1173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["moe", "inspect"]:  # `moe CONFIG OUT` and `moe inspect MODEL` share the command's name
-        argv = ["moe-inspect", *argv[2:]]
+    if argv[:2] in (["moe", "inspect"], ["moe", "merge"]):  # `moe CONFIG OUT` shares the command's name
+        argv = [f"moe-{argv[1]}", *argv[2:]]
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     # the library's notices (logger "mergesmith") as plain lines on stderr

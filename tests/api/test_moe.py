@@ -242,3 +242,110 @@ def test_inspect_reports_routing_per_layer(llamas, tmp_path, capsys):
         assert sum(row) == pytest.approx(1.0, abs=1e-5)  # rounded to 6 decimals in the JSON
     assert main(["moe", "inspect", str(llamas["base"]), "--data", str(data)]) == 2
     assert "LlamaForCausalLM has no MoE router" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def moe_model(llamas, tmp_path_factory) -> tuple[Path, Path]:
+    """A 3-expert Mixtral built from the llamas, and calibration texts."""
+    root = tmp_path_factory.mktemp("moe")
+    out = build_moe(moe_config(llamas, "cheap_embed"), root / "moe", progress=False).out_dir
+    data = root / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return out, data
+
+
+def logits_of(folder: Path) -> torch.Tensor:
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("form", ["remapped", "bound"])
+def test_one_group_per_expert_leaves_the_model_unchanged(moe_model, tmp_path, form):
+    from mergesmith.api.moe_merge import merge_moe_experts
+
+    folder, data = moe_model
+    out = merge_moe_experts(folder, tmp_path / "out", data, groups=3, form=form, progress=False).out_dir
+    torch.testing.assert_close(logits_of(out), logits_of(folder), rtol=1e-5, atol=1e-5)
+
+
+def test_experts_that_are_one_model_merge_into_it_exactly(llamas, tmp_path):
+    from mergesmith.api.moe_merge import merge_moe_experts
+
+    config = moe_config(llamas, "cheap_embed")
+    for expert in config["experts"]:
+        expert["source_model"] = str(llamas["e0"])
+    folder = build_moe(config, tmp_path / "same", allow_all_same=True, progress=False).out_dir
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = merge_moe_experts(folder, tmp_path / "out", data, groups=1, form="bound", progress=False).out_dir
+    torch.testing.assert_close(logits_of(out), logits_of(folder), rtol=1e-5, atol=1e-5)
+
+
+def test_merging_to_fewer_experts_writes_a_smaller_moe_and_its_record(moe_model, tmp_path, capsys):
+    folder, data = moe_model
+    args = [
+        "moe",
+        "merge",
+        str(folder),
+        str(tmp_path / "out"),
+        "--data",
+        str(data),
+        "--groups",
+        "2",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert "3 -> groups per layer [2, 2]" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2
+    tensors = load_tensors(out)
+    assert tensors["model.layers.0.mlp.experts.gate_up_proj"].shape == (2, 96, 32)
+    assert tensors["model.layers.0.mlp.gate.weight"].shape == (2, 32)
+    record = json.loads((out / "manifest.json").read_text())["moe_merge"]
+    assert record["unique_expert_parameters"] == {"before": 2 * 3 * 3 * 48 * 32, "after": 2 * 2 * 3 * 48 * 32}
+    assert all(0.0 <= v <= 1.0 for v in record["routing_agreement"].values())
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+    for method in ("m-smoe-no-align", "uniform", "frequency-prune", "random-drop"):
+        args = ["moe", "merge", str(folder), str(tmp_path / method), "--data", str(data), "--groups", "2"]
+        assert main([*args, "--method", method, "--quiet"]) == 0, method
+    pruned = json.loads((tmp_path / "frequency-prune" / "manifest.json").read_text())["moe_merge"]
+    for centers, usage, labels in zip(pruned["centers"], pruned["usage_frequency"], pruned["labels"]):
+        assert sorted(centers) == sorted(sorted(range(3), key=lambda e: -usage[e])[:2])  # the two most used
+        assert labels.count(-1) == 1  # the third is dropped
+    adaptive = [
+        "moe",
+        "merge",
+        str(folder),
+        str(tmp_path / "adaptive"),
+        "--data",
+        str(data),
+        "--average-groups",
+        "2",
+    ]
+    assert main([*adaptive, "--quiet"]) == 0
+    counts = json.loads((tmp_path / "adaptive" / "manifest.json").read_text())["moe_merge"][
+        "groups_per_layer"
+    ]
+    assert len(counts) == 2 and all(1 <= c <= 3 for c in counts)
+
+
+def test_bad_merge_requests_are_one_line_errors(moe_model, llamas, tmp_path, capsys):
+    folder, data = moe_model
+    base = ["moe", "merge", str(folder), str(tmp_path / "out"), "--data", str(data)]
+    cases = [
+        ([], "give --groups N (every layer) or --average-groups N"),
+        (["--groups", "4"], "the group count must be between 1 and 3, got 4"),
+        (
+            ["--groups", "2", "--method", "frequency-prune", "--form", "bound"],
+            "frequency-prune drops experts",
+        ),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    dense = ["moe", "merge", str(llamas["base"]), str(tmp_path / "d"), "--data", str(data), "--groups", "1"]
+    assert main(dense) == 2
+    assert "no num_local_experts / num_experts: not an MoE model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()

@@ -57,9 +57,13 @@ def tiny_moe(family: str, experts_per_token: int = 2, seed: int = 0) -> torch.nn
         )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # routers initialised to zero in some families: give them something to choose by
-        for _, router in routers(model):
-            router.weight.normal_(0, 0.5)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every weight seeded (some fused expert tensors start as torch.empty)
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        for _, router in routers(model):  # routers with something to choose by
+            router.weight.mul_(5)
     return model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mergesmith.fit.data import encode
+from mergesmith.fit.data import Encoded, encode
 from mergesmith.fit.evaluate import model_folder, padded_tokenizer
 from mergesmith.fit.hf import load_causal_lm
 from mergesmith.fit.moe_routing import RouterStats, router_statistics
@@ -19,17 +19,21 @@ from mergesmith.recipe.data import DataSpec, read_examples
 INSPECT_BATCH = 8
 
 
-def inspect_moe(
-    model: str | Path, data: str | Path, *, limit: int = 256, max_length: int = 256
-) -> RouterStats:
-    """Router statistics of ``model`` (an HF MoE folder) on the first ``limit`` texts of ``data`` (.jsonl/.csv,
-    column ``text``), each cut to ``max_length`` tokens."""
-    folder = model_folder(model)
+def calibration_batches(folder: Path, data: str | Path, limit: int, max_length: int) -> list[Encoded]:
+    """The first ``limit`` texts of ``data`` (.jsonl/.csv, column ``text``) tokenized with the model's tokenizer,
+    each cut to ``max_length`` tokens, in batches."""
     examples = read_examples(DataSpec(path=str(data)), need_labels=False, where=str(data))
     texts = examples.texts[:limit]
     encoded = encode(padded_tokenizer(folder), texts, [-1] * len(texts), max_length)
-    batches = [encoded.batch(slice(i, i + INSPECT_BATCH)) for i in range(0, len(encoded), INSPECT_BATCH)]
-    return router_statistics(load_causal_lm(folder), batches)
+    return [encoded.batch(slice(i, i + INSPECT_BATCH)) for i in range(0, len(encoded), INSPECT_BATCH)]
+
+
+def inspect_moe(
+    model: str | Path, data: str | Path, *, limit: int = 256, max_length: int = 256
+) -> RouterStats:
+    """Router statistics of ``model`` (an HF MoE folder) on :func:`calibration_batches` of ``data``."""
+    folder = model_folder(model)
+    return router_statistics(load_causal_lm(folder), calibration_batches(folder, data, limit, max_length))
 
 
 def table(stats: RouterStats) -> str:

@@ -60,7 +60,8 @@ def _renormalizes(router: nn.Module) -> bool:
 class RouterStats:
     """Per MoE layer (``layers``): ``top1`` / ``topk`` ``[L, E]`` fractions of the tokens whose top-1 is, or whose
     top-k include, each expert; ``mean_probability`` ``[L, E]``; ``logits`` one ``[tokens, E]`` fp32 matrix per
-    layer; ``tokens`` counted (padding excluded); ``k`` the model's experts per token."""
+    layer; ``tokens`` counted (padding excluded); ``k`` the model's experts per token; ``inputs`` (when asked for)
+    the hidden states entering each router for the first real tokens, in the order of ``logits``' rows."""
 
     layers: list[int]
     top1: torch.Tensor
@@ -69,6 +70,9 @@ class RouterStats:
     logits: list[torch.Tensor] = field(repr=False)
     tokens: int
     k: int
+    inputs: list[torch.Tensor] = field(
+        default_factory=list, repr=False
+    )  # the first real tokens' router inputs
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the logit matrices, JSON-ready."""
@@ -82,15 +86,21 @@ class RouterStats:
         }
 
 
-def router_statistics(model: nn.Module, batches: Iterable[Encoded]) -> RouterStats:
-    """Run ``model`` on ``batches`` and collect every router's logits on the real tokens (see :class:`RouterStats`)."""
+def router_statistics(model: nn.Module, batches: Iterable[Encoded], keep_inputs: int = 0) -> RouterStats:
+    """Run ``model`` on ``batches`` and collect every router's logits on the real tokens (see :class:`RouterStats`),
+    and the router inputs of the first ``keep_inputs`` real tokens."""
     found = routers(model)
     collected: dict[int, list[torch.Tensor]] = {i: [] for i, _ in found}
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i, _ in found}
     mask: list[torch.Tensor] = []
 
     def hook(index: int) -> Any:
-        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        def record(_module: nn.Module, args: Any, output: Any) -> None:
             collected[index].append(output[0].detach().float()[mask[0]])
+            kept = sum(len(x) for x in inputs[index])
+            if kept < keep_inputs:
+                hidden = args[0].detach().reshape(-1, args[0].shape[-1]).float()[mask[0]]
+                inputs[index].append(hidden[: keep_inputs - kept])
 
         return record
 
@@ -113,6 +123,7 @@ def router_statistics(model: nn.Module, batches: Iterable[Encoded]) -> RouterSta
         chosen = probs.topk(min(k, experts), dim=-1).indices.reshape(-1)
         topk.append(torch.bincount(chosen, minlength=experts).double() / len(matrix))
         mean.append(probs.double().mean(dim=0))
+    kept = [torch.cat(inputs[i]) for i, _ in found] if keep_inputs else []
     return RouterStats(
         [i for i, _ in found],
         torch.stack(top1),
@@ -121,6 +132,7 @@ def router_statistics(model: nn.Module, batches: Iterable[Encoded]) -> RouterSta
         logits,
         len(logits[0]),
         k,
+        kept,
     )
 
 
