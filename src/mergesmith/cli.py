@@ -240,8 +240,36 @@ def cmd_moe_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe_compress(args: argparse.Namespace) -> int:
+    import json
+
+    from mergesmith.api.moe_compress import compress_moe
+
+    result = compress_moe(
+        args.model,
+        args.out,
+        rank=args.rank,
+        remaining=args.remaining,
+        data=args.data,
+        steps=args.steps,
+        lr=args.lr,
+        limit=args.limit,
+        max_length=args.max_length,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    record = json.loads((result.out_dir / "manifest.json").read_text())["moe_compress"]
+    dense, stored = record["expert_parameters_dense"], record["expert_parameters_stored"]
+    print(
+        f"moe compress: expert parameters {dense:,} -> {stored:,} ({100 * stored / dense:.1f} %) -> {result.out_dir}"
+    )
+    return 0
+
+
 MOE_KEYS = """`mergesmith moe inspect MODEL --data FILE [--png P] [--json J]` prints how an MoE routes a text file.
 `mergesmith moe merge MODEL OUT --data FILE --groups N` merges its experts (MC-SMoE; see its --help).
+`mergesmith moe compress MODEL OUT --rank R --remaining P` makes them low-rank + sparse (see its --help).
 
 config keys (mergekit-moe's, read as they are):
   base_model          the model every non-FFN tensor (attention, norms, embeddings, head) comes from
@@ -963,6 +991,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_moe_merge)
 
     p = sub.add_parser(
+        "moe-compress",
+        help="experts as low-rank + structured sparse (MC-SMoE; also: mergesmith moe compress MODEL OUT ...)",
+    )
+    p.add_argument("model", help="an HF MoE folder (Mixtral, Qwen2-MoE, Qwen3-MoE)")
+    p.add_argument("out", help="the output folder (dense reconstruction + the factors)")
+    p.add_argument(
+        "--rank", type=int, default=32, help="rank of each expert matrix's low-rank part (default 32)"
+    )
+    p.add_argument("--remaining", type=float, default=0.10, help="share of S's rows kept (default 0.10)")
+    p.add_argument(
+        "--data", default=None, help="calibration texts for --steps (a .jsonl or .csv, column 'text')"
+    )
+    p.add_argument(
+        "--steps", type=int, default=0, help="distillation steps while pruning (0: one-shot magnitude)"
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate (default 2e-4)")
+    p.add_argument("--limit", type=int, default=256, help="calibration texts (default 256)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="the fine-tuning's seed")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_moe_compress)
+
+    p = sub.add_parser(
         "pleas",
         help="merge two models of different initializations to a width budget (PLeaS: matching + least squares)",
     )
@@ -1173,7 +1225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] in (["moe", "inspect"], ["moe", "merge"]):  # `moe CONFIG OUT` shares the command's name
+    if argv[:2] in (
+        ["moe", "inspect"],
+        ["moe", "merge"],
+        ["moe", "compress"],
+    ):  # `moe CONFIG OUT` shares the command's name
         argv = [f"moe-{argv[1]}", *argv[2:]]
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)

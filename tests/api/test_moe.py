@@ -349,3 +349,38 @@ def test_bad_merge_requests_are_one_line_errors(moe_model, llamas, tmp_path, cap
     assert main(dense) == 2
     assert "no num_local_experts / num_experts: not an MoE model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()
+
+
+def test_compressing_experts_writes_the_dense_reconstruction_and_its_factors(moe_model, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    folder, data = moe_model
+    args = [
+        "moe",
+        "compress",
+        str(folder),
+        str(tmp_path / "out"),
+        "--rank",
+        "4",
+        "--remaining",
+        "0.1",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert "moe compress: expert parameters 27,648 ->" in capsys.readouterr().out
+    out = tmp_path / "out"
+    record = json.loads((out / "manifest.json").read_text())["moe_compress"]
+    assert record["expert_parameters_stored"] < 0.5 * record["expert_parameters_dense"]
+    factors = load_file(str(out / "mergesmith_losparse.safetensors"))
+    dense = load_tensors(out)["model.layers.1.mlp.experts.down_proj"]
+    key = "model.layers.1.mlp.experts.down_proj"
+    rebuilt = factors[f"{key}.left"] @ factors[f"{key}.right"]
+    for e in range(3):
+        rebuilt[e, factors[f"{key}.sparse.{e}.index"]] += factors[f"{key}.sparse.{e}.values"]
+    torch.testing.assert_close(rebuilt, dense, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(logits_of(out)).all()
+    tuned = ["moe", "compress", str(folder), str(tmp_path / "tuned"), "--rank", "4", "--data", str(data)]
+    assert main([*tuned, "--steps", "4", "--quiet"]) == 0
+    assert json.loads((tmp_path / "tuned" / "manifest.json").read_text())["moe_compress"]["steps"] == 4
+    assert main(["moe", "compress", str(folder), str(tmp_path / "bad"), "--steps", "3"]) == 2
+    assert "--steps fine-tunes on calibration texts; give --data FILE" in capsys.readouterr().err

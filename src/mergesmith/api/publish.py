@@ -29,13 +29,13 @@ MANIFEST_FILE = "manifest.json"
 @dataclass(frozen=True)
 class OutputNotes:
     """What a tool built on the merge pipeline (``mergesmith moe``) writes in place of a merge's own account: the
-    manifest's ``method`` and a section ``key`` holding ``record``, extra text files (name → text; in place of the
-    recipe file, which describes the pipeline's internal passthrough), and the model card."""
+    manifest's ``method`` and a section ``key`` holding ``record``, extra files (name → text or bytes; in place of
+    the recipe file, which describes the pipeline's internal passthrough), and the model card."""
 
     method: str
     key: str
     record: dict[str, Any]
-    files: dict[str, str]
+    files: dict[str, str | bytes]
     card: str
 
 
@@ -78,8 +78,11 @@ def write_metadata(
     if notes is None:
         (folder / RECIPE_FILE).write_text(recipe.to_yaml())
     else:
-        for name, text in notes.files.items():
-            (folder / name).write_text(text)
+        for name, content in notes.files.items():
+            if isinstance(content, bytes):
+                (folder / name).write_bytes(content)
+            else:
+                (folder / name).write_text(content)
     manifest = {
         "mergesmith_version": __version__,
         "method": recipe.merge_method if notes is None else notes.method,
