@@ -354,6 +354,8 @@ def test_bad_merge_requests_are_one_line_errors(moe_model, llamas, tmp_path, cap
 def test_compressing_experts_writes_the_dense_reconstruction_and_its_factors(moe_model, tmp_path, capsys):
     from safetensors.torch import load_file
 
+    from tests.fit.test_losparse import rebuild
+
     folder, data = moe_model
     args = [
         "moe",
@@ -373,10 +375,7 @@ def test_compressing_experts_writes_the_dense_reconstruction_and_its_factors(moe
     assert record["expert_parameters_stored"] < 0.5 * record["expert_parameters_dense"]
     factors = load_file(str(out / "mergesmith_losparse.safetensors"))
     dense = load_tensors(out)["model.layers.1.mlp.experts.down_proj"]
-    key = "model.layers.1.mlp.experts.down_proj"
-    rebuilt = factors[f"{key}.left"] @ factors[f"{key}.right"]
-    for e in range(3):
-        rebuilt[e, factors[f"{key}.sparse.{e}.index"]] += factors[f"{key}.sparse.{e}.values"]
+    rebuilt = rebuild(factors, "model.layers.1.mlp.experts.down_proj", 3)
     torch.testing.assert_close(rebuilt, dense, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(logits_of(out)).all()
     tuned = ["moe", "compress", str(folder), str(tmp_path / "tuned"), "--rank", "4", "--data", str(data)]

@@ -19,8 +19,8 @@ import yaml
 from safetensors.torch import save as safetensors_bytes
 
 from mergesmith.api.moe_inspect import calibration_batches
-from mergesmith.api.moe_merge import RewrittenSource
-from mergesmith.api.pipeline import MergeResult, merge
+from mergesmith.api.moe_merge import model_state, write_rewritten
+from mergesmith.api.pipeline import MergeResult
 from mergesmith.api.publish import OutputNotes, model_name
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit.evaluate import model_folder
@@ -68,10 +68,8 @@ def compress_moe(
     except ValueError as e:
         raise RecipeError(f"moe compress: {e}") from None
     stored = bake(targets, config.direction)
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
     model_config = json.loads((folder / "config.json").read_text())
-    if model_config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
+    state = model_state(module, model_config)
     record: dict[str, Any] = {
         "rank": rank,
         "remaining": remaining,
@@ -84,17 +82,8 @@ def compress_moe(
         "final_loss": report.losses[-1] if report.losses else None,
         "seed": seed,
     }
-    recipe = {"merge_method": "passthrough", "models": [{"model": str(folder)}], "seed": seed}
-    return merge(
-        recipe,
-        out,
-        force=force,
-        progress=progress,
-        transform_sources=lambda opened: {
-            str(folder): RewrittenSource(opened[str(folder)], state, model_config)
-        },
-        notes=_notes(folder, record, stored),
-    )
+    notes = _notes(folder, record, stored)
+    return write_rewritten(folder, out, state, model_config, notes, seed, force, progress)
 
 
 def _notes(folder: Path, record: dict[str, Any], stored: dict[str, torch.Tensor]) -> OutputNotes:

@@ -145,9 +145,7 @@ def merge_moe_experts(
         )
     stats = router_statistics(module, calibration_batches(folder, data, limit, max_length), ROUTER_INPUTS)
     plans, frequencies = plan_groups(stats, method, groups, average_groups, seed)
-    state = {k: v.detach() for k, v in module.state_dict().items()}
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
+    state = model_state(module, config)
     slots = config[count_key] if form == "bound" else max(p.count for p in plans)
     agreement = {}
     layers = zip(routers(module), plans, frequencies, stats.inputs, stats.logits, strict=True)
@@ -189,16 +187,37 @@ def merge_moe_experts(
         "data": str(data),
         "seed": seed,
     }
+    return write_rewritten(folder, out, state, new_config, _notes(folder, record), seed, force, progress)
+
+
+def model_state(module: torch.nn.Module, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A loaded model's tensors as the output stores them (a tied head is not stored twice)."""
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_rewritten(
+    folder: Path,
+    out: str | Path,
+    state: Mapping[str, torch.Tensor],
+    config: dict[str, Any],
+    notes: OutputNotes,
+    seed: int,
+    force: bool,
+    progress: bool,
+) -> MergeResult:
+    """``folder``'s model rewritten as ``state`` and ``config``, written by the merge pipeline into ``out`` (atomic,
+    the original's files hashed in the manifest, ``notes`` for the account of what was done)."""
     recipe = {"merge_method": "passthrough", "models": [{"model": str(folder)}], "seed": seed}
     return merge(
         recipe,
         out,
         force=force,
         progress=progress,
-        transform_sources=lambda opened: {
-            str(folder): RewrittenSource(opened[str(folder)], state, new_config)
-        },
-        notes=_notes(folder, record),
+        transform_sources=lambda opened: {str(folder): RewrittenSource(opened[str(folder)], state, config)},
+        notes=notes,
     )
 
 
