@@ -532,6 +532,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.bench_file is not None:
         return _bench_suite(args)
+    if args.zoo == "moe":  # the LLM zoo's experts as an MoE: gates, routers, MC-SMoE, compression, top-p
+        from mergesmith.bench.zoo.llm import build_llm_zoo
+        from mergesmith.bench.zoo.moe_bench import MoEBenchConfig, markdown, run_moe_bench
+
+        zoo_root = build_llm_zoo(quick=args.quick)
+        config = MoEBenchConfig(router_steps=10, eval_limit=10, compress=((8, 0.1),)) if args.quick else None
+        print(markdown(run_moe_bench(zoo_root, Path(args.out), config)))
+        return 0
     if args.zoo == "scratch":  # models of different initializations: alignment, PLeaS (its own tables)
         from mergesmith.bench.zoo.align_bench import markdown as align_markdown
         from mergesmith.bench.zoo.align_bench import run_align_bench
@@ -1160,7 +1168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data and metrics; see docs/benchmark.md).",
     )
     p.add_argument("bench_file", nargs="?", default=None, metavar="BENCH.yaml", help="your own benchmark")
-    p.add_argument("--zoo", default="text8", choices=["text8", "llm", "scratch"])
+    p.add_argument("--zoo", default="text8", choices=["text8", "llm", "scratch", "moe"])
     p.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (and community rows)")
     p.add_argument(
         "--seeds",

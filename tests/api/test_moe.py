@@ -325,6 +325,20 @@ def test_merging_to_fewer_experts_writes_a_smaller_moe_and_its_record(moe_model,
         "2",
     ]
     assert main([*adaptive, "--quiet"]) == 0
+    one = [
+        "moe",
+        "merge",
+        str(folder),
+        str(tmp_path / "one"),
+        "--data",
+        str(data),
+        "--groups",
+        "1",
+        "--quiet",
+    ]
+    assert main(one) == 0  # one expert left: top-2 becomes top-1
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["num_experts_per_tok"] == 1
+    assert torch.isfinite(logits_of(tmp_path / "one")).all()
     counts = json.loads((tmp_path / "adaptive" / "manifest.json").read_text())["moe_merge"][
         "groups_per_layer"
     ]

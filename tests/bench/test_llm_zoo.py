@@ -22,6 +22,7 @@ from mergesmith.bench.zoo.llm_data import Example
 from mergesmith.errors import MergeError
 from mergesmith.fit.evaluate import normalize_answer
 from mergesmith.fit.hf import load_causal_lm, load_tokenizer
+from tests.helpers import load_tensors
 
 
 def tiny_lm(path: Path) -> Path:
@@ -463,3 +464,39 @@ def test_single_expert_rows_and_the_llm_claims(tiny_zoo):
     }
     for claim in checked.values():
         assert claim["verdict"] in ("reproduced", "not reproduced", "reversed", "not significant")
+
+
+def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatch):
+    from mergesmith.bench.zoo import moe_bench
+
+    config = moe_bench.MoEBenchConfig(
+        gate_modes=("cheap_embed", "random"),
+        prompts_per_expert=2,
+        router_steps=2,
+        eval_limit=4,
+        group_fractions=(0.5,),
+        compress=((2, 0.5),),
+        top_p=(0.5,),
+        calibration=8,
+    )
+    results = moe_bench.run_moe_bench(tiny_zoo, tmp_path, config, progress=False)
+    rows = results["rows"]
+    assert {
+        "upcycled:cheap_embed",
+        "routed:random",
+        "m-smoe@1",
+        "random-drop@1",
+        "top-1",
+        "top-p:0.5",
+    } <= set(rows)
+    assert 1.0 <= rows["top-p:0.5"]["experts_per_token"] <= 2.0
+    assert rows["compressed:r2-0.5"]["moe_compress"]["rank"] == 2
+    assert (tmp_path / "moe.md").read_text().startswith("# MoE benchmark")
+    assert (tmp_path / "moe.png").stat().st_size > 0
+    # the routers trained, nothing else did
+    upcycled = load_tensors(tiny_zoo / "moe" / "upcycled-cheap_embed")
+    routed = load_causal_lm(tiny_zoo / "moe" / "routed-cheap_embed").state_dict()
+    changed = {k for k in upcycled if not torch.equal(upcycled[k], routed[k])}
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
+    monkeypatch.setattr(moe_bench, "evaluate", lambda *a: pytest.fail("a finished row ran again"))
+    assert moe_bench.run_moe_bench(tiny_zoo, tmp_path, config, progress=False)["rows"].keys() == rows.keys()

@@ -172,11 +172,14 @@ def merge_moe_experts(
         state[f"{prefix}.experts.down_proj"] = torch.stack([merged[g][1] for g in slot_groups]).contiguous()
         state[f"{prefix}.gate.weight"] = rows.contiguous()
     new_config = {**config, count_key: slots}
+    if int(config.get("num_experts_per_tok") or 0) > slots:  # top-k cannot pick more experts than remain
+        new_config["num_experts_per_tok"] = slots
     record = {
         "method": method,
         "form": form,
         "experts_before": config[count_key],
         "experts_stored": slots,
+        "experts_per_token": new_config.get("num_experts_per_tok"),
         "groups_per_layer": [p.count for p in plans],
         "labels": [p.labels for p in plans],
         "centers": [p.centers for p in plans],

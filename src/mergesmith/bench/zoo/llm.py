@@ -25,7 +25,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,9 +156,11 @@ def fine_tune(
     seed: int,
     desc: str = "fine-tune",
     progress: bool = True,
+    trainable: Callable[[str], bool] | None = None,
 ) -> dict[str, float]:
     """Full fine-tuning on the answers of ``data`` (one skill, or several mixed in every batch): ``steps``
-    batches drawn as seeded shuffles of all examples, AdamW with linear warm-up and decay, gradient norm ≤ 1."""
+    batches drawn as seeded shuffles of all examples, AdamW with linear warm-up and decay, gradient norm ≤ 1.
+    ``trainable`` (a test of parameter names) trains only those parameters (an MoE's routers)."""
     pool = [(d, i) for d in range(len(data)) for i in range(len(data[d].prompts))]
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -168,7 +170,11 @@ def fine_tune(
         order, [len(data[d].prompts[i]) + len(data[d].answers[i]) for d, i in pool], config.batch_size, g
     )
     module.train().requires_grad_(True)
-    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=0.0)
+    if trainable is not None:
+        for name, param in module.named_parameters():
+            param.requires_grad_(trainable(name))
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
@@ -185,7 +191,7 @@ def fine_tune(
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         loss_value = float(loss.detach())

@@ -1,0 +1,346 @@
+"""The MoE benchmark (#19): the LLM zoo's experts (fine-tunes of the real SmolLM2-135M on different skills)
+upcycled into a Mixtral — the mergekit-moe use case on real models — then routed, merged, compressed and routed
+by top-p.
+
+Rows, each scored per skill on the first ``eval_limit`` test prompts (exact match and answer loss, as the LLM
+table; normalized accuracy = a row's exact match over the skill's own expert's, with its 95 % bootstrap interval):
+
+- ``expert:<skill>``: the dense experts (their cached evaluations of the zoo);
+- ``upcycled:<gate>``: ``mergesmith moe`` with every skill's expert, ``positive_prompts`` its first training
+  prompts, under each gate mode; ``routed:<gate>``: the same after router training (experts and everything else
+  frozen; the mixed skills' training answers, next-token loss);
+- on the ``hidden`` gate's routed model (mergekit's default mode; chosen before any score is seen):
+  ``m-smoe@G`` and its four baselines at G = 50 % and 25 % of the experts (calibration: mixed training prompts),
+  ``compressed:rR-ρ`` (the 50 % M-SMoE model's experts low-rank + sparse, one-shot), and ``top-p:p`` (mean experts
+  per token reported) against ``top-1`` and the model's own top-2.
+
+Every built model lives under ``<zoo>/moe/`` and every scored row in ``<out>/runs/moe/`` (keyed by the model's
+output sha256), so a stopped run resumes; ``mergesmith bench --zoo moe`` writes ``bench/results/moe.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergesmith.api.moe import build_moe
+from mergesmith.api.moe_compress import compress_moe
+from mergesmith.api.moe_merge import merge_moe_experts
+from mergesmith.bench.confidence import bootstrap_normalized
+from mergesmith.bench.zoo.llm import LLMZoo, LLMZooConfig, encode_examples, fine_tune, pad_id, score_skill
+from mergesmith.fit.hf import load_causal_lm
+from mergesmith.fit.moe_routing import routers, top_p_routing
+from mergesmith.io.output import atomic_folder
+
+MERGE_METHODS = ("m-smoe", "m-smoe-no-align", "uniform", "frequency-prune", "random-drop")
+
+
+@dataclass(frozen=True)
+class MoEBenchConfig:
+    gate_modes: tuple[str, ...] = ("hidden", "cheap_embed", "random")
+    prompts_per_expert: int = 8
+    router_steps: int = 60
+    router_lr: float = 1e-3
+    eval_limit: int = 50
+    group_fractions: tuple[float, ...] = (0.5, 0.25)
+    compress: tuple[tuple[int, float], ...] = ((8, 0.1), (32, 0.1), (32, 0.25))
+    top_p: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    calibration: int = 96
+    seed: int = 0
+
+
+ROUTERS_RECORD = "mergesmith_routers.json"
+
+
+def model_stamp(folder: Path) -> str:
+    """What a built model is: its router training's stamp, else the sha256 of the files mergesmith wrote."""
+    routers_record = folder / ROUTERS_RECORD
+    if routers_record.exists():
+        return json.dumps(json.loads(routers_record.read_text())["stamp"], sort_keys=True)
+    return json.dumps(json.loads((folder / "manifest.json").read_text())["output_sha256"], sort_keys=True)
+
+
+def moe_config(zoo: LLMZoo, gate_mode: str, config: MoEBenchConfig) -> dict[str, Any]:
+    """The mergekit-moe config of the upcycled MoE: the zoo's base, one expert per skill."""
+    experts = []
+    for skill in zoo.skills:
+        prompts = [e.prompt for e in zoo.split(skill, "train")[: config.prompts_per_expert]]
+        experts.append({"source_model": str(zoo.expert(skill)), "positive_prompts": prompts})
+    return {
+        "base_model": str(zoo.base),
+        "gate_mode": gate_mode,
+        "experts_per_token": 2,
+        "experts": experts,
+        "seed": config.seed,
+    }
+
+
+def calibration_file(zoo: LLMZoo, path: Path, count: int) -> Path:
+    """Mixed training prompts with their answers (``text`` column), every skill in turn."""
+    per_skill = max(1, count // len(zoo.skills))
+    rows = [
+        {"text": f"{e.prompt} {e.answer}"}
+        for i in range(per_skill)
+        for skill in zoo.skills
+        for e in zoo.split(skill, "train")[i : i + 1]
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_routers(folder: Path, out: Path, zoo: LLMZoo, config: MoEBenchConfig, progress: bool) -> Path:
+    """The MoE of ``folder`` with its routers trained on the mixed skills (everything else frozen), saved to ``out``
+    (skipped when ``out`` holds this training of this model)."""
+    stamp = {"model": model_stamp(folder), "steps": config.router_steps, "lr": config.router_lr}
+    record = out / ROUTERS_RECORD
+    if record.exists() and json.loads(record.read_text()).get("stamp") == stamp:
+        return out
+    module = load_causal_lm(folder)
+    tokenizer = zoo.tokenizer()
+    data = [encode_examples(tokenizer, zoo.split(s, "train")) for s in zoo.skills]
+    settings = dataclasses.replace(
+        LLMZooConfig(**zoo.manifest["config"]) if "config" in zoo.manifest else LLMZooConfig(),
+        lr=config.router_lr,
+    )
+    found = [r for _, r in routers(module)]
+    router_names = {f"{name}.weight" for name, m in module.named_modules() if any(m is r for r in found)}
+    report = fine_tune(
+        module,
+        data,
+        config.router_steps,
+        settings,
+        pad_id(tokenizer),
+        config.seed,
+        f"routers {folder.name}",
+        progress,
+        trainable=lambda name: name in router_names,
+    )
+    with atomic_folder(out, force=True) as tmp:
+        module.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ROUTERS_RECORD).write_text(json.dumps({"stamp": stamp, **report}) + "\n")
+    return out
+
+
+def evaluate(zoo: LLMZoo, module: torch.nn.Module, limit: int) -> dict[str, dict[str, Any]]:
+    """Exact match and answer loss per skill on the first ``limit`` test prompts."""
+    tokenizer = zoo.tokenizer()
+    max_length = int(zoo.manifest["config"]["max_length"])
+    return {
+        s: score_skill(module, tokenizer, zoo.split(s, "test")[:limit], s, max_length) for s in zoo.skills
+    }
+
+
+def run_moe_bench(
+    zoo_root: Path, out: Path, config: MoEBenchConfig | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Every row of the module docstring; returns (and writes) the results."""
+    config = config or MoEBenchConfig()
+    zoo = LLMZoo(zoo_root)
+    work = zoo.root / "moe"
+    cache = out / "runs" / "moe"
+    cache.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+
+    def scored(name: str, folder: Path, **extra: Any) -> None:
+        key = {"model": model_stamp(folder), "limit": config.eval_limit, **extra}
+        path = cache / f"{name.replace(':', '-').replace('@', '-')}.json"
+        if path.exists() and json.loads(path.read_text()).get("key") == key:
+            rows[name] = json.loads(path.read_text())["row"]
+            return
+        module = load_causal_lm(folder)
+        row: dict[str, Any] = {}
+        if "top_p" in extra:
+            with top_p_routing(module, extra["top_p"]) as routing:
+                row["skills"] = evaluate(zoo, module, config.eval_limit)
+                row["experts_per_token"] = routing.report().mean
+        else:
+            if extra.get("top_k"):
+                for _, router in routers(module):
+                    router.top_k = extra["top_k"]
+            row["skills"] = evaluate(zoo, module, config.eval_limit)
+        manifest = folder / "manifest.json"
+        record = json.loads(manifest.read_text()) if manifest.exists() else {}
+        for key_name in ("moe_merge", "moe_compress"):
+            if key_name in record:
+                row[key_name] = {
+                    k: record[key_name][k]
+                    for k in record[key_name]
+                    if k not in ("labels", "usage_frequency", "centers")
+                }
+        path.write_text(json.dumps({"key": key, "row": row}) + "\n")
+        rows[name] = row
+
+    for skill in zoo.skills:  # the dense experts: their cached evaluations, cut to the same prompts
+        cached = json.loads((zoo.root / "evals" / f"expert-{skill}.json").read_text())["skills"]
+        rows[f"expert:{skill}"] = {"skills": {s: _first(cached[s], config.eval_limit) for s in zoo.skills}}
+    steps = [("gate", g) for g in config.gate_modes]
+    for _, gate in tqdm(steps, desc="gate modes", disable=not progress, leave=False):
+        upcycled = work / f"upcycled-{gate}"
+        if not (upcycled / "manifest.json").exists():
+            build_moe(moe_config(zoo, gate, config), upcycled, force=True, progress=False)
+        scored(f"upcycled:{gate}", upcycled)
+        routed = train_routers(upcycled, work / f"routed-{gate}", zoo, config, progress)
+        scored(f"routed:{gate}", routed)
+    main = work / f"routed-{config.gate_modes[0]}"
+    calibration = calibration_file(zoo, work / "calibration.jsonl", config.calibration)
+    experts = len(zoo.skills)
+    first_merge: Path | None = None
+    for fraction in config.group_fractions:
+        groups = max(1, round(experts * fraction))
+        for method in MERGE_METHODS:
+            folder = work / f"{method}-g{groups}"
+            if not (folder / "manifest.json").exists():
+                merge_moe_experts(
+                    main,
+                    folder,
+                    calibration,
+                    groups=groups,
+                    method=method,
+                    seed=config.seed,
+                    force=True,
+                    progress=False,
+                )
+            scored(f"{method}@{groups}", folder)
+            if first_merge is None and method == "m-smoe":
+                first_merge = folder
+    assert first_merge is not None
+    for rank, remaining in config.compress:
+        folder = work / f"compressed-r{rank}-p{remaining}"
+        if not (folder / "manifest.json").exists():
+            compress_moe(first_merge, folder, rank=rank, remaining=remaining, force=True, progress=False)
+        scored(f"compressed:r{rank}-{remaining}", folder)
+    scored("top-1", main, top_k=1)
+    for p in config.top_p:
+        scored(f"top-p:{p}", main, top_p=p)
+    results = _summarise(zoo, rows, config, time.perf_counter() - started)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "moe.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "moe.md").write_text(markdown(results))
+    plot(results, out / "moe.png")
+    return results
+
+
+def _first(scores: Mapping[str, Any], limit: int) -> dict[str, Any]:
+    hits, losses = scores["hits"][:limit], scores["losses"][:limit]
+    return {
+        "exact_match": sum(hits) / len(hits),
+        "loss": sum(losses) / len(losses),
+        "hits": hits,
+        "losses": losses,
+    }
+
+
+def _summarise(
+    zoo: LLMZoo, rows: dict[str, dict[str, Any]], config: MoEBenchConfig, seconds: float
+) -> dict[str, Any]:
+    experts = {s: rows[f"expert:{s}"]["skills"][s]["exact_match"] for s in zoo.skills}
+    table = {}
+    for name, row in rows.items():
+        skills = row["skills"]
+        outcomes = {s: torch.tensor(skills[s]["hits"], dtype=torch.float64) for s in zoo.skills}
+        usable = {s: e for s, e in experts.items() if e > 0}
+        interval = (
+            bootstrap_normalized({s: outcomes[s] for s in usable}, usable).as_dict() if usable else None
+        )
+        table[name] = {
+            "exact_match": {s: skills[s]["exact_match"] for s in zoo.skills},
+            "loss": {s: skills[s]["loss"] for s in zoo.skills},
+            "mean_loss": sum(skills[s]["loss"] for s in zoo.skills) / len(zoo.skills),
+            "normalized": interval,
+            **{k: v for k, v in row.items() if k != "skills"},
+        }
+    return {
+        "name": "moe",
+        "command": "mergesmith bench --zoo moe",
+        "zoo": str(zoo.root),
+        "skills": list(zoo.skills),
+        "config": dataclasses.asdict(config),
+        "seconds": round(seconds, 1),
+        "rows": table,
+    }
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    skills = results["skills"]
+    head = "| row | " + " | ".join(skills) + " | mean loss | normalized % [95 % CI] | notes |"
+    lines = [
+        f"# MoE benchmark\n\n`{results['command']}`; exact match % (answer loss) on the first "
+        f"{results['config']['eval_limit']} test prompts per skill.\n",
+        head,
+        "|---|" + "---|" * (len(skills) + 3),
+    ]
+    for name, row in results["rows"].items():
+        cells = [f"{100 * row['exact_match'][s]:.0f} ({row['loss'][s]:.2f})" for s in skills]
+        norm = row["normalized"]
+        ci = (
+            f"{100 * norm['estimate']:.1f} [{100 * norm['low']:.1f}, {100 * norm['high']:.1f}]"
+            if norm
+            else "–"
+        )
+        notes = []
+        if "experts_per_token" in row:
+            notes.append(f"{row['experts_per_token']:.2f} experts/token")
+        if "moe_compress" in row:
+            c = row["moe_compress"]
+            notes.append(
+                f"{100 * c['expert_parameters_stored'] / c['expert_parameters_dense']:.0f} % expert params"
+            )
+        if "moe_merge" in row:
+            notes.append(f"groups {row['moe_merge']['groups_per_layer'][0]}")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {row['mean_loss']:.3f} | {ci} | {'; '.join(notes)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Mapping[str, Any], path: Path) -> Path:
+    """Mean answer loss against experts per token (top-p, top-1, top-2) and against the expert parameters kept
+    (merged and compressed rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    routed = f"routed:{results['config']['gate_modes'][0]}"
+    points = [
+        (rows[n]["experts_per_token"], rows[n]["mean_loss"], n)
+        for n in rows
+        if "experts_per_token" in rows[n]
+    ]
+    fixed = [(k, rows[n]["mean_loss"], n) for k, n in ((1, "top-1"), (2, routed)) if n in rows]
+    if points:
+        left.plot([p[0] for p in points], [p[1] for p in points], "o-", label="top-p")
+    for k, loss, name in fixed:
+        left.plot([k], [loss], "s", label=name)
+    left.set_xlabel("experts per token")
+    left.set_ylabel("mean answer loss")
+    left.legend(fontsize=7)
+    for name, row in rows.items():
+        info = row.get("moe_compress") or row.get("moe_merge")
+        if not info:
+            continue
+        if "expert_parameters_stored" in info:
+            x = info["expert_parameters_stored"]
+        else:
+            x = info["unique_expert_parameters"]["after"]
+        right.plot([x / 1e6], [row["mean_loss"]], "o")
+        right.annotate(name, (x / 1e6, row["mean_loss"]), fontsize=6)
+    right.set_xlabel("expert parameters (M)")
+    right.set_ylabel("mean answer loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
