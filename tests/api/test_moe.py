@@ -397,3 +397,13 @@ def test_compressing_experts_writes_the_dense_reconstruction_and_its_factors(moe
     assert json.loads((tmp_path / "tuned" / "manifest.json").read_text())["moe_compress"]["steps"] == 4
     assert main(["moe", "compress", str(folder), str(tmp_path / "bad"), "--steps", "3"]) == 2
     assert "--steps fine-tunes on calibration texts; give --data FILE" in capsys.readouterr().err
+
+
+def test_moe_help_documents_every_config_key(capsys):
+    from mergesmith.recipe.moe import MoEConfig, MoEExpert
+
+    with pytest.raises(SystemExit):
+        main(["moe", "--help"])
+    text = capsys.readouterr().out
+    for key in [*MoEConfig.model_fields, *MoEExpert.model_fields]:
+        assert f"  {key} " in text, key
