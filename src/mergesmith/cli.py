@@ -228,6 +228,8 @@ def cmd_moe_merge(args: argparse.Namespace) -> int:
         limit=args.limit,
         max_length=args.max_length,
         seed=args.seed,
+        recover_steps=args.recover_steps,
+        lr=args.lr,
         force=args.force,
         progress=not args.quiet,
     )
@@ -994,6 +996,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=256, help="calibration texts (default 256)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random-drop's choice")
+    p.add_argument(
+        "--recover-steps",
+        type=int,
+        default=0,
+        help="then distil from the unmerged model this many steps on --data (experts and routers train)",
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="recovery learning rate (default 2e-4)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_moe_merge)

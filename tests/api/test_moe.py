@@ -325,6 +325,16 @@ def test_merging_to_fewer_experts_writes_a_smaller_moe_and_its_record(moe_model,
         "2",
     ]
     assert main([*adaptive, "--quiet"]) == 0
+    recovered = ["moe", "merge", str(folder), str(tmp_path / "rec"), "--data", str(data), "--groups", "2"]
+    assert main([*recovered, "--recover-steps", "4", "--quiet"]) == 0
+    recovery = json.loads((tmp_path / "rec" / "manifest.json").read_text())["moe_merge"]["recovery"]
+    # 3 calibration batches in turn: step 4 sees step 1's batch again, after 3 updates toward the teacher
+    assert recovery["steps"] == 4 and recovery["losses"][3] < recovery["losses"][0]
+    changed = load_tensors(tmp_path / "rec")["model.layers.0.mlp.experts.down_proj"]
+    assert not torch.equal(changed, load_tensors(out)["model.layers.0.mlp.experts.down_proj"])
+    for name, tensor in load_tensors(out).items():  # only experts and routers trained
+        if ".mlp." not in name:
+            assert torch.equal(load_tensors(tmp_path / "rec")[name], tensor), name
     one = [
         "moe",
         "merge",

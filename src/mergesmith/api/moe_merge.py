@@ -33,8 +33,9 @@ from mergesmith.api.moe_inspect import calibration_batches
 from mergesmith.api.pipeline import MergeResult, merge
 from mergesmith.api.publish import OutputNotes, model_name
 from mergesmith.errors import CheckpointError, RecipeError
+from mergesmith.fit.distill import distill, teacher_logits
 from mergesmith.fit.evaluate import model_folder
-from mergesmith.fit.hf import load_causal_lm
+from mergesmith.fit.hf import causal_lm_from_state, load_causal_lm
 from mergesmith.fit.mc_smoe import (
     LayerGroups,
     adaptive_group_counts,
@@ -123,14 +124,22 @@ def merge_moe_experts(
     limit: int = 256,
     max_length: int = 256,
     seed: int = 0,
+    recover_steps: int = 0,
+    lr: float = 2e-4,
     force: bool = False,
     progress: bool = True,
 ) -> MergeResult:
-    """Write ``model`` with its experts merged into ``out`` (the module docstring)."""
+    """Write ``model`` with its experts merged into ``out`` (the module docstring); ``recover_steps`` > 0 then
+    fine-tunes the merged experts and routers by distillation from the unmerged model on the calibration texts
+    (:mod:`mergesmith.fit.distill`)."""
     if method not in METHODS:
         raise RecipeError(f"moe merge: method '{method}' is not one of {', '.join(METHODS)}")
     if form not in FORMS:
         raise RecipeError(f"moe merge: form '{form}' is not one of {', '.join(FORMS)}")
+    if form == "bound" and recover_steps:
+        raise RecipeError(
+            "moe merge: recovery fine-tuning would untie the bound form's copies (use form remapped)"
+        )
     if form == "bound" and method in ("frequency-prune", "random-drop"):
         raise RecipeError(
             f"moe merge: {method} drops experts, which the bound form cannot (use form remapped)"
@@ -143,7 +152,8 @@ def merge_moe_experts(
         raise CheckpointError(
             f"{folder}: config.json has no num_local_experts / num_experts: not an MoE model"
         )
-    stats = router_statistics(module, calibration_batches(folder, data, limit, max_length), ROUTER_INPUTS)
+    batches = calibration_batches(folder, data, limit, max_length)
+    stats = router_statistics(module, batches, ROUTER_INPUTS)
     plans, frequencies = plan_groups(stats, method, groups, average_groups, seed)
     state = model_state(module, config)
     slots = config[count_key] if form == "bound" else max(p.count for p in plans)
@@ -174,7 +184,19 @@ def merge_moe_experts(
     new_config = {**config, count_key: slots}
     if int(config.get("num_experts_per_tok") or 0) > slots:  # top-k cannot pick more experts than remain
         new_config["num_experts_per_tok"] = slots
+    recovery = None
+    if recover_steps:
+        student = causal_lm_from_state(new_config, state)
+        trainable = [
+            p
+            for name, p in student.named_parameters()
+            if ".experts." in name or name.endswith("mlp.gate.weight")
+        ]
+        losses = distill(student, batches, teacher_logits(module, batches), recover_steps, trainable, lr)
+        state = model_state(student, config)
+        recovery = {"steps": recover_steps, "lr": lr, "losses": [round(x, 6) for x in losses]}
     record = {
+        "recovery": recovery,
         "method": method,
         "form": form,
         "experts_before": config[count_key],

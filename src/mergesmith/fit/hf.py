@@ -5,7 +5,7 @@ the folder."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +161,19 @@ def _cannot_run(folder: Path, error: Exception) -> CheckpointError:
     return CheckpointError(
         f"{folder}: cannot load the model to run it on the data ({type(error).__name__}: {first})"
     )
+
+
+def causal_lm_from_state(config: dict[str, Any], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A transformers causal LM of ``config`` (a config.json dict) holding ``state`` (a tied head may be absent);
+    fp32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in config.items() if k != "model_type"}
+    with quiet_transformers():
+        module = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **settings))
+    missing, unexpected = module.load_state_dict(dict(state), strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.get("tie_word_embeddings"))]
+    if missing or unexpected:
+        raise CheckpointError(f"the rewritten model does not fit its config ({(missing or unexpected)[0]})")
+    module.tie_weights()
+    return module.float().eval()

@@ -24,15 +24,15 @@ unchanged; :func:`bake` writes the dense reconstruction back and returns the fac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from mergesmith.fit.data import Encoded
+from mergesmith.fit.distill import distill, teacher_logits
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
@@ -147,29 +147,6 @@ def remaining_share(step: int, total: int, config: LoSparseConfig) -> float:
     return config.remaining + (1 - config.remaining) * progress**3
 
 
-def kd_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float,
-    kd_weight: float,
-) -> torch.Tensor:
-    """MC-SMoE's recovery loss: kd_weight · T² · KL(teacher_T ‖ student_T) + next-token cross-entropy, over real
-    tokens."""
-    keep = mask[:, 1:].reshape(-1).bool()
-    s = student[:, :-1].reshape(-1, student.shape[-1])[keep].float()
-    t = teacher[:, :-1].reshape(-1, teacher.shape[-1])[keep].float()
-    kd = F.kl_div(
-        F.log_softmax(s / temperature, -1),
-        F.log_softmax(t / temperature, -1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    ce = F.cross_entropy(s, labels[:, 1:].reshape(-1)[keep])
-    return kd_weight * temperature**2 * kd + ce
-
-
 @dataclass
 class CompressionReport:
     steps: int
@@ -183,13 +160,10 @@ def compress(
     batches: Iterable[Encoded] | None = None,
     steps: int = 0,
     lr: float = 2e-4,
-    temperature: float = 2.0,
-    kd_weight: float = 0.2,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[list[tuple[str, nn.Module, str]], CompressionReport]:
     """Decompose every expert tensor of ``model`` and prune S (module docstring): once by magnitude without
     ``steps``, else while fine-tuning the factors for ``steps`` batches (cycled from ``batches``) by distillation
-    from the uncompressed model's logits (computed first, on the same batches). Only the experts' factors train."""
+    (:mod:`mergesmith.fit.distill`) from the uncompressed model's logits. Only the experts' factors train."""
     targets = decompose(model, config.rank)
     report = CompressionReport(steps, [], [])
     if steps == 0:
@@ -198,29 +172,13 @@ def compress(
         report.remaining.append(config.remaining)
         return targets, report
     data = list(batches or [])
-    if not data:
-        raise ValueError("fine-tuning needs calibration batches")
-    with (
-        parametrize.cached(),
-        torch.no_grad(),
-    ):  # the teacher: the decomposition before any pruning is W itself
-        teacher = [
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.detach() for b in data
-        ]
+    with parametrize.cached():  # the teacher: the decomposition before any pruning is W itself
+        teacher = teacher_logits(model, data)
     trainable = [p for _, m, t in targets for p in (*factors(m, t).parameters(), sparse_part(m, t))]
-    frozen = [p for p in model.parameters() if all(p is not q for q in trainable)]
-    for p in frozen:
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     averaged: dict[int, torch.Tensor] = {}
     last: dict[int, torch.Tensor] = {}
-    model.train()
-    for step, (batch, target) in enumerate(_cycle(data, teacher, steps), start=1):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = kd_loss(logits, target, batch.input_ids, batch.attention_mask, temperature, kd_weight)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+
+    def prune_step(step: int) -> None:
         with torch.no_grad():
             for i, (_, m, t) in enumerate(targets):
                 s = sparse_part(m, t)
@@ -232,21 +190,10 @@ def compress(
         share = remaining_share(step, steps, config)
         if share < 1.0:
             prune(targets, averaged, share, config.direction)
-        report.losses.append(float(loss.detach()))
         report.remaining.append(share)
-        if on_step is not None:
-            on_step(step, report.losses[-1])
-    model.eval()
-    for p in frozen:
-        p.requires_grad_(True)
+
+    report.losses = distill(model, data, teacher, steps, trainable, lr, prune_step)
     return targets, report
-
-
-def _cycle(
-    data: list[Encoded], teacher: list[torch.Tensor], steps: int
-) -> Iterator[tuple[Encoded, torch.Tensor]]:
-    for step in range(steps):
-        yield data[step % len(data)], teacher[step % len(data)]
 
 
 def bake(targets: list[tuple[str, nn.Module, str]], direction: str = "rows") -> dict[str, torch.Tensor]:
