@@ -295,6 +295,27 @@ mergesmith's own keys:
 """
 
 
+def cmd_continual(args: argparse.Namespace) -> int:
+    from mergesmith.drivers.continual import add_model, export_state, init_state
+
+    if args.action == "init":
+        params = {
+            k: v
+            for k, v in (("alpha", args.alpha), ("lambda", args.lam), ("density", args.density))
+            if v is not None
+        }
+        state = init_state(args.first, args.second, args.method, params)
+        print(f"continual state ({state.method}, {state.params}) of base {args.first} -> {args.second}")
+    elif args.action == "add":
+        state = add_model(args.first, args.second)
+        seconds = state.history[-1]["seconds"]
+        print(f"added {args.second} to {args.first}: {state.count} models, {seconds:.1f} s")
+    else:
+        result = export_state(args.first, args.second, force=args.force, progress=not args.quiet)
+        print(f"exported the running merge -> {result.out_dir}")
+    return 0
+
+
 def cmd_pleas(args: argparse.Namespace) -> int:
     from mergesmith.api.pleas import pleas
 
@@ -1030,6 +1051,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_moe_compress)
+
+    p = sub.add_parser(
+        "continual",
+        help="merge models that arrive one at a time, in constant memory (OPCM and continual baselines)",
+        description="continual init BASE STATE --method opcm|task_arithmetic|ties|average; continual add STATE MODEL; "
+        "continual export STATE OUT",
+    )
+    p.add_argument("action", choices=["init", "add", "export"])
+    p.add_argument("first", help="init: the base model; add, export: the state folder")
+    p.add_argument(
+        "second", help="init: the state folder to create; add: the model; export: the output folder"
+    )
+    p.add_argument(
+        "--method",
+        default="opcm",
+        choices=["opcm", "task_arithmetic", "ties", "average"],
+        help="init: how each model is absorbed (default opcm)",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=None, help="init, opcm: the singular-value mass avoided (0.5)"
+    )
+    p.add_argument(
+        "--lambda", dest="lam", type=float, default=None, help="init, task_arithmetic / ties: λ (0.3 / 0.5)"
+    )
+    p.add_argument("--density", type=float, default=None, help="init, ties: fraction of |τ| kept (0.2)")
+    p.add_argument("--force", action="store_true", help="export: replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_continual)
 
     p = sub.add_parser(
         "pleas",

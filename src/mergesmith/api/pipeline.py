@@ -119,6 +119,7 @@ def merge(
     transform_sources: Callable[[dict[str, Source]], dict[str, Source]] | None = None,
     device: str | None = None,
     notes: OutputNotes | None = None,
+    method: MergeMethod | None = None,
 ) -> MergeResult:
     """Merge the checkpoints a recipe names into ``out_dir`` (an HF model folder), atomically.
 
@@ -132,7 +133,8 @@ def merge(
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``) is where the per-tensor rules run (see
     :mod:`mergesmith.engine.device`); the default is the CPU. ``notes`` replace the recipe file, the manifest's
-    method and the model card with a tool's own (:class:`mergesmith.api.publish.OutputNotes`).
+    method and the model card with a tool's own (:class:`mergesmith.api.publish.OutputNotes`). ``method`` runs a
+    driver's own per-tensor rule (not in the registry; continual merging's steps) for the recipe's method.
     """
     start = time.perf_counter()
     with resolve(
@@ -150,6 +152,7 @@ def merge(
         progress=progress,
         transform_sources=transform_sources,
         device=device,
+        method=method,
     ) as job:
         job.notes = notes
         plan = plan_merge(job)
@@ -214,6 +217,7 @@ def resolve(
     progress: bool,
     transform_sources: Callable[[dict[str, Source]], dict[str, Source]] | None = None,
     device: str | None = None,
+    method: MergeMethod | None = None,
 ) -> Iterator[Resolved]:
     """Step 1: the recipe with the call's overrides, the output checks, the opened sources (closed when the block
     ends) and a data-driven method's tasks, all checked before anything is written."""
@@ -229,7 +233,7 @@ def resolve(
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise RecipeError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}; got '{dtype}'")
     compute_device = resolve_device(device)  # before anything is opened: a wrong device is the first error
-    method = get_method(parsed.merge_method)
+    method = method or get_method(parsed.merge_method)
     parsed, notices = effective_recipe(parsed, method, where)
     for line in notices:
         log.warning("notice: %s", line)
@@ -276,9 +280,8 @@ def resolve(
 
 def plan_merge(job: Resolved) -> Plan:
     """Step 2 (before the fit, so that a recipe mistake fails before a long fit): one job per output tensor."""
-    plan = Planner(
-        job.recipe, job.sources, job.out_dtype, job.setup.task_heads if job.setup else frozenset()
-    ).plan()
+    heads = job.setup.task_heads if job.setup else frozenset()
+    plan = Planner(job.recipe, job.sources, job.out_dtype, heads, job.method).plan()
     plan.allow_nonfinite = job.allow_nonfinite
     plan.device = job.device
     return plan

@@ -109,10 +109,12 @@ class Planner:
         sources: dict[str, Source],
         out_dtype: str | None = None,
         task_heads: frozenset[str] = frozenset(),
+        method: MergeMethod | None = None,
     ):
         self.recipe = recipe
         self.sources = sources
-        self.method = get_method(recipe.merge_method)
+        # a driver's own per-tensor rule (continual merging's steps), else the recipe's registered method
+        self.method = method or get_method(recipe.merge_method)
         self.out_dtype = DTYPE_BY_NAME[out_dtype] if out_dtype else None
         # Task-specific heads (each expert's classifier, seen by a data-driven fit): never merged. The output keeps
         # the reference model's (the base, else the first model) when it has one; the others may differ in shape.

@@ -1,0 +1,1 @@
+"""Drivers: what calls the merge engine many times (continual merging; recipe search)."""
