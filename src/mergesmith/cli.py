@@ -555,6 +555,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.bench_file is not None:
         return _bench_suite(args)
+    if args.zoo == "continual":  # the text8 experts arriving one at a time (OPCM and the continual baselines)
+        from mergesmith.bench.zoo.continual_bench import ContinualBenchConfig, markdown, run_continual_bench
+        from mergesmith.bench.zoo.text8 import build_zoo
+
+        zoo_root = build_zoo(quick=args.quick)
+        config = ContinualBenchConfig(orders=2, alphas=(0.5,), eval_limit=50) if args.quick else None
+        print(markdown(run_continual_bench(zoo_root, Path(args.out), config)))
+        return 0
     if args.zoo == "moe":  # the LLM zoo's experts as an MoE: gates, routers, MC-SMoE, compression, top-p
         from mergesmith.bench.zoo.llm import build_llm_zoo
         from mergesmith.bench.zoo.moe_bench import MoEBenchConfig, markdown, run_moe_bench
@@ -1226,7 +1234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data and metrics; see docs/benchmark.md).",
     )
     p.add_argument("bench_file", nargs="?", default=None, metavar="BENCH.yaml", help="your own benchmark")
-    p.add_argument("--zoo", default="text8", choices=["text8", "llm", "scratch", "moe"])
+    p.add_argument("--zoo", default="text8", choices=["text8", "llm", "scratch", "moe", "continual"])
     p.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (and community rows)")
     p.add_argument(
         "--seeds",

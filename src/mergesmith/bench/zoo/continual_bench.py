@@ -1,0 +1,288 @@
+"""The continual-merging benchmark (#20) on the text8 v2 zoo: the eight experts arrive one at a time.
+
+For each of ``orders`` seeded task orders and each method (OPCM at α = 0.5 and the continual baselines: task
+arithmetic λ = 0.3, TIES λ = 0.5 K = 20 %, weight averaging), the running merge is scored after every arrival on
+every task's test split: the average normalized accuracy (accuracy over the task's own expert's) on the tasks seen
+so far and on all eight. Results are the mean over orders with a 95 % t-interval, next to the offline merges of all
+eight experts (task arithmetic, TIES, TSV-M at their paper defaults, from ``bench/results/text8.json``) as the
+ceiling; plus OPCM's α ablation (final merge, every order). Each state lives in ``<zoo>/continual/`` and each score
+in ``<out>/runs/continual/`` (keyed by the method, its parameters and the models' sha256 in order): a stopped run resumes.
+
+:func:`add_memory` measures one add's peak resident memory in a fresh process (``ru_maxrss``) — the constant-memory
+claim, from 2 to 8 models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from scipy import stats as scipy_stats
+from tqdm.auto import tqdm
+
+from mergesmith.bench.zoo.text8 import Zoo, normalized_accuracy
+from mergesmith.drivers.continual import add_model, init_state, read_state
+from mergesmith.errors import MergeError
+
+METHODS = ("opcm", "task_arithmetic", "ties", "average")
+OFFLINE = ("task_arithmetic", "ties", "tsv")
+
+
+@dataclass(frozen=True)
+class ContinualBenchConfig:
+    orders: int = 5
+    seed: int = 0
+    methods: tuple[str, ...] = METHODS
+    alphas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    eval_limit: int | None = None  # test examples per task (None: all)
+
+
+def task_orders(tasks: Sequence[str], count: int, seed: int) -> list[list[str]]:
+    """``count`` seeded permutations of the tasks (the first is a permutation too)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[tasks[i] for i in torch.randperm(len(tasks), generator=g).tolist()] for _ in range(count)]
+
+
+def interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean and 95 % t-interval over the orders."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "low": mean, "high": mean, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(scipy_stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def run_sequence(
+    zoo: Zoo,
+    state_dir: Path,
+    method: str,
+    order: Sequence[str],
+    params: Mapping[str, float],
+    cache: Path,
+    limit: int | None,
+    score_every_step: bool = True,
+) -> list[dict[str, float]]:
+    """Absorb the experts in ``order`` (resuming a state that holds a prefix of it) and score the running merge
+    after each arrival (or only the last); returns per step the normalized accuracy of every task."""
+    finetuned = zoo.finetuned_accuracy()
+    if (state_dir / "state.json").exists():
+        state = read_state(state_dir)
+        if [h["model"] for h in state.history] != [str(zoo.encoder_path(t)) for t in order[: state.count]]:
+            shutil.rmtree(state_dir)  # another sequence: start again
+    if not (state_dir / "state.json").exists():
+        init_state(str(zoo.base), state_dir, method, dict(params))
+    steps = []
+    for t, task in enumerate(order, start=1):
+        state = read_state(state_dir)
+        if state.count < t:
+            add_model(state_dir, str(zoo.encoder_path(task)))
+        if not score_every_step and t < len(order):
+            continue
+        state = read_state(state_dir)
+        # the merge after t models is fixed by the method, its parameters, the base and the models in order
+        key = {
+            "method": state.method,
+            "params": state.params,
+            "base": str(zoo.base),
+            "models": [h["sha256"] for h in state.history[:t]],
+            "limit": limit,
+        }
+        path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
+        if path.exists():
+            accuracy = json.loads(path.read_text())["accuracy"]
+        else:
+            if state.count != t:
+                raise MergeError(
+                    f"{state_dir}: step {t} was not scored before the state moved on; delete the state"
+                )
+            accuracy = zoo.evaluate(str(state_dir / f"merged-{t}"), limit=limit)
+            path.write_text(json.dumps({"key": key, "accuracy": accuracy}) + "\n")
+        steps.append(normalized_accuracy(accuracy, finetuned))
+    return steps
+
+
+def run_continual_bench(
+    zoo_root: Path, out: Path, config: ContinualBenchConfig | None = None, progress: bool = True
+) -> dict[str, Any]:
+    config = config or ContinualBenchConfig()
+    zoo = Zoo(zoo_root)
+    work = zoo.root / "continual"
+    cache = out / "runs" / "continual"
+    cache.mkdir(parents=True, exist_ok=True)
+    orders = task_orders(zoo.tasks, config.orders, config.seed)
+    started = time.perf_counter()
+    curves: dict[str, dict[str, list[dict[str, float]]]] = {}
+    jobs = [(m, k) for m in config.methods for k in range(len(orders))]
+    for method, k in tqdm(jobs, desc="continual", disable=not progress):
+        steps = run_sequence(zoo, work / f"{method}-o{k}", method, orders[k], {}, cache, config.eval_limit)
+        seen = [sum(s[t] for t in orders[k][: i + 1]) / (i + 1) for i, s in enumerate(steps)]
+        every = [sum(s.values()) / len(s) for s in steps]
+        curves.setdefault(method, {"seen": [], "all": []})
+        curves[method]["seen"].append(seen)
+        curves[method]["all"].append(every)
+    ablation: dict[str, dict[str, float]] = {}
+    for alpha in config.alphas:
+        finals = []
+        for k, order in enumerate(orders):
+            if alpha == 0.5 and "opcm" in curves:
+                finals.append(curves["opcm"]["all"][k][-1])
+                continue
+            steps = run_sequence(
+                zoo,
+                work / f"opcm-a{alpha}-o{k}",
+                "opcm",
+                order,
+                {"alpha": alpha},
+                cache,
+                config.eval_limit,
+                False,
+            )
+            finals.append(sum(steps[-1].values()) / len(steps[-1]))
+        ablation[str(alpha)] = interval(finals)
+    summary = {
+        method: {
+            kind: [interval([run[i] for run in runs]) for i in range(len(zoo.tasks))]
+            for kind, runs in by_kind.items()
+        }
+        for method, by_kind in curves.items()
+    }
+    results = {
+        "name": "continual",
+        "command": "mergesmith bench --zoo continual",
+        "zoo": zoo.name,
+        "tasks": zoo.tasks,
+        "orders": orders,
+        "config": asdict(config),
+        "curves": curves,
+        "summary": summary,
+        "offline": offline_ceilings(Path("bench/results/text8.json")),
+        "alpha_ablation": ablation,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "continual.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "continual.md").write_text(markdown(results))
+    plot(results, out / "continual.png")
+    return results
+
+
+def offline_ceilings(path: Path) -> dict[str, Any]:
+    """The offline merges of all eight experts at their paper defaults, from the committed text8 table."""
+    if not path.exists():
+        return {}
+    methods = json.loads(path.read_text())["methods"]
+    out = {}
+    for name in OFFLINE:
+        default = methods.get(name, {}).get("default")
+        if default:
+            out[name] = {
+                "normalized": default["normalized"],
+                "ci": default.get("ci"),
+                "params": default.get("params"),
+            }
+    return out
+
+
+def _pct(value: Mapping[str, float]) -> str:
+    return f"{100 * value['mean']:.1f} [{100 * value['low']:.1f}, {100 * value['high']:.1f}]"
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    tasks = len(results["tasks"])
+    lines = [
+        "# Continual merging on the text8 v2 zoo",
+        "",
+        f"`{results['command']}`: {len(results['orders'])} task orders; average normalized accuracy (%) with a 95 % "
+        "t-interval over the orders, after each arrival.",
+        "",
+    ]
+    for kind, title in (("all", "All eight tasks"), ("seen", "Tasks seen so far")):
+        lines += [f"## {title}", "", "| method | " + " | ".join(f"t={i + 1}" for i in range(tasks)) + " |"]
+        lines.append("|---|" + "---|" * tasks)
+        for method, by_kind in results["summary"].items():
+            lines.append(f"| {method} | " + " | ".join(_pct(v) for v in by_kind[kind]) + " |")
+        lines.append("")
+    if results["offline"]:
+        lines += [
+            "## Offline merges of all eight (the ceiling; `bench/results/text8.json`)",
+            "",
+            "| method | normalized % |",
+            "|---|---|",
+        ]
+        for name, row in results["offline"].items():
+            ci = row.get("ci") or {}
+            text = f"{100 * row['normalized']:.1f}"
+            if ci:
+                text += f" [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+            lines.append(f"| {name} | {text} |")
+        lines.append("")
+    lines += ["## OPCM's α (final merge, all tasks)", "", "| α | normalized % |", "|---|---|"]
+    lines += [f"| {a} | {_pct(v)} |" for a, v in results["alpha_ablation"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Mapping[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, kind in zip(axes, ("seen", "all")):
+        for method, by_kind in results["summary"].items():
+            points = by_kind[kind]
+            x = list(range(1, len(points) + 1))
+            ax.plot(x, [100 * p["mean"] for p in points], marker="o", label=method)
+            ax.fill_between(
+                x, [100 * p["low"] for p in points], [100 * p["high"] for p in points], alpha=0.15
+            )
+        for name, row in results["offline"].items():
+            ax.axhline(
+                100 * row["normalized"],
+                linestyle=":",
+                linewidth=1,
+                label=f"offline {name}" if kind == "all" else None,
+            )
+        ax.set_xlabel("models absorbed")
+        ax.set_title("tasks seen so far" if kind == "seen" else "all eight tasks")
+    axes[0].set_ylabel("average normalized accuracy (%)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def add_memory(state_dir: Path, model: str) -> dict[str, float]:
+    """One add in a fresh process: its peak resident memory (MiB) and wall time."""
+    code = (
+        "import resource, sys, time; from mergesmith.drivers.continual import add_model; t = time.perf_counter(); "
+        "add_model(sys.argv[1], sys.argv[2]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(state_dir), model], capture_output=True, text=True, check=True
+    )
+    peak_kib, seconds = result.stdout.split()[-2:]
+    return {"peak_mib": round(int(peak_kib) / 1024, 1), "seconds": round(float(seconds), 2)}
+
+
+def memory_curve(
+    base: str, models: Sequence[str], state_dir: Path, method: str = "opcm"
+) -> list[dict[str, float]]:
+    """Peak memory and time of each add, from the first model to the last, in a new state."""
+    shutil.rmtree(state_dir, ignore_errors=True)
+    init_state(base, state_dir, method)
+    return [{"models": i + 1, **add_memory(state_dir, m)} for i, m in enumerate(models)]
