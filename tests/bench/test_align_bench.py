@@ -93,3 +93,17 @@ def test_the_path_scores_a_seeded_subset_and_the_merged_rows_every_example(resul
     module_a.load_state_dict(average)
     merged = evaluate(module_a, data["test_inputs"], data["test_labels"])  # an MLP: no BatchNorm to reset
     assert row["accuracy"]["naive"]["estimate"] == pytest.approx(merged["accuracy"])
+
+
+def test_width_trends_rank_the_barrier_against_width():
+    def row(width, barrier):
+        paths = {m: {"loss_barrier": barrier} for m in align_bench.MATCHINGS}
+        return {"dataset": "d", "family": "mlp", "setting": "same", "width": width, "paths": paths}
+
+    trends = align_bench.width_trends(
+        [row(4, 0.1), row(1, 0.5), row(2, 0.3), {**row(1, 0.2), "family": "resnet"}]
+    )
+    assert list(trends) == ["d/mlp/same"]  # one width only: no trend
+    weight = trends["d/mlp/same"]["weight"]
+    assert trends["d/mlp/same"]["widths"] == [1, 2, 4] and weight["loss_barrier"] == [0.5, 0.3, 0.1]
+    assert weight["falls"] and weight["spearman"] == pytest.approx(-1.0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from scipy.stats import spearmanr
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -243,6 +245,10 @@ def run_pair(zoo: ScratchZoo, pair: Pair, progress: bool = True) -> dict[str, An
         for name, c in outcomes.items()
         if name != "naive"
     }
+    # PLeaS's claim at 1× width: above Git Re-Basin's weight matching (paired over the same test examples)
+    row["pleas_vs_weight"] = paired_difference(
+        {"test": outcomes["pleas@1.0"].float()}, {"test": outcomes["weight"].float()}, {"test": 1.0}
+    ).as_dict()
     diagnostics = alignment_diagnostics(spec, a, b, perms["weight"], k=8)
     row["diagnostics"] = diagnostics
     row["diagnostics_mean"] = {
@@ -308,6 +314,7 @@ def run_align_bench(
         "name": name,
         "command": f"mergesmith bench --zoo scratch{' --quick' if quick else ''}",
         "rows": rows,
+        "width_trends": width_trends(rows),
     }
     (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown(results))
@@ -317,6 +324,37 @@ def run_align_bench(
 
 def _pct(interval: Mapping[str, float]) -> str:
     return f"{100 * interval['estimate']:.1f} [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"
+
+
+def width_trends(rows: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per dataset, family and setting with two widths or more: each matching's loss barrier by width, and whether
+    it falls with width (Git Re-Basin's claim): the widest pair's barrier below the narrowest's, and Spearman's ρ
+    between width and barrier."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['dataset']}/{r['family']}/{r['setting']}", []).append(r)
+    out = {}
+    for key, members in groups.items():
+        members = sorted(members, key=lambda r: r["width"])
+        if len(members) < 2:
+            continue
+        widths = [r["width"] for r in members]
+        entry: dict[str, Any] = {"widths": widths}
+        for m in MATCHINGS:
+            barriers = [r["paths"][m]["loss_barrier"] for r in members]
+            entry[m] = {
+                "loss_barrier": barriers,
+                "falls": barriers[-1] < barriers[0],
+                "spearman": _spearman(widths, barriers),
+            }
+        out[key] = entry
+    return out
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (0 when either side is constant)."""
+    value = float(spearmanr(x, y).statistic)
+    return 0.0 if math.isnan(value) else value
 
 
 def markdown(results: Mapping[str, Any]) -> str:
@@ -355,6 +393,30 @@ def markdown(results: Mapping[str, Any]) -> str:
         "For the bert pairs PLeaS widens only the FFN: pleas@2.0 is twice the FFN, not the ensemble.",
         "",
     ]
+    trends = width_trends(rows)
+    if trends:
+        lines += [
+            "## Does the barrier fall with width? (loss barrier by width; Spearman ρ of width and barrier)",
+            "",
+        ]
+        lines += ["| dataset / family / setting | widths | naive | weight matching | activation matching |"]
+        lines += ["|---|---|---|---|---|"]
+        for key, entry in trends.items():
+            cells = [
+                " → ".join(f"{b:.3f}" for b in entry[m]["loss_barrier"]) + f" (ρ {entry[m]['spearman']:+.2f})"
+                for m in MATCHINGS
+            ]
+            lines.append(f"| {key} | {', '.join(map(str, entry['widths']))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## PLeaS at 1× width against weight matching (paired difference in test accuracy, points)", ""]
+    lines += ["| pair | PLeaS@1.0 − weight matching |", "|---|---|"]
+    for r in rows:
+        d = r.get("pleas_vs_weight")
+        if d:
+            lines.append(
+                f"| {r['pair']} | {100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] |"
+            )
+    lines.append("")
     lines += ["## Weight matching's diagnostics (Ito et al.; means over weight matrices)", ""]
     lines += [
         "| pair | ‖θ_A − π(θ_B)‖ / ‖θ_A − θ_B‖ | top-8 alignment before → after | top-8 subspace overlap before → after |",
