@@ -105,6 +105,17 @@ def run_mergekit(recipe: dict, out: Path, copy_tokenizer: bool = False) -> dict[
     return load_tensors(out)
 
 
+TINY_DECODER = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
 def tiny_decoder(model_type: str, seed: int = 0, **config) -> torch.nn.Module:
     """A randomly initialized causal LM of ``model_type`` (llama, mistral, qwen2, qwen3): 2 layers, hidden 32,
     4 query heads over 2 key/value heads (GQA), FFN 48, vocabulary 64; ``config`` overrides any of these."""
@@ -114,16 +125,7 @@ def tiny_decoder(model_type: str, seed: int = 0, **config) -> torch.nn.Module:
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
     }[model_type]
-    settings = {
-        "vocab_size": 64,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        **config,
-    }
+    settings = {**TINY_DECODER, **config}
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config_class(**settings)).eval()
 

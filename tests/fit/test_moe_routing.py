@@ -17,19 +17,11 @@ from mergesmith.fit.moe_routing import (
     top_p_routing,
     top_p_select,
 )
-from tests.helpers import tiny_decoder
+from tests.helpers import TINY_DECODER, tiny_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHAPE = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+SHAPE = TINY_DECODER
 
 
 def tiny_moe(family: str, experts_per_token: int = 2, seed: int = 0) -> torch.nn.Module:
