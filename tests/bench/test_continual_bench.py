@@ -12,7 +12,6 @@ from mergesmith.bench.zoo.continual_bench import (
     run_continual_bench,
     task_orders,
 )
-from tests.helpers import build_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,9 +40,12 @@ def test_the_bench_scores_every_arrival_and_resumes(tiny_zoo, tmp_path, monkeypa
     assert again["summary"] == results["summary"]
 
 
-def test_one_adds_peak_memory_is_measured_in_a_fresh_process(tmp_path):
-    base = build_llama(tmp_path / "base", 0, layers=2)
-    models = [str(build_llama(tmp_path / f"m{i}", i + 1, base, layers=2)) for i in range(2)]
-    curve = continual_bench.memory_curve(str(base), models, tmp_path / "state")
-    assert [row["models"] for row in curve] == [1, 2]
-    assert all(row["peak_mib"] > 50 and row["seconds"] > 0 for row in curve)
+def test_each_adds_time_and_peak_memory_are_measured_in_its_own_process(tmp_path):
+    results = continual_bench.run_memory_bench(tmp_path / "models", tmp_path / "out", "tiny", 1)
+    assert [row["models"] for row in results["adds"]] == [1]
+    assert all(row["peak_rss_mib"] > 50 and row["seconds"] > 0 for row in results["adds"])
+    assert (
+        (tmp_path / "out" / "continual-memory-tiny.md")
+        .read_text()
+        .startswith("# Continual merging: OPCM adds")
+    )

@@ -8,8 +8,8 @@ eight experts (task arithmetic, TIES, TSV-M at their paper defaults, from ``benc
 ceiling; plus OPCM's α ablation (final merge, every order). Each state lives in ``<zoo>/continual/`` and each score
 in ``<out>/runs/continual/`` (keyed by the method, its parameters and the models' sha256 in order): a stopped run resumes.
 
-:func:`add_memory` measures one add's peak resident memory in a fresh process (``ru_maxrss``) — the constant-memory
-claim, from 2 to 8 models.
+:func:`run_memory_bench` (``python -m mergesmith.bench.zoo.continual_bench memory --size 1.1b``) measures each add of
+8 synthetic fine-tunes of the speed bench's Llamas as its own process: time, peak anonymous and resident memory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -30,9 +29,11 @@ import torch
 from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 
+from mergesmith.bench.speed import SIZES, make_checkpoint, parameter_count, run_measured
 from mergesmith.bench.zoo.text8 import Zoo, normalized_accuracy
 from mergesmith.drivers.continual import add_model, init_state, read_state
 from mergesmith.errors import MergeError
+from mergesmith.io.cache import cache_dir
 
 METHODS = ("opcm", "task_arithmetic", "ties", "average")
 OFFLINE = ("task_arithmetic", "ties", "tsv")
@@ -266,17 +267,17 @@ def plot(results: Mapping[str, Any], path: Path) -> Path:
 
 
 def add_memory(state_dir: Path, model: str) -> dict[str, float]:
-    """One add in a fresh process: its peak resident memory (MiB) and wall time."""
-    code = (
-        "import resource, sys, time; from mergesmith.drivers.continual import add_model; t = time.perf_counter(); "
-        "add_model(sys.argv[1], sys.argv[2]); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(state_dir), model], capture_output=True, text=True, check=True
-    )
-    peak_kib, seconds = result.stdout.split()[-2:]
-    return {"peak_mib": round(int(peak_kib) / 1024, 1), "seconds": round(float(seconds), 2)}
+    """One ``mergesmith continual add`` as its own process: wall time, peak anonymous memory (what the process
+    allocated: the memory-mapped inputs are not counted) and peak resident memory, in MiB."""
+    command = [sys.executable, "-m", "mergesmith.cli", "continual", "add", str(state_dir), model]
+    measured = run_measured(command)
+    if measured.returncode != 0:
+        raise MergeError(f"continual add {model} into {state_dir} failed (exit {measured.returncode})")
+    return {
+        "seconds": round(measured.seconds, 2),
+        "peak_anon_mib": round(measured.peak_anon_mb, 1),
+        "peak_rss_mib": round(measured.peak_rss_mb, 1),
+    }
 
 
 def memory_curve(
@@ -286,3 +287,53 @@ def memory_curve(
     shutil.rmtree(state_dir, ignore_errors=True)
     init_state(base, state_dir, method)
     return [{"models": i + 1, **add_memory(state_dir, m)} for i, m in enumerate(models)]
+
+
+def run_memory_bench(root: Path, out: Path, size: str = "135m", count: int = 8) -> dict[str, Any]:
+    """OPCM adds of ``count`` synthetic fine-tunes of the speed bench's ``size`` Llama (bf16, random init plus
+    seeded noise): time and peak memory per add; ``<out>/continual-memory-<size>.{json,md}``."""
+    base = make_checkpoint(root / f"{size}-base", size, 0)
+    models = [str(make_checkpoint(root / f"{size}-ft{i}", size, i + 1, base)) for i in range(count)]
+    curve = memory_curve(str(base), models, root / f"{size}-state")
+    results = {
+        "command": f"python -m mergesmith.bench.zoo.continual_bench memory --size {size} --count {count}",
+        "size": size,
+        "parameters": parameter_count(size),
+        "adds": curve,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"continual-memory-{size}.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = [
+        f"# Continual merging: OPCM adds of a {size} Llama ({results['parameters']:,} parameters, bf16)",
+        "",
+        f"`{results['command']}`; each add its own process.",
+        "",
+        "| models absorbed | seconds | peak anonymous MiB | peak RSS MiB |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['models']} | {r['seconds']} | {r['peak_anon_mib']} | {r['peak_rss_mib']} |" for r in curve
+    ]
+    (out / f"continual-memory-{size}.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mergesmith.bench.zoo.continual_bench")
+    parser.add_argument("action", choices=["memory"])
+    parser.add_argument("--size", default="135m", choices=sorted(SIZES))
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument(
+        "--root", default=None, help="where the synthetic checkpoints go (default: the cache)"
+    )
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    root = Path(args.root) if args.root else cache_dir() / "continual-memory"
+    print(json.dumps(run_memory_bench(root, Path(args.out), args.size, args.count)["adds"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
