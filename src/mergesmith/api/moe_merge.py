@@ -45,7 +45,7 @@ from mergesmith.fit.mc_smoe import (
     slots_for,
     usage_frequencies,
 )
-from mergesmith.fit.moe_routing import RouterStats, router_statistics, routers
+from mergesmith.fit.moe_routing import RouterStats, named_routers, router_statistics
 from mergesmith.io.reader import Source, WrappedSource
 from mergesmith.ops.expert_merge import merge_group
 from mergesmith.version import __version__
@@ -158,9 +158,10 @@ def merge_moe_experts(
     state = model_state(module, config)
     slots = config[count_key] if form == "bound" else max(p.count for p in plans)
     agreement = {}
-    layers = zip(routers(module), plans, frequencies, stats.inputs, stats.logits, strict=True)
-    for (layer, router), plan, f, x, logits in layers:
-        prefix = _router_name(module, router).removesuffix(".gate")
+    found = named_routers(module)
+    layers = zip(found, plans, frequencies, stats.inputs, stats.logits, strict=True)
+    for (layer, name, router), plan, f, x, logits in layers:
+        prefix = name.removesuffix(".gate")
         gate_up, down = state[f"{prefix}.experts.gate_up_proj"], state[f"{prefix}.experts.down_proj"]
         weights = torch.ones_like(f) if method == "uniform" else f
         merged = [
@@ -208,7 +209,7 @@ def merge_moe_experts(
         "usage_frequency": [[round(float(v), 6) for v in f] for f in frequencies],
         "calibration_tokens": stats.tokens,
         "routing_agreement": agreement,
-        "unique_expert_parameters": _unique_parameters(state, plans, routers(module), module),
+        "unique_expert_parameters": _unique_parameters(state, plans, found),
         "data": str(data),
         "seed": seed,
     }
@@ -256,20 +257,15 @@ def routing_agreement(
     return round(float((before == after).double().mean()), 6)
 
 
-def _router_name(module: torch.nn.Module, router: torch.nn.Module) -> str:
-    return next(name for name, m in module.named_modules() if m is router)
-
-
 def _unique_parameters(
     state: Mapping[str, torch.Tensor],
     plans: list[LayerGroups],
-    found: list[tuple[int, Any]],
-    module: torch.nn.Module,
+    found: list[tuple[int, str, Any]],
 ) -> dict[str, int]:
     """Expert parameters before and after (distinct merged experts only: the bound form's copies count once)."""
     before = after = 0
-    for (_, router), plan in zip(found, plans):
-        prefix = _router_name(module, router).removesuffix(".gate")
+    for (_, name, _), plan in zip(found, plans):
+        prefix = name.removesuffix(".gate")
         per_expert = (
             state[f"{prefix}.experts.gate_up_proj"][0].numel()
             + state[f"{prefix}.experts.down_proj"][0].numel()

@@ -36,19 +36,24 @@ from mergesmith.errors import CheckpointError
 from mergesmith.fit.data import Encoded
 
 
-def routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+def named_routers(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """Every MoE router of ``model`` (a ``…TopKRouter`` module: ``forward(hidden) → (logits, weights,
-    indices)``) with its layer index, in layer order; ``CheckpointError`` when it has none."""
+    indices)``) with its layer index and module name, in layer order; ``CheckpointError`` when it has none."""
     found = []
     for name, module in model.named_modules():
         if type(module).__name__.endswith("TopKRouter"):
             index = layer_index(name)
-            found.append((index if index is not None else len(found), module))
+            found.append((index if index is not None else len(found), name, module))
     if not found:
         raise CheckpointError(
             f"{type(model).__name__} has no MoE router (Mixtral, Qwen2-MoE and Qwen3-MoE models have one per layer)"
         )
     return sorted(found, key=lambda item: item[0])
+
+
+def routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """:func:`named_routers` without the names: (layer index, router)."""
+    return [(index, module) for index, _, module in named_routers(model)]
 
 
 def _renormalizes(router: nn.Module) -> bool:

@@ -37,7 +37,7 @@ from mergesmith.api.moe_merge import merge_moe_experts
 from mergesmith.bench.confidence import bootstrap_normalized
 from mergesmith.bench.zoo.llm import LLMZoo, LLMZooConfig, encode_examples, fine_tune, pad_id, score_skill
 from mergesmith.fit.hf import load_causal_lm
-from mergesmith.fit.moe_routing import routers, top_p_routing
+from mergesmith.fit.moe_routing import named_routers, routers, top_p_routing
 from mergesmith.io.output import atomic_folder
 
 MERGE_METHODS = ("m-smoe", "m-smoe-no-align", "uniform", "frequency-prune", "random-drop")
@@ -111,8 +111,7 @@ def train_routers(folder: Path, out: Path, zoo: LLMZoo, config: MoEBenchConfig, 
         LLMZooConfig(**zoo.manifest["config"]) if "config" in zoo.manifest else LLMZooConfig(),
         lr=config.router_lr,
     )
-    found = [r for _, r in routers(module)]
-    router_names = {f"{name}.weight" for name, m in module.named_modules() if any(m is r for r in found)}
+    router_names = {f"{name}.weight" for _, name, _ in named_routers(module)}
     report = fine_tune(
         module,
         data,
