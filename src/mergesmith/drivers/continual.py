@@ -25,6 +25,7 @@ Methods, as the official OPCM code and its continual baselines run them (``fusio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -200,9 +201,7 @@ def add_model(root: str | Path, model: str, progress: bool = False) -> Continual
     previous = state.merged(folder)
     out = work / "merged"
     t = state.count + 1
-    new_state = ContinualState(
-        state.method, state.params, state.base, list(state.history), list(state.norms), state.lam
-    )
+    new_state = dataclasses.replace(state, history=list(state.history), norms=list(state.norms))
     base = state.base
     if state.method == "opcm":
         new_state.norms.append(task_vector_norm(model, base))
