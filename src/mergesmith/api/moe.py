@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from mergesmith.api.pipeline import MergeResult, merge
-from mergesmith.api.publish import OutputNotes, model_name
+from mergesmith.api.publish import OutputNotes, card_header, model_name
 from mergesmith.arch import moe as layout
 from mergesmith.arch.layers import num_layers
 from mergesmith.dtypes import DTYPE_BY_NAME
@@ -198,11 +198,10 @@ def _notes(moe: MoEConfig, plan: MoEPlan) -> OutputNotes:
     for expert in named.experts + (named.shared_experts or []):
         expert.source_model = model_name(expert.source_model)
     names = list(dict.fromkeys(model_name(p) for p in moe.model_paths()))
-    front = {"base_model": names, "library_name": "transformers", "tags": ["merge", "mergesmith", "moe"]}
+    title = f"Mixture of experts ({plan.config.get('architectures', ['?'])[0]})"
     card = (
-        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
-        f"# Mixture of experts ({plan.config.get('architectures', ['?'])[0]})\n\n"
-        f"Built with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `moe` from "
+        card_header(names, ["merge", "mergesmith", "moe"], title)
+        + f"Built with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `moe` from "
         f"{len(moe.experts)} dense experts (router rows: `{moe.gate_mode}`; {moe.experts_per_token} experts per "
         "token).\n\n## Config\n\n```yaml\n"
         + yaml.safe_dump(named.model_dump(exclude_none=True), sort_keys=False)

@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from mergesmith.api.moe_inspect import calibration_batches
 from mergesmith.api.moe_merge import model_state, write_rewritten
 from mergesmith.api.pipeline import MergeResult
-from mergesmith.api.publish import OutputNotes, model_name
+from mergesmith.api.publish import OutputNotes, card_header, model_name
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit.evaluate import model_folder
 from mergesmith.fit.hf import load_causal_lm
@@ -88,12 +88,10 @@ def compress_moe(
 
 def _notes(folder: Path, record: dict[str, Any], stored: dict[str, torch.Tensor]) -> OutputNotes:
     name = model_name(str(folder))
-    front = {"base_model": [name], "library_name": "transformers", "tags": ["mergesmith", "moe", "losparse"]}
     ratio = record["expert_parameters_stored"] / record["expert_parameters_dense"]
     card = (
-        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
-        f"# {name}, experts compressed\n\n"
-        f"Made with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `moe compress` (MC-SMoE's "
+        card_header([name], ["mergesmith", "moe", "losparse"], f"{name}, experts compressed")
+        + f"Made with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `moe compress` (MC-SMoE's "
         f"low-rank + structured-sparse experts): the weights here are the dense reconstruction; the factors are in "
         f"`{FACTORS_FILE}` ({100 * ratio:.1f} % of the experts' parameters).\n\n```yaml\n"
         + yaml.safe_dump(record, sort_keys=False)

@@ -31,7 +31,7 @@ import yaml
 
 from mergesmith.api.moe_inspect import calibration_batches
 from mergesmith.api.pipeline import MergeResult, merge
-from mergesmith.api.publish import OutputNotes, model_name
+from mergesmith.api.publish import OutputNotes, card_header, model_name
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit.distill import distill, teacher_logits
 from mergesmith.fit.evaluate import model_folder
@@ -277,18 +277,14 @@ def _unique_parameters(
 
 def _notes(folder: Path, record: dict[str, Any]) -> OutputNotes:
     name = model_name(str(folder))
-    front = {
-        "base_model": [name],
-        "library_name": "transformers",
-        "tags": ["merge", "mergesmith", "moe", "mc-smoe"],
-    }
     summary = {
         k: record[k] for k in ("method", "form", "experts_before", "experts_stored", "groups_per_layer")
     }
     card = (
-        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
-        f"# {name}, experts merged ({record['method']})\n\n"
-        f"Made with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `moe merge` (MC-SMoE: Li et al., "
+        card_header(
+            [name], ["merge", "mergesmith", "moe", "mc-smoe"], f"{name}, experts merged ({record['method']})"
+        )
+        + f"Made with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `moe merge` (MC-SMoE: Li et al., "
         "ICLR 2024, routing-guided grouping and frequency-weighted merging).\n\n```yaml\n"
         + yaml.safe_dump(summary, sort_keys=False)
         + "```\n"

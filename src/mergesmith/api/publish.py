@@ -171,20 +171,20 @@ def model_name(path: str) -> str:
     return path
 
 
+def card_header(models: list[str], tags: list[str], title: str) -> str:
+    """A model card's front matter (its base models by name, the library, tags) and title line."""
+    front = {"base_model": models, "library_name": "transformers", "tags": tags}
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + f"---\n\n# {title}\n\n"
+
+
 def model_card(recipe: Recipe, plan: Plan, model_paths: list[str]) -> str:
     """The Hugging Face model card: front matter (base models, tags), the method and its paper, the recipe with
     every parameter in effect."""
     method = plan.method
     names = list(dict.fromkeys(model_name(p) for p in model_paths))
-    front = {
-        "base_model": names,
-        "library_name": "transformers",
-        "tags": ["merge", "mergesmith", recipe.merge_method],
-    }
     return (
-        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
-        f"# {recipe.name or 'Merged model'}\n\n"
-        f"Merged with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} using **{method.name}** "
+        card_header(names, ["merge", "mergesmith", recipe.merge_method], recipe.name or "Merged model")
+        + f"Merged with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} using **{method.name}** "
         f"({method.summary}; {method.paper}).\n\n"
         "## Models\n\n"
         + "".join(f"- {p}\n" for p in names)

@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from mergesmith.api.pipeline import MergeResult, merge
-from mergesmith.api.publish import OutputNotes, model_name
+from mergesmith.api.publish import OutputNotes, card_header, model_name
 from mergesmith.errors import CheckpointError, MergeError, RecipeError
 from mergesmith.io.models import open_model
 from mergesmith.io.writer import input_sha256
@@ -296,12 +295,8 @@ def export_state(
     }
     names = [model_name(h["model"]) for h in state.history]
     card = (
-        "---\n"
-        + yaml.safe_dump(
-            {"base_model": [model_name(state.base), *names], "tags": ["merge", "mergesmith", "continual"]}
-        )
-        + "---\n\n# Continual merge\n\n"
-        f"Made with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `continual` ({state.method}, "
+        card_header([model_name(state.base), *names], ["merge", "mergesmith", "continual"], "Continual merge")
+        + f"Made with [mergesmith](https://pypi.org/project/mergesmith/) {__version__} `continual` ({state.method}, "
         f"{json.dumps(state.params)}): {len(names)} models absorbed one at a time, in this order: "
         + ", ".join(names)
         + ".\n"
