@@ -15,7 +15,6 @@ mergekit's ``--random-seed`` draws the same rows).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit.hf import load_tokenizer, quiet_transformers
 from mergesmith.fit.router_init import PROMPT_MODES, gate_vectors
 from mergesmith.io.models import open_model
-from mergesmith.io.reader import Source, WrappedSource
+from mergesmith.io.reader import Source, WrappedSource, close_sources
 from mergesmith.ops.upcycle import ExpertSource, UpcycledSource
 from mergesmith.recipe.moe import MoEConfig, MoEExpert, load_moe_config
 from mergesmith.version import __version__
@@ -96,16 +95,12 @@ def build_moe(
             notes=_notes(moe, plan),
         )
     finally:
-        for source in sources.values():
-            with contextlib.suppress(Exception):
-                source.close()  # type: ignore[attr-defined]
+        close_sources(sources.values())
 
 
 def _swap(opened: dict[str, Source], base: str, upcycled: Source) -> dict[str, Source]:
     """The pipeline's sources with its own opening of the base closed and replaced by the MoE checkpoint."""
-    for source in opened.values():
-        with contextlib.suppress(Exception):
-            source.close()  # type: ignore[attr-defined]
+    close_sources(opened.values())
     return {base: upcycled}
 
 

@@ -39,7 +39,7 @@ from mergesmith.errors import MergeError, RecipeError
 from mergesmith.fit.task import FIT_FILE, FitResult
 from mergesmith.io.models import open_model
 from mergesmith.io.output import OutputLock, PartialFolder, check_free_space, fingerprint
-from mergesmith.io.reader import Source, SourceTensors
+from mergesmith.io.reader import Source, SourceTensors, close_sources
 from mergesmith.io.writer import FolderWriter, input_sha256, parse_size
 from mergesmith.methods.base import MergeMethod
 from mergesmith.methods.registry import get_method
@@ -273,9 +273,7 @@ def resolve(
             alignment,
         )
     finally:
-        for src in sources.values():
-            with contextlib.suppress(Exception):
-                src.close()  # type: ignore[attr-defined]
+        close_sources(sources.values())
 
 
 def plan_merge(job: Resolved) -> Plan:
@@ -390,9 +388,7 @@ def _open_sources(paths: list[str], allow_pickle: bool, where: str) -> dict[str,
             except RecipeError as e:  # a wrong model string: name the recipe it is in
                 raise RecipeError(f"{where}: {e}") from None
     except BaseException:
-        for src in sources.values():
-            with contextlib.suppress(Exception):
-                src.close()  # type: ignore[attr-defined]
+        close_sources(sources.values())
         raise
     return sources
 

@@ -42,6 +42,7 @@ from mergesmith.api.pipeline import MergeResult, merge
 from mergesmith.api.publish import OutputNotes, card_header, model_name
 from mergesmith.errors import CheckpointError, MergeError, RecipeError
 from mergesmith.io.models import open_model
+from mergesmith.io.reader import close_sources
 from mergesmith.io.writer import input_sha256
 from mergesmith.methods.opcm import OPCM_STEP
 from mergesmith.version import __version__
@@ -132,7 +133,7 @@ def init_state(
     folder = Path(root)
     if folder.exists() and any(folder.iterdir()):
         raise MergeError(f"{folder}: exists and is not empty; a continual state needs a new folder")
-    _close(open_model(base))  # the base opens: a typo fails now, not at the first add
+    close_sources([open_model(base)])  # the base opens: a typo fails now, not at the first add
     state = ContinualState(method, {**METHODS[method], **(params or {})}, str(base))
     folder.mkdir(parents=True, exist_ok=True)
     _commit(folder, state)
@@ -145,19 +146,13 @@ def _commit(root: Path, state: ContinualState) -> None:
     os.replace(tmp, root / STATE_FILE)
 
 
-def _close(source: Any) -> None:
-    close = getattr(source, "close", None)
-    if close is not None:
-        close()
-
-
 def model_fingerprint(model: str) -> dict[str, str]:
     """sha256 of each of the model's files (what the history records and compares)."""
     source = open_model(model)
     try:
         return {Path(p).name: input_sha256(Path(p)) for p in source.files()}
     finally:
-        _close(source)
+        close_sources([source])
 
 
 def task_vector_norm(model: str | Path, base: str | Path) -> float:
@@ -172,8 +167,7 @@ def task_vector_norm(model: str | Path, base: str | Path) -> float:
             total += float((a.get(name).double() - tensor.double()).pow(2).sum())
         return math.sqrt(total)
     finally:
-        _close(a)
-        _close(b)
+        close_sources([a, b])
 
 
 def _run(recipe: dict[str, Any], out: Path, method: Any = None) -> MergeResult:

@@ -3,8 +3,9 @@ a single ``.safetensors`` file, or an in-memory state dict. Tensors are read one
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +249,12 @@ class SourceTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.source.keys())
+
+
+def close_sources(sources: Iterable[Source]) -> None:
+    """Close every source that holds open files (memory maps); a failure to close one does not stop the others."""
+    for source in sources:
+        close = getattr(source, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
