@@ -316,6 +316,31 @@ def cmd_continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evolve(args: argparse.Namespace) -> int:
+    from mergesmith.bench.evolve_fitness import BENCH_KINDS
+    from mergesmith.drivers.evolve.search import evolve
+
+    result = evolve(
+        args.search,
+        args.out,
+        resume=args.resume,
+        budget=args.budget,
+        workers=args.workers,
+        threads=args.threads,
+        ray=not args.no_ray,
+        address=args.address,
+        extra_kinds=BENCH_KINDS,
+        progress=not args.quiet,
+        write_model=not args.no_model,
+    )
+    print(
+        f"best fitness {result.best_fitness:.4f} after {result.evaluations} evaluations in {result.generations} "
+        f"generations ({result.candidates_per_minute:.1f} candidates/min, {result.seconds:.0f} s) -> "
+        f"{result.out}/best_recipe.yaml"
+    )
+    return 0
+
+
 def cmd_pleas(args: argparse.Namespace) -> int:
     from mergesmith.api.pleas import pleas
 
@@ -1087,6 +1112,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="export: replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_continual)
+
+    p = sub.add_parser(
+        "evolve",
+        help="search a recipe with CMA-ES (parameter space or layer paths), evaluated on Ray",
+        description="evolve SEARCH.yaml OUT: OUT gets history.json, best_recipe.yaml, model/ and convergence.png",
+    )
+    p.add_argument("search", help="the SEARCH.yaml (models, the space, the optimizer, the fitness)")
+    p.add_argument("out", help="the search folder (history, best recipe, merged model, plot)")
+    p.add_argument("--resume", action="store_true", help="continue the search stopped in OUT")
+    p.add_argument("--budget", type=int, default=None, help="evaluations at most (overrides optimizer.budget)")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers, one evaluation each at a time (2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
+    p.add_argument("--address", default=None, help="join the Ray cluster at this address (default: a local one)")
+    p.add_argument("--no-ray", action="store_true", help="score the candidates in this process, one at a time")
+    p.add_argument("--no-model", action="store_true", help="write the best recipe only, not the merged model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evolve)
 
     p = sub.add_parser(
         "pleas",

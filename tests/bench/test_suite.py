@@ -444,3 +444,35 @@ def test_data_rows_need_classification_tasks_and_training_texts(bert_suite, llam
     assert len([line for line in err.splitlines() if line.strip()]) == 1
     code, _, err = run(capsys, "bench", no_train, "--data", "--methods", "nope")
     assert code != 0 and "'nope' is not in the benchmark" in err
+
+
+def test_evolve_scores_candidates_on_a_bench_file_as_the_bench_does(bert_suite, tmp_path):
+    """``fitness: {kind: bench}``: the search's best fitness is the normalized validation average of its best
+    recipe merged to disk, computed by the suite directly; the test split is never read by the search."""
+    from transformers import BertModel
+
+    from mergesmith.bench.evolve_fitness import BENCH_KINDS
+    from mergesmith.bench.zoo.bench import accuracies
+    from mergesmith.bench.zoo.text8 import summarize
+    from mergesmith.drivers.evolve.search import MODEL, evolve
+
+    root = bert_suite.parent
+    other = BertModel.from_pretrained(root / "base")
+    perturbed(other, 3)
+    other.save_pretrained(tmp_path / "enc2")
+    spec = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(root / "base"),
+        "models": [str(root / "enc"), str(tmp_path / "enc2")],
+        "fitness": {"kind": "bench", "bench": str(bert_suite), "split": "val"},
+        "optimizer": {"budget": 8, "popsize": 4},
+    }
+    result = evolve(spec, tmp_path / "s", ray=False, progress=False, extra_kinds=BENCH_KINDS)
+    suite = Suite(bert_suite, progress=False)
+    finetuned = accuracies(suite.reference_outcomes()["finetuned"])
+    merged = backbone(folder_tensors(tmp_path / "s" / MODEL), suite.arch_prefix)
+    expected = summarize(accuracies(suite.outcomes(merged, "val")), finetuned, suite.kinds)["normalized"]
+    assert result.best_fitness == pytest.approx(expected, rel=1e-6)
+    bad = {**spec, "fitness": {"kind": "bench", "bench": str(bert_suite), "split": "test"}}
+    with pytest.raises(Exception, match="validation split"):
+        evolve(bad, tmp_path / "t", ray=False, progress=False, extra_kinds=BENCH_KINDS)

@@ -1,20 +1,24 @@
 """In-memory merges: ``merge_state_dicts`` and ``fit_state_dicts`` run the same planner, fits and engine as
-checkpoint merges, over dicts of tensors."""
+checkpoint merges, over dicts of tensors; ``merge_recipe_in_memory`` runs a whole recipe (slices, gradients,
+filters) over models read once into memory (``load_in_memory``), as a search scores many candidate recipes."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergesmith.engine.effective import effective_recipe
 from mergesmith.engine.execute import execute
 from mergesmith.engine.plan import Plan, Planner
 from mergesmith.errors import RecipeError
 from mergesmith.fit.task import FitInputs, FitResult, Task
-from mergesmith.io.reader import DictSource, Source
+from mergesmith.io.models import open_model
+from mergesmith.io.reader import DictSource, Source, close_sources
 from mergesmith.methods.registry import get_method
-from mergesmith.recipe.schema import load_recipe
+from mergesmith.recipe.schema import Recipe, load_recipe
 
 
 def merge_state_dicts(
@@ -150,3 +154,42 @@ def _is_per_model_list(name: str, value: Any, per_model_names: set[str]) -> bool
         and isinstance(value, (list, tuple))
         and not all(isinstance(v, dict) for v in value)
     )
+
+
+def load_in_memory(models: Sequence[str], allow_pickle: bool = False) -> dict[str, Source]:
+    """Every tensor of each model (a folder, file or Hub id, as in recipes) read once into memory, keyed by the
+    model string, with its config: the sources of many in-memory merges of recipes over these models."""
+    loaded: dict[str, Source] = {}
+    for spec in dict.fromkeys(models):
+        source = open_model(spec, allow_pickle)
+        try:
+            # copies: a checkpoint's tensors may be views of a file mapping that closing it unmaps
+            held = DictSource({name: source.get(name).clone() for name in source.keys()}, source.label)
+            held.config = dict(source.config)
+        finally:
+            close_sources([source])
+        loaded[spec] = held
+    return loaded
+
+
+def merge_recipe_in_memory(
+    recipe: str | Path | dict[str, Any] | Recipe, sources: Mapping[str, Source], threads: int = 1
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Merge a data-free recipe over ``sources`` (keyed by the recipe's model strings, e.g. from
+    :func:`load_in_memory`) into a dict, with the same effective parameters, plan and rules as ``merge()`` writes
+    to disk: the tensors equal the folder that ``merge(recipe, out)`` writes. Returns them and the output's
+    config.json dict (a sliced recipe has its own layer count)."""
+    parsed = load_recipe(recipe)
+    method = get_method(parsed.merge_method)
+    if method.fit is not None:
+        raise RecipeError(
+            f"method '{parsed.merge_method}' learns from data; an in-memory recipe merge takes data-free methods"
+        )
+    parsed, _ = effective_recipe(parsed, method)
+    missing = [m for m in parsed.model_paths() if m not in sources]
+    if missing:
+        raise RecipeError(f"the recipe names model '{missing[0]}', which was not loaded")
+    plan = Planner(parsed, dict(sources), parsed.out_dtype or parsed.dtype, method=method).plan()
+    out: dict[str, torch.Tensor] = {}
+    execute(plan, out.__setitem__, threads=threads, progress=False)
+    return {j.name: out[j.name] for j in plan.jobs}, dict(plan.config)

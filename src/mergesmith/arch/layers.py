@@ -33,14 +33,20 @@ def num_layers(config: dict[str, Any], tensor_names: Iterable[str]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def with_num_layers(config: dict[str, Any], total: int, layer_order: list[int]) -> dict[str, Any]:
+def with_num_layers(
+    config: dict[str, Any], total: int, layer_order: list[int], layer_types: list[Any] | None = None
+) -> dict[str, Any]:
     """``config`` for a model of ``total`` layers built from the source layers ``layer_order`` (layer stacking):
-    the layer count and a per-layer ``layer_types`` list follow."""
+    the layer count and a per-layer ``layer_types`` list follow (``layer_types``: each output layer's own, from
+    the model it comes from, where known; else the entry of ``config`` at its source index)."""
     out = dict(config)
     old = num_layers(config, ())
     for key in NUM_LAYERS_KEYS:
         if key in out:
             out[key] = total
     if isinstance(out.get("layer_types"), list) and len(out["layer_types"]) == old:
-        out["layer_types"] = [config["layer_types"][i] for i in layer_order]
+        own = layer_types or [None] * len(layer_order)
+        out["layer_types"] = [
+            t if t is not None else config["layer_types"][i] for t, i in zip(own, layer_order, strict=True)
+        ]
     return out

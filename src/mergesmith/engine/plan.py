@@ -153,8 +153,15 @@ class Planner:
         first = self._config_source()
         config = dict(first.config)
         if recipe.slices:
-            order = [i for s in recipe.slices for i in range(*s.sources[0].layer_range)]
-            config = with_num_layers(config, len(order), order)
+            # each output layer's type (sliding or full attention, …) from the model its layer comes from
+            order = [(s.sources[0].model, i) for s in recipe.slices for i in range(*s.sources[0].layer_range)]
+            types = [self.sources[model].config.get("layer_types") for model, _ in order]
+            config = with_num_layers(
+                config,
+                len(order),
+                [i for _, i in order],
+                [t[i] if isinstance(t, list) and i < len(t) else None for t, (_, i) in zip(types, order)],
+            )
         return Plan(self.method, jobs, recipe.seed, config, first)
 
     def _config_source(self) -> Source:

@@ -1,0 +1,1 @@
+"""Evolutionary recipe search: parameter space and data-flow space (Akiba et al.)."""
