@@ -1121,11 +1121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("search", help="the SEARCH.yaml (models, the space, the optimizer, the fitness)")
     p.add_argument("out", help="the search folder (history, best recipe, merged model, plot)")
     p.add_argument("--resume", action="store_true", help="continue the search stopped in OUT")
-    p.add_argument("--budget", type=int, default=None, help="evaluations at most (overrides optimizer.budget)")
+    p.add_argument(
+        "--budget", type=int, default=None, help="evaluations at most (overrides optimizer.budget)"
+    )
     p.add_argument("--workers", type=int, default=2, help="Ray workers, one evaluation each at a time (2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
-    p.add_argument("--address", default=None, help="join the Ray cluster at this address (default: a local one)")
-    p.add_argument("--no-ray", action="store_true", help="score the candidates in this process, one at a time")
+    p.add_argument(
+        "--address", default=None, help="join the Ray cluster at this address (default: a local one)"
+    )
+    p.add_argument(
+        "--no-ray", action="store_true", help="score the candidates in this process, one at a time"
+    )
     p.add_argument("--no-model", action="store_true", help="write the best recipe only, not the merged model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evolve)
