@@ -1,0 +1,245 @@
+"""The evolutionary-search benchmark (#21) on the text8 v2 zoo (``python -m mergesmith.bench.zoo.evolve_bench``).
+
+One parameter-space search (DARE-TIES, the paper's recipe: per block of ``layer_granularity`` layers and per
+expert a weight and a density) scored on the validation split (the first ``val_limit`` examples per task, as the
+benchmark's grids), run to the largest budget; the best candidate within each smaller budget is the first
+generations' best (the search is the same, only stopped earlier). Each evolved recipe and each baseline — task
+arithmetic, TIES, DARE-TIES and TSV-M at their validation-grid best from ``bench/results/text8.json``, merged again
+on this zoo build, and layer-wise AdaMerging (its committed row when this build reproduces the committed task
+arithmetic outcomes exactly, else fitted again) — is scored on the whole test split, never seen by the search:
+normalized accuracy with a 95 % bootstrap interval and the paired difference to the evolved recipe.
+
+Results: ``bench/results/evolve.{json,md,png}``; the search folder (resumable) is ``<zoo>/evolve/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergesmith.api.state_dicts import load_in_memory, merge_recipe_in_memory, merge_state_dicts
+from mergesmith.bench.confidence import (
+    bootstrap_normalized,
+    pack_outcomes,
+    paired_difference,
+    unpack_outcomes,
+)
+from mergesmith.bench.evolve_fitness import BENCH_KINDS
+from mergesmith.bench.zoo.bench import accuracies
+from mergesmith.bench.zoo.databench import DataBench, rows
+from mergesmith.bench.zoo.text8 import Zoo, summarize
+from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
+from mergesmith.drivers.evolve.search import HISTORY, PLOT, evolve
+from mergesmith.io.cache import zoo_dir
+from mergesmith.recipe.search import load_search
+
+BASELINES = ("task_arithmetic", "ties", "dare_ties", "tsv")
+
+
+@dataclass(frozen=True)
+class EvolveBenchConfig:
+    budgets: tuple[int, ...] = (100, 300)
+    method: str = "dare_ties"
+    layer_granularity: int = 2
+    val_limit: int = 100
+    workers: int = 2
+    seed: int = 0
+
+
+def search_spec(zoo: Zoo, config: EvolveBenchConfig) -> dict[str, Any]:
+    return {
+        "merge_method": config.method,
+        "base_model": str(zoo.base),
+        "models": [str(zoo.encoder_path(t)) for t in zoo.tasks],
+        "layer_granularity": config.layer_granularity,
+        "fitness": {"kind": "text8", "zoo": str(zoo.root), "split": "val", "limit": config.val_limit},
+        "optimizer": {"budget": max(config.budgets)},
+        "seed": config.seed,
+    }
+
+
+def best_within(history: list[dict[str, Any]], budget: int) -> tuple[int, int, float, int]:
+    """(generation, index, validation fitness, evaluations) of the best candidate among the whole generations
+    that fit in ``budget`` evaluations."""
+    best, used = (-1, -1, -np.inf), 0
+    for gen in history:
+        if used + len(gen["results"]) > budget:
+            break
+        used += len(gen["results"])
+        for i, r in enumerate(gen["results"]):
+            if r["fitness"] is not None and r["fitness"] > best[2]:
+                best = (gen["generation"], i, r["fitness"])
+    return (*best, used)
+
+
+def scored_on_test(zoo: Zoo, state: dict[str, Any], finetuned: dict[str, float]) -> dict[str, Any]:
+    outcomes = zoo.outcomes(state, "test")
+    acc = accuracies(outcomes)
+    interval = bootstrap_normalized(outcomes, finetuned)
+    return {
+        "accuracy": acc,
+        **summarize(acc, finetuned),
+        "ci": {"low": interval.low, "high": interval.high},
+        "outcomes": pack_outcomes(outcomes),
+    }
+
+
+def committed_rows(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def adamerging_row(zoo: Zoo, committed: dict[str, Any], same_build: bool, progress: bool) -> dict[str, Any]:
+    """Layer-wise AdaMerging on unlabeled test inputs (the data benchmark's row, its validation-chosen lr)."""
+    row = committed.get("data_methods", {}).get("methods", {}).get("adamerging")
+    if row is not None and same_build:
+        return {"source": "bench/results/text8.json (same zoo build)", **row}
+    spec = next(r for r in rows() if r.key == "adamerging")
+    params = row["params"] if row is not None else {}
+    run = DataBench(zoo, progress=progress).run(spec, 0, params)
+    return {"source": "fitted again on this build", "params": {**spec.params, **params}, "runs": [run], **run}
+
+
+def run_evolve_bench(
+    zoo_root: Path, out: Path, config: EvolveBenchConfig, progress: bool = True
+) -> dict[str, Any]:
+    zoo = Zoo(zoo_root)
+    finetuned = zoo.finetuned_accuracy("test")
+    committed = committed_rows(out / "text8.json")
+    folder = zoo.root / "evolve" / f"{config.method}-g{config.layer_granularity}-s{config.seed}"
+    spec = search_spec(zoo, config)
+    started = time.perf_counter()
+    result = evolve(
+        spec,
+        folder,
+        resume=(folder / HISTORY).exists(),
+        workers=config.workers,
+        extra_kinds=BENCH_KINDS,
+        progress=progress,
+        write_model=False,
+    )
+    history = json.loads((folder / HISTORY).read_text())
+    space = make_space(load_search(spec))
+    sources = load_in_memory([str(zoo.base), *spec["models"]])
+    report: dict[str, Any] = {
+        "config": asdict(config),
+        "zoo": zoo.name,
+        "zoo_config": zoo.identity,
+        "command": "python -m mergesmith.bench.zoo.evolve_bench",
+        "search": {
+            "evaluations": result.evaluations,
+            "generations": result.generations,
+            "popsize": len(history["generations"][0]["results"]),
+            "genome": space.size,
+            "candidates_per_minute": history["candidates_per_minute"],
+            "workers": history["workers"],
+            "seconds": round(time.perf_counter() - started, 1),
+            "convergence": [{"best": g["best"], "mean": g["mean"]} for g in history["generations"]],
+        },
+        "rows": {},
+    }
+    for budget in config.budgets:
+        g, i, val, used = best_within(history["generations"], budget)
+        recipe = candidate_recipe(
+            space, load_search(spec), np.asarray(history["generations"][g]["genomes"][i])
+        )
+        state, _ = merge_recipe_in_memory(recipe, sources)
+        report["rows"][f"evolved@{budget}"] = {
+            "val": val,
+            "evaluations": used,
+            "recipe": recipe,
+            **scored_on_test(zoo, state, finetuned),
+        }
+    base, experts = zoo.base_state(), zoo.expert_states()
+    for method in BASELINES:
+        best = committed["methods"][method]["best"]
+        state = merge_state_dicts(base, experts, method, threads=2, **best["params"])
+        val_outcomes = zoo.outcomes(state, "val", limit=config.val_limit)
+        report["rows"][method] = {
+            "params": best["params"],
+            "val": summarize(accuracies(val_outcomes), finetuned)["normalized"],
+            **scored_on_test(zoo, state, finetuned),
+        }
+    ta_committed = unpack_outcomes(committed["methods"]["task_arithmetic"]["best"]["runs"][0]["outcomes"])
+    ta_here = unpack_outcomes(report["rows"]["task_arithmetic"]["outcomes"])
+    same_build = all(bool((ta_committed[t] == ta_here[t]).all()) for t in zoo.tasks)
+    ada = adamerging_row(zoo, committed, same_build, progress)
+    report["rows"]["adamerging_layerwise"] = {
+        "params": ada.get("params"),
+        "val": None,
+        "source": ada["source"],
+        "accuracy": ada["accuracy"],
+        **summarize(ada["accuracy"], finetuned),
+        "ci": ada.get("ci"),
+        "outcomes": ada["runs"][0]["outcomes"],
+    }
+    top = f"evolved@{max(config.budgets)}"
+    evolved = unpack_outcomes(report["rows"][top]["outcomes"])
+    for name, row in report["rows"].items():
+        if name != top:
+            d = paired_difference(evolved, unpack_outcomes(row["outcomes"]), finetuned)
+            row[f"{top}_minus_this"] = {"estimate": d.estimate, "low": d.low, "high": d.high, "p": d.p_value}
+    report["same_build_as_text8_json"] = same_build
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evolve.json").write_text(json.dumps(report, indent=1))
+    (out / "evolve.md").write_text(markdown(report))
+    shutil.copyfile(folder / PLOT, out / "evolve.png")
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["search"]
+    top = f"evolved@{max(report['config']['budgets'])}"
+    lines = [
+        "# Evolutionary search on the text8 v2 zoo",
+        "",
+        f"`{report['command']}`: {report['config']['method']} per block of {report['config']['layer_granularity']} "
+        f"layers, a weight and a density per expert and block ({s['genome']} numbers), CMA-ES (popsize "
+        f"{s['popsize']}, σ0 = 1/6), fitness = normalized accuracy on the first {report['config']['val_limit']} "
+        f"validation examples per task; {s['evaluations']} evaluations on {s['workers']} Ray workers, "
+        f"{s['candidates_per_minute']} candidates/min. Test: the whole test split (never seen by the search), 95 % "
+        "bootstrap intervals; the last column is the paired difference of the largest-budget evolved recipe minus "
+        "the row (an interval containing 0 is no difference).",
+        "",
+        f"| row | validation | test normalized [95 % CI] | {top} − row [95 % CI] |",
+        "|---|---|---|---|",
+    ]
+    for name, row in report["rows"].items():
+        val = f"{100 * row['val']:.1f}" if row.get("val") is not None else "—"
+        ci = row.get("ci") or {}
+        test = f"{100 * row['normalized']:.1f} [{100 * ci.get('low', float('nan')):.1f}, {100 * ci.get('high', float('nan')):.1f}]"
+        diff = row.get(f"{top}_minus_this")
+        cell = (
+            f"{100 * diff['estimate']:+.1f} [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]"
+            if diff
+            else "—"
+        )
+        label = name if "params" not in row or not row["params"] else f"{name} {row['params']}"
+        lines.append(f"| {label} | {val} | {test} | {cell} |")
+    lines += ["", "Convergence (best / mean validation fitness per generation): `evolve.png`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mergesmith.bench.zoo.evolve_bench")
+    parser.add_argument("--zoo", type=Path, default=None, help="the text8 zoo (default: the built one)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--granularity", type=int, default=2)
+    args = parser.parse_args(argv)
+    config = EvolveBenchConfig(tuple(args.budgets), workers=args.workers, layer_granularity=args.granularity)
+    report = run_evolve_bench(args.zoo or zoo_dir("text8"), args.out, config)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
