@@ -317,7 +317,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 
 def cmd_evolve(args: argparse.Namespace) -> int:
-    from mergesmith.bench.evolve_fitness import BENCH_KINDS
+    from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
     from mergesmith.drivers.evolve.search import evolve
 
     result = evolve(

@@ -451,7 +451,7 @@ def test_evolve_scores_candidates_on_a_bench_file_as_the_bench_does(bert_suite, 
     recipe merged to disk, computed by the suite directly; the test split is never read by the search."""
     from transformers import BertModel
 
-    from mergesmith.bench.evolve_fitness import BENCH_KINDS
+    from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
     from mergesmith.bench.zoo.bench import accuracies
     from mergesmith.bench.zoo.text8 import summarize
     from mergesmith.drivers.evolve.search import MODEL, evolve
