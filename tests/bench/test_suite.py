@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from mergesmith.bench.suite import Suite, backbone, folder_tensors
 from mergesmith.cli import main
+from mergesmith.errors import RecipeError
 from mergesmith.fit.evaluate import ClassificationTask, PerplexityTask, load_exact_match, normalize_answer
 from tests.fit.tiny_models import (
     build_tokenizer,
@@ -451,8 +452,8 @@ def test_evolve_scores_candidates_on_a_bench_file_as_the_bench_does(bert_suite, 
     recipe merged to disk, computed by the suite directly; the test split is never read by the search."""
     from transformers import BertModel
 
-    from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
     from mergesmith.bench.zoo.bench import accuracies
+    from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
     from mergesmith.bench.zoo.text8 import summarize
     from mergesmith.drivers.evolve.search import MODEL, evolve
 
@@ -476,3 +477,15 @@ def test_evolve_scores_candidates_on_a_bench_file_as_the_bench_does(bert_suite, 
     bad = {**spec, "fitness": {"kind": "bench", "bench": str(bert_suite), "split": "test"}}
     with pytest.raises(Exception, match="validation split"):
         evolve(bad, tmp_path / "t", ray=False, progress=False, extra_kinds=BENCH_KINDS)
+
+
+def test_a_limit_cuts_exact_match_splits_too(llama_suite):
+    """``--val-limit`` scores the first examples of exact-match tasks as of classification ones (it used to
+    score every prompt); a whole causal LM of another shape is refused on a suite with a classification task."""
+    suite = Suite(llama_suite, progress=False)
+    full, cut = suite.outcomes(None, "val"), suite.outcomes(None, "val", limit=3)
+    assert len(full["qa"]) > 3 and len(cut["qa"]) == 3
+    assert torch.equal(cut["qa"], full["qa"][:3])
+    assert torch.equal(cut["cls"], full["cls"][:3])
+    with pytest.raises(RecipeError, match="task 'cls' classifies with the expert's head"):
+        suite.module_outcomes(torch.nn.Linear(1, 1), "val")

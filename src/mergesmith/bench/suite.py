@@ -214,10 +214,19 @@ class SuiteTask:
         }
 
     def outcomes(self, state: Mapping[str, torch.Tensor] | None, split: str, limit: int | None = None):
+        """Per-example outcomes of the split's first ``limit`` examples (a perplexity task: every window)."""
+        return self.split(split, limit).outcomes(self.model, self.params(state))
+
+    def split(self, split: str, limit: int | None = None) -> Any:
+        """The split's evaluator task, cut to its first ``limit`` examples (classification, exact match)."""
         task = self.splits[split]
-        if limit is not None and self.spec.metric == "accuracy" and limit < len(task.data):
-            task = ev.ClassificationTask(task.data.batch(slice(0, limit)), task.name)
-        return task.outcomes(self.model, self.params(state))
+        if limit is None:
+            return task
+        if self.spec.metric == "accuracy" and limit < len(task.data):
+            return ev.ClassificationTask(task.data.batch(slice(0, limit)), task.name)
+        if self.spec.metric == "exact_match" and limit < len(task.prompts):
+            return replace(task, prompts=task.prompts[:limit], answers=task.answers[:limit])
+        return task
 
 
 class Suite:
@@ -491,6 +500,19 @@ class Suite:
         """Per task, per-example outcomes of a merged backbone with the task's own head (hits, or window
         losses for perplexity); ``None``: each expert as it is."""
         return {t: task.outcomes(state, split, limit) for t, task in self._tasks.items()}
+
+    def module_outcomes(
+        self, module: torch.nn.Module, split: str = "val", limit: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per task, outcomes of a whole causal LM of its own architecture (a search's layer path), which only
+        the causal-LM tasks can run."""
+        heads = [t for t, task in self._tasks.items() if task.spec.metric == "accuracy"]
+        if heads:
+            raise RecipeError(
+                f"{self.path}: task '{heads[0]}' classifies with the expert's head; a model of another "
+                "architecture is scored on exact-match and perplexity tasks only"
+            )
+        return {t: task.split(split, limit).outcomes(module) for t, task in self._tasks.items()}
 
     def task_outcomes(
         self,

@@ -32,9 +32,9 @@ from mergesmith.bench.confidence import (
     paired_difference,
     unpack_outcomes,
 )
-from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
 from mergesmith.bench.zoo.bench import accuracies
 from mergesmith.bench.zoo.databench import DataBench, rows
+from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
 from mergesmith.drivers.evolve.search import HISTORY, PLOT, evolve

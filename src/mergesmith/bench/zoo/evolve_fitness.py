@@ -20,6 +20,7 @@ from mergesmith.bench.suite import Suite, backbone
 from mergesmith.bench.zoo.bench import accuracies
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.errors import RecipeError
+from mergesmith.fit.hf import causal_lm_from_state
 from mergesmith.io.cache import zoo_dir
 from mergesmith.recipe.search import SearchSpec
 
@@ -33,9 +34,12 @@ def _normalized(zoo: Any, split: str, limit: int | None, finetuned: dict[str, fl
         )
 
     def score(state: Mapping[str, torch.Tensor], config: dict[str, Any] | None) -> float:
-        if config is not None:
-            raise RecipeError("fitness text8/bench scores same-architecture merges of the suite's encoders")
-        outcomes = zoo.outcomes(backbone(state, prefix), split, limit=limit)
+        if config is None:
+            outcomes = zoo.outcomes(backbone(state, prefix), split, limit=limit)
+        elif hasattr(zoo, "module_outcomes"):  # a layer path: its own causal LM on the suite's LM tasks
+            outcomes = zoo.module_outcomes(causal_lm_from_state(config, state), split, limit)
+        else:
+            raise RecipeError("fitness text8 scores merges of the zoo's encoders, not models of another shape")
         return summarize(accuracies(outcomes), finetuned, zoo.kinds)["normalized"]
 
     return score
