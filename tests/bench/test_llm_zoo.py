@@ -500,3 +500,33 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
     assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
     monkeypatch.setattr(moe_bench, "evaluate", lambda *a: pytest.fail("a finished row ran again"))
     assert moe_bench.run_moe_bench(tiny_zoo, tmp_path, config, progress=False)["rows"].keys() == rows.keys()
+
+
+def test_the_llm_evolve_bench_runs_every_row_on_a_tiny_zoo(tiny_zoo, tmp_path):
+    """Sources, the best hand recipe, PS, DFS and PS + DFS (short budgets, in one process): every row scored on
+    every skill's test split; the hand recipe is the validation-best of its candidates; the paths load."""
+    from mergesmith.bench.zoo.evolve_bench import LLMEvolveConfig, llm_markdown, run_llm_evolve_bench
+
+    # the tiny experts answer nothing, so nothing normalizes by them: the fitness is exact match on 2 prompts
+    fitness = ({"kind": "exact_match", "data": str(tiny_zoo / "data" / "json" / "validation.jsonl"), "limit": 2},)
+    config = LLMEvolveConfig(
+        layer_granularity=1, ps_budget=12, dfs_budget=14, val_limit=4, hand_lambdas=(0.5,), fitness=fitness
+    )
+    report = run_llm_evolve_bench(tiny_zoo, tmp_path, config, progress=False, ray=False)
+    rows = report["rows"]
+    assert {
+        "base",
+        "expert:arithmetic",
+        "expert:json",
+        "multitask",
+        "best hand recipe",
+        "PS",
+        "DFS",
+        "PS + DFS",
+    } <= set(rows)
+    for row in rows.values():
+        assert set(row["test"]) == {"arithmetic", "json"}
+    assert rows["PS + DFS"]["models"][0].endswith("ps/model")
+    assert rows["DFS"]["layers"] >= 1
+    assert "| PS + DFS |" in llm_markdown(report, ["arithmetic", "json"])
+    assert (tmp_path / "evolve-llm.json").exists()

@@ -10,6 +10,14 @@ arithmetic outcomes exactly, else fitted again) — is scored on the whole test 
 normalized accuracy with a 95 % bootstrap interval and the paired difference to the evolved recipe.
 
 Results: ``bench/results/evolve.{json,md,png}``; the search folder (resumable) is ``<zoo>/evolve/``.
+
+``python -m mergesmith.bench.zoo.evolve_bench llm`` (:func:`run_llm_evolve_bench`) runs the LLM zoo's rows
+(SmolLM2-135M experts; fitness: the zoo's BENCH.yaml on the first ``val_limit`` validation prompts per skill,
+normalized by the experts): the sources, the best hand recipe (task arithmetic λ ∈ {0.3, 0.5, 0.7, 1.0} and
+mergekit's community DARE-TIES, chosen on validation), PS (DARE-TIES per block of layers), DFS (a path through
+the two experts whose skills PS keeps worst) and PS + DFS (a path through the PS model and the expert of the skill
+it keeps worst), each scored on every skill's test split: exact match and answer loss. Results:
+``bench/results/evolve-llm.{json,md}``.
 """
 
 from __future__ import annotations
@@ -32,12 +40,16 @@ from mergesmith.bench.confidence import (
     paired_difference,
     unpack_outcomes,
 )
+from mergesmith.bench.suite import Suite, backbone
 from mergesmith.bench.zoo.bench import accuracies
 from mergesmith.bench.zoo.databench import DataBench, rows
 from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
+from mergesmith.bench.zoo.llm import LLMZoo, reference_scores
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
-from mergesmith.drivers.evolve.search import HISTORY, PLOT, evolve
+from mergesmith.drivers.evolve.fitness import Fitness
+from mergesmith.drivers.evolve.search import HISTORY, MODEL, PLOT, evolve
+from mergesmith.fit.hf import load_causal_lm
 from mergesmith.io.cache import zoo_dir
 from mergesmith.recipe.search import load_search
 
@@ -227,7 +239,160 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class LLMEvolveConfig:
+    method: str = "dare_ties"
+    layer_granularity: int = 10
+    ps_budget: int = 56
+    dfs_budget: int = 38
+    repeats: int = 2
+    val_limit: int = 20
+    hand_lambdas: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
+    workers: int = 2
+    seed: int = 0
+    fitness: tuple[dict[str, Any], ...] = ()  # default: the zoo's BENCH.yaml on validation, normalized
+
+
+def _per_skill(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {s: {"exact_match": v["exact_match"], "loss": v["loss"]} for s, v in scores.items()}
+
+
+def run_llm_evolve_bench(
+    zoo_root: Path, out: Path, config: LLMEvolveConfig, progress: bool = True, ray: bool = True
+) -> dict[str, Any]:
+    zoo = LLMZoo(zoo_root)
+    bench = zoo.root / "BENCH.yaml"
+    work = zoo.root / "evolve"
+    experts = [str(zoo.expert(s)) for s in zoo.skills]
+    fitness = list(config.fitness) or [
+        {"kind": "bench", "bench": str(bench), "split": "val", "limit": config.val_limit}
+    ]
+    run = {"workers": config.workers, "extra_kinds": BENCH_KINDS, "progress": progress, "ray": ray}
+    suite = Suite(bench, progress=False)
+    finetuned_val = accuracies(suite.outcomes(None, "val", limit=config.val_limit))
+    base_module = load_causal_lm(zoo.base)
+    report: dict[str, Any] = {
+        "config": asdict(config),
+        "command": "python -m mergesmith.bench.zoo.evolve_bench llm",
+    }
+    rows: dict[str, Any] = {name: {"test": v} for name, v in reference_scores(zoo, progress).items()}
+
+    def kept_on_val(state: dict[str, Any]) -> dict[str, float]:
+        acc = accuracies(suite.outcomes(backbone(state, suite.arch_prefix), "val", limit=config.val_limit))
+        return {t: acc[t] / finetuned_val[t] if finetuned_val[t] else 0.0 for t in acc}
+
+    # the best hand recipe, chosen on the search's own fitness
+    spec_ps = {
+        "merge_method": config.method,
+        "base_model": str(zoo.base),
+        "models": experts,
+        "layer_granularity": config.layer_granularity,
+        "fitness": fitness,
+        "optimizer": {"budget": config.ps_budget},
+        "seed": config.seed,
+    }
+    score = Fitness(load_search(spec_ps), BENCH_KINDS)
+    sources = load_in_memory([str(zoo.base), *experts])
+    hand = [
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(zoo.base),
+            "models": experts,
+            "parameters": {"lambda": lam},
+        }
+        for lam in config.hand_lambdas
+    ] + [
+        {
+            "merge_method": "dare_ties",
+            "base_model": str(zoo.base),
+            "models": [{"model": m, "parameters": {"density": 0.5, "weight": 0.5}} for m in experts],
+            "compat": "mergekit",
+        }
+    ]
+    scored = [(score(merge_recipe_in_memory(r, sources)[0]), k) for k, r in enumerate(hand)]
+    val, k = max(scored)
+    state, _ = merge_recipe_in_memory(hand[k], sources)
+    rows["best hand recipe"] = {
+        "recipe": hand[k],
+        "val": val,
+        "test": _per_skill(zoo.evaluate(base_module, state)),
+    }
+
+    ps = evolve(spec_ps, work / "ps", resume=(work / "ps" / HISTORY).exists(), **run)
+    state, _ = merge_recipe_in_memory(ps.best_recipe, sources)
+    rows["PS"] = {
+        "val": ps.best_fitness,
+        "evaluations": ps.evaluations,
+        "test": _per_skill(zoo.evaluate(base_module, state)),
+    }
+    kept = kept_on_val(state)
+    worst = sorted(zoo.skills, key=lambda t: kept[t])
+    del sources, state
+
+    def path_search(name: str, models: list[str]) -> None:
+        spec = {
+            "space": "dataflow",
+            "models": models,
+            "dataflow": {"repeats": config.repeats},
+            "fitness": fitness,
+            "optimizer": {"budget": config.dfs_budget},
+            "seed": config.seed,
+        }
+        folder = work / name.lower().replace(" + ", "-")
+        result = evolve(spec, folder, resume=(folder / HISTORY).exists(), **run)
+        module = load_causal_lm(folder / MODEL)
+        rows[name] = {
+            "models": models,
+            "layers": module.config.num_hidden_layers,
+            "val": result.best_fitness,
+            "evaluations": result.evaluations,
+            "test": _per_skill(zoo.evaluate(module)),
+        }
+
+    path_search("DFS", [str(zoo.expert(worst[0])), str(zoo.expert(worst[1]))])
+    path_search("PS + DFS", [str(work / "ps" / MODEL), str(zoo.expert(worst[0]))])
+    report["rows"] = rows
+    report["ps_kept_on_val"] = kept
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evolve-llm.json").write_text(json.dumps(report, indent=1))
+    (out / "evolve-llm.md").write_text(llm_markdown(report, zoo.skills))
+    return report
+
+
+def llm_markdown(report: dict[str, Any], skills: list[str]) -> str:
+    lines = [
+        "# Evolutionary search on the LLM zoo (SmolLM2-135M experts)",
+        "",
+        f"`{report['command']}`; {report['config']}. Exact match % (answer loss) per skill on the test split.",
+        "",
+        "| row | val fitness | " + " | ".join(skills) + " | mean EM |",
+        "|---|---|" + "---|" * len(skills) + "---|",
+    ]
+    for name, row in report["rows"].items():
+        test = row["test"]
+        cells = [f"{100 * test[s]['exact_match']:.1f} ({test[s]['loss']:.2f})" for s in skills]
+        mean = sum(test[s]["exact_match"] for s in skills) / len(skills)
+        val = f"{row['val']:.3f}" if row.get("val") is not None else "—"
+        lines.append(f"| {name} | {val} | " + " | ".join(cells) + f" | {100 * mean:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["llm"]:
+        parser = argparse.ArgumentParser(prog="python -m mergesmith.bench.zoo.evolve_bench llm")
+        parser.add_argument("--zoo", type=Path, default=None, help="the LLM zoo (default: the built one)")
+        parser.add_argument("--out", type=Path, default=Path("bench/results"))
+        parser.add_argument("--ps-budget", type=int, default=LLMEvolveConfig.ps_budget)
+        parser.add_argument("--dfs-budget", type=int, default=LLMEvolveConfig.dfs_budget)
+        parser.add_argument("--val-limit", type=int, default=LLMEvolveConfig.val_limit)
+        args = parser.parse_args(argv[1:])
+        llm_config = LLMEvolveConfig(
+            ps_budget=args.ps_budget, dfs_budget=args.dfs_budget, val_limit=args.val_limit
+        )
+        report = run_llm_evolve_bench(args.zoo or zoo_dir("llm"), args.out, llm_config)
+        print(llm_markdown(report, LLMZoo(args.zoo or zoo_dir("llm")).skills))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m mergesmith.bench.zoo.evolve_bench")
     parser.add_argument("--zoo", type=Path, default=None, help="the text8 zoo (default: the built one)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
