@@ -508,7 +508,9 @@ def test_the_llm_evolve_bench_runs_every_row_on_a_tiny_zoo(tiny_zoo, tmp_path):
     from mergesmith.bench.zoo.evolve_bench import LLMEvolveConfig, llm_markdown, run_llm_evolve_bench
 
     # the tiny experts answer nothing, so nothing normalizes by them: the fitness is exact match on 2 prompts
-    fitness = ({"kind": "exact_match", "data": str(tiny_zoo / "data" / "json" / "validation.jsonl"), "limit": 2},)
+    fitness = (
+        {"kind": "exact_match", "data": str(tiny_zoo / "data" / "json" / "validation.jsonl"), "limit": 2},
+    )
     config = LLMEvolveConfig(
         layer_granularity=1, ps_budget=12, dfs_budget=14, val_limit=4, hand_lambdas=(0.5,), fitness=fitness
     )

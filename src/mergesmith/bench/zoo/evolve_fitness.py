@@ -39,7 +39,9 @@ def _normalized(zoo: Any, split: str, limit: int | None, finetuned: dict[str, fl
         elif hasattr(zoo, "module_outcomes"):  # a layer path: its own causal LM on the suite's LM tasks
             outcomes = zoo.module_outcomes(causal_lm_from_state(config, state), split, limit)
         else:
-            raise RecipeError("fitness text8 scores merges of the zoo's encoders, not models of another shape")
+            raise RecipeError(
+                "fitness text8 scores merges of the zoo's encoders, not models of another shape"
+            )
         return summarize(accuracies(outcomes), finetuned, zoo.kinds)["normalized"]
 
     return score
