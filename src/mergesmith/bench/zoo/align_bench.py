@@ -431,40 +431,50 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Mapping[str, Any], path: Path) -> Path:
-    """Test loss along the path per pair (naive, weight, activation), and the loss barrier against width."""
+def plot(results: Mapping[str, Any], path: Path, columns: int = 8) -> Path:
+    """A grid: per pair the test accuracy along the path (naive, weight, activation matching; the split pairs'
+    loss barriers are 0, their accuracy barriers are not), then per matching the loss barrier against width for
+    every same-data dataset and family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(3.2 * (len(rows) + 1), 3.0), squeeze=False)
-    for ax, r in zip(axes[0], rows):
+    grid_rows = math.ceil(len(rows) / columns) + 1
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(2.4 * columns, 2.1 * grid_rows), squeeze=False)
+    for k, r in enumerate(rows):
+        ax = axes[k // columns][k % columns]
         for m in MATCHINGS:
             pts = r["paths"][m]["points"]
-            ax.plot([p["lambda"] for p in pts], [p["loss"] for p in pts], label=m)
+            ax.plot([p["lambda"] for p in pts], [100 * p["accuracy"] for p in pts], label=m)
         ax.set_title(r["pair"], fontsize=7)
-        ax.set_xlabel("λ")
-    axes[0][0].set_ylabel("test loss")
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("test accuracy %", fontsize=7)
     axes[0][0].legend(fontsize=6)
-    ax = axes[0][-1]
-    for m in MATCHINGS:
-        for key in sorted({(r["dataset"], r["family"], r["setting"]) for r in rows}):
+    for k in range(len(rows), (grid_rows - 1) * columns):
+        axes[k // columns][k % columns].axis("off")
+    same = sorted({(r["dataset"], r["family"]) for r in rows if r["setting"] == "same"})
+    for c, m in enumerate(MATCHINGS):
+        ax = axes[-1][c]
+        for key in same:
             sel = sorted(
-                (r for r in rows if (r["dataset"], r["family"], r["setting"]) == key),
+                (r for r in rows if (r["dataset"], r["family"]) == key and r["setting"] == "same"),
                 key=lambda r: r["width"],
             )
             ax.plot(
                 [r["width"] for r in sel],
                 [r["paths"][m]["loss_barrier"] for r in sel],
                 marker="o",
-                label=f"{m} {key[1]}/{key[2]}",
+                label="/".join(key),
             )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("width multiplier")
-    ax.set_title("loss barrier vs width", fontsize=8)
-    ax.legend(fontsize=5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("width multiplier", fontsize=7)
+        ax.set_title(f"loss barrier, {m} (same data)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[-1][0].legend(fontsize=5)
+    for c in range(len(MATCHINGS), columns):
+        axes[-1][c].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

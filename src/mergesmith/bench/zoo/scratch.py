@@ -110,7 +110,7 @@ class ScratchZooConfig:
         default_factory=lambda: {"mlp": (1, 2, 4, 8), "resnet": (1, 2, 4), "bert": (1, 2)}
     )  # width multipliers per family; a family left out is not built
     # passes over the training set (bert: the fine-tuning's; its masked-LM steps are text.mlm_steps)
-    epochs: dict[str, int] = field(default_factory=lambda: {"mlp": 10, "resnet": 2, "bert": 5})
+    epochs: dict[str, int] = field(default_factory=lambda: {"mlp": 10, "resnet": 2, "bert": 10})
     # a data set's own epochs per family, where its size differs: mnist's 4,000 training images get as many
     # MLP steps as Fashion-MNIST's 20,000 and half the ResNet steps (MNIST is the easier task)
     dataset_epochs: dict[str, dict[str, int]] = field(
