@@ -290,3 +290,24 @@ def test_a_dataflow_search_refuses_models_it_cannot_fold(tmp_path):
         evolve(spec, tmp_path / "out", ray=False, progress=False)
     with pytest.raises(RecipeError, match="remove merge_method"):
         load_search({**spec, "merge_method": "ties"})
+
+
+def test_a_search_in_this_process_leaves_its_thread_count_as_it_was(llamas, tmp_path):
+    """The evaluator runs with ``threads`` torch threads; in this process it must not change the caller's (a
+    later computation would round differently)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        evolve(
+            search(llamas, optimizer={"budget": 4, "popsize": 4}),
+            tmp_path / "s",
+            ray=False,
+            progress=False,
+            write_model=False,
+        )
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RecipeError):
+            evolve(search(llamas, fitness={"kind": "nope"}), tmp_path / "t", ray=False, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from mergesmith.drivers.evolve.candidates import Evaluator
 from mergesmith.errors import MergeError, RecipeError
 from mergesmith.recipe.search import SearchSpec
@@ -22,7 +24,12 @@ class LocalPool:
     workers = 1
 
     def __init__(self, spec: SearchSpec, extra_kinds: Mapping[str, str] | None, threads: int):
-        self.evaluator = Evaluator(spec, extra_kinds, threads)
+        self.threads_before = torch.get_num_threads()  # the evaluator sets this process's: restored on close
+        try:
+            self.evaluator = Evaluator(spec, extra_kinds, threads)
+        except BaseException:
+            torch.set_num_threads(self.threads_before)
+            raise
 
     def map(self, genomes: list[list[float]], done: Done) -> list[dict[str, Any]]:
         results = []
@@ -32,7 +39,7 @@ class LocalPool:
         return results
 
     def close(self) -> None:
-        pass
+        torch.set_num_threads(self.threads_before)
 
 
 class RayPool:
