@@ -95,13 +95,17 @@ def best_within(history: list[dict[str, Any]], budget: int) -> tuple[int, int, f
 def scored_on_test(zoo: Zoo, state: dict[str, Any], finetuned: dict[str, float]) -> dict[str, Any]:
     outcomes = zoo.outcomes(state, "test")
     acc = accuracies(outcomes)
-    interval = bootstrap_normalized(outcomes, finetuned)
     return {
         "accuracy": acc,
         **summarize(acc, finetuned),
-        "ci": {"low": interval.low, "high": interval.high},
+        "ci": _interval(outcomes, finetuned),
         "outcomes": pack_outcomes(outcomes),
     }
+
+
+def _interval(outcomes: dict[str, Any], finetuned: dict[str, float]) -> dict[str, float]:
+    interval = bootstrap_normalized(outcomes, finetuned)
+    return {"low": interval.low, "high": interval.high}
 
 
 def committed_rows(path: Path) -> dict[str, Any]:
@@ -189,7 +193,7 @@ def run_evolve_bench(
         "source": ada["source"],
         "accuracy": ada["accuracy"],
         **summarize(ada["accuracy"], finetuned),
-        "ci": ada.get("ci"),
+        "ci": ada.get("ci") or _interval(unpack_outcomes(ada["runs"][0]["outcomes"]), finetuned),
         "outcomes": ada["runs"][0]["outcomes"],
     }
     top = f"evolved@{max(config.budgets)}"
