@@ -40,6 +40,17 @@ def search(llamas: dict[str, Path], **changes) -> dict:
     return spec
 
 
+def one_generation(llamas: dict[str, Path], out: Path) -> None:
+    """A search of one generation of four candidates, in this process, without the merged model."""
+    evolve(
+        search(llamas, optimizer={"budget": 4, "popsize": 4}),
+        out,
+        ray=False,
+        progress=False,
+        write_model=False,
+    )
+
+
 def test_a_genome_gives_the_recipe_it_says(llamas):
     """Each coordinate lands in its block's slice, model and filter entry as low + x·(high − low); x outside
     [0, 1] is clipped; and the merge applies each block's weights to that block's layers only."""
@@ -226,13 +237,7 @@ def test_bad_input_is_one_line(llamas, tmp_path):
             evolve(spec, tmp_path / f"bad{n}", ray=False, progress=False)
         assert "\n" not in str(caught.value)
     # an existing search folder is not overwritten without --resume
-    evolve(
-        search(llamas, optimizer={"budget": 4, "popsize": 4}),
-        tmp_path / "s",
-        ray=False,
-        progress=False,
-        write_model=False,
-    )
+    one_generation(llamas, tmp_path / "s")
     with pytest.raises(MergeError, match="pass --resume"):
         evolve(search(llamas), tmp_path / "s", ray=False, progress=False)
     with pytest.raises(MergeError, match="other settings"):
@@ -298,13 +303,7 @@ def test_a_search_in_this_process_leaves_its_thread_count_as_it_was(llamas, tmp_
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        evolve(
-            search(llamas, optimizer={"budget": 4, "popsize": 4}),
-            tmp_path / "s",
-            ray=False,
-            progress=False,
-            write_model=False,
-        )
+        one_generation(llamas, tmp_path / "s")
         assert torch.get_num_threads() == 2
         with pytest.raises(RecipeError):
             evolve(search(llamas, fitness={"kind": "nope"}), tmp_path / "t", ray=False, progress=False)
