@@ -28,12 +28,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergesmith.dtypes import DTYPE_NAMES
 from mergesmith.errors import RecipeError
-from mergesmith.recipe.schema import Scalar
+from mergesmith.recipe.schema import Scalar, describe_validation_error, read_mapping
 
 DtypeName = Literal[DTYPE_NAMES]  # type: ignore[valid-type]
 
@@ -144,26 +143,22 @@ class SearchSpec(BaseModel):
         )
 
 
+def _key_owner(parts: list[str]) -> tuple[str, Any]:
+    """Which mapping of a search file an unknown key was found in, and its known keys."""
+    if parts[:1] == ["optimizer"]:
+        return "optimizer", OptimizerSpec.model_fields
+    if parts[:1] == ["dataflow"]:
+        return "dataflow", DataflowSpec.model_fields
+    return "top-level", SearchSpec.model_fields
+
+
 def load_search(source: str | Path | dict[str, Any]) -> SearchSpec:
-    """Parse a SEARCH.yaml (or dict); one-line RecipeError naming the file and key on any mistake."""
-    where = str(source) if isinstance(source, (str, Path)) else "search"
-    if isinstance(source, dict):
-        raw, root = source, Path.cwd()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such search file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        root = path.parent
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: a search file is a mapping (space, models, fitness, ...)")
+    """Parse a SEARCH.yaml (a path, a YAML string or a dict); one-line RecipeError naming the file and key on any
+    mistake. Relative paths are relative to the file's folder (else to the working directory)."""
+    data, where = read_mapping(source, "search", "space:, models:, fitness:, ...")
     try:
-        spec = SearchSpec.model_validate(raw)
+        spec = SearchSpec.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise RecipeError(f"{where}: {key}: {first['msg']}") from None
+        raise RecipeError(describe_validation_error(e, where, _key_owner, "search")) from None
+    root = Path(where).parent if where != "search" else Path.cwd()
     return spec.resolved(root)
