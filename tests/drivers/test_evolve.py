@@ -119,7 +119,7 @@ def test_cma_es_reaches_the_optimum_of_a_toy_fitness():
     def evaluate(genomes, g):
         return [{"fitness": -float(np.sum((np.asarray(x) - target) ** 2))} for x in genomes]
 
-    history = run_cma(np.full(5, 0.5), 0.2, 0, 10, 600, evaluate, [], lambda h: None)
+    history = run_cma(np.full(5, 0.5), 0.2, 0, 10, 60, evaluate, [], lambda h: None)
     best = max((r["fitness"], x) for gen in history for r, x in zip(gen["results"], gen["genomes"]))
     assert best[0] > -1e-6
     np.testing.assert_allclose(best[1], target, atol=1e-3)
@@ -133,7 +133,7 @@ def test_a_resumed_cma_run_equals_an_uninterrupted_one():
         np.random.rand(7)  # an evaluator that draws from numpy's global generator
         return [{"fitness": -float(np.sum((np.asarray(x) - 0.3) ** 2))} for x in genomes]
 
-    full = run_cma(np.full(4, 0.5), 1 / 6, 3, 6, 36, evaluate, [], lambda h: None)
+    full = run_cma(np.full(4, 0.5), 1 / 6, 3, 6, 6, evaluate, [], lambda h: None)
     saved: list = []
 
     def stop_after_three(genomes, g):
@@ -142,10 +142,10 @@ def test_a_resumed_cma_run_equals_an_uninterrupted_one():
         return evaluate(genomes, g)
 
     with pytest.raises(KeyboardInterrupt):
-        run_cma(np.full(4, 0.5), 1 / 6, 3, 6, 36, stop_after_three, [], lambda h: saved.append(json.dumps(h)))
+        run_cma(np.full(4, 0.5), 1 / 6, 3, 6, 6, stop_after_three, [], lambda h: saved.append(json.dumps(h)))
     recorded = json.loads(saved[-1])
     assert len(recorded) == 3
-    resumed = run_cma(np.full(4, 0.5), 1 / 6, 3, 6, 36, evaluate, recorded, lambda h: None)
+    resumed = run_cma(np.full(4, 0.5), 1 / 6, 3, 6, 6, evaluate, recorded, lambda h: None)
     assert json.dumps(resumed) == json.dumps(full)
 
 

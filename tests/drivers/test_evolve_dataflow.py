@@ -72,8 +72,7 @@ def path_model(
     sources = {}
     for i, model in enumerate(models):
         config, state = config_and_state(model)
-        sources[f"m{i}"] = DictSource(state, f"m{i}")
-        sources[f"m{i}"].config = config
+        sources[f"m{i}"] = DictSource(state, f"m{i}", config)
     state, config = merge_recipe_in_memory(path_recipe(steps, list(sources), dtype), sources)
     return config, state
 

@@ -164,8 +164,8 @@ def load_in_memory(models: Sequence[str], allow_pickle: bool = False) -> dict[st
         source = open_model(spec, allow_pickle)
         try:
             # copies: a checkpoint's tensors may be views of a file mapping that closing it unmaps
-            held = DictSource({name: source.get(name).clone() for name in source.keys()}, source.label)
-            held.config = dict(source.config)
+            tensors = {name: source.get(name).clone() for name in source.keys()}
+            held = DictSource(tensors, source.label, source.config)
         finally:
             close_sources([source])
         loaded[spec] = held

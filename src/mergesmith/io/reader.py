@@ -53,10 +53,12 @@ class Source:
 class DictSource(Source):
     """An in-memory state dict (``merge_state_dicts``)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "<state dict>"):
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], label: str = "<state dict>", config: dict | None = None
+    ):
         self.tensors = dict(tensors)
         self.label = label
-        self.config = {}
+        self.config = dict(config or {})  # a checkpoint's config.json, when the tensors are read from one
 
     def keys(self) -> list[str]:
         return list(self.tensors)

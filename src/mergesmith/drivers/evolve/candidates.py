@@ -17,28 +17,33 @@ from mergesmith.drivers.evolve.fitness import Fitness
 from mergesmith.drivers.evolve.space import ParameterSpace
 from mergesmith.errors import RecipeError
 from mergesmith.io.models import open_model
-from mergesmith.io.reader import close_sources
+from mergesmith.io.reader import Source, close_sources
 from mergesmith.recipe.search import SearchSpec
 
 Space = ParameterSpace | DataflowSpace
 
 
-def layer_counts(spec: SearchSpec) -> tuple[list[int], list[dict[str, Any]]]:
-    """Each model's number of layers (from its config and tensor names; nothing is read) and its config."""
+def layer_counts(
+    spec: SearchSpec, loaded: Mapping[str, Source] | None = None
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Each model's number of layers (from its config and tensor names) and its config: from the ``loaded``
+    sources, else from each checkpoint opened for it (no tensor is read)."""
     counts, configs = [], []
     for model in spec.models:
-        source = open_model(model)
+        source = loaded[model] if loaded is not None else open_model(model)
         try:
             counts.append(num_layers(source.config, source.keys()))
             configs.append(dict(source.config))
         finally:
-            close_sources([source])
+            if loaded is None:
+                close_sources([source])
     return counts, configs
 
 
-def make_space(spec: SearchSpec) -> Space:
-    """The genome layout of ``spec``: a parameter space over layer blocks, or a data-flow (layer path) space."""
-    counts, configs = layer_counts(spec)
+def make_space(spec: SearchSpec, loaded: Mapping[str, Source] | None = None) -> Space:
+    """The genome layout of ``spec``: a parameter space over layer blocks, or a data-flow (layer path) space
+    (the models' shapes from ``loaded`` sources when the caller holds them)."""
+    counts, configs = layer_counts(spec, loaded)
     if spec.space == "dataflow":
         check_sources(configs, spec.models)
         return DataflowSpace(counts, repeats=spec.dataflow.repeats, start=spec.dataflow.start)
@@ -61,9 +66,9 @@ class Evaluator:
     def __init__(self, spec: SearchSpec, extra_kinds: Mapping[str, str] | None = None, threads: int = 1):
         torch.set_num_threads(threads)
         self.spec = spec
-        self.space = make_space(spec)
         models = [*([spec.base_model] if spec.base_model else []), *spec.models]
         self.sources = load_in_memory(models)
+        self.space = make_space(spec, self.sources)
         self.fitness = Fitness(spec, extra_kinds)
 
     def merged(self, x: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

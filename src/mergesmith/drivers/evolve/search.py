@@ -72,33 +72,27 @@ def run_cma(
     x0: np.ndarray,
     sigma0: float,
     seed: int,
-    popsize: int | None,
-    budget: int,
+    popsize: int,
+    generations: int,
     evaluate: Evaluate,
     recorded: list[dict[str, Any]],
     save: Callable[[list[dict[str, Any]]], None],
     bounds: tuple[float, float] | None = (0.0, 1.0),
 ) -> list[dict[str, Any]]:
-    """CMA-ES for ``budget // popsize`` generations, maximizing the fitness ``evaluate`` returns for a generation
+    """CMA-ES for ``generations`` generations of ``popsize`` candidates, maximizing the fitness ``evaluate`` returns for a generation
     (``[{"fitness": float | None, ...}]``; None ranks last). The ``recorded`` generations are replayed, not
     evaluated; ``save`` receives the history after every generation. ``bounds``: each coordinate's box (pycma's
     boundary transformation), None for an unbounded genome (a data-flow space)."""
     import cma
 
     outer = np.random.get_state()
-    options: dict[str, Any] = {"seed": seed + 1, "verbose": -9}  # pycma's seed 0 would be the clock
+    # pycma's seed 0 would be the clock
+    options: dict[str, Any] = {"seed": seed + 1, "verbose": -9, "popsize": popsize}
     if bounds is not None:
         options["bounds"] = list(bounds)
-    if popsize is not None:
-        options["popsize"] = popsize
     es = cma.CMAEvolutionStrategy(list(map(float, x0)), sigma0, options)
     sampler = np.random.get_state()  # pycma draws from numpy's global generator: keep its own state apart
     np.random.set_state(outer)
-    generations = budget // es.popsize
-    if generations < 1:
-        raise RecipeError(
-            f"optimizer.budget {budget} is less than one generation ({es.popsize} candidates); raise the budget"
-        )
     history = list(recorded)
     for g in range(generations):
         outer = np.random.get_state()
@@ -164,9 +158,8 @@ def _write_json(path: Path, data: Any) -> None:
 def _read_history(out: Path, spec: SearchSpec, resume: bool) -> list[dict[str, Any]]:
     path = out / HISTORY
     if not path.exists():
-        if out.exists() and any(
-            p.name != SPEC for p in out.iterdir()
-        ):  # a search stopped before its first save
+        # a folder holding only search.yaml is a search stopped before its first generation was saved
+        if out.exists() and any(p.name != SPEC for p in out.iterdir()):
             raise MergeError(f"{out}: exists and is not a search folder; choose another output folder")
         return []
     if not resume:
@@ -280,7 +273,7 @@ def evolve(
             spec.optimizer.sigma0,
             spec.seed,
             popsize,
-            spec.optimizer.budget,
+            generations_total,
             evaluate,
             recorded,
             save,

@@ -40,11 +40,6 @@ class Coordinate:
     low: float
     high: float
 
-    def label(self, models: list[str]) -> str:
-        who = f"{models[self.model]}:" if self.model is not None else ""
-        where = f"[{self.filter}]" if self.filter else ""
-        return f"{who}{self.param}{where}@block{self.group}"
-
     def value(self, x: float) -> float:
         return self.low + min(max(x, 0.0), 1.0) * (self.high - self.low)
 
@@ -147,12 +142,6 @@ class ParameterSpace:
             value = start.get(c.param, (c.low + c.high) / 2)
             x0.append(0.5 if c.high == c.low else min(max((value - c.low) / (c.high - c.low), 0.0), 1.0))
         return np.asarray(x0, dtype=float)
-
-    def values(self, x: np.ndarray) -> dict[str, float]:
-        """Each coordinate's parameter value, by label (for the history)."""
-        return {
-            c.label(self.spec.models): c.value(float(v)) for c, v in zip(self.coordinates, x, strict=True)
-        }
 
     def recipe(self, x: np.ndarray) -> dict[str, Any]:
         """The plain recipe (a dict, as ``mergesmith merge`` reads it) that genome ``x`` stands for."""
