@@ -74,7 +74,7 @@ def test_top_p_selects_the_fewest_experts_reaching_p():
     probs = torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]])
     weights, index, counts = top_p_select(probs, 0.6, 3, renormalize=False)
     assert counts.tolist() == [2, 1]
-    assert index.tolist() == [[1, 2, 3], [0, 3, 3]]  # unused slots hold index E = 3
+    assert index.tolist() == [[1, 2, 1], [0, 0, 0]]  # unused slots repeat the top expert, at weight 0
     assert torch.equal(weights, torch.tensor([[0.5, 0.3, 0.0], [0.9, 0.0, 0.0]]))
     assert top_p_select(probs, 0.5, 3, False)[2].tolist() == [1, 1]  # ≥ p: 0.5 reaches 0.5
     assert top_p_select(probs, 0.0, 3, False)[2].tolist() == [1, 1]
@@ -84,11 +84,16 @@ def test_top_p_selects_the_fewest_experts_reaching_p():
     torch.testing.assert_close(renormalized[0], torch.tensor([0.625, 0.375, 0.0]))
 
 
+# every experts kernel transformers may pick: with an out-of-range index for unused slots, batched_mm indexes out
+# of bounds and grouped_mm returned uninitialised rows (NaN × 0) on CI's CPU
+@pytest.mark.parametrize("kernel", ["eager", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_top_p_near_zero_is_the_models_top_1_routing(family):
+def test_top_p_near_zero_is_the_models_top_1_routing(family, kernel):
     top1 = tiny_moe(family, experts_per_token=1)
     top2 = tiny_moe(family, experts_per_token=2)
     top2.load_state_dict(top1.state_dict())
+    for model in (top1, top2):
+        model.set_experts_implementation(kernel)
     data = batch((7, 7))
     with torch.no_grad():
         expected = top1(input_ids=data.input_ids).logits
@@ -96,7 +101,8 @@ def test_top_p_near_zero_is_the_models_top_1_routing(family):
             found = top2(input_ids=data.input_ids).logits
         assert routing.report().mean == 1.0
         default = top2(input_ids=data.input_ids).logits  # restored: top-2 again
-    torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    # fp32 rounding only: the weight-0 slots change the experts' matmul batch shapes, not the sum
+    torch.testing.assert_close(found, expected)
     assert not torch.allclose(default, expected)
 
 

@@ -145,8 +145,9 @@ def top_p_select(
     probs: torch.Tensor, p: float, max_experts: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of ``probs`` ``[T, E]``: ``(weights [T, m], indices [T, m], counts [T])`` with m = ``max_experts``:
-    the fewest experts whose probabilities sum to ≥ p (at most m), largest first; unused slots get index E (which
-    transformers' expert loops skip) and weight 0."""
+    the fewest experts whose probabilities sum to ≥ p (at most m), largest first; unused slots repeat the row's
+    top expert with weight 0. Not the out-of-range index E: transformers' default ``grouped_mm`` experts kernel
+    leaves the output rows of such indices uninitialised, and garbage × 0 can be NaN (seen on CI's CPU)."""
     count_experts = probs.shape[-1]
     m = min(max_experts, count_experts)
     top, index = probs.sort(dim=-1, descending=True)
@@ -160,7 +161,7 @@ def top_p_select(
     weights = torch.where(keep, top, torch.zeros_like(top))
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, torch.where(keep, index, torch.full_like(index, count_experts)), counts
+    return weights, torch.where(keep, index, index[:, :1]), counts
 
 
 @dataclass
