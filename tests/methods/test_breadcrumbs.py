@@ -10,6 +10,7 @@ from mergekit.sparsify import magnitude_outliers
 
 from mergesmith.methods import get_method
 from mergesmith.methods.base import resolve_method_params
+from mergesmith.methods.breadcrumbs import band_mask
 from mergesmith.ops.stream import TensorContext, TensorInputs
 
 
@@ -35,6 +36,28 @@ def test_defaults_and_compat():
     assert (mk["density"], mk["gamma"]) == ([1.0], [0.01])
     ties = resolve_method_params(get_method("breadcrumbs_ties"), {}, [{}], compat="mergekit")
     assert (ties["disjoint"], ties["sign_zero"]) == ("sum", "positive")
+
+
+def sorted_band(magnitudes, top, stop):
+    """The reference: ranks [top, stop) of a stable descending sort of each row."""
+    mask = torch.zeros_like(magnitudes, dtype=torch.bool)
+    order = torch.sort(magnitudes, dim=-1, descending=True, stable=True).indices
+    return mask.scatter_(-1, order[..., top:stop], True)
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_band_mask_is_the_stable_sorts_band(values):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.rand(5, 200, generator=g) if values == "distinct" else torch.randint(0, 4, (5, 200), generator=g)
+    rows = rows.float()
+    n = rows.shape[-1]
+    for density in (0.0, 0.05, 0.15, 0.5, 0.99, 1.0):
+        for gamma in (0.0, 0.01, 0.1, 0.6):
+            for counts in ("mergekit", "official"):
+                keep, top = int(density * n), int(gamma * n)
+                top = min(top, n - keep) if counts == "mergekit" else top
+                expected = sorted_band(rows, top, min(n, top + keep))
+                assert torch.equal(band_mask(rows, density, gamma, counts), expected), (density, gamma, counts)
 
 
 def test_band_equation():

@@ -62,11 +62,25 @@ def band_mask(
     if counts == "mergekit":
         top = min(top, n - keep)
     stop = min(n, top + keep)
-    mask = torch.zeros_like(magnitudes, dtype=torch.bool)
-    if stop > top:
-        order = torch.sort(magnitudes, dim=-1, descending=True, stable=True).indices
-        mask.scatter_(-1, order[..., top:stop], True)
-    return mask
+    if stop <= top:
+        return torch.zeros_like(magnitudes, dtype=torch.bool)
+    return leading(magnitudes, stop) & ~leading(magnitudes, top)
+
+
+def leading(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` entries of each row of ``[R, n]`` in descending order, ties broken by position (what a stable
+    descending sort puts first), as a mask. By the k-th largest value and a count of its ties, not a sort: a stable
+    sort of a 28M-entry embedding matrix takes seconds per expert, the selection a tenth of that."""
+    n = values.shape[-1]
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(values, dtype=torch.bool)
+    threshold = values.kthvalue(n - k + 1, dim=-1, keepdim=True).values
+    above = values > threshold
+    tied = values == threshold
+    wanted = k - above.sum(dim=-1, keepdim=True)  # how many of the tied entries, first by position
+    return above | (tied & (tied.cumsum(dim=-1, dtype=torch.int32) <= wanted))
 
 
 def breadcrumbs_sparsify(
