@@ -7,7 +7,9 @@ import logging
 import signal
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from mergesmith.dtypes import DTYPE_NAMES
 from mergesmith.errors import MergeError
@@ -604,7 +606,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(align_markdown(results))
         return 0
     if args.zoo == "llm":  # the LLM zoo is a BENCH.yaml suite: its results go to <out>/llm.*
-        from mergesmith.bench.zoo.llm import build_llm_zoo
+        from mergesmith.bench.zoo.llm import LLMZoo, build_llm_zoo, multitask_outcomes
 
         if args.checks or args.report:
             raise MergeError("--checks and --report go with the text8 zoo; the llm zoo takes --data")
@@ -612,7 +614,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.bench_file = str(root / "BENCH.yaml")
         args.name = args.name or ("llm-quick" if args.quick else "llm")
         args.quick = False
-        return _bench_suite(args, out=Path(args.out))
+        # the multi-task fine-tune as a reference row, from the hits the zoo's build keeps
+        multitask = multitask_outcomes(LLMZoo(root))
+        return _bench_suite(args, out=Path(args.out), references={"multitask": multitask})
     args.seeds = 3 if args.seeds is None else args.seeds
 
     if args.report:  # only join finished runs and write the reports
@@ -684,10 +688,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_suite(args: argparse.Namespace, out: Path | None = None) -> int:
+def _bench_suite(
+    args: argparse.Namespace, out: Path | None = None, references: Mapping[str, Any] | None = None
+) -> int:
     """``mergesmith bench BENCH.yaml``: the data-free benchmark on the user's own base and experts (``--data``:
     the data-driven rows, added to its results); finished rows are kept in <out>/runs/ so that a stopped run
-    resumes."""
+    resumes. ``references``: extra reference rows' test outcomes (:meth:`Suite.add_reference`)."""
     import json
     from pathlib import Path
 
@@ -697,6 +703,8 @@ def _bench_suite(args: argparse.Namespace, out: Path | None = None) -> int:
     if args.checks or args.report or args.quick:
         raise MergeError("--checks, --report and --quick go with the built-in zoo, not a BENCH.yaml")
     suite = Suite(args.bench_file)
+    for reference, outcomes in (references or {}).items():
+        suite.add_reference(reference, outcomes)
     if out is None:
         out = Path(args.out) if args.out != BENCH_OUT_DEFAULT else suite.out
     name = args.name or suite.name

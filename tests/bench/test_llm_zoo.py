@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergesmith.bench.suite import Suite, backbone, folder_tensors
 from mergesmith.bench.zoo import llm_data
 from mergesmith.bench.zoo.llm import (
     Encoded,
@@ -17,9 +18,10 @@ from mergesmith.bench.zoo.llm import (
     answer_losses,
     build_llm_zoo,
     encode_examples,
+    multitask_outcomes,
 )
 from mergesmith.bench.zoo.llm_data import Example
-from mergesmith.errors import MergeError
+from mergesmith.errors import MergeError, RecipeError
 from mergesmith.fit.evaluate import normalize_answer
 from mergesmith.fit.hf import load_causal_lm, load_tokenizer
 from tests.helpers import load_tensors
@@ -532,3 +534,21 @@ def test_the_llm_evolve_bench_runs_every_row_on_a_tiny_zoo(tiny_zoo, tmp_path):
     assert rows["DFS"]["layers"] >= 1
     assert "| PS + DFS |" in llm_markdown(report, ["arithmetic", "json"])
     assert (tmp_path / "evolve-llm.json").exists()
+
+
+def test_the_multitask_reference_row_is_the_suites_score_of_the_multitask_model(tiny_zoo):
+    """The LLM table's multi-task row comes from the hits the build keeps; they must be what the suite scores
+    for that model (its backbone under each skill's head, as merges are scored), prompt by prompt; a row that
+    does not fit the suite is refused in one line."""
+    suite = Suite(tiny_zoo / "BENCH.yaml", progress=False)
+    kept = multitask_outcomes(LLMZoo(tiny_zoo))
+    scored = suite.outcomes(backbone(folder_tensors(tiny_zoo / "multitask"), suite.arch_prefix), "test")
+    assert kept.keys() == scored.keys()
+    for skill in kept:
+        assert torch.equal(kept[skill], scored[skill].bool())
+    with pytest.raises(RecipeError, match="reference row 'finetuned' is the suite's own"):
+        suite.add_reference("finetuned", kept)
+    with pytest.raises(RecipeError, match="scores tasks"):
+        suite.add_reference("other", {"json": kept["json"]})
+    with pytest.raises(RecipeError, match="test outcomes"):
+        suite.add_reference("other", {s: v[:3] for s, v in kept.items()})

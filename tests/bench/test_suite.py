@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import save_file
 
 from mergesmith.bench.suite import Suite, backbone, folder_tensors
+from mergesmith.bench.zoo.bench import markdown_table, reference_rows
 from mergesmith.cli import main
 from mergesmith.errors import RecipeError
 from mergesmith.fit.evaluate import ClassificationTask, PerplexityTask, load_exact_match, normalize_answer
@@ -489,3 +490,18 @@ def test_a_limit_cuts_exact_match_splits_too(llama_suite):
     assert torch.equal(cut["cls"], full["cls"][:3])
     with pytest.raises(RecipeError, match="task 'cls' classifies with the expert's head"):
         suite.module_outcomes(torch.nn.Linear(1, 1), "val")
+
+
+def test_an_added_reference_row_is_shown_and_bootstrapped_like_the_suites_own(llama_suite):
+    """A reference row scored elsewhere (the LLM zoo's multi-task model) joins the zero-shot and fine-tuned rows:
+    one that equals the fine-tuned outcomes normalizes to 1 with the same interval."""
+    suite = Suite(llama_suite, progress=False)
+    finetuned = suite.reference_outcomes()["finetuned"]
+    suite.add_reference("multitask", finetuned)
+    rows = reference_rows(suite)
+    assert list(rows) == ["zeroshot", "finetuned", "multitask"]
+    assert rows["multitask"]["normalized"] == pytest.approx(1.0)
+    results = {"tasks": suite.tasks, "kinds": suite.kinds, "reference": rows, "methods": {}}
+    table = markdown_table(results)
+    assert rows["multitask"]["ci"] == rows["finetuned"]["ci"]
+    assert "| multi-task | — |" in table

@@ -48,7 +48,11 @@ def sorted_band(magnitudes, top, stop):
 @pytest.mark.parametrize("values", ["distinct", "ties"])
 def test_band_mask_is_the_stable_sorts_band(values):
     g = torch.Generator().manual_seed(0)
-    rows = torch.rand(5, 200, generator=g) if values == "distinct" else torch.randint(0, 4, (5, 200), generator=g)
+    rows = (
+        torch.rand(5, 200, generator=g)
+        if values == "distinct"
+        else torch.randint(0, 4, (5, 200), generator=g)
+    )
     rows = rows.float()
     n = rows.shape[-1]
     for density in (0.0, 0.05, 0.15, 0.5, 0.99, 1.0):
@@ -57,7 +61,11 @@ def test_band_mask_is_the_stable_sorts_band(values):
                 keep, top = int(density * n), int(gamma * n)
                 top = min(top, n - keep) if counts == "mergekit" else top
                 expected = sorted_band(rows, top, min(n, top + keep))
-                assert torch.equal(band_mask(rows, density, gamma, counts), expected), (density, gamma, counts)
+                assert torch.equal(band_mask(rows, density, gamma, counts), expected), (
+                    density,
+                    gamma,
+                    counts,
+                )
 
 
 def test_band_equation():

@@ -252,6 +252,7 @@ class Suite:
         self.generative = any(task.spec.metric == "exact_match" for task in self._tasks.values())
         self._base = self._base_backbone()
         self.identity = {"fingerprint": self._fingerprint()}
+        self._extra_references: dict[str, dict[str, torch.Tensor]] = {}
 
     def _resolve(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -538,7 +539,27 @@ class Suite:
                     )
             return rows
 
-        return cached_outcomes(self.out / "runs" / f"{self.name}.reference.json", self.identity, compute)
+        rows = cached_outcomes(self.out / "runs" / f"{self.name}.reference.json", self.identity, compute)
+        return rows | self._extra_references
+
+    def add_reference(self, name: str, outcomes: Mapping[str, torch.Tensor]) -> None:
+        """A reference row scored elsewhere on this suite's test data, in its order (the LLM zoo's multi-task
+        fine-tune, whose outcomes the zoo's build keeps): shown and bootstrapped like the zero-shot row."""
+        if name in ("zeroshot", "finetuned"):
+            raise RecipeError(f"{self.path}: reference row '{name}' is the suite's own; choose another name")
+        if set(outcomes) != set(self.tasks):
+            raise RecipeError(
+                f"{self.path}: reference row '{name}' scores tasks {sorted(outcomes)}, the suite has {self.tasks}"
+            )
+        for task, values in outcomes.items():
+            split = self._tasks[task].splits["test"]
+            size = len(split.prompts) if hasattr(split, "prompts") else len(getattr(split, "data", values))
+            if values.shape != (size,):  # perplexity windows are counted when scored: not checked here
+                raise RecipeError(
+                    f"{self.path}: reference row '{name}': task '{task}' has {len(values)} test outcomes, the "
+                    f"suite's test split {size}"
+                )
+        self._extra_references[name] = dict(outcomes)
 
 
 def check_methods(methods: Sequence[str] | None, known: Mapping[str, Any], where: Path) -> None:

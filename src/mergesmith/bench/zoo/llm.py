@@ -456,6 +456,22 @@ def write_bench_yaml(root: Path, config: LLMZooConfig) -> Path:
 def reference_scores(zoo: LLMZoo, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """The reference rows on the test split — the base, each expert, the multi-task model — each cached in
     ``evals/<row>.json`` with its per-example outcomes; returns exact match and loss per row and skill."""
+    return {
+        row: {s: {"exact_match": v["exact_match"], "loss": v["loss"]} for s, v in scores.items()}
+        for row, scores in _reference_evaluations(zoo, progress).items()
+    }
+
+
+def multitask_outcomes(zoo: LLMZoo) -> dict[str, torch.Tensor]:
+    """The multi-task model's per-prompt exact-match hits on each skill's test split (in the file's order, as
+    ``mergesmith bench --zoo llm`` scores merges): its reference row in the LLM table."""
+    scores = _reference_evaluations(zoo, progress=False)["multitask"]
+    return {s: torch.tensor(scores[s]["hits"], dtype=torch.bool) for s in zoo.skills}
+
+
+def _reference_evaluations(zoo: LLMZoo, progress: bool) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each reference row's evaluation per skill (exact match, loss, hits), read from its cache when its model
+    and the test prompts are unchanged, else evaluated and cached."""
     rows = {
         "base": zoo.base,
         **{f"expert:{s}": zoo.expert(s) for s in zoo.skills},
@@ -474,7 +490,7 @@ def reference_scores(zoo: LLMZoo, progress: bool = True) -> dict[str, dict[str, 
             scores = zoo.evaluate(load_causal_lm(folder))
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"stamp": stamp, "skills": scores}) + "\n")
-        out[row] = {s: {"exact_match": v["exact_match"], "loss": v["loss"]} for s, v in scores.items()}
+        out[row] = scores
     return out
 
 
