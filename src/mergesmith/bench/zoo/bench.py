@@ -548,7 +548,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xticks(list(x), methods, rotation=35, ha="right")
     ax.set_ylabel("normalized accuracy (%), 95 % CI")
     ax.set_title(f"{results['zoo']}: merging {len(results['tasks'])} experts (test split)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
