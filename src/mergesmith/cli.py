@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import textwrap
@@ -681,6 +682,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         checkpoint=Path(args.out) / f"{name}.partial.json",
         search=not args.no_search,
     )
+    results["command"] = getattr(args, "command_line", None)
     paths = write_reports(results, Path(args.out), name)
     (Path(args.out) / f"{name}.partial.json").unlink(missing_ok=True)
     print(markdown_table(results))
@@ -753,6 +755,7 @@ def _bench_suite(
         checkpoint=out / "runs" / f"{name}.partial.json",
         search=not args.no_search,
     )
+    results["command"] = getattr(args, "command_line", None)
     paths = write_reports(results, out, name)
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -1362,6 +1365,7 @@ def main(argv: list[str] | None = None) -> int:
     ):  # `moe CONFIG OUT` shares the command's name
         argv = [f"moe-{argv[1]}", *argv[2:]]
     args = build_parser().parse_args(argv)
+    args.command_line = "mergesmith " + shlex.join(argv)  # what the benchmark reports say made them
     previous = signal.signal(signal.SIGTERM, _terminate)
     # the library's notices (logger "mergesmith") as plain lines on stderr
     notices = logging.StreamHandler(sys.stderr)

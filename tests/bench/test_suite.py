@@ -204,6 +204,8 @@ def test_bert_suite_end_to_end(bert_suite, capsys):
     # intervals and the table
     assert linear["ci"]["low"] <= linear["normalized"] <= linear["ci"]["high"]
     table = (root / "out" / "tiny-bert.md").read_text()
+    first = table.splitlines()[0]  # the command that made the report
+    assert first.startswith("# Benchmark `tiny-bert`: `mergesmith bench ") and str(bert_suite) in first
     assert "norm. avg [95 % CI]" in table and "`task_arithmetic`" in table and "vs TA" in table
     assert (root / "out" / "tiny-bert.png").stat().st_size > 1000
 

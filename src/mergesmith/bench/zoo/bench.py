@@ -588,8 +588,11 @@ def write_reports(results: dict[str, Any], out_dir: Path, name: str) -> dict[str
     add_intervals(results)  # the JSON keeps every row's interval and paired difference too
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
     table = markdown_table(results)
+    if results.get("command"):
+        table = f"# Benchmark `{results['zoo']}`: `{results['command']}`\n\n" + table
     if results.get("claims"):
         table += "\n## The papers' claims, checked (paired bootstrap vs the second row)\n\n"
+        table += f"`python -m mergesmith.bench.zoo.claims {paths['json']}`\n\n"
         table += claims_markdown(results["claims"])
     paths["md"].write_text(table)
     plot(results, paths["png"])
