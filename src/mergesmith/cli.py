@@ -682,7 +682,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         checkpoint=Path(args.out) / f"{name}.partial.json",
         search=not args.no_search,
     )
-    results["command"] = getattr(args, "command_line", None)
+    results["command"] = args.command_line
     paths = write_reports(results, Path(args.out), name)
     (Path(args.out) / f"{name}.partial.json").unlink(missing_ok=True)
     print(markdown_table(results))
@@ -755,7 +755,7 @@ def _bench_suite(
         checkpoint=out / "runs" / f"{name}.partial.json",
         search=not args.no_search,
     )
-    results["command"] = getattr(args, "command_line", None)
+    results["command"] = args.command_line
     paths = write_reports(results, out, name)
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

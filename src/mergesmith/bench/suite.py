@@ -552,9 +552,17 @@ class Suite:
                 f"{self.path}: reference row '{name}' scores tasks {sorted(outcomes)}, the suite has {self.tasks}"
             )
         for task, values in outcomes.items():
-            split = self._tasks[task].splits["test"]
-            size = len(split.prompts) if hasattr(split, "prompts") else len(getattr(split, "data", values))
-            if values.shape != (size,):  # perplexity windows are counted when scored: not checked here
+            owner = self._tasks[task]
+            split, metric = owner.splits["test"], owner.spec.metric
+            # perplexity windows are only counted when scored: their number is not checked here
+            size = (
+                len(split.prompts)
+                if metric == "exact_match"
+                else len(split.data)
+                if metric == "accuracy"
+                else None
+            )
+            if size is not None and values.shape != (size,):
                 raise RecipeError(
                     f"{self.path}: reference row '{name}': task '{task}' has {len(values)} test outcomes, the "
                     f"suite's test split {size}"

@@ -79,10 +79,10 @@ def run_cma(
     save: Callable[[list[dict[str, Any]]], None],
     bounds: tuple[float, float] | None = (0.0, 1.0),
 ) -> list[dict[str, Any]]:
-    """CMA-ES for ``generations`` generations of ``popsize`` candidates, maximizing the fitness ``evaluate`` returns for a generation
-    (``[{"fitness": float | None, ...}]``; None ranks last). The ``recorded`` generations are replayed, not
-    evaluated; ``save`` receives the history after every generation. ``bounds``: each coordinate's box (pycma's
-    boundary transformation), None for an unbounded genome (a data-flow space)."""
+    """CMA-ES for ``generations`` generations of ``popsize`` candidates, maximizing the fitness ``evaluate``
+    returns for a generation (``[{"fitness": float | None, ...}]``; None ranks last). The ``recorded`` generations
+    are replayed, not evaluated; ``save`` receives the history after every generation. ``bounds``: each
+    coordinate's box (pycma's boundary transformation), None for an unbounded genome (a data-flow space)."""
     import cma
 
     outer = np.random.get_state()
