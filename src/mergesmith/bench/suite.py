@@ -554,15 +554,13 @@ class Suite:
         for task, values in outcomes.items():
             owner = self._tasks[task]
             split, metric = owner.splits["test"], owner.spec.metric
-            # perplexity windows are only counted when scored: their number is not checked here
-            size = (
-                len(split.prompts)
-                if metric == "exact_match"
-                else len(split.data)
-                if metric == "accuracy"
-                else None
-            )
-            if size is not None and values.shape != (size,):
+            if metric == "exact_match":
+                size = len(split.prompts)
+            elif metric == "accuracy":
+                size = len(split.data)
+            else:  # perplexity windows are only counted when scored: their number is not checked here
+                continue
+            if values.shape != (size,):
                 raise RecipeError(
                     f"{self.path}: reference row '{name}': task '{task}' has {len(values)} test outcomes, the "
                     f"suite's test split {size}"
