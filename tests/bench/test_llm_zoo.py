@@ -448,7 +448,7 @@ def test_single_expert_rows_and_the_llm_claims(tiny_zoo):
     """Task arithmetic at λ = 1 on each expert alone is that expert (the row scores exactly the fine-tuned
     accuracy); the LLM claims are checked on the rows they name."""
     from mergesmith.bench.suite import Suite
-    from mergesmith.bench.zoo.bench import Bench, run_bench
+    from mergesmith.bench.zoo.bench import Bench, markdown_table, run_bench
     from mergesmith.bench.zoo.claims import LLM_CLAIMS, check_claims, extra_rows
 
     suite = Suite(self_scoring_suite(tiny_zoo))
@@ -456,6 +456,7 @@ def test_single_expert_rows_and_the_llm_claims(tiny_zoo):
     row = bench.single_expert_row("task_arithmetic", {"lambda": 1.0}, 1)
     assert row["accuracy"] == pytest.approx(bench.finetuned)
     results = run_bench(suite, methods=["task_arithmetic", "ties"], seeds=1, progress=False, search=False)
+    assert "| zero-shot (base) |" in markdown_table(results)  # no heads: a causal LM answers by itself
     results["zoo"] = "llm-tiny"
     results["claim_rows"] = extra_rows(suite, results, seeds=1)
     assert set(results["claim_rows"]) == {"dare_single_p0.9"}

@@ -250,6 +250,8 @@ class Suite:
         self.kinds = {t: task.kind for t, task in self._tasks.items()}
         # prompt/answer tasks: the data-driven fits predict a causal LM's next token (databench.for_suite)
         self.generative = any(task.spec.metric == "exact_match" for task in self._tasks.values())
+        # classification tasks score the base with each expert's head: the zero-shot row's name says so
+        self.heads = any(task.spec.metric == "accuracy" for task in self._tasks.values())
         self._base = self._base_backbone()
         self.identity = {"fingerprint": self._fingerprint()}
         self._extra_references: dict[str, dict[str, torch.Tensor]] = {}

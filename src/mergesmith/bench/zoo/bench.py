@@ -346,6 +346,7 @@ def run_bench(
         "zoo": zoo.name,
         "tasks": zoo.tasks,
         "kinds": zoo.kinds,
+        "heads": getattr(zoo, "heads", True),  # the built-in zoo classifies with heads
         "seeds": seeds,
         "val_limit": val_limit,
         "search": search,
@@ -360,8 +361,10 @@ def run_bench(
             results["methods"] = saved.get("methods", {})
     chosen = [row_spec(m) for m in (methods or BENCH_METHODS)]
     todo = [spec for spec in chosen if spec.name not in results["methods"]]
-    total = sum(len(m.search) for m in todo) if search else 0
-    bar = tqdm(total=total, desc="validation grid", unit="setting", disable=not progress or not search)
+    # the bar counts validation settings when searching, else the rows tested (the demo's only long step)
+    total = sum(len(m.search) for m in todo) if search else len(todo)
+    desc, unit = ("validation grid", "setting") if search else ("test rows", "row")
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress)
     for spec in todo:
         method_start = time.perf_counter()
         scores = []
@@ -389,6 +392,9 @@ def run_bench(
         else:  # the default won (or no search): same setting, same numbers
             entry["best"] = entry["default"]
         entry["seconds"] = round(time.perf_counter() - method_start, 1)
+        if not search:
+            bar.update(1)
+            bar.set_postfix_str(spec.name)
         results["methods"][spec.name] = entry
         if checkpoint is not None:  # a long run keeps what it has finished
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -477,7 +483,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     head = ["method", "setting", *names, "avg", "norm. avg [95 % CI]", "vs TA"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, row in results["reference"].items():
-        lines.append(table_row(REFERENCE_NAMES[key], "—", row, tasks, kinds))
+        name = (
+            "zero-shot (base)"
+            if key == "zeroshot" and not results.get("heads", True)
+            else REFERENCE_NAMES[key]
+        )
+        lines.append(table_row(name, "—", row, tasks, kinds))
     for method, entry in results["methods"].items():
         settings = [("default", entry["default"])]
         if entry["best"]["params"] != entry["default"]["params"]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from mergesmith.bench.suite import Suite
 from mergesmith.bench.zoo.bench import run_bench
 from mergesmith.bench.zoo.demo import report
-from mergesmith.bench.zoo.llm import LLMZoo, build_llm_zoo, reference_table
+from mergesmith.bench.zoo.llm import LLMZoo, build_llm_zoo, multitask_outcomes, reference_table
 
 DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties@mergekit", "tsv")
 
@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print("1/2 building the quick LLM zoo (SmolLM2-135M; cached after the first run) ...", flush=True)
     root = build_llm_zoo(quick=True)
-    print(reference_table(LLMZoo(root)))
+    zoo = LLMZoo(root)
+    print(reference_table(zoo))
     suite = Suite(root / "BENCH.yaml")
+    suite.add_reference("multitask", multitask_outcomes(zoo))  # the ceiling a merge is compared with
     print(
         f"2/2 merging the {len(suite.tasks)} experts with {', '.join(args.methods)} and evaluating ...",
         flush=True,
