@@ -413,8 +413,44 @@ def test_next_token_logits_are_the_lms_at_each_prompts_last_token(tiny_zoo):
         )
 
 
+def test_answer_sequences_give_the_answers_log_likelihood_and_its_empirical_fisher(tiny_zoo):
+    """encode_answers' targets are the answer's tokens after the prompt; answer_log_likelihood equals minus the
+    LM's own answer loss × answer length; the empirical Fisher on them is the mean of per-example squared
+    gradients of that log-likelihood, computed here with plain backward passes."""
+    from mergesmith.fit.data import encode_answers
+    from mergesmith.fit.fisher import diagonal_fisher
+    from mergesmith.fit.task import TaskModel
+
+    zoo = LLMZoo(tiny_zoo)
+    module, tokenizer = load_causal_lm(zoo.expert("json")), zoo.tokenizer()
+    examples = zoo.split("json", "train")[:3]
+    data = encode_answers(tokenizer, [e.prompt for e in examples], [e.answer for e in examples], 64)
+    model = TaskModel(module, next_token=True)
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    module.requires_grad_(True)  # the reference gradients below come from plain backward passes
+    log_likelihood = model.answer_log_likelihood(data, params)
+    expected_fisher = {n: torch.zeros_like(p) for n, p in module.named_parameters()}
+    for row, example in enumerate(examples):
+        prompt = tokenizer(example.prompt)["input_ids"][-64:]
+        answer = tokenizer(" " + example.answer.strip(), add_special_tokens=False)["input_ids"]
+        length = int(data.attention_mask[row].sum())
+        assert data.input_ids[row, :length].tolist() == prompt + answer
+        assert data.labels[row][data.labels[row] >= 0].tolist() == answer
+        ids = torch.tensor([prompt + answer])
+        labels = torch.tensor([[-100] * len(prompt) + answer])
+        module.zero_grad()
+        loss = module(input_ids=ids, labels=labels).loss  # mean over the answer tokens
+        (-loss * len(answer)).backward()
+        for n, p in module.named_parameters():
+            expected_fisher[n] += p.grad.square() / len(examples)
+        torch.testing.assert_close(log_likelihood[row], -loss.detach() * len(answer), rtol=1e-5, atol=1e-5)
+    fisher = diagonal_fisher(model, params, data, "empirical", chunk_size=2).fisher
+    for n, expected in expected_fisher.items():
+        torch.testing.assert_close(fisher[n], expected, rtol=1e-4, atol=1e-10)
+
+
 def test_data_rows_on_llm_tasks(tiny_zoo, tmp_path, capsys):
-    """Fisher and RegMean (first answer token, training prompts) and AdaMerging (unlabeled test prompts) run on
+    """Fisher (training prompts + answers), RegMean (training prompts) and AdaMerging (unlabeled test prompts) run on
     prompt/answer tasks; Fisher and RegMean merges of one expert given twice score exactly that expert."""
     import yaml
 

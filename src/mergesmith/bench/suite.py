@@ -75,7 +75,7 @@ from safetensors import safe_open
 from mergesmith.bench.confidence import ACCURACY, LOSS, cached_outcomes
 from mergesmith.errors import CheckpointError, RecipeError
 from mergesmith.fit import evaluate as ev
-from mergesmith.fit.data import Encoded, encode, encode_prompts
+from mergesmith.fit.data import Encoded, encode, encode_answers, encode_prompts
 from mergesmith.fit.hf import load_causal_lm, load_classifier, load_encoder, load_tokenizer
 from mergesmith.fit.task import Task, TaskModel
 from mergesmith.recipe.data import MAX_LENGTH, DataSpec, read_examples
@@ -83,6 +83,8 @@ from mergesmith.recipe.data import MAX_LENGTH, DataSpec, read_examples
 MIN_TEST = 20  # test examples (windows for perplexity) a task needs for an interval that means something
 MIN_VAL = 5  # validation examples the grids need
 METRICS = ("accuracy", "exact_match", "perplexity")
+# a prompt/answer task's training split as prompt + answer sequences (the empirical Fisher of the whole answer)
+ANSWERS = "train_answers"
 
 
 class TaskSpec(BaseModel):
@@ -287,7 +289,9 @@ class Suite:
             }
             if spec.metric == "exact_match":
                 given = ("train", "val", "test") if spec.train is not None else ("val", "test")
-                fit_data = {split: self._prompts(where, split, spec, tokenizer, module) for split in given}
+                fit_data = {split: self._prompts(split, spec, tokenizer, module) for split in given}
+                if spec.train is not None:  # the empirical Fisher's: the training answers after their prompts
+                    fit_data[ANSWERS] = self._prompts("train", spec, tokenizer, module, answers=True)
         self.arch_prefix = getattr(module, "base_model_prefix", "")
         tensors = backbone(folder_tensors(folder), self.arch_prefix)
         names = frozenset(module.state_dict())
@@ -381,13 +385,15 @@ class Suite:
         )
 
     def _prompts(
-        self, where: str, split: str, spec: TaskSpec, tokenizer: Any, module: torch.nn.Module
+        self, split: str, spec: TaskSpec, tokenizer: Any, module: torch.nn.Module, answers: bool = False
     ) -> Encoded:
-        """A prompt/answer split as the data-driven fits read it: each prompt, its first answer token as label."""
+        """A prompt/answer split as the data-driven fits read it: each prompt, its first answer token as label
+        (``answers``: each prompt followed by its answer, per-position labels)."""
         file = self._resolve(getattr(spec, split))
-        prompts, answers = ev.read_prompts(file, spec.prompt_column, spec.answer_column)
+        prompts, replies = ev.read_prompts(file, spec.prompt_column, spec.answer_column)
         context = min(ev.model_context(module) or ev.MAX_WINDOW, ev.MAX_WINDOW)
-        return encode_prompts(tokenizer, prompts, answers, context - spec.max_new_tokens)
+        encode = encode_answers if answers else encode_prompts
+        return encode(tokenizer, prompts, replies, context - spec.max_new_tokens)
 
     @staticmethod
     def _check_size(where: str, split: str, file: Path, n: int, unit: str = "examples") -> None:
@@ -465,7 +471,7 @@ class Suite:
                     "leave twin out with data_methods:"
                 )
             available = task.fit_data if task.spec.metric == "exact_match" else task.splits
-            if "train" in splits and "train" not in available:
+            if {"train", ANSWERS} & set(splits) and "train" not in available:
                 raise RecipeError(
                     f"{self.path}: tasks.{name}: Fisher, RegMean and Twin-Merging fit on labeled training "
                     "texts; add train: FILE (JSONL or CSV, the task's columns), or leave those rows out with "

@@ -14,7 +14,9 @@ from mergesmith.recipe.data import MAX_LENGTH, DataSpec, Examples, read_examples
 
 @dataclass
 class Encoded:
-    """A tokenized split: input ids and attention mask (padded to the longest example), and labels."""
+    """A tokenized split: input ids and attention mask (padded to the longest example), and labels: one per
+    example (a class, or a causal LM's first answer token), or one per position (``encode_answers``: the next
+    token where it belongs to the answer, -1 elsewhere)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -26,7 +28,10 @@ class Encoded:
     def batch(self, index: torch.Tensor | slice) -> Encoded:
         mask = self.attention_mask[index]
         width = int(mask.sum(1).max()) if len(mask) else 1  # trim padding to this batch's longest example
-        return Encoded(self.input_ids[index][:, :width], mask[:, :width], self.labels[index])
+        labels = self.labels[index]
+        if labels.dim() == 2:  # per-position targets are trimmed with their positions
+            labels = labels[:, :width]
+        return Encoded(self.input_ids[index][:, :width], mask[:, :width], labels)
 
 
 def encode(
@@ -45,18 +50,49 @@ def encode_prompts(
     match encodes them."""
     ids = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
     labels = (
-        [tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"][0] for a in answers]
+        [tokens[0] for tokens in answer_tokens(tokenizer, answers)]
         if answers is not None
         else [-1] * len(ids)
     )
-    width = max((len(i) for i in ids), default=1)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids = torch.full((len(ids), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, tokens in enumerate(ids):
-        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, : len(tokens)] = 1
+    input_ids, mask = right_pad(ids, tokenizer)
     return Encoded(input_ids, mask, torch.tensor(labels, dtype=torch.long))
+
+
+def encode_answers(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], max_length: int = MAX_LENGTH
+) -> Encoded:
+    """Prompt + answer sequences for a causal LM's labeled fits (the empirical Fisher of the whole answer): each
+    prompt (its last ``max_length`` tokens, as :func:`encode_prompts`) followed by `` answer``'s tokens, right
+    padded, and per-position targets: ``labels[n, j]`` is the token at j + 1 where that token belongs to the
+    answer, -1 elsewhere — so Σ_j log softmax(logits[n, j])[labels[n, j]] is log p(answer | prompt)."""
+    rows, targets = [], []
+    for prompt, answer in zip(prompts, answer_tokens(tokenizer, answers), strict=True):
+        ids = tokenizer(prompt)["input_ids"][-max_length:]
+        rows.append(ids + answer)
+        targets.append([-1] * (len(ids) - 1) + answer + [-1])
+    input_ids, mask = right_pad(rows, tokenizer)
+    labels = torch.full_like(input_ids, -1)
+    for row, target in enumerate(targets):
+        labels[row, : len(target)] = torch.tensor(target, dtype=torch.long)
+    return Encoded(input_ids, mask, labels)
+
+
+def answer_tokens(tokenizer: Any, answers: Sequence[str]) -> list[list[int]]:
+    """`` answer``'s tokens (no special tokens): what the model generates after the prompt."""
+    return [tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"] for a in answers]
+
+
+def right_pad(rows: Sequence[Sequence[int]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded to the longest (the tokenizer's pad token, else its end of sequence) and their
+    attention mask."""
+    width = max((len(r) for r in rows), default=1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        input_ids[row, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return input_ids, mask
 
 
 def encode_examples(examples: Examples, tokenizer: Any, max_length: int = MAX_LENGTH) -> Encoded:

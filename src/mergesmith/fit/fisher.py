@@ -9,7 +9,9 @@ Three estimators (``estimator``):
   control flow, which vmap cannot trace), so for them the examples run one by one (still exact, the classes
   still vectorised). ``FisherDiagonal.per_example`` says which path ran.
 - ``empirical``: F = (1/N) Σ_n (∇_θ log p(y_n|x_n))² with the true labels y_n (a different estimator, the paper
-  warns; the RegMean repo's ``emp_fisher``).
+  warns; the RegMean repo's ``emp_fisher``). For a causal LM given prompt + answer sequences (per-position labels,
+  :func:`mergesmith.fit.data.encode_answers`), y_n is the whole answer: log p(a|x) = Σ_t log p(a_t | x, a_<t), the
+  sequence log-likelihood whose gradient fine-tuning followed (MergeLM's LLM Fisher takes the training loss's).
 - ``batch``: the fast approximation of MergeLM and FusionBench (``fisher_merging``): per batch B of
   ``chunk_size`` examples, g_B = ∇_θ Σ_{n∈B} Σ_y sqrt(p_ny) log p_ny with p detached, then F = (1/N) Σ_B g_B².
   Squaring a batch-level sum keeps cross terms between examples and classes, so it is not the Fisher; its value
@@ -59,6 +61,9 @@ def _example_term(model: TaskModel, estimator: str) -> Callable[..., Params]:
         def log_probs(p: Params) -> torch.Tensor:
             return model.logits(example, p)[0].log_softmax(-1)
 
+        if estimator == "empirical" and label.dim() == 1:  # an answer's tokens: its sequence log-likelihood
+            grads = grad(lambda p: model.answer_log_likelihood(example, p).sum())(params)
+            return {n: g.square() for n, g in grads.items()}
         if estimator == "empirical":
             # gather with a tensor index (not int(label)) so that vmap can batch the label too
             grads = grad(lambda p: log_probs(p).gather(0, label.reshape(1)).sum())(params)
@@ -177,7 +182,7 @@ def fit_fisher(inputs: FitInputs) -> FitResult:
         if estimator == "exact" and task.model.next_token:
             raise RecipeError(
                 f"Fisher: task '{task.name}' (model {i}) predicts a causal LM's next token, and the exact Fisher "
-                "needs one gradient per vocabulary entry; use estimator: empirical (the answers' first tokens) "
+                "needs one gradient per vocabulary entry; use estimator: empirical (the answers' log-likelihood) "
                 "or batch"
             )
         if estimator == "empirical" and not task.labeled:

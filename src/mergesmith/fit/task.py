@@ -65,8 +65,9 @@ class TaskModel:
     ``next_token``: the module is a causal LM (``...ForCausalLM``, ``head=None``) and the task is its next token
     after each prompt: ``logits`` are the LM's logits at each example's last token, over the vocabulary
     (right-padded batches, :func:`mergesmith.fit.data.encode_prompts`). The data-driven fits then run on LLM
-    tasks as on classifiers: Fisher on the first answer token's log-likelihood, RegMean on the prompts' layer
-    inputs, AdaMerging on the entropy of the next-token distribution.
+    tasks as on classifiers: RegMean on the prompts' layer inputs, AdaMerging on the entropy of the next-token
+    distribution, Fisher on the first answer token's log-likelihood — or, on prompt + answer sequences
+    (per-position labels), on the whole answer's (:meth:`answer_log_likelihood`).
 
     ``prefix`` names the parameters relative to a submodule (``"bert."``: the backbone of a BERT classifier):
     ``merge_names``, ``params`` and every ``params=`` argument then use the backbone's own names, so that tasks
@@ -160,6 +161,17 @@ class TaskModel:
                 return logits[torch.arange(len(last)), last]
             return logits
         return F.linear(self.pooled(batch, params, embeds_delta), self.head["weight"], self.head["bias"])
+
+    def answer_log_likelihood(
+        self, batch: Encoded, params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """A causal LM's log p(answer | prompt) per example (batch,), fp32: Σ_j log softmax(logits[n, j])
+        at ``labels[n, j]`` over the positions whose next token is the answer's
+        (:func:`mergesmith.fit.data.encode_answers`)."""
+        logits = self._call(batch, params, None, want_logits=True).float()
+        targets = batch.labels
+        picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * (targets >= 0)).sum(-1)
 
     def _call(
         self,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mergesmith.api import fit_state_dicts, merge_state_dicts
 from mergesmith.bench.confidence import pack_outcomes, paired_difference, runs_outcomes
+from mergesmith.bench.suite import ANSWERS
 from mergesmith.bench.zoo.backdoor import (
     attack_success_rate,
     backdoor_facts,
@@ -58,7 +59,9 @@ class DataBenchRow:
     key: str
     method: str
     params: dict[str, Any]
-    split: str  # "none" (data-free), "train" (statistics on training texts) or "test" (unlabeled test inputs)
+    # "none" (data-free), "train" (statistics on training texts), "test" (unlabeled test inputs) or, on
+    # prompt/answer tasks, "train_answers" (training prompts followed by their answers)
+    split: str
     limit: int | None = (
         None  # examples per task the fit reads; seed s reads window s (a new calibration sample)
     )
@@ -182,15 +185,18 @@ def rows(step_scale: float = 0.1, compress_lr: bool = True) -> list[DataBenchRow
 
 
 def for_suite(row: DataBenchRow, zoo: Any) -> DataBenchRow:
-    """``row`` as it runs on ``zoo``: on prompt/answer tasks (a causal LM's next token) Fisher is the empirical
-    estimator on the first answer token — the exact one needs a gradient per vocabulary entry."""
+    """``row`` as it runs on ``zoo``: on prompt/answer tasks (a causal LM) Fisher is the empirical estimator of
+    the whole answer's log-likelihood, on training prompts followed by their answers — the exact one needs a
+    gradient per vocabulary entry and answer token. (The first answer token alone, which a next-token task
+    offers, carries no skill where every answer starts alike: JSON's ``{``.)"""
     if row.method == "fisher" and getattr(zoo, "generative", False):
         return replace(
             row,
             params={**row.params, "estimator": "empirical"},
-            labeled=True,  # the empirical Fisher reads each prompt's first answer token
-            note="empirical Fisher on the first answer token of 32 training prompts per task (the exact "
-            "Fisher sums over the vocabulary)",
+            split=ANSWERS,
+            labeled=True,  # the answers are the labels
+            note="empirical Fisher of the answer's log-likelihood on 32 training prompts + answers per task "
+            "(the exact Fisher sums over the vocabulary)",
         )
     return row
 
