@@ -82,12 +82,19 @@ def answer_tokens(tokenizer: Any, answers: Sequence[str]) -> list[list[int]]:
     return [tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"] for a in answers]
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The token that pads a batch: the tokenizer's pad token, else its end of sequence, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def right_pad(rows: Sequence[Sequence[int]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows right-padded to the longest (the tokenizer's pad token, else its end of sequence) and their
     attention mask."""
     width = max((len(r) for r in rows), default=1)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, tokens in enumerate(rows):
         input_ids[row, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)

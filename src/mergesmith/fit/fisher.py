@@ -61,13 +61,15 @@ def _example_term(model: TaskModel, estimator: str) -> Callable[..., Params]:
         def log_probs(p: Params) -> torch.Tensor:
             return model.logits(example, p)[0].log_softmax(-1)
 
-        if estimator == "empirical" and label.dim() == 1:  # an answer's tokens: its sequence log-likelihood
-            grads = grad(lambda p: model.answer_log_likelihood(example, p).sum())(params)
-            return {n: g.square() for n, g in grads.items()}
         if estimator == "empirical":
-            # gather with a tensor index (not int(label)) so that vmap can batch the label too
-            grads = grad(lambda p: log_probs(p).gather(0, label.reshape(1)).sum())(params)
-            return {n: g.square() for n, g in grads.items()}
+
+            def log_likelihood(p: Params) -> torch.Tensor:
+                if label.dim() == 1:  # an answer's tokens: its sequence log-likelihood
+                    return model.answer_log_likelihood(example, p).sum()
+                # gather with a tensor index (not int(label)) so that vmap can batch the label too
+                return log_probs(p).gather(0, label.reshape(1)).sum()
+
+            return {n: g.square() for n, g in grad(log_likelihood)(params).items()}
 
         def with_probs(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
             logp = log_probs(p)

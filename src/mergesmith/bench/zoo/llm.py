@@ -42,6 +42,7 @@ from mergesmith.bench.zoo.bench import BENCH_METHODS, COMMUNITY_ROWS
 from mergesmith.bench.zoo.llm_data import Example
 from mergesmith.bench.zoo.text8 import cpu_has_fast_bf16
 from mergesmith.errors import MergeError
+from mergesmith.fit.data import pad_id
 from mergesmith.fit.evaluate import ExactMatchTask, check_params, model_context, run
 from mergesmith.fit.hf import load_causal_lm, load_tokenizer, quiet_transformers
 from mergesmith.io.cache import zoo_dir
@@ -134,13 +135,6 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example]) -> Encoded:
         prompts = [tokenizer(e.prompt)["input_ids"] for e in examples]
         answers = [tokenizer(f" {e.answer}\n", add_special_tokens=False)["input_ids"] for e in examples]
     return Encoded(prompts, answers)
-
-
-def pad_id(tokenizer: Any) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from mergesmith.api.moe import build_moe
 from mergesmith.api.moe_compress import compress_moe
 from mergesmith.api.moe_merge import merge_moe_experts
 from mergesmith.bench.confidence import bootstrap_normalized
-from mergesmith.bench.zoo.llm import LLMZoo, LLMZooConfig, encode_examples, fine_tune, pad_id, score_skill
+from mergesmith.bench.zoo.llm import LLMZoo, LLMZooConfig, encode_examples, fine_tune, score_skill
+from mergesmith.fit.data import pad_id
 from mergesmith.fit.hf import load_causal_lm
 from mergesmith.fit.moe_routing import named_routers, routers, top_p_routing
 from mergesmith.io.output import atomic_folder
