@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from mergesmith.api import merge_state_dicts
 from mergesmith.bench.zoo import continual_bench
 from mergesmith.bench.zoo.continual_bench import (
     ContinualBenchConfig,
@@ -12,6 +13,7 @@ from mergesmith.bench.zoo.continual_bench import (
     run_continual_bench,
     task_orders,
 )
+from mergesmith.bench.zoo.text8 import normalized_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,6 +35,13 @@ def test_the_bench_scores_every_arrival_and_resumes(tiny_zoo, tmp_path, monkeypa
     opcm_first = [run[0] for run in results["curves"]["opcm"]["seen"]]
     assert all(v == pytest.approx(1.0) for v in opcm_first)  # one model: its own expert, normalized 1
     assert set(results["alpha_ablation"]) == {"0.5", "0.9"}
+    # the offline ceiling is merged on this zoo: task arithmetic at λ 0.3 equals a direct merge's evaluation
+    offline = results["offline"]
+    assert set(offline) == {"task_arithmetic", "ties", "tsv"}
+    direct = merge_state_dicts(zoo.base_state(), zoo.expert_states(), "task_arithmetic", **{"lambda": 0.3})
+    accuracy = normalized_accuracy(zoo.evaluate(direct), zoo.finetuned_accuracy())
+    assert offline["task_arithmetic"]["normalized"] == pytest.approx(sum(accuracy.values()) / len(accuracy))
+    assert all(r["ci"]["low"] <= r["normalized"] <= r["ci"]["high"] for r in offline.values())
     assert (tmp_path / "continual.md").read_text().startswith("# Continual merging")
     assert (tmp_path / "continual.png").stat().st_size > 0
     monkeypatch.setattr(continual_bench, "add_model", lambda *a: pytest.fail("a finished add ran again"))
