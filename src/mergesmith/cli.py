@@ -595,7 +595,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from mergesmith.bench.zoo.llm import build_llm_zoo
         from mergesmith.bench.zoo.moe_bench import MoEBenchConfig, markdown, run_moe_bench
 
-        zoo_root = build_llm_zoo(quick=args.quick)
+        # the base and the experts only: the bench scores its own rows (the experts' on its prompts)
+        zoo_root = build_llm_zoo(quick=args.quick, multitask=False, scores=False)
         config = MoEBenchConfig(router_steps=10, eval_limit=10, compress=((8, 0.1),)) if args.quick else None
         print(markdown(run_moe_bench(zoo_root, Path(args.out), config)))
         return 0

@@ -19,6 +19,7 @@ from mergesmith.bench.zoo.llm import (
     build_llm_zoo,
     encode_examples,
     multitask_outcomes,
+    reference_evaluations,
 )
 from mergesmith.bench.zoo.llm_data import Example
 from mergesmith.errors import MergeError, RecipeError
@@ -55,22 +56,24 @@ def tiny_lm(path: Path) -> Path:
     return path
 
 
+TINY = LLMZooConfig(
+    n_train=64,
+    n_val=8,
+    n_test=20,
+    steps=6,
+    multitask_steps=6,
+    batch_size=8,
+    lr=3e-3,
+    max_length=96,
+    skills=("arithmetic", "json"),
+    bf16=False,
+)
+
+
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("llm-zoo")
-    config = LLMZooConfig(
-        n_train=64,
-        n_val=8,
-        n_test=20,
-        steps=6,
-        multitask_steps=6,
-        batch_size=8,
-        lr=3e-3,
-        max_length=96,
-        skills=("arithmetic", "json"),
-        bf16=False,
-    )
-    return build_llm_zoo(root=root / "zoo", config=config, base=tiny_lm(root / "base"), progress=False)
+    return build_llm_zoo(root=root / "zoo", config=TINY, base=tiny_lm(root / "base"), progress=False)
 
 
 def test_generated_skills_are_seeded_and_answer_their_prompts():
@@ -253,6 +256,44 @@ def test_a_second_build_reuses_every_stage(tiny_zoo, monkeypatch):
     config["skills"] = tuple(config["skills"])
     assert build_llm_zoo(root=tiny_zoo, config=LLMZooConfig(**config), progress=False) == tiny_zoo
     assert load_tokenizer(tiny_zoo / "base") is not None
+
+
+def test_an_experts_only_build_and_reference_rows_on_the_first_prompts(tmp_path, monkeypatch):
+    from mergesmith.bench.zoo import llm
+
+    root = build_llm_zoo(
+        root=tmp_path / "zoo",
+        config=TINY,
+        base=tiny_lm(tmp_path / "base"),
+        progress=False,
+        multitask=False,
+        scores=False,
+    )
+    zoo = LLMZoo(root)
+    assert not zoo.multitask.exists() and zoo.manifest["scores"] == {}
+    assert not (root / "evals").exists()
+    first = reference_evaluations(zoo, ["expert:json"], limit=5)["expert:json"]
+    assert [len(first[s]["hits"]) for s in zoo.skills] == [5, 5]
+    assert first["json"]["exact_match"] == sum(first["json"]["hits"]) / 5
+    with monkeypatch.context() as patched:  # a cached evaluation of 5 prompts answers for 3
+        patched.setattr(LLMZoo, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+        three = reference_evaluations(zoo, ["expert:json"], limit=3)["expert:json"]
+        assert three["json"]["hits"] == first["json"]["hits"][:3]
+    full = reference_evaluations(zoo, ["expert:json"])["expert:json"]  # 5 do not cover all 20: evaluated
+    assert len(full["json"]["hits"]) == 20 and full["json"]["hits"][:5] == first["json"]["hits"]
+    assert full["json"]["losses"][:5] == pytest.approx(first["json"]["losses"])
+    with pytest.raises(MergeError, match="no reference row 'multitask'"):
+        reference_evaluations(zoo, ["multitask"])
+    # the full build trains only what is missing (the multi-task model) and evaluates every row
+    trained = []
+    real = llm.fine_tune
+    monkeypatch.setattr(llm, "fine_tune", lambda *a, **k: trained.append(a[6]) or real(*a, **k))
+    build_llm_zoo(root=root, config=TINY, progress=False)
+    assert trained == ["multitask"]
+    assert set(LLMZoo(root).manifest["scores"]) == {"base", "expert:arithmetic", "expert:json", "multitask"}
+    # an experts-only build over a full one keeps the cached rows in its manifest
+    build_llm_zoo(root=root, config=TINY, progress=False, multitask=False, scores=False)
+    assert set(LLMZoo(root).manifest["scores"]) == {"base", "expert:arithmetic", "expert:json", "multitask"}
 
 
 def test_lm_eval_harness_scores_equal_the_built_in_evaluator(tiny_zoo, tmp_path):
@@ -537,7 +578,7 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
     routed = load_causal_lm(tiny_zoo / "moe" / "routed-cheap_embed").state_dict()
     changed = {k for k in upcycled if not torch.equal(upcycled[k], routed[k])}
     assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
-    monkeypatch.setattr(moe_bench, "evaluate", lambda *a: pytest.fail("a finished row ran again"))
+    monkeypatch.setattr(LLMZoo, "evaluate", lambda *a, **k: pytest.fail("a finished row ran again"))
     assert moe_bench.run_moe_bench(tiny_zoo, tmp_path, config, progress=False)["rows"].keys() == rows.keys()
 
 

@@ -306,14 +306,19 @@ class LLMZoo:
         return load_tokenizer(self.base)
 
     def evaluate(
-        self, module: nn.Module, params: Mapping[str, torch.Tensor] | None = None, split: str = "test"
+        self,
+        module: nn.Module,
+        params: Mapping[str, torch.Tensor] | None = None,
+        split: str = "test",
+        limit: int | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Every skill's exact match and answer loss (with per-example outcomes) for ``module`` (run with
-        ``params`` in place of its weights when given: an in-memory merge)."""
+        ``params`` in place of its weights when given: an in-memory merge), on the first ``limit`` prompts of
+        each skill's split (all by default)."""
         tokenizer = self.tokenizer()
         max_length = int(self.manifest["config"]["max_length"])
         return {
-            s: score_skill(module, tokenizer, self.split(s, split), s, max_length, params)
+            s: score_skill(module, tokenizer, self.split(s, split)[:limit], s, max_length, params)
             for s in self.skills
         }
 
@@ -381,9 +386,14 @@ def build_llm_zoo(
     config: LLMZooConfig | None = None,
     base: Path | None = None,
     progress: bool = True,
+    multitask: bool = True,
+    scores: bool = True,
 ) -> Path:
     """Build (or finish building) the LLM zoo; returns its folder. ``base`` replaces SmolLM2 (a local HF causal
-    LM folder with its tokenizer: the tests' tiny Llama)."""
+    LM folder with its tokenizer: the tests' tiny Llama). ``multitask=False`` and ``scores=False`` build the base
+    and the experts only (what the MoE bench reads: it scores its own rows): no multi-task model is trained and
+    no reference row is evaluated, but what an earlier build made stays recorded; a later full build trains and
+    evaluates the rest."""
     config = config or (LLMZooConfig.quick() if quick else LLMZooConfig())
     root = Path(root) if root is not None else zoo_dir("llm-quick" if quick else "llm")
     root.mkdir(parents=True, exist_ok=True)
@@ -409,18 +419,19 @@ def build_llm_zoo(
             _save_model(module, tokenizer, folder, {"stamp": stamp, "skill": skill, **report})
         runs[skill] = json.loads((folder / "mergesmith_zoo.json").read_text())
     stamp = config.training_stamp(config.multitask_steps, config.seed, train_sha, source)
-    if not _stage_done(root / "multitask", stamp):
+    if multitask and not _stage_done(root / "multitask", stamp):
         module = load_causal_lm(root / "base")
         data = [train[s] for s in config.skills]
         report = fine_tune(
             module, data, config.multitask_steps, config, pad, config.seed, "multitask", progress
         )
         _save_model(module, tokenizer, root / "multitask", {"stamp": stamp, "skill": "all", **report})
-    runs["multitask"] = json.loads((root / "multitask" / "mergesmith_zoo.json").read_text())
+    if _stage_done(root / "multitask", stamp):
+        runs["multitask"] = json.loads((root / "multitask" / "mergesmith_zoo.json").read_text())
     manifest["training"] = runs
     write_bench_yaml(root, config)
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    manifest["scores"] = reference_scores(LLMZoo(root), progress)
+    manifest["scores"] = reference_scores(LLMZoo(root), progress, evaluate=scores)
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return root
 
@@ -447,44 +458,73 @@ def write_bench_yaml(root: Path, config: LLMZooConfig) -> Path:
     return path
 
 
-def reference_scores(zoo: LLMZoo, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+def reference_scores(
+    zoo: LLMZoo, progress: bool = True, evaluate: bool = True
+) -> dict[str, dict[str, dict[str, float]]]:
     """The reference rows on the test split — the base, each expert, the multi-task model — each cached in
-    ``evals/<row>.json`` with its per-example outcomes; returns exact match and loss per row and skill."""
+    ``evals/<row>.json`` with its per-example outcomes; returns exact match and loss per row and skill
+    (``evaluate=False``: the rows already cached only)."""
     return {
         row: {s: {"exact_match": v["exact_match"], "loss": v["loss"]} for s, v in scores.items()}
-        for row, scores in _reference_evaluations(zoo, progress).items()
+        for row, scores in reference_evaluations(zoo, progress=progress, evaluate=evaluate).items()
     }
 
 
 def multitask_outcomes(zoo: LLMZoo) -> dict[str, torch.Tensor]:
     """The multi-task model's per-prompt exact-match hits on each skill's test split (in the file's order, as
     ``mergesmith bench --zoo llm`` scores merges): its reference row in the LLM table."""
-    scores = _reference_evaluations(zoo, progress=False)["multitask"]
+    scores = reference_evaluations(zoo, ["multitask"])["multitask"]
     return {s: torch.tensor(scores[s]["hits"], dtype=torch.bool) for s in zoo.skills}
 
 
-def _reference_evaluations(zoo: LLMZoo, progress: bool) -> dict[str, dict[str, dict[str, Any]]]:
-    """Each reference row's evaluation per skill (exact match, loss, hits), read from its cache when its model
-    and the test prompts are unchanged, else evaluated and cached."""
-    rows = {
-        "base": zoo.base,
-        **{f"expert:{s}": zoo.expert(s) for s in zoo.skills},
-        "multitask": zoo.multitask,
+def first_prompts(scores: Mapping[str, Any], limit: int | None) -> dict[str, Any]:
+    """One skill's evaluation cut to its first ``limit`` prompts (exact match and loss recomputed)."""
+    hits, losses = scores["hits"][:limit], scores["losses"][:limit]
+    return {
+        "exact_match": sum(hits) / len(hits),
+        "loss": sum(losses) / len(losses),
+        "hits": hits,
+        "losses": losses,
     }
+
+
+def reference_evaluations(
+    zoo: LLMZoo,
+    rows: Sequence[str] | None = None,
+    limit: int | None = None,
+    progress: bool = False,
+    evaluate: bool = True,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Reference rows' evaluations per skill (exact match, loss, per-prompt hits and losses) on the first
+    ``limit`` test prompts (all by default). ``rows``: names among ``base``, ``expert:<skill>`` and
+    ``multitask`` (default: every row whose model is built). Each is read from ``evals/<row>.json`` when its
+    model and the test prompts are unchanged and the cached evaluation covers ``limit`` prompts (cut to them),
+    else evaluated and cached (``evaluate=False``: left out)."""
+    models = {"base": zoo.base, **{f"expert:{s}": zoo.expert(s) for s in zoo.skills}}
+    if (zoo.multitask / "mergesmith_zoo.json").exists():
+        models["multitask"] = zoo.multitask
+    unknown = [row for row in rows or () if row not in models]
+    if unknown:
+        raise MergeError(f"{zoo.root}: no reference row '{unknown[0]}' (rows: {', '.join(models)})")
     test_sha = {s: zoo.manifest["data"][s]["sha256"]["test"] for s in zoo.skills}
     out = {}
-    for row, folder in tqdm(rows.items(), desc="reference rows", disable=not progress, leave=False):
+    for row in tqdm(rows or list(models), desc="reference rows", disable=not progress, leave=False):
+        folder = models[row]
         cache = zoo.root / "evals" / f"{row.replace(':', '-')}.json"
         info = folder / "mergesmith_zoo.json"  # a trained stage's record; the base has none
         model = json.loads(info.read_text())["stamp"] if info.exists() else zoo.manifest["base"]["source"]
         stamp = _digest({"model": model, "test": test_sha})  # the row's model and the test prompts it answers
-        if cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
-            scores = json.loads(cache.read_text())["skills"]
-        else:
-            scores = zoo.evaluate(load_causal_lm(folder))
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        covered = cached.get("limit") is None or (limit is not None and cached["limit"] >= limit)
+        if cached.get("stamp") == stamp and covered:
+            scores = cached["skills"]
+        elif evaluate:
+            scores = zoo.evaluate(load_causal_lm(folder), limit=limit)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"stamp": stamp, "skills": scores}) + "\n")
-        out[row] = scores
+            cache.write_text(json.dumps({"stamp": stamp, "limit": limit, "skills": scores}) + "\n")
+        else:
+            continue
+        out[row] = {s: first_prompts(v, limit) for s, v in scores.items()} if limit is not None else scores
     return out
 
 

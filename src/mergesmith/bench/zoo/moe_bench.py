@@ -5,7 +5,7 @@ by top-p.
 Rows, each scored per skill on the first ``eval_limit`` test prompts (exact match and answer loss, as the LLM
 table; normalized accuracy = a row's exact match over the skill's own expert's, with its 95 % bootstrap interval):
 
-- ``expert:<skill>``: the dense experts (their cached evaluations of the zoo);
+- ``expert:<skill>``: the dense experts (the zoo's reference evaluations on the same prompts, cached);
 - ``upcycled:<gate>``: ``mergesmith moe`` with every skill's expert, ``positive_prompts`` its first training
   prompts, under each gate mode; ``routed:<gate>``: the same after router training (experts and everything else
   frozen; the mixed skills' training answers, next-token loss);
@@ -15,7 +15,8 @@ table; normalized accuracy = a row's exact match over the skill's own expert's, 
   per token reported) against ``top-1`` and the model's own top-2.
 
 Every built model lives under ``<zoo>/moe/`` and every scored row in ``<out>/runs/moe/`` (keyed by the model's
-output sha256), so a stopped run resumes; ``mergesmith bench --zoo moe`` writes ``bench/results/moe.{json,md,png}``.
+output sha256), so a stopped run resumes; ``mergesmith bench --zoo moe`` builds only the zoo's base and experts
+(no multi-task model, no 200-prompt reference rows) and writes ``bench/results/moe.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ from mergesmith.api.moe import build_moe
 from mergesmith.api.moe_compress import compress_moe
 from mergesmith.api.moe_merge import merge_moe_experts
 from mergesmith.bench.confidence import bootstrap_normalized
-from mergesmith.bench.zoo.llm import LLMZoo, LLMZooConfig, encode_examples, fine_tune, score_skill
+from mergesmith.bench.zoo.llm import (
+    LLMZoo,
+    LLMZooConfig,
+    encode_examples,
+    fine_tune,
+    reference_evaluations,
+)
 from mergesmith.fit.data import pad_id
 from mergesmith.fit.hf import load_causal_lm
 from mergesmith.fit.moe_routing import named_routers, routers, top_p_routing
@@ -131,15 +138,6 @@ def train_routers(folder: Path, out: Path, zoo: LLMZoo, config: MoEBenchConfig, 
     return out
 
 
-def evaluate(zoo: LLMZoo, module: torch.nn.Module, limit: int) -> dict[str, dict[str, Any]]:
-    """Exact match and answer loss per skill on the first ``limit`` test prompts."""
-    tokenizer = zoo.tokenizer()
-    max_length = int(zoo.manifest["config"]["max_length"])
-    return {
-        s: score_skill(module, tokenizer, zoo.split(s, "test")[:limit], s, max_length) for s in zoo.skills
-    }
-
-
 def run_moe_bench(
     zoo_root: Path, out: Path, config: MoEBenchConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -162,13 +160,13 @@ def run_moe_bench(
         row: dict[str, Any] = {}
         if "top_p" in extra:
             with top_p_routing(module, extra["top_p"]) as routing:
-                row["skills"] = evaluate(zoo, module, config.eval_limit)
+                row["skills"] = zoo.evaluate(module, limit=config.eval_limit)
                 row["experts_per_token"] = routing.report().mean
         else:
             if extra.get("top_k"):
                 for _, router in routers(module):
                     router.top_k = extra["top_k"]
-            row["skills"] = evaluate(zoo, module, config.eval_limit)
+            row["skills"] = zoo.evaluate(module, limit=config.eval_limit)
         manifest = folder / "manifest.json"
         record = json.loads(manifest.read_text()) if manifest.exists() else {}
         for key_name in ("moe_merge", "moe_compress"):
@@ -181,9 +179,9 @@ def run_moe_bench(
         path.write_text(json.dumps({"key": key, "row": row}) + "\n")
         rows[name] = row
 
-    for skill in zoo.skills:  # the dense experts: their cached evaluations, cut to the same prompts
-        cached = json.loads((zoo.root / "evals" / f"expert-{skill}.json").read_text())["skills"]
-        rows[f"expert:{skill}"] = {"skills": {s: _first(cached[s], config.eval_limit) for s in zoo.skills}}
+    # the dense experts on the same prompts (their reference evaluations: cached by the zoo)
+    dense = reference_evaluations(zoo, [f"expert:{s}" for s in zoo.skills], config.eval_limit, progress)
+    rows.update({row: {"skills": scores} for row, scores in dense.items()})
     steps = [("gate", g) for g in config.gate_modes]
     for _, gate in tqdm(steps, desc="gate modes", disable=not progress, leave=False):
         upcycled = work / f"upcycled-{gate}"
@@ -229,16 +227,6 @@ def run_moe_bench(
     (out / "moe.md").write_text(markdown(results))
     plot(results, out / "moe.png")
     return results
-
-
-def _first(scores: Mapping[str, Any], limit: int) -> dict[str, Any]:
-    hits, losses = scores["hits"][:limit], scores["losses"][:limit]
-    return {
-        "exact_match": sum(hits) / len(hits),
-        "loss": sum(losses) / len(losses),
-        "hits": hits,
-        "losses": losses,
-    }
 
 
 def _summarise(
