@@ -88,6 +88,7 @@ clean:
 bench-evolve: zoo
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.zoo.evolve_bench
 
-# the same on the LLM zoo: sources, best hand recipe, PS, DFS, PS + DFS per skill (bench/results/evolve-llm.*)
-bench-evolve-llm: zoo-llm
+# the same on the LLM zoo: sources, best hand recipe, PS, DFS, PS + DFS per skill (bench/results/evolve-llm.*);
+# builds the zoo's base and experts if needed (not its multi-task model)
+bench-evolve-llm: $(SMOL)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mergesmith.bench.zoo.evolve_bench llm

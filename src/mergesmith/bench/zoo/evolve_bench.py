@@ -44,7 +44,7 @@ from mergesmith.bench.suite import Suite, backbone
 from mergesmith.bench.zoo.bench import accuracies
 from mergesmith.bench.zoo.databench import DataBench, rows
 from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
-from mergesmith.bench.zoo.llm import LLMZoo, reference_scores
+from mergesmith.bench.zoo.llm import LLMZoo, build_llm_zoo, reference_scores
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
 from mergesmith.drivers.evolve.fitness import Fitness
@@ -394,8 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         llm_config = LLMEvolveConfig(
             ps_budget=args.ps_budget, dfs_budget=args.dfs_budget, val_limit=args.val_limit
         )
-        report = run_llm_evolve_bench(args.zoo or zoo_dir("llm"), args.out, llm_config)
-        print(llm_markdown(report, LLMZoo(args.zoo or zoo_dir("llm")).skills))
+        # the built-in zoo's base and experts (and their reference rows); the multi-task model is not a row here
+        root = args.zoo or build_llm_zoo(multitask=False)
+        report = run_llm_evolve_bench(root, args.out, llm_config)
+        print(llm_markdown(report, LLMZoo(root).skills))
         return 0
     parser = argparse.ArgumentParser(prog="python -m mergesmith.bench.zoo.evolve_bench")
     parser.add_argument("--zoo", type=Path, default=None, help="the text8 zoo (default: the built one)")
