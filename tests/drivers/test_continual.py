@@ -33,19 +33,24 @@ def test_split_rank_and_projection_against_a_dense_computation():
     )  # shares 0.5, 0.8, 1.0: first above 0.5 is index 1
     assert split_rank(torch.tensor([5.0, 3.0, 2.0]), 0.1) == 0
     g = torch.Generator().manual_seed(0)
-    merged, task = (
-        torch.randn(6, 4, generator=g, dtype=torch.float64),
-        torch.randn(6, 4, generator=g, dtype=torch.float64),
-    )
-    cleaned = project_out(merged, task, 0.5)
-    u, s, vh = torch.linalg.svd(merged, full_matrices=True)
-    before, after = u.T @ task @ vh.T, u.T @ cleaned @ vh.T
-    k = split_rank(s, 0.5)
-    expected = before.clone()
-    for i in range(4):
-        expected[i, i] = 0
-    expected[:k, :k] = 0
-    torch.testing.assert_close(after, expected)
+    for shape in ((6, 4), (4, 6), (5, 5)):  # tall (an LM head), wide, square
+        merged, task = (
+            torch.randn(*shape, generator=g, dtype=torch.float64),
+            torch.randn(*shape, generator=g, dtype=torch.float64),
+        )
+        cleaned = project_out(merged, task, 0.5)
+        # the official form: the full SVD, P's diagonal and dominant block zeroed, rebuilt with the full factors
+        u, s, vh = torch.linalg.svd(merged, full_matrices=True)
+        before, after = u.T @ task @ vh.T, u.T @ cleaned @ vh.T
+        k = split_rank(s, 0.5)
+        expected = before.clone()
+        for i in range(min(shape)):
+            expected[i, i] = 0
+        expected[:k, :k] = 0
+        torch.testing.assert_close(after, expected)
+        torch.testing.assert_close(cleaned, u @ expected @ vh)
+        assert k >= 1 and before[:k, :k].abs().sum() > 0  # the block removed held something
+    merged = torch.zeros(4, 4)
     assert is_linear_weight("model.layers.0.mlp.up_proj.weight", merged)
     assert not is_linear_weight("model.embed_tokens.weight", merged) and not is_linear_weight(
         "x.bias", task[0]

@@ -7,6 +7,7 @@ With the running merged task vector τ̄ = θ^(t−1) − θ₀ and the new task
 (a 2-D tensor that is not an embedding table):
 
     τ̄ = U Σ Vᵀ (full SVD),   P = Uᵀ τ V,   P_ii = 0,   P[:r_α, :r_α] = 0,   τ̃ = U P Vᵀ
+    (computed from the thin SVD: :func:`project_out`)
 
 where r_α is the first index (0-based) at which Σ_{i≤k} σ_i / Σ_i σ_i exceeds α (α = 0.5): the new task keeps only
 what lies outside the running merge's dominant singular directions and off their diagonal. Then
@@ -32,13 +33,18 @@ def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
 
 
 def project_out(merged_tv: torch.Tensor, task_tv: torch.Tensor, alpha: float) -> torch.Tensor:
-    """τ̃: ``task_tv`` without its components along ``merged_tv``'s diagonal and dominant block (module docstring)."""
-    u, s, vh = torch.linalg.svd(merged_tv, full_matrices=True)
-    projected = u.T @ task_tv @ vh.T
-    projected.diagonal().fill_(0)
+    """τ̃: ``task_tv`` without its components along ``merged_tv``'s diagonal and dominant block (module docstring).
+
+    The official code takes the full SVD; the entries it zeroes — the diagonal and the top-left r_α × r_α block of
+    P — all lie in the first k = min(m, n) singular directions, so with the thin SVD τ̃ = τ − U_k R V_kᵀ, R those
+    entries of U_kᵀ τ V_k: the same matrix (equal to rounding; tested) without the m × m factor that a vocabulary-
+    sized LM head would need (32000² floats: 4 GB and minutes per add)."""
+    u, s, vh = torch.linalg.svd(merged_tv, full_matrices=False)
+    core = u.T @ task_tv @ vh.T
     k = split_rank(s, alpha)
-    projected[:k, :k] = 0
-    return u @ projected @ vh
+    removed = torch.diag_embed(core.diagonal())
+    removed[:k, :k] = core[:k, :k]
+    return task_tv - u @ removed @ vh
 
 
 def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:

@@ -41,6 +41,7 @@ from mergesmith.io.cache import cache_dir
 
 METHODS = ("opcm", "task_arithmetic", "ties", "average")
 OFFLINE = ("task_arithmetic", "ties", "tsv")
+OFFLINE_STYLES = (("0.45", ":"), ("0.2", "--"), ("purple", "-."))  # grey and purple: apart from the curves
 
 
 @dataclass(frozen=True)
@@ -263,12 +264,13 @@ def plot(results: Mapping[str, Any], path: Path) -> Path:
             ax.fill_between(
                 x, [100 * p["low"] for p in points], [100 * p["high"] for p in points], alpha=0.15
             )
-        for name, row in results["offline"].items():
+        for (name, row), style in zip(results["offline"].items(), OFFLINE_STYLES):
             ax.axhline(
                 100 * row["normalized"],
-                linestyle=":",
+                color=style[0],
+                linestyle=style[1],
                 linewidth=1,
-                label=f"offline {name}" if kind == "all" else None,
+                label=f"offline {name} (all eight)" if kind == "all" else None,
             )
         ax.set_xlabel("models absorbed")
         ax.set_title("tasks seen so far" if kind == "seen" else "all eight tasks")
