@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import signal
@@ -592,12 +593,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(markdown(run_continual_bench(zoo_root, Path(args.out), config)))
         return 0
     if args.zoo == "moe":  # the LLM zoo's experts as an MoE: gates, routers, MC-SMoE, compression, top-p
-        from mergesmith.bench.zoo.llm import build_llm_zoo
+        from mergesmith.bench.zoo.llm import LLMZooConfig, build_llm_zoo
         from mergesmith.bench.zoo.moe_bench import MoEBenchConfig, markdown, run_moe_bench
 
-        # the base and the experts only: the bench scores its own rows (the experts' on its prompts)
-        zoo_root = build_llm_zoo(quick=args.quick, multitask=False, scores=False)
-        config = MoEBenchConfig(router_steps=10, eval_limit=10, compress=((8, 0.1),)) if args.quick else None
+        config = (
+            MoEBenchConfig(router_steps=10, eval_limit=10, compress=((8, 0.1),))
+            if args.quick
+            else MoEBenchConfig()
+        )
+        # the base and the bench's experts only: it scores its own rows (the experts' on its prompts)
+        zoo_config = LLMZooConfig.quick() if args.quick else LLMZooConfig()
+        if config.skills:
+            zoo_config = dataclasses.replace(zoo_config, skills=config.skills)
+        zoo_root = build_llm_zoo(quick=args.quick, config=zoo_config, multitask=False, scores=False)
         print(markdown(run_moe_bench(zoo_root, Path(args.out), config)))
         return 0
     if args.zoo == "scratch":  # models of different initializations: alignment, PLeaS (its own tables)

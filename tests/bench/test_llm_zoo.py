@@ -549,7 +549,10 @@ def test_single_expert_rows_and_the_llm_claims(tiny_zoo):
 def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatch):
     from mergesmith.bench.zoo import moe_bench
 
+    with pytest.raises(MergeError, match="the MoE bench wants arithmetic, json, python_output, topic"):
+        moe_bench.run_moe_bench(tiny_zoo, tmp_path, moe_bench.MoEBenchConfig(), progress=False)
     config = moe_bench.MoEBenchConfig(
+        skills=("arithmetic", "json"),
         gate_modes=("cheap_embed", "random"),
         prompts_per_expert=2,
         router_steps=2,
