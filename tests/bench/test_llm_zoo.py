@@ -574,6 +574,17 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
     } <= set(rows)
     assert 1.0 <= rows["top-p:0.5"]["experts_per_token"] <= 2.0
     assert rows["compressed:r2-0.5"]["moe_compress"]["rank"] == 2
+    # parameters as stored: the full MoE > one expert per layer (+ its own attention etc.) > that one compressed
+    full, merged, compressed = (
+        rows[n]["parameters"] for n in ("routed:random", "m-smoe@1", "compressed:r2-0.5")
+    )
+    assert full == results["upcycled_parameters"]
+    assert merged["experts"] * 2 == full["experts"]
+    assert (
+        full["model"] - full["experts"] == merged["model"] - merged["experts"] + 2 * 32
+    )  # each layer's router loses a row
+    assert compressed["experts"] == rows["compressed:r2-0.5"]["moe_compress"]["expert_parameters_stored"]
+    assert compressed["model"] - compressed["experts"] == merged["model"] - merged["experts"]
     assert (tmp_path / "moe.md").read_text().startswith("# MoE benchmark")
     assert (tmp_path / "moe.png").stat().st_size > 0
     # the routers trained, nothing else did

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from mergesmith.fit.data import pad_id
 from mergesmith.fit.hf import load_causal_lm
 from mergesmith.fit.moe_routing import named_routers, routers, top_p_routing
 from mergesmith.io.output import atomic_folder
+from mergesmith.io.reader import CheckpointSource
 
 MERGE_METHODS = ("m-smoe", "m-smoe-no-align", "uniform", "frequency-prune", "random-drop")
 
@@ -78,6 +80,22 @@ def model_stamp(folder: Path) -> str:
     if routers_record.exists():
         return json.dumps(json.loads(routers_record.read_text())["stamp"], sort_keys=True)
     return json.dumps(json.loads((folder / "manifest.json").read_text())["output_sha256"], sort_keys=True)
+
+
+def parameter_counts(folder: Path) -> dict[str, int]:
+    """The parameters a model folder stores (``model``) and its experts' (``experts``), from the safetensors
+    headers; a compressed model counts its experts' factors (``expert_parameters_stored``), not the dense
+    reconstruction it also holds for loading."""
+    source = CheckpointSource(folder)
+    try:
+        sizes = {name: math.prod(source.info(name)[1]) for name in source.keys()}
+    finally:
+        source.close()
+    experts = sum(size for name, size in sizes.items() if ".experts." in name)
+    manifest = folder / "manifest.json"
+    record = json.loads(manifest.read_text()) if manifest.exists() else {}
+    stored = record.get("moe_compress", {}).get("expert_parameters_stored", experts)
+    return {"model": sum(sizes.values()) - experts + stored, "experts": stored}
 
 
 def moe_config(zoo: LLMZoo, gate_mode: str, config: MoEBenchConfig) -> dict[str, Any]:
@@ -157,9 +175,11 @@ def run_moe_bench(
     cache = out / "runs" / "moe"
     cache.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
+    folders: dict[str, Path] = {}
     started = time.perf_counter()
 
     def scored(name: str, folder: Path, **extra: Any) -> None:
+        folders[name] = folder
         key = {"model": model_stamp(folder), "limit": config.eval_limit, **extra}
         path = cache / f"{name.replace(':', '-').replace('@', '-')}.json"
         if path.exists() and json.loads(path.read_text()).get("key") == key:
@@ -191,6 +211,7 @@ def run_moe_bench(
     # the dense experts on the same prompts (their reference evaluations: cached by the zoo)
     dense = reference_evaluations(zoo, [f"expert:{s}" for s in zoo.skills], config.eval_limit, progress)
     rows.update({row: {"skills": scores} for row, scores in dense.items()})
+    folders.update({f"expert:{s}": zoo.expert(s) for s in zoo.skills})
     steps = [("gate", g) for g in config.gate_modes]
     for _, gate in tqdm(steps, desc="gate modes", disable=not progress, leave=False):
         upcycled = work / f"upcycled-{gate}"
@@ -230,7 +251,7 @@ def run_moe_bench(
     scored("top-1", main, top_k=1)
     for p in config.top_p:
         scored(f"top-p:{p}", main, top_p=p)
-    results = _summarise(zoo, rows, config, time.perf_counter() - started)
+    results = _summarise(zoo, rows, folders, main, config, time.perf_counter() - started)
     out.mkdir(parents=True, exist_ok=True)
     (out / "moe.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "moe.md").write_text(markdown(results))
@@ -239,8 +260,14 @@ def run_moe_bench(
 
 
 def _summarise(
-    zoo: LLMZoo, rows: dict[str, dict[str, Any]], config: MoEBenchConfig, seconds: float
+    zoo: LLMZoo,
+    rows: dict[str, dict[str, Any]],
+    folders: Mapping[str, Path],
+    main: Path,
+    config: MoEBenchConfig,
+    seconds: float,
 ) -> dict[str, Any]:
+    full = parameter_counts(main)
     experts = {s: rows[f"expert:{s}"]["skills"][s]["exact_match"] for s in zoo.skills}
     table = {}
     for name, row in rows.items():
@@ -255,6 +282,7 @@ def _summarise(
             "loss": {s: skills[s]["loss"] for s in zoo.skills},
             "mean_loss": sum(skills[s]["loss"] for s in zoo.skills) / len(zoo.skills),
             "normalized": interval,
+            "parameters": parameter_counts(folders[name]),
             **{k: v for k, v in row.items() if k != "skills"},
         }
     return {
@@ -264,18 +292,27 @@ def _summarise(
         "skills": list(zoo.skills),
         "config": dataclasses.asdict(config),
         "seconds": round(seconds, 1),
+        "upcycled_parameters": full,
         "rows": table,
     }
 
 
 def markdown(results: Mapping[str, Any]) -> str:
     skills = results["skills"]
-    head = "| row | " + " | ".join(skills) + " | mean loss | normalized % [95 % CI] | notes |"
+    full = results["upcycled_parameters"]
+    head = (
+        "| row | "
+        + " | ".join(skills)
+        + " | mean loss | normalized % [95 % CI] | parameters M (experts' % of the "
+        "MoE's) | notes |"
+    )
     lines = [
         f"# MoE benchmark\n\n`{results['command']}`; exact match % (answer loss) on the first "
-        f"{results['config']['eval_limit']} test prompts per skill.\n",
+        f"{results['config']['eval_limit']} test prompts per skill; normalized = exact match over each skill's "
+        f"own expert's, averaged over the skills; parameters as stored (a compressed model's experts by their "
+        f"factors); the upcycled MoE holds {full['model'] / 1e6:.1f} M, {full['experts'] / 1e6:.1f} M in experts.\n",
         head,
-        "|---|" + "---|" * (len(skills) + 3),
+        "|---|" + "---|" * (len(skills) + 4),
     ]
     for name, row in results["rows"].items():
         cells = [f"{100 * row['exact_match'][s]:.0f} ({row['loss'][s]:.2f})" for s in skills]
@@ -285,25 +322,27 @@ def markdown(results: Mapping[str, Any]) -> str:
             if norm
             else "–"
         )
+        params = row["parameters"]
+        size = f"{params['model'] / 1e6:.1f} ({100 * params['experts'] / full['experts']:.0f} %)"
         notes = []
         if "experts_per_token" in row:
             notes.append(f"{row['experts_per_token']:.2f} experts/token")
+        if "moe_merge" in row:
+            notes.append(f"{row['moe_merge']['groups_per_layer'][0]} experts per layer")
         if "moe_compress" in row:
             c = row["moe_compress"]
-            notes.append(
-                f"{100 * c['expert_parameters_stored'] / c['expert_parameters_dense']:.0f} % expert params"
-            )
-        if "moe_merge" in row:
-            notes.append(f"groups {row['moe_merge']['groups_per_layer'][0]}")
+            notes.append(f"rank {c['rank']}, sparse part: {100 * c['remaining']:.0f} % of its rows")
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {row['mean_loss']:.3f} | {ci} | {'; '.join(notes)} |"
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {row['mean_loss']:.3f} | {ci} | {size} | {'; '.join(notes)} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(results: Mapping[str, Any], path: Path) -> Path:
-    """Mean answer loss against experts per token (top-p, top-1, top-2) and against the expert parameters kept
-    (merged and compressed rows)."""
+    """Mean answer loss against experts per token (top-p, top-1, top-2) and against the parameters stored (the
+    routed MoE, its merged and compressed versions)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,16 +365,12 @@ def plot(results: Mapping[str, Any], path: Path) -> Path:
     left.set_ylabel("mean answer loss")
     left.legend(fontsize=7)
     for name, row in rows.items():
-        info = row.get("moe_compress") or row.get("moe_merge")
-        if not info:
+        if not (row.get("moe_compress") or row.get("moe_merge") or name == routed):
             continue
-        if "expert_parameters_stored" in info:
-            x = info["expert_parameters_stored"]
-        else:
-            x = info["unique_expert_parameters"]["after"]
-        right.plot([x / 1e6], [row["mean_loss"]], "o")
-        right.annotate(name, (x / 1e6, row["mean_loss"]), fontsize=6)
-    right.set_xlabel("expert parameters (M)")
+        x = row["parameters"]["model"] / 1e6
+        right.plot([x], [row["mean_loss"]], "o")
+        right.annotate(name, (x, row["mean_loss"]), fontsize=6)
+    right.set_xlabel("parameters stored (M)")
     right.set_ylabel("mean answer loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
