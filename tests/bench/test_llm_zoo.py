@@ -587,6 +587,18 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
     assert compressed["model"] - compressed["experts"] == merged["model"] - merged["experts"]
     assert (tmp_path / "moe.md").read_text().startswith("# MoE benchmark")
     assert (tmp_path / "moe.png").stat().st_size > 0
+    # shuffling the experts' units keeps the function; the merge with alignment undoes it, without does not
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def logits(folder: str) -> torch.Tensor:
+        with torch.no_grad():
+            return load_causal_lm(tiny_zoo / "moe" / folder)(ids).logits
+
+    assert {"permuted:cheap_embed", "m-smoe@1:permuted", "m-smoe-no-align@1:permuted"} <= set(rows)
+    torch.testing.assert_close(logits("routed-cheap_embed-permuted"), logits("routed-cheap_embed"))
+    merged = logits("m-smoe-g1")
+    torch.testing.assert_close(logits("m-smoe-g1-permuted"), merged)
+    assert not torch.allclose(logits("m-smoe-no-align-g1-permuted"), merged, atol=1e-3)
     # the routers trained, nothing else did
     upcycled = load_tensors(tiny_zoo / "moe" / "upcycled-cheap_embed")
     routed = load_causal_lm(tiny_zoo / "moe" / "routed-cheap_embed").state_dict()

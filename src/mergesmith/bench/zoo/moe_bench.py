@@ -47,9 +47,11 @@ from mergesmith.bench.zoo.llm import (
 from mergesmith.errors import MergeError
 from mergesmith.fit.data import pad_id
 from mergesmith.fit.hf import load_causal_lm
+from mergesmith.fit.losparse import expert_modules
 from mergesmith.fit.moe_routing import named_routers, routers, top_p_routing
 from mergesmith.io.output import atomic_folder
 from mergesmith.io.reader import CheckpointSource
+from mergesmith.ops.expert_merge import permute_expert
 
 MERGE_METHODS = ("m-smoe", "m-smoe-no-align", "uniform", "frequency-prune", "random-drop")
 
@@ -59,7 +61,8 @@ class MoEBenchConfig:
     # the experts upcycled: the issue's lower bound of 4, the zoo's first four skills (its strongest experts), so
     # that a fresh machine builds them (~40 min on 2 cores) and runs the bench in one sitting; () = every skill
     skills: tuple[str, ...] = ("arithmetic", "json", "python_output", "topic")
-    gate_modes: tuple[str, ...] = ("hidden", "cheap_embed", "random")
+    # every gate mode of the issue; the first is the model merged, compressed and routed by top-p
+    gate_modes: tuple[str, ...] = ("hidden", "cheap_embed", "random", "uniform_random")
     prompts_per_expert: int = 8
     router_steps: int = 60
     router_lr: float = 1e-3
@@ -71,14 +74,14 @@ class MoEBenchConfig:
     seed: int = 0
 
 
-ROUTERS_RECORD = "mergesmith_routers.json"
+BUILD_RECORD = "mergesmith_bench_build.json"  # what the bench did to a model it wrote (router training, …)
 
 
 def model_stamp(folder: Path) -> str:
-    """What a built model is: its router training's stamp, else the sha256 of the files mergesmith wrote."""
-    routers_record = folder / ROUTERS_RECORD
-    if routers_record.exists():
-        return json.dumps(json.loads(routers_record.read_text())["stamp"], sort_keys=True)
+    """What a built model is: the stamp of what the bench did to it, else the sha256 of the files mergesmith wrote."""
+    record = folder / BUILD_RECORD
+    if record.exists():
+        return json.dumps(json.loads(record.read_text())["stamp"], sort_keys=True)
     return json.dumps(json.loads((folder / "manifest.json").read_text())["output_sha256"], sort_keys=True)
 
 
@@ -127,12 +130,25 @@ def calibration_file(zoo: LLMZoo, path: Path, count: int) -> Path:
     return path
 
 
+def _saved(module: torch.nn.Module, zoo: LLMZoo, out: Path, record: dict[str, Any]) -> Path:
+    """``module`` and the zoo's tokenizer written atomically to ``out`` with ``record`` (its stamp first)."""
+    with atomic_folder(out, force=True) as tmp:
+        module.save_pretrained(tmp)
+        zoo.tokenizer().save_pretrained(tmp)
+        (tmp / BUILD_RECORD).write_text(json.dumps(record) + "\n")
+    return out
+
+
+def _built(out: Path, stamp: dict[str, Any]) -> bool:
+    record = out / BUILD_RECORD
+    return record.exists() and json.loads(record.read_text()).get("stamp") == stamp
+
+
 def train_routers(folder: Path, out: Path, zoo: LLMZoo, config: MoEBenchConfig, progress: bool) -> Path:
     """The MoE of ``folder`` with its routers trained on the mixed skills (everything else frozen), saved to ``out``
     (skipped when ``out`` holds this training of this model)."""
     stamp = {"model": model_stamp(folder), "steps": config.router_steps, "lr": config.router_lr}
-    record = out / ROUTERS_RECORD
-    if record.exists() and json.loads(record.read_text()).get("stamp") == stamp:
+    if _built(out, stamp):
         return out
     module = load_causal_lm(folder)
     tokenizer = zoo.tokenizer()
@@ -153,11 +169,26 @@ def train_routers(folder: Path, out: Path, zoo: LLMZoo, config: MoEBenchConfig, 
         progress,
         trainable=lambda name: name in router_names,
     )
-    with atomic_folder(out, force=True) as tmp:
-        module.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / ROUTERS_RECORD).write_text(json.dumps({"stamp": stamp, **report}) + "\n")
-    return out
+    return _saved(module, zoo, out, {"stamp": stamp, **report})
+
+
+def permuted_experts(folder: Path, out: Path, zoo: LLMZoo, seed: int) -> Path:
+    """The MoE of ``folder`` with every expert's FFN units in its own seeded random order (gate and up rows, down
+    columns together): the same function, but experts no longer unit-aligned — what experts that do not share an
+    initialisation look like to a merge (fine-tunes of one base are aligned already)."""
+    stamp = {"model": model_stamp(folder), "permuted": seed}
+    if _built(out, stamp):
+        return out
+    module = load_causal_lm(folder)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, experts in expert_modules(module):
+            for e in range(experts.gate_up_proj.shape[0]):
+                order = torch.randperm(experts.down_proj.shape[-1], generator=generator)
+                gate_up, down = permute_expert(experts.gate_up_proj[e], experts.down_proj[e], order)
+                experts.gate_up_proj[e] = gate_up
+                experts.down_proj[e] = down
+    return _saved(module, zoo, out, {"stamp": stamp})
 
 
 def run_moe_bench(
@@ -243,6 +274,25 @@ def run_moe_bench(
             if first_merge is None and method == "m-smoe":
                 first_merge = folder
     assert first_merge is not None
+    # the alignment step where it has work to do: the same experts with their units shuffled, merged with and
+    # without it at the first group count
+    permuted = permuted_experts(main, work / f"{main.name}-permuted", zoo, config.seed)
+    scored(f"permuted:{config.gate_modes[0]}", permuted)
+    groups = max(1, round(experts * config.group_fractions[0]))
+    for method in ("m-smoe", "m-smoe-no-align"):
+        folder = work / f"{method}-g{groups}-permuted"
+        if not (folder / "manifest.json").exists():
+            merge_moe_experts(
+                permuted,
+                folder,
+                calibration,
+                groups=groups,
+                method=method,
+                seed=config.seed,
+                force=True,
+                progress=False,
+            )
+        scored(f"{method}@{groups}:permuted", folder)
     for rank, remaining in config.compress:
         folder = work / f"compressed-r{rank}-p{remaining}"
         if not (folder / "manifest.json").exists():
