@@ -558,7 +558,7 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
         router_steps=2,
         eval_limit=4,
         group_fractions=(0.5,),
-        compress=((2, 0.5),),
+        compress=((2, 0.5, 0), (2, 0.5, 2)),
         top_p=(0.5,),
         calibration=8,
     )
@@ -574,6 +574,7 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
     } <= set(rows)
     assert 1.0 <= rows["top-p:0.5"]["experts_per_token"] <= 2.0
     assert rows["compressed:r2-0.5"]["moe_compress"]["rank"] == 2
+    assert rows["compressed:r2-0.5-ft2"]["moe_compress"]["steps"] == 2
     # parameters as stored: the full MoE > one expert per layer (+ its own attention etc.) > that one compressed
     full, merged, compressed = (
         rows[n]["parameters"] for n in ("routed:random", "m-smoe@1", "compressed:r2-0.5")

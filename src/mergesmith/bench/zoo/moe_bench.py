@@ -68,7 +68,15 @@ class MoEBenchConfig:
     router_lr: float = 1e-3
     eval_limit: int = 50
     group_fractions: tuple[float, ...] = (0.5, 0.25)
-    compress: tuple[tuple[int, float], ...] = ((8, 0.1), (32, 0.1), (32, 0.25))
+    # (rank, remaining share of S's rows, distillation steps): one-shot (magnitude pruning, 0 steps) from MC-SMoE's
+    # settings up to a mild one, and the paper's way (pruning on the cubic schedule while distilling) at one setting
+    compress: tuple[tuple[int, float, int], ...] = (
+        (8, 0.1, 0),
+        (32, 0.1, 0),
+        (32, 0.25, 0),
+        (128, 0.5, 0),
+        (32, 0.25, 40),
+    )
     top_p: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
     calibration: int = 96
     seed: int = 0
@@ -293,11 +301,22 @@ def run_moe_bench(
                 progress=False,
             )
         scored(f"{method}@{groups}:permuted", folder)
-    for rank, remaining in config.compress:
-        folder = work / f"compressed-r{rank}-p{remaining}"
+    for rank, remaining, steps in config.compress:
+        tuned = f"-ft{steps}" if steps else ""
+        folder = work / f"compressed-r{rank}-p{remaining}{tuned}"
         if not (folder / "manifest.json").exists():
-            compress_moe(first_merge, folder, rank=rank, remaining=remaining, force=True, progress=False)
-        scored(f"compressed:r{rank}-{remaining}", folder)
+            compress_moe(
+                first_merge,
+                folder,
+                rank=rank,
+                remaining=remaining,
+                data=calibration if steps else None,
+                steps=steps,
+                seed=config.seed,
+                force=True,
+                progress=progress,
+            )
+        scored(f"compressed:r{rank}-{remaining}{tuned}", folder)
     scored("top-1", main, top_k=1)
     for p in config.top_p:
         scored(f"top-p:{p}", main, top_p=p)
@@ -381,7 +400,8 @@ def markdown(results: Mapping[str, Any]) -> str:
             notes.append(f"{row['moe_merge']['groups_per_layer'][0]} experts per layer")
         if "moe_compress" in row:
             c = row["moe_compress"]
-            notes.append(f"rank {c['rank']}, sparse part: {100 * c['remaining']:.0f} % of its rows")
+            tuned = f", pruned while distilling {c['steps']} steps" if c["steps"] else ", one-shot"
+            notes.append(f"rank {c['rank']}, sparse part: {100 * c['remaining']:.0f} % of its rows{tuned}")
         lines.append(
             f"| {name} | "
             + " | ".join(cells)
