@@ -392,12 +392,13 @@ def markdown(results: Mapping[str, Any]) -> str:
             else "–"
         )
         params = row["parameters"]
-        size = f"{params['model'] / 1e6:.1f} ({100 * params['experts'] / full['experts']:.0f} %)"
+        share = f"{100 * params['experts'] / full['experts']:.0f} %" if params["experts"] else "dense"
+        size = f"{params['model'] / 1e6:.1f} ({share})"
         notes = []
         if "experts_per_token" in row:
             notes.append(f"{row['experts_per_token']:.2f} experts/token")
         if "moe_merge" in row:
-            notes.append(f"{row['moe_merge']['groups_per_layer'][0]} experts per layer")
+            notes.append(f"experts per layer: {row['moe_merge']['groups_per_layer'][0]}")
         if "moe_compress" in row:
             c = row["moe_compress"]
             tuned = f", pruned while distilling {c['steps']} steps" if c["steps"] else ", one-shot"
