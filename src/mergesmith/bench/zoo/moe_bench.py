@@ -263,21 +263,25 @@ def run_moe_bench(
     calibration = calibration_file(zoo, work / "calibration.jsonl", config.calibration)
     experts = len(zoo.skills)
     first_merge: Path | None = None
+
+    def merged(source: Path, method: str, groups: int, folder: Path) -> Path:
+        if not (folder / "manifest.json").exists():
+            merge_moe_experts(
+                source,
+                folder,
+                calibration,
+                groups=groups,
+                method=method,
+                seed=config.seed,
+                force=True,
+                progress=False,
+            )
+        return folder
+
     for fraction in config.group_fractions:
         groups = max(1, round(experts * fraction))
         for method in MERGE_METHODS:
-            folder = work / f"{method}-g{groups}"
-            if not (folder / "manifest.json").exists():
-                merge_moe_experts(
-                    main,
-                    folder,
-                    calibration,
-                    groups=groups,
-                    method=method,
-                    seed=config.seed,
-                    force=True,
-                    progress=False,
-                )
+            folder = merged(main, method, groups, work / f"{method}-g{groups}")
             scored(f"{method}@{groups}", folder)
             if first_merge is None and method == "m-smoe":
                 first_merge = folder
@@ -288,19 +292,10 @@ def run_moe_bench(
     scored(f"permuted:{config.gate_modes[0]}", permuted)
     groups = max(1, round(experts * config.group_fractions[0]))
     for method in ("m-smoe", "m-smoe-no-align"):
-        folder = work / f"{method}-g{groups}-permuted"
-        if not (folder / "manifest.json").exists():
-            merge_moe_experts(
-                permuted,
-                folder,
-                calibration,
-                groups=groups,
-                method=method,
-                seed=config.seed,
-                force=True,
-                progress=False,
-            )
-        scored(f"{method}@{groups}:permuted", folder)
+        scored(
+            f"{method}@{groups}:permuted",
+            merged(permuted, method, groups, work / f"{method}-g{groups}-permuted"),
+        )
     for rank, remaining, steps in config.compress:
         tuned = f"-ft{steps}" if steps else ""
         folder = work / f"compressed-r{rank}-p{remaining}{tuned}"
