@@ -597,7 +597,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from mergesmith.bench.zoo.moe_bench import MoEBenchConfig, markdown, run_moe_bench
 
         config = (
-            MoEBenchConfig(router_steps=10, eval_limit=10, compress=((8, 0.1),))
+            MoEBenchConfig(router_steps=10, eval_limit=10, compress=((8, 0.1, 0),))
             if args.quick
             else MoEBenchConfig()
         )

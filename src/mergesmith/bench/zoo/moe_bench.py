@@ -138,11 +138,11 @@ def calibration_file(zoo: LLMZoo, path: Path, count: int) -> Path:
     return path
 
 
-def _saved(module: torch.nn.Module, zoo: LLMZoo, out: Path, record: dict[str, Any]) -> Path:
-    """``module`` and the zoo's tokenizer written atomically to ``out`` with ``record`` (its stamp first)."""
+def _saved(module: torch.nn.Module, tokenizer: Any, out: Path, record: dict[str, Any]) -> Path:
+    """``module`` and ``tokenizer`` written atomically to ``out`` with ``record`` (its stamp first)."""
     with atomic_folder(out, force=True) as tmp:
         module.save_pretrained(tmp)
-        zoo.tokenizer().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         (tmp / BUILD_RECORD).write_text(json.dumps(record) + "\n")
     return out
 
@@ -177,7 +177,7 @@ def train_routers(folder: Path, out: Path, zoo: LLMZoo, config: MoEBenchConfig, 
         progress,
         trainable=lambda name: name in router_names,
     )
-    return _saved(module, zoo, out, {"stamp": stamp, **report})
+    return _saved(module, tokenizer, out, {"stamp": stamp, **report})
 
 
 def permuted_experts(folder: Path, out: Path, zoo: LLMZoo, seed: int) -> Path:
@@ -196,7 +196,7 @@ def permuted_experts(folder: Path, out: Path, zoo: LLMZoo, seed: int) -> Path:
                 gate_up, down = permute_expert(experts.gate_up_proj[e], experts.down_proj[e], order)
                 experts.gate_up_proj[e] = gate_up
                 experts.down_proj[e] = down
-    return _saved(module, zoo, out, {"stamp": stamp})
+    return _saved(module, zoo.tokenizer(), out, {"stamp": stamp})
 
 
 def run_moe_bench(
