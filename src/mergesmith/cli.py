@@ -596,11 +596,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from mergesmith.bench.zoo.llm import LLMZooConfig, build_llm_zoo
         from mergesmith.bench.zoo.moe_bench import MoEBenchConfig, markdown, run_moe_bench
 
-        config = (
-            MoEBenchConfig(router_steps=10, eval_limit=10, compress=((8, 0.1, 0),))
-            if args.quick
-            else MoEBenchConfig()
-        )
+        config = MoEBenchConfig.quick() if args.quick else MoEBenchConfig()
         # the base and the bench's experts only: it scores its own rows (the experts' on its prompts)
         zoo_config = LLMZooConfig.quick() if args.quick else LLMZooConfig()
         if config.skills:

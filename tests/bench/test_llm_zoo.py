@@ -3,6 +3,7 @@ tiny random Llama with a byte-level tokenizer (the tests never load SmolLM2 and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -551,14 +552,17 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
 
     with pytest.raises(MergeError, match="the MoE bench wants arithmetic, json, python_output, topic"):
         moe_bench.run_moe_bench(tiny_zoo, tmp_path, moe_bench.MoEBenchConfig(), progress=False)
-    config = moe_bench.MoEBenchConfig(
+    # `--quick`'s settings (its compression row among them), shrunk to the tiny zoo
+    quick = moe_bench.MoEBenchConfig.quick()
+    config = dataclasses.replace(
+        quick,
         skills=("arithmetic", "json"),
         gate_modes=("cheap_embed", "random"),
         prompts_per_expert=2,
         router_steps=2,
         eval_limit=4,
         group_fractions=(0.5,),
-        compress=((2, 0.5, 0), (2, 0.5, 2)),
+        compress=(*quick.compress, (2, 0.5, 0), (2, 0.5, 2)),
         top_p=(0.5,),
         calibration=8,
     )
@@ -571,10 +575,13 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
         "random-drop@1",
         "top-1",
         "top-p:0.5",
+        "compressed:r8-0.1",
     } <= set(rows)
     assert 1.0 <= rows["top-p:0.5"]["experts_per_token"] <= 2.0
     assert rows["compressed:r2-0.5"]["moe_compress"]["rank"] == 2
-    assert rows["compressed:r2-0.5-ft2"]["moe_compress"]["steps"] == 2
+    distilled = rows["compressed:r2-0.5-ft2"]["moe_compress"]
+    assert distilled["steps"] == 2
+    assert distilled["expert_parameters_stored"] < distilled["expert_parameters_dense"]  # S was pruned
     # parameters as stored: the full MoE > one expert per layer (+ its own attention etc.) > that one compressed
     full, merged, compressed = (
         rows[n]["parameters"] for n in ("routed:random", "m-smoe@1", "compressed:r2-0.5")

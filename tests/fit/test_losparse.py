@@ -85,12 +85,17 @@ def test_the_cubic_schedule():
 
 
 def test_fine_tuning_reaches_the_final_share_and_the_factors_rebuild_the_weights():
-    model = tiny_moe("qwen3_moe")
+    model = tiny_moe("qwen3_moe").requires_grad_(False)  # frozen, as `load_causal_lm` gives it
     data = [batch((7, 5)), batch((6, 6))]
     config = LoSparseConfig(rank=3, remaining=0.2)
     targets, report = compress(model, config, data, steps=10, lr=1e-3)
     assert len(report.losses) == 10 and all(torch.isfinite(torch.tensor(report.losses)))
     assert report.remaining[-1] == 0.2 and report.remaining[0] == 1.0
+    # S was scored by its gradients and pruned to the final share: the rows below the k-th smallest score go,
+    # k = ⌊0.8 n⌋ (the k-th itself stays: the official `<`)
+    rows = torch.cat([sparse_part(m, t).detach().abs().sum(dim=2).reshape(-1) for _, m, t in targets])
+    assert int((rows > 0).sum()) == len(rows) - int(len(rows) * 0.8) + 1
+    assert not any(sparse_part(m, t).requires_grad for _, m, t in targets)  # frozen again, as it came
     stored = bake(targets)
     assert not any(
         hasattr(m, "parametrizations") and len(m.parametrizations) for _, m in expert_modules(model)

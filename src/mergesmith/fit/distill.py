@@ -64,6 +64,10 @@ def distill(
     frozen = [p for p in student.parameters() if id(p) not in keep and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    # a model loaded for inference comes frozen (``load_causal_lm``): a parameter asked to train must get gradients
+    was_frozen = [p for p in trainable if not p.requires_grad]
+    for p in was_frozen:
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     losses = []
     student.train()
@@ -82,4 +86,6 @@ def distill(
         student.eval()
         for p in frozen:
             p.requires_grad_(True)
+        for p in was_frozen:
+            p.requires_grad_(False)
     return losses

@@ -327,6 +327,7 @@ def run_llm_evolve_bench(
     rows["PS"] = {
         "val": ps.best_fitness,
         "evaluations": ps.evaluations,
+        "candidates_per_minute": ps.candidates_per_minute,
         "test": _per_skill(zoo.evaluate(base_module, state)),
     }
     kept = kept_on_val(state)
@@ -350,6 +351,7 @@ def run_llm_evolve_bench(
             "layers": module.config.num_hidden_layers,
             "val": result.best_fitness,
             "evaluations": result.evaluations,
+            "candidates_per_minute": result.candidates_per_minute,
             "test": _per_skill(zoo.evaluate(module)),
         }
 
@@ -378,6 +380,13 @@ def llm_markdown(report: dict[str, Any], skills: list[str]) -> str:
         mean = sum(test[s]["exact_match"] for s in skills) / len(skills)
         val = f"{row['val']:.3f}" if row.get("val") is not None else "—"
         lines.append(f"| {name} | {val} | " + " | ".join(cells) + f" | {100 * mean:.1f} |")
+    searches = [
+        f"{name}: {row['evaluations']} candidates, {row['candidates_per_minute']:.2f}/min"
+        for name, row in report["rows"].items()
+        if row.get("candidates_per_minute")
+    ]
+    if searches:  # the speed figure for a 135M Llama, with this run's workers
+        lines += ["", f"Searches ({report['config']['workers']} workers): " + "; ".join(searches) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,11 @@ class MoEBenchConfig:
     calibration: int = 96
     seed: int = 0
 
+    @classmethod
+    def quick(cls) -> MoEBenchConfig:
+        """`bench --zoo moe --quick`: every row, on fewer router steps and prompts, one one-shot compression."""
+        return cls(router_steps=10, eval_limit=10, compress=((8, 0.1, 0),))
+
 
 BUILD_RECORD = "mergesmith_bench_build.json"  # what the bench did to a model it wrote (router training, …)
 
