@@ -435,14 +435,30 @@ def plot(results: Mapping[str, Any], path: Path) -> Path:
     left.set_xlabel("experts per token")
     left.set_ylabel("mean answer loss")
     left.legend(fontsize=7)
+    # one series per way of shrinking (a merge method over its expert counts, compression one-shot / distilled);
+    # log loss: the broken rows (loss > 10) would flatten the others onto the axis
+    series: dict[str, list[tuple[float, float, str]]] = {}
     for name, row in rows.items():
-        if not (row.get("moe_compress") or row.get("moe_merge") or name == routed):
+        if name == routed:
+            kind, label = "routed MoE", ""
+        elif row.get("moe_compress"):
+            kind = "compressed, distilled" if row["moe_compress"].get("steps") else "compressed, one-shot"
+            label = f"r{row['moe_compress']['rank']}/{100 * row['moe_compress']['remaining']:.0f}%"
+        elif row.get("moe_merge"):
+            kind, label = name.split("@")[0] + (" (shuffled experts)" if "permuted" in name else ""), ""
+        else:
             continue
-        x = row["parameters"]["model"] / 1e6
-        right.plot([x], [row["mean_loss"]], "o")
-        right.annotate(name, (x, row["mean_loss"]), fontsize=6)
+        series.setdefault(kind, []).append((row["parameters"]["model"] / 1e6, row["mean_loss"], label))
+    for kind, pts in series.items():
+        pts.sort()
+        right.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=kind, markersize=4)
+        for x, loss, label in pts:
+            if label:
+                right.annotate(label, (x, loss), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    right.set_yscale("log")
     right.set_xlabel("parameters stored (M)")
-    right.set_ylabel("mean answer loss")
+    right.set_ylabel("mean answer loss (log)")
+    right.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
