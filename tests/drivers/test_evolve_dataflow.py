@@ -14,6 +14,7 @@ import torch
 
 from mergesmith.api.state_dicts import merge_recipe_in_memory
 from mergesmith.drivers.evolve.dataflow import DataflowSpace, PathStep, check_sources, path_recipe
+from mergesmith.drivers.evolve.search import cma_options
 from mergesmith.errors import RecipeError
 from mergesmith.fit.hf import causal_lm_from_state
 from mergesmith.io.reader import DictSource
@@ -191,6 +192,30 @@ def test_initial_genome_is_model_start_itself(start):
     tokens = random_tokens(7)
     with torch.no_grad():
         assert torch.equal(causal_lm_from_state(config, state)(tokens).logits, models[start](tokens).logits)
+
+
+def test_the_first_samples_stay_near_the_start_path():
+    """A 135M-sized space (2 models × 30 layers, repeated twice): with σ0 = 1/6 on every coordinate no sample kept
+    the start path; with the initial spread about one slot flips per sample (a path equals the start with
+    P = (1 − 1/T)^T ≈ e⁻¹) and the input scales stay within ±10 %."""
+    import cma
+
+    space = DataflowSpace([30, 30], repeats=2)
+    start = space.decode(space.initial())
+
+    def samples(spread):
+        options = cma_options(0, 400, None, spread)
+        return [space.decode(x) for x in cma.CMAEvolutionStrategy(space.initial(), 1 / 6, options).ask()]
+
+    def same_path(steps):
+        return [(s.model, s.layer) for s in steps] == [(s.model, s.layer) for s in start]
+
+    spread = samples(space.initial_spread(1 / 6))
+    kept = sum(map(same_path, spread)) / len(spread)
+    assert 0.25 < kept < 0.5  # e⁻¹ ≈ 0.37
+    assert all(0.9 < s.scale < 1.1 for steps in spread for s in steps)
+    assert sum(map(same_path, samples(None))) / 400 < 0.05
+    assert space.initial_spread(0.01)[0] == 1.0  # never above σ0
 
 
 def test_decode_picks_the_positive_slots_in_order_across_repetitions_with_the_compact_scales():

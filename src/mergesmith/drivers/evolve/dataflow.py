@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,9 @@ from mergesmith.errors import RecipeError
 
 MAX_LOG_SCALE = math.log(4.0)
 INITIAL_INDICATOR = 0.3
+# the log-scales' initial spread as a share of σ0: σ0 = 1/6 on every one of them varies each layer's input by ~±25 %,
+# compounding along the residual stream, and broke every sample of a 135M path search (docs/evolve.md)
+SCALE_SPREAD = 0.1
 # pre-norm RMSNorm decoders whose residual branches end in these projections (the fold is exact for them)
 FOLDABLE_FAMILIES = ("llama", "mistral", "qwen2")
 BRANCH_OUTPUTS = (".self_attn.o_proj.", ".mlp.down_proj.")  # weights and biases: name filters
@@ -141,6 +145,16 @@ class DataflowSpace:
             if model == self.start:
                 genome[kind] = INITIAL_INDICATOR
         return genome
+
+    def initial_spread(self, sigma0: float) -> np.ndarray:
+        """Per-coordinate multipliers of σ0 for CMA-ES's first samples (pycma's ``CMA_stds``): the indicators so
+        that about one slot of the T flips per sample (P(flip) = 1/T from ±``INITIAL_INDICATOR``; at most σ0
+        itself), the log-scales ``SCALE_SPREAD``: the first generation explores paths near the start, whose scores
+        are not all those of a broken model."""
+        z = NormalDist().inv_cdf(1 - 1 / max(self.slots, 2))
+        spread = np.full(self.size, SCALE_SPREAD)
+        spread[: self.slots] = min(1.0, INITIAL_INDICATOR / (z * sigma0))
+        return spread
 
     def decode(self, x: Sequence[float] | np.ndarray) -> list[PathStep]:
         """The path: the slots whose indicator is > 0, in order, each with the scale of the transition into it

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from mergesmith.api.pipeline import merge
 from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
+from mergesmith.drivers.evolve.dataflow import DataflowSpace
 from mergesmith.drivers.evolve.pool import LocalPool, RayPool
 from mergesmith.errors import MergeError, RecipeError
 from mergesmith.recipe.search import SearchSpec, load_search
@@ -68,6 +69,19 @@ def fingerprint(spec: SearchSpec) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cma_options(
+    seed: int, popsize: int, bounds: tuple[float, float] | None, spread: np.ndarray | None
+) -> dict[str, Any]:
+    """pycma's options for :func:`run_cma`."""
+    # pycma's seed 0 would be the clock
+    options: dict[str, Any] = {"seed": seed + 1, "verbose": -9, "popsize": popsize}
+    if bounds is not None:
+        options["bounds"] = list(bounds)
+    if spread is not None:
+        options["CMA_stds"] = [float(v) for v in spread]
+    return options
+
+
 def run_cma(
     x0: np.ndarray,
     sigma0: float,
@@ -78,19 +92,17 @@ def run_cma(
     recorded: list[dict[str, Any]],
     save: Callable[[list[dict[str, Any]]], None],
     bounds: tuple[float, float] | None = (0.0, 1.0),
+    spread: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """CMA-ES for ``generations`` generations of ``popsize`` candidates, maximizing the fitness ``evaluate``
     returns for a generation (``[{"fitness": float | None, ...}]``; None ranks last). The ``recorded`` generations
     are replayed, not evaluated; ``save`` receives the history after every generation. ``bounds``: each
-    coordinate's box (pycma's boundary transformation), None for an unbounded genome (a data-flow space)."""
+    coordinate's box (pycma's boundary transformation), None for an unbounded genome (a data-flow space);
+    ``spread``: per-coordinate multipliers of ``sigma0`` (None: σ0 on every coordinate)."""
     import cma
 
     outer = np.random.get_state()
-    # pycma's seed 0 would be the clock
-    options: dict[str, Any] = {"seed": seed + 1, "verbose": -9, "popsize": popsize}
-    if bounds is not None:
-        options["bounds"] = list(bounds)
-    es = cma.CMAEvolutionStrategy(list(map(float, x0)), sigma0, options)
+    es = cma.CMAEvolutionStrategy(list(map(float, x0)), sigma0, cma_options(seed, popsize, bounds, spread))
     sampler = np.random.get_state()  # pycma draws from numpy's global generator: keep its own state apart
     np.random.set_state(outer)
     history = list(recorded)
@@ -278,6 +290,7 @@ def evolve(
             recorded,
             save,
             None if spec.space == "dataflow" else (0.0, 1.0),  # path genomes: signed indicators, log-scales
+            space.initial_spread(spec.optimizer.sigma0) if isinstance(space, DataflowSpace) else None,
         )
     finally:
         pool.close()
