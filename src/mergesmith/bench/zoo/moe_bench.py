@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,14 @@ def _saved(module: torch.nn.Module, tokenizer: Any, out: Path, record: dict[str,
     return out
 
 
+def _written(write: Callable[..., object], source: Any, folder: Path, **settings: Any) -> Path:
+    """``folder``, written by ``write(source, folder, **settings)`` unless mergesmith already wrote it (its
+    manifest is the last file an atomic write puts there)."""
+    if not (folder / "manifest.json").exists():
+        write(source, folder, **settings)
+    return folder
+
+
 def _built(out: Path, stamp: dict[str, Any]) -> bool:
     record = out / BUILD_RECORD
     return record.exists() and json.loads(record.read_text()).get("stamp") == stamp
@@ -258,9 +266,9 @@ def run_moe_bench(
     folders.update({f"expert:{s}": zoo.expert(s) for s in zoo.skills})
     steps = [("gate", g) for g in config.gate_modes]
     for _, gate in tqdm(steps, desc="gate modes", disable=not progress, leave=False):
-        upcycled = work / f"upcycled-{gate}"
-        if not (upcycled / "manifest.json").exists():
-            build_moe(moe_config(zoo, gate, config), upcycled, force=True, progress=False)
+        upcycled = _written(
+            build_moe, moe_config(zoo, gate, config), work / f"upcycled-{gate}", force=True, progress=False
+        )
         scored(f"upcycled:{gate}", upcycled)
         routed = train_routers(upcycled, work / f"routed-{gate}", zoo, config, progress)
         scored(f"routed:{gate}", routed)
@@ -270,18 +278,17 @@ def run_moe_bench(
     first_merge: Path | None = None
 
     def merged(source: Path, method: str, groups: int, folder: Path) -> Path:
-        if not (folder / "manifest.json").exists():
-            merge_moe_experts(
-                source,
-                folder,
-                calibration,
-                groups=groups,
-                method=method,
-                seed=config.seed,
-                force=True,
-                progress=False,
-            )
-        return folder
+        return _written(
+            merge_moe_experts,
+            source,
+            folder,
+            data=calibration,
+            groups=groups,
+            method=method,
+            seed=config.seed,
+            force=True,
+            progress=False,
+        )
 
     for fraction in config.group_fractions:
         groups = max(1, round(experts * fraction))
@@ -303,19 +310,18 @@ def run_moe_bench(
         )
     for rank, remaining, steps in config.compress:
         tuned = f"-ft{steps}" if steps else ""
-        folder = work / f"compressed-r{rank}-p{remaining}{tuned}"
-        if not (folder / "manifest.json").exists():
-            compress_moe(
-                first_merge,
-                folder,
-                rank=rank,
-                remaining=remaining,
-                data=calibration if steps else None,
-                steps=steps,
-                seed=config.seed,
-                force=True,
-                progress=progress,
-            )
+        folder = _written(
+            compress_moe,
+            first_merge,
+            work / f"compressed-r{rank}-p{remaining}{tuned}",
+            rank=rank,
+            remaining=remaining,
+            data=calibration if steps else None,
+            steps=steps,
+            seed=config.seed,
+            force=True,
+            progress=progress,
+        )
         scored(f"compressed:r{rank}-{remaining}{tuned}", folder)
     scored("top-1", main, top_k=1)
     for p in config.top_p:

@@ -289,7 +289,8 @@ def evolve(
             evaluate,
             recorded,
             save,
-            None if spec.space == "dataflow" else (0.0, 1.0),  # path genomes: signed indicators, log-scales
+            # path genomes: signed indicators and log-scales, unbounded, with their own initial spread
+            None if isinstance(space, DataflowSpace) else (0.0, 1.0),
             space.initial_spread(spec.optimizer.sigma0) if isinstance(space, DataflowSpace) else None,
         )
     finally:
