@@ -813,10 +813,6 @@ def _eval_suite(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: object) -> str:
-    return f"`{value}`"
-
-
 def methods_markdown(full: bool = True) -> str:
     """Two Markdown tables generated from the registry: the methods (``full``: with every parameter and its
     default, and the paper; else what each does, as in the README), and every paper-vs-mergekit difference."""
@@ -827,7 +823,7 @@ def methods_markdown(full: bool = True) -> str:
         rows = ["| method | base | data | parameters (default) | paper |", "|---|---|---|---|---|"]
     else:
         rows = ["| method | base | data | what it does |", "|---|---|---|---|"]
-    diffs = ["| method | parameter | paper default | `compat: mergekit` |", "|---|---|---|---|"]
+    diffs = ["| method | parameter: paper default → `compat: mergekit` |", "|---|---|"]
     for m in all_methods():
         params = ", ".join(
             f"`{p.name}`{'*' if p.per_model else ''}={'required' if p.required else p.default!r}"
@@ -836,9 +832,13 @@ def methods_markdown(full: bool = True) -> str:
         data = m.fit.data.value if m.fit is not None else "—"
         last = f"{params} | {m.paper}" if full else m.summary
         rows.append(f"| `{m.name}` | {m.base.value} | {data} | {last} |")
-        for p in m.params:
-            if p.mergekit is not REQUIRED and p.mergekit != p.default:
-                diffs.append(f"| `{m.name}` | `{p.name}` | {_fmt(p.default)} | {_fmt(p.mergekit)} |")
+        differ = [
+            f"`{p.name}` {p.default} → {p.mergekit}"
+            for p in m.params
+            if p.mergekit is not REQUIRED and p.mergekit != p.default
+        ]
+        if differ:
+            diffs.append(f"| `{m.name}` | {'; '.join(differ)} |")
     note = (
         "`*` = per-model parameter; data: what a data-driven method fits on (`data:` in the recipe)."
         if full

@@ -20,6 +20,7 @@ from mergesmith.bench.zoo.llm import (
     build_llm_zoo,
     encode_examples,
     multitask_outcomes,
+    normalized_exact_match,
     reference_evaluations,
 )
 from mergesmith.bench.zoo.llm_data import Example
@@ -616,9 +617,52 @@ def test_the_moe_bench_runs_every_row_and_resumes(tiny_zoo, tmp_path, monkeypatc
     assert moe_bench.run_moe_bench(tiny_zoo, tmp_path, config, progress=False)["rows"].keys() == rows.keys()
 
 
-def test_the_llm_evolve_bench_runs_every_row_on_a_tiny_zoo(tiny_zoo, tmp_path):
+def test_normalized_exact_match_divides_by_each_skills_expert_and_pairs_rows_on_the_same_prompts():
+    """(1/2 / 1/2 + 1/4 / 1/2) / 2 = 0.75; a skill whose expert answers nothing is left out; the paired
+    difference is the difference of the two rows' normalized averages, inside its own interval."""
+    experts = {"a": 0.5, "b": 0.5, "c": 0.0}
+    row = {"a": {"hits": [1, 1, 0, 0]}, "b": {"hits": [1, 0, 0, 0]}, "c": {"hits": [0, 0, 0, 0]}}
+    other = {"a": {"hits": [1, 0, 0, 0]}, "b": {"hits": [1, 0, 0, 0]}, "c": {"hits": [1, 1, 1, 1]}}
+    alone = normalized_exact_match(row, experts)
+    assert alone is not None and alone["estimate"] == pytest.approx(0.75)
+    assert alone["low"] <= 0.75 <= alone["high"]
+    paired = normalized_exact_match(row, experts, versus=other)
+    assert paired is not None and paired["estimate"] == pytest.approx(0.75 - 0.5)
+    assert paired["low"] <= 0.25 <= paired["high"]
+    assert normalized_exact_match(row, {"a": 0.0}) is None
+
+
+def test_the_moe_bench_rewrites_a_model_when_its_inputs_or_settings_change(tmp_path):
+    """A written model is reused while its inputs (the source models' stamps), its settings and its data file's
+    content are the ones it was written with; a progress flag is no setting."""
+    from mergesmith.bench.zoo.moe_bench import _written
+
+    writes: list[dict] = []
+
+    def write(source: str, folder: Path, **settings: object) -> None:
+        writes.append(settings)
+        folder.mkdir(exist_ok=True)
+        (folder / "manifest.json").write_text("{}")
+
+    data = tmp_path / "calibration.jsonl"
+    runs = [
+        ("a", 0, "x", True),
+        ("a", 0, "x", False),
+        ("b", 0, "x", False),
+        ("b", 1, "x", False),
+        ("b", 1, "y", False),
+    ]
+    for inputs, seed, text, progress in runs:
+        data.write_text(text)
+        _written(write, "source", tmp_path / "model", inputs, data=data, seed=seed, progress=progress)
+    assert [w["seed"] for w in writes] == [0, 0, 1, 1]  # the second run reused the first's model
+
+
+def test_the_llm_evolve_bench_runs_every_row_on_a_tiny_zoo(tiny_zoo, tmp_path, monkeypatch):
     """Sources, the best hand recipe, PS, DFS and PS + DFS (short budgets, in one process): every row scored on
-    every skill's test split; the hand recipe is the validation-best of its candidates; the paths load."""
+    every skill's test split; the hand recipe is the validation-best of its candidates; the paths load. A rerun
+    with every search saved reads the rows back (nothing scored on the test split again); another hand recipe
+    recomputes that row only."""
     from mergesmith.bench.zoo.evolve_bench import LLMEvolveConfig, llm_markdown, run_llm_evolve_bench
 
     # the tiny experts answer nothing, so nothing normalizes by them: the fitness is exact match on 2 prompts
@@ -646,6 +690,19 @@ def test_the_llm_evolve_bench_runs_every_row_on_a_tiny_zoo(tiny_zoo, tmp_path):
     assert rows["DFS"]["layers"] >= 1
     assert "| PS + DFS |" in llm_markdown(report, ["arithmetic", "json"])
     assert (tmp_path / "evolve-llm.json").exists()
+
+    scored: list[int] = []
+    evaluate = LLMZoo.evaluate
+    monkeypatch.setattr(LLMZoo, "evaluate", lambda *a, **k: scored.append(1) or evaluate(*a, **k))
+    again = run_llm_evolve_bench(tiny_zoo, tmp_path, config, progress=False, ray=False)
+    assert not scored
+    assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)
+    other = dataclasses.replace(config, hand_lambdas=(0.3,))
+    assert (
+        run_llm_evolve_bench(tiny_zoo, tmp_path, other, progress=False, ray=False)["rows"]["PS"]
+        == again["rows"]["PS"]
+    )
+    assert len(scored) == 1  # the hand recipe's row
 
 
 def test_the_multitask_reference_row_is_the_suites_score_of_the_multitask_model(tiny_zoo):

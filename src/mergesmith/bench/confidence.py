@@ -28,13 +28,14 @@ interval bit for bit.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mergesmith.io.cache import keyed_json
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -267,15 +268,10 @@ def runs_outcomes(runs: list[Mapping[str, object]]) -> dict[str, torch.Tensor] |
 def cached_outcomes(
     path: Path, key: Mapping[str, object], compute: Callable[[], dict[str, dict[str, torch.Tensor]]]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Named rows of per-task outcomes kept in a JSON file under ``key``: read when the file has the same key,
-    else computed and written (by rename, so an interrupted write leaves no half file)."""
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return {name: unpack_outcomes(rows) for name, rows in saved["rows"].items()}
-    rows = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "rows": {n: pack_outcomes(r) for n, r in rows.items()}}) + "\n")
-    tmp.replace(path)
-    return rows
+    """Named rows of per-task outcomes kept in a JSON file under ``key`` (:func:`keyed_json`); a first run returns
+    them as a cached one does (read back from their packed form)."""
+
+    def packed() -> dict[str, dict[str, str | list[float]]]:
+        return {name: pack_outcomes(r) for name, r in compute().items()}
+
+    return {name: unpack_outcomes(r) for name, r in keyed_json(path, key, packed, field="rows").items()}

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from mergesmith.bench.zoo.bench import row_spec
 from mergesmith.bench.zoo.text8 import Zoo, normalized_accuracy
 from mergesmith.drivers.continual import add_model, init_state, read_state
 from mergesmith.errors import MergeError
-from mergesmith.io.cache import cache_dir
+from mergesmith.io.cache import cache_dir, keyed_json
 
 METHODS = ("opcm", "task_arithmetic", "ties", "average")
 OFFLINE = ("task_arithmetic", "ties", "tsv")
@@ -68,6 +69,13 @@ def interval(values: Sequence[float]) -> dict[str, float]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(scipy_stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _merged_accuracy(zoo: Zoo, state_dir: Path, t: int, count: int, limit: int | None) -> dict[str, float]:
+    """The accuracy of the continual state's merge after ``t`` models (it must still be the state's last)."""
+    if count != t:
+        raise MergeError(f"{state_dir}: step {t} was not scored before the state moved on; delete the state")
+    return zoo.evaluate(str(state_dir / f"merged-{t}"), limit=limit)
 
 
 def run_sequence(
@@ -106,15 +114,9 @@ def run_sequence(
             "limit": limit,
         }
         path = cache / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
-        if path.exists():
-            accuracy = json.loads(path.read_text())["accuracy"]
-        else:
-            if state.count != t:
-                raise MergeError(
-                    f"{state_dir}: step {t} was not scored before the state moved on; delete the state"
-                )
-            accuracy = zoo.evaluate(str(state_dir / f"merged-{t}"), limit=limit)
-            path.write_text(json.dumps({"key": key, "accuracy": accuracy}) + "\n")
+        accuracy = keyed_json(
+            path, key, partial(_merged_accuracy, zoo, state_dir, t, state.count, limit), field="accuracy"
+        )
         steps.append(normalized_accuracy(accuracy, finetuned))
     return steps
 

@@ -23,10 +23,12 @@ it keeps worst), each scored on every skill's test split: exact match and answer
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +46,13 @@ from mergesmith.bench.suite import Suite, backbone
 from mergesmith.bench.zoo.bench import accuracies
 from mergesmith.bench.zoo.databench import DataBench, rows
 from mergesmith.bench.zoo.evolve_fitness import BENCH_KINDS
-from mergesmith.bench.zoo.llm import LLMZoo, build_llm_zoo, reference_scores
+from mergesmith.bench.zoo.llm import LLMZoo, build_llm_zoo, normalized_exact_match, reference_evaluations
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
 from mergesmith.drivers.evolve.fitness import Fitness
 from mergesmith.drivers.evolve.search import HISTORY, MODEL, PLOT, evolve
 from mergesmith.fit.hf import load_causal_lm
-from mergesmith.io.cache import zoo_dir
+from mergesmith.io.cache import keyed_json, zoo_dir
 from mergesmith.recipe.search import load_search
 
 BASELINES = ("task_arithmetic", "ties", "dare_ties", "tsv")
@@ -257,8 +259,11 @@ class LLMEvolveConfig:
     fitness: tuple[dict[str, Any], ...] = ()  # default: the zoo's BENCH.yaml on validation, normalized
 
 
-def _per_skill(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    return {s: {"exact_match": v["exact_match"], "loss": v["loss"]} for s, v in scores.items()}
+def _per_skill(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Exact match, answer loss and the per-prompt hits (for the intervals) of each skill."""
+    return {
+        s: {"exact_match": v["exact_match"], "loss": v["loss"], "hits": v["hits"]} for s, v in scores.items()
+    }
 
 
 def run_llm_evolve_bench(
@@ -279,7 +284,8 @@ def run_llm_evolve_bench(
         "config": asdict(config),
         "command": "python -m mergesmith.bench.zoo.evolve_bench llm",
     }
-    rows: dict[str, Any] = {name: {"test": v} for name, v in reference_scores(zoo, progress).items()}
+    references = reference_evaluations(zoo, progress=progress)
+    rows: dict[str, Any] = {name: {"test": _per_skill(v)} for name, v in references.items()}
 
     def kept_on_val(state: dict[str, Any]) -> dict[str, float]:
         acc = accuracies(suite.outcomes(backbone(state, suite.arch_prefix), "val", limit=config.val_limit))
@@ -296,7 +302,8 @@ def run_llm_evolve_bench(
         "seed": config.seed,
     }
     score = Fitness(load_search(spec_ps), BENCH_KINDS)
-    sources = load_in_memory([str(zoo.base), *experts])
+    # the sources' tensors, loaded only when a row is not cached (and let go before the path searches' workers)
+    sources = functools.cache(lambda: load_in_memory([str(zoo.base), *experts]))
     hand = [
         {
             "merge_method": "task_arithmetic",
@@ -313,26 +320,41 @@ def run_llm_evolve_bench(
             "compat": "mergekit",
         }
     ]
-    scored = [(score(merge_recipe_in_memory(r, sources)[0]), k) for k, r in enumerate(hand)]
-    val, k = max(scored)
-    state, _ = merge_recipe_in_memory(hand[k], sources)
-    rows["best hand recipe"] = {
-        "recipe": hand[k],
-        "val": val,
-        "test": _per_skill(zoo.evaluate(base_module, state)),
+    # a row's test scores are kept in <zoo>/evolve/rows/ under what they depend on: its recipe (for a search, the
+    # result it resumed to), the zoo's models and test prompts; a rerun with everything saved only writes tables
+    inputs = {
+        "models": [zoo.model_stamp(Path(m)) for m in (zoo.base, *experts)],
+        "test": zoo.test_stamp(),
+        "fitness": fitness,
     }
 
+    def cached(name: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = work / "rows" / f"{name.lower().replace(' + ', '-').replace(' ', '-')}.json"
+        rows[name] = keyed_json(path, {**inputs, **key}, compute, field="row")
+        return rows[name]
+
+    def best_hand() -> dict[str, Any]:
+        scored = [(score(merge_recipe_in_memory(r, sources())[0]), k) for k, r in enumerate(hand)]
+        val, k = max(scored)
+        state, _ = merge_recipe_in_memory(hand[k], sources())
+        return {"recipe": hand[k], "val": val, "test": _per_skill(zoo.evaluate(base_module, state))}
+
+    cached("best hand recipe", {"hand": hand}, best_hand)
     ps = evolve(spec_ps, work / "ps", resume=(work / "ps" / HISTORY).exists(), **run)
-    state, _ = merge_recipe_in_memory(ps.best_recipe, sources)
-    rows["PS"] = {
-        "val": ps.best_fitness,
-        "evaluations": ps.evaluations,
-        "candidates_per_minute": ps.candidates_per_minute,
-        "test": _per_skill(zoo.evaluate(base_module, state)),
-    }
-    kept = kept_on_val(state)
+
+    def ps_row() -> dict[str, Any]:
+        state, _ = merge_recipe_in_memory(ps.best_recipe, sources())
+        return {
+            "val": ps.best_fitness,
+            "evaluations": ps.evaluations,
+            "candidates_per_minute": ps.candidates_per_minute,
+            "test": _per_skill(zoo.evaluate(base_module, state)),
+            "kept_on_val": kept_on_val(state),
+        }
+
+    kept = cached("PS", {"recipe": ps.best_recipe}, ps_row).pop("kept_on_val")
     worst = sorted(zoo.skills, key=lambda t: kept[t])
-    del sources, state
+    sources.cache_clear()
 
     def path_search(name: str, models: list[str]) -> None:
         spec = {
@@ -345,18 +367,34 @@ def run_llm_evolve_bench(
         }
         folder = work / name.lower().replace(" + ", "-")
         result = evolve(spec, folder, resume=(folder / HISTORY).exists(), **run)
-        module = load_causal_lm(folder / MODEL)
-        rows[name] = {
-            "models": models,
-            "layers": module.config.num_hidden_layers,
-            "val": result.best_fitness,
-            "evaluations": result.evaluations,
-            "candidates_per_minute": result.candidates_per_minute,
-            "test": _per_skill(zoo.evaluate(module)),
-        }
+
+        def row() -> dict[str, Any]:
+            module = load_causal_lm(folder / MODEL)
+            return {
+                "models": models,
+                "layers": module.config.num_hidden_layers,
+                "val": result.best_fitness,
+                "evaluations": result.evaluations,
+                "candidates_per_minute": result.candidates_per_minute,
+                "test": _per_skill(zoo.evaluate(module)),
+            }
+
+        # PS's result picks the paths' experts (its weakest skills) and is the second path's first model
+        cached(name, {"recipe": result.best_recipe, "ps": ps.best_recipe}, row)
 
     path_search("DFS", [str(zoo.expert(worst[0])), str(zoo.expert(worst[1]))])
     path_search("PS + DFS", [str(work / "ps" / MODEL), str(zoo.expert(worst[0]))])
+    # normalized exact match with its interval; each search against where it started, on the same prompts
+    experts = {s: rows[f"expert:{s}"]["test"][s]["exact_match"] for s in zoo.skills}
+    starts = {"PS": "best hand recipe", "DFS": f"expert:{worst[0]}", "PS + DFS": "PS"}
+    for name, row in rows.items():
+        row["normalized"] = normalized_exact_match(row["test"], experts)
+        if name in starts:
+            row["versus"] = starts[name]
+            row["difference"] = normalized_exact_match(row["test"], experts, rows[starts[name]]["test"])
+    for row in rows.values():
+        for scores in row["test"].values():
+            del scores["hits"]
     report["rows"] = rows
     report["ps_kept_on_val"] = kept
     out.mkdir(parents=True, exist_ok=True)
@@ -365,21 +403,38 @@ def run_llm_evolve_bench(
     return report
 
 
+def _percent(interval: dict[str, float] | None, sign: str = "") -> str:
+    if interval is None:
+        return "—"
+    low, high = 100 * interval["low"], 100 * interval["high"]
+    return f"{100 * interval['estimate']:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
+
+
 def llm_markdown(report: dict[str, Any], skills: list[str]) -> str:
     lines = [
         "# Evolutionary search on the LLM zoo (SmolLM2-135M experts)",
         "",
-        f"`{report['command']}`; {report['config']}. Exact match % (answer loss) per skill on the test split.",
+        f"`{report['command']}`; {report['config']}. Exact match % (answer loss) per skill on the test split "
+        "(never seen by the searches); normalized = exact match over each skill's own expert's, averaged, with "
+        "its 95 % bootstrap interval; the last column is a search's paired difference from where it started (an "
+        "interval containing 0 is no difference).",
         "",
-        "| row | val fitness | " + " | ".join(skills) + " | mean EM |",
-        "|---|---|" + "---|" * len(skills) + "---|",
+        "| row | val fitness | "
+        + " | ".join(skills)
+        + " | mean EM | normalized % [95 % CI] | − start [95 % CI] |",
+        "|---|---|" + "---|" * len(skills) + "---|---|---|",
     ]
     for name, row in report["rows"].items():
         test = row["test"]
         cells = [f"{100 * test[s]['exact_match']:.1f} ({test[s]['loss']:.2f})" for s in skills]
         mean = sum(test[s]["exact_match"] for s in skills) / len(skills)
         val = f"{row['val']:.3f}" if row.get("val") is not None else "—"
-        lines.append(f"| {name} | {val} | " + " | ".join(cells) + f" | {100 * mean:.1f} |")
+        versus = f"{_percent(row['difference'], '+')} vs {row['versus']}" if "versus" in row else ""
+        lines.append(
+            f"| {name} | {val} | "
+            + " | ".join(cells)
+            + f" | {100 * mean:.1f} | {_percent(row.get('normalized'))} | {versus} |"
+        )
     searches = [
         f"{name}: {row['evaluations']} candidates, {row['candidates_per_minute']:.2f}/min"
         for name, row in report["rows"].items()

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mergesmith.api.gguf import convert_gguf
+from mergesmith.bench.confidence import bootstrap_normalized, paired_difference
 from mergesmith.bench.zoo import llm_data
 from mergesmith.bench.zoo.bench import BENCH_METHODS, COMMUNITY_ROWS
 from mergesmith.bench.zoo.llm_data import Example
@@ -305,6 +306,15 @@ class LLMZoo:
     def tokenizer(self) -> Any:
         return load_tokenizer(self.base)
 
+    def model_stamp(self, folder: Path) -> Any:
+        """What a zoo model is: its trained stage's stamp (the base has none: the GGUF it was converted from)."""
+        info = Path(folder) / "mergesmith_zoo.json"
+        return json.loads(info.read_text())["stamp"] if info.exists() else self.manifest["base"]["source"]
+
+    def test_stamp(self) -> dict[str, str]:
+        """The test prompts' sha256 per skill: a cached test score holds while they do."""
+        return {s: self.manifest["data"][s]["sha256"]["test"] for s in self.skills}
+
     def evaluate(
         self,
         module: nn.Module,
@@ -506,14 +516,12 @@ def reference_evaluations(
     unknown = [row for row in rows or () if row not in models]
     if unknown:
         raise MergeError(f"{zoo.root}: no reference row '{unknown[0]}' (rows: {', '.join(models)})")
-    test_sha = {s: zoo.manifest["data"][s]["sha256"]["test"] for s in zoo.skills}
+    test_sha = zoo.test_stamp()
     out = {}
     for row in tqdm(rows or list(models), desc="reference rows", disable=not progress, leave=False):
         folder = models[row]
         cache = zoo.root / "evals" / f"{row.replace(':', '-')}.json"
-        info = folder / "mergesmith_zoo.json"  # a trained stage's record; the base has none
-        model = json.loads(info.read_text())["stamp"] if info.exists() else zoo.manifest["base"]["source"]
-        stamp = _digest({"model": model, "test": test_sha})  # the row's model and the test prompts it answers
+        stamp = _digest({"model": zoo.model_stamp(folder), "test": test_sha})  # model + prompts
         cached = json.loads(cache.read_text()) if cache.exists() else {}
         covered = cached.get("limit") is None or (limit is not None and cached["limit"] >= limit)
         if cached.get("stamp") == stamp and covered:
@@ -526,6 +534,27 @@ def reference_evaluations(
             continue
         out[row] = {s: first_prompts(v, limit) for s, v in scores.items()} if limit is not None else scores
     return out
+
+
+def _hit_outcomes(scores: Mapping[str, Mapping[str, Any]], skills: Sequence[str]) -> dict[str, torch.Tensor]:
+    return {s: torch.tensor(scores[s]["hits"], dtype=torch.float64) for s in skills}
+
+
+def normalized_exact_match(
+    scores: Mapping[str, Mapping[str, Any]],
+    experts: Mapping[str, float],
+    versus: Mapping[str, Any] | None = None,
+) -> dict[str, float] | None:
+    """A row's exact match over each skill's own expert's, averaged, with its 95 % bootstrap interval (from the
+    per-prompt ``hits`` of ``scores``); with ``versus`` (another row on the same prompts), the paired difference
+    row − versus instead. Skills whose expert answers nothing are left out (None when none is left)."""
+    usable = {s: e for s, e in experts.items() if e > 0}
+    if not usable:
+        return None
+    row = _hit_outcomes(scores, list(usable))
+    if versus is None:
+        return bootstrap_normalized(row, usable).as_dict()
+    return paired_difference(row, _hit_outcomes(versus, list(usable)), usable).as_dict()
 
 
 def reference_table(zoo: LLMZoo) -> str:

@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 from mergesmith.api.moe import build_moe
 from mergesmith.api.moe_compress import compress_moe
 from mergesmith.api.moe_merge import merge_moe_experts
-from mergesmith.bench.confidence import bootstrap_normalized
 from mergesmith.bench.zoo.llm import (
     LLMZoo,
     LLMZooConfig,
     encode_examples,
     fine_tune,
+    normalized_exact_match,
     reference_evaluations,
 )
 from mergesmith.errors import MergeError
@@ -49,8 +49,10 @@ from mergesmith.fit.data import pad_id
 from mergesmith.fit.hf import load_causal_lm
 from mergesmith.fit.losparse import expert_modules
 from mergesmith.fit.moe_routing import named_routers, routers, top_p_routing
+from mergesmith.io.cache import keyed_json
 from mergesmith.io.output import atomic_folder
 from mergesmith.io.reader import CheckpointSource
+from mergesmith.io.writer import sha256_file
 from mergesmith.ops.expert_merge import permute_expert
 
 MERGE_METHODS = ("m-smoe", "m-smoe-no-align", "uniform", "frequency-prune", "random-drop")
@@ -88,6 +90,7 @@ class MoEBenchConfig:
 
 
 BUILD_RECORD = "mergesmith_bench_build.json"  # what the bench did to a model it wrote (router training, …)
+WRITE_RECORD = "mergesmith_bench_write.json"  # what the bench asked a mergesmith command to write there
 
 
 def model_stamp(folder: Path) -> str:
@@ -152,11 +155,26 @@ def _saved(module: torch.nn.Module, tokenizer: Any, out: Path, record: dict[str,
     return out
 
 
-def _written(write: Callable[..., object], source: Any, folder: Path, **settings: Any) -> Path:
-    """``folder``, written by ``write(source, folder, **settings)`` unless mergesmith already wrote it (its
-    manifest is the last file an atomic write puts there)."""
-    if not (folder / "manifest.json").exists():
-        write(source, folder, **settings)
+def _written(write: Callable[..., object], source: Any, folder: Path, inputs: Any, **settings: Any) -> Path:
+    """``folder``, written by ``write(source, folder, **settings)`` unless it holds that write already: the
+    record the bench leaves beside mergesmith's output names the same ``inputs`` (what the source models are)
+    and settings (a data file by its sha256). Keyed on inputs and settings, not on code (docs/design.md)."""
+    progress_only = ("force", "progress")
+    key = {
+        "source": str(source) if isinstance(source, Path) else source,
+        "inputs": inputs,
+        "settings": {
+            k: sha256_file(v) if isinstance(v, Path) else v
+            for k, v in settings.items()
+            if k not in progress_only
+        },
+    }
+    record = folder / WRITE_RECORD
+    text = json.dumps(key, sort_keys=True) + "\n"
+    if (folder / "manifest.json").exists() and record.exists() and record.read_text() == text:
+        return folder
+    write(source, folder, **settings)
+    record.write_text(text)  # after the atomic write: a crash in between writes it again
     return folder
 
 
@@ -234,9 +252,9 @@ def run_moe_bench(
         folders[name] = folder
         key = {"model": model_stamp(folder), "limit": config.eval_limit, **extra}
         path = cache / f"{name.replace(':', '-').replace('@', '-')}.json"
-        if path.exists() and json.loads(path.read_text()).get("key") == key:
-            rows[name] = json.loads(path.read_text())["row"]
-            return
+        rows[name] = keyed_json(path, key, lambda: evaluated(folder, extra), field="row")
+
+    def evaluated(folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
         module = load_causal_lm(folder)
         row: dict[str, Any] = {}
         if "top_p" in extra:
@@ -257,8 +275,7 @@ def run_moe_bench(
                     for k in record[key_name]
                     if k not in ("labels", "usage_frequency", "centers")
                 }
-        path.write_text(json.dumps({"key": key, "row": row}) + "\n")
-        rows[name] = row
+        return row
 
     # the dense experts on the same prompts (their reference evaluations: cached by the zoo)
     dense = reference_evaluations(zoo, [f"expert:{s}" for s in zoo.skills], config.eval_limit, progress)
@@ -267,7 +284,12 @@ def run_moe_bench(
     steps = [("gate", g) for g in config.gate_modes]
     for _, gate in tqdm(steps, desc="gate modes", disable=not progress, leave=False):
         upcycled = _written(
-            build_moe, moe_config(zoo, gate, config), work / f"upcycled-{gate}", force=True, progress=False
+            build_moe,
+            moe_config(zoo, gate, config),
+            work / f"upcycled-{gate}",
+            [zoo.model_stamp(m) for m in (zoo.base, *map(zoo.expert, zoo.skills))],
+            force=True,
+            progress=False,
         )
         scored(f"upcycled:{gate}", upcycled)
         routed = train_routers(upcycled, work / f"routed-{gate}", zoo, config, progress)
@@ -282,6 +304,7 @@ def run_moe_bench(
             merge_moe_experts,
             source,
             folder,
+            model_stamp(source),
             data=calibration,
             groups=groups,
             method=method,
@@ -314,6 +337,7 @@ def run_moe_bench(
             compress_moe,
             first_merge,
             work / f"compressed-r{rank}-p{remaining}{tuned}",
+            model_stamp(first_merge),
             rank=rank,
             remaining=remaining,
             data=calibration if steps else None,
@@ -347,16 +371,11 @@ def _summarise(
     table = {}
     for name, row in rows.items():
         skills = row["skills"]
-        outcomes = {s: torch.tensor(skills[s]["hits"], dtype=torch.float64) for s in zoo.skills}
-        usable = {s: e for s, e in experts.items() if e > 0}
-        interval = (
-            bootstrap_normalized({s: outcomes[s] for s in usable}, usable).as_dict() if usable else None
-        )
         table[name] = {
             "exact_match": {s: skills[s]["exact_match"] for s in zoo.skills},
             "loss": {s: skills[s]["loss"] for s in zoo.skills},
             "mean_loss": sum(skills[s]["loss"] for s in zoo.skills) / len(zoo.skills),
-            "normalized": interval,
+            "normalized": normalized_exact_match(skills, experts),
             "parameters": parameter_counts(folders[name]),
             **{k: v for k, v in row.items() if k != "skills"},
         }
