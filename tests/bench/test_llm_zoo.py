@@ -689,7 +689,7 @@ def test_the_llm_evolve_bench_runs_every_row_on_a_tiny_zoo(tiny_zoo, tmp_path, m
     assert rows["PS + DFS"]["models"][0].endswith("ps/model")
     assert rows["DFS"]["layers"] >= 1
     assert "| PS + DFS |" in llm_markdown(report, ["arithmetic", "json"])
-    assert (tmp_path / "evolve-llm.json").exists()
+    assert (tmp_path / "evolve-llm.json").exists() and (tmp_path / "evolve-llm.png").stat().st_size > 0
 
     scored: list[int] = []
     evaluate = LLMZoo.evaluate

@@ -50,7 +50,7 @@ from mergesmith.bench.zoo.llm import LLMZoo, build_llm_zoo, normalized_exact_mat
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
 from mergesmith.drivers.evolve.fitness import Fitness
-from mergesmith.drivers.evolve.search import HISTORY, MODEL, PLOT, evolve
+from mergesmith.drivers.evolve.search import HISTORY, MODEL, PLOT, draw_convergence, evolve
 from mergesmith.fit.hf import load_causal_lm
 from mergesmith.io.cache import keyed_json, zoo_dir
 from mergesmith.recipe.search import load_search
@@ -341,6 +341,7 @@ def run_llm_evolve_bench(
 
     cached("best hand recipe", {"hand": hand}, best_hand)
     ps = evolve(spec_ps, work / "ps", resume=(work / "ps" / HISTORY).exists(), **run)
+    searches = {"PS": work / "ps"}
 
     def ps_row() -> dict[str, Any]:
         state, _ = merge_recipe_in_memory(ps.best_recipe, sources())
@@ -367,6 +368,7 @@ def run_llm_evolve_bench(
         }
         folder = work / name.lower().replace(" + ", "-")
         result = evolve(spec, folder, resume=(folder / HISTORY).exists(), **run)
+        searches[name] = folder
 
         def row() -> dict[str, Any]:
             module = load_causal_lm(folder / MODEL)
@@ -400,6 +402,10 @@ def run_llm_evolve_bench(
     out.mkdir(parents=True, exist_ok=True)
     (out / "evolve-llm.json").write_text(json.dumps(report, indent=1))
     (out / "evolve-llm.md").write_text(llm_markdown(report, zoo.skills))
+    histories = {
+        name: json.loads((folder / HISTORY).read_text())["generations"] for name, folder in searches.items()
+    }
+    llm_plot(report, histories, out / "evolve-llm.png")
     return report
 
 
@@ -442,7 +448,38 @@ def llm_markdown(report: dict[str, Any], skills: list[str]) -> str:
     ]
     if searches:  # the issue's speed figure for a 135M Llama, with this run's workers
         lines += ["", f"Searches ({report['config']['workers']} workers): " + "; ".join(searches) + "."]
+    lines += ["", "Convergence of each search and the normalized rows with their intervals: `evolve-llm.png`."]
     return "\n".join(lines) + "\n"
+
+
+def llm_plot(report: dict[str, Any], histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Left: each search's validation fitness per generation; right: every row's normalized test exact match
+    with its 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, history in histories.items():
+        draw_convergence(left, history, f"{name}: ")
+    left.set_title("searches (validation fitness)")
+    left.legend(fontsize=6)
+    rows = [(name, row["normalized"]) for name, row in report["rows"].items() if row.get("normalized")]
+    y = range(len(rows))
+    estimates = [100 * r["estimate"] for _, r in rows]
+    errors = [
+        [100 * (r["estimate"] - r["low"]) for _, r in rows],
+        [100 * (r["high"] - r["estimate"]) for _, r in rows],
+    ]
+    right.barh(list(y), estimates, xerr=errors, capsize=3)
+    right.set_yticks(list(y), [name for name, _ in rows], fontsize=7)
+    right.invert_yaxis()
+    right.set_xlabel("normalized exact match % on test (95 % CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -544,7 +544,7 @@ def normalized_exact_match(
     scores: Mapping[str, Mapping[str, Any]],
     experts: Mapping[str, float],
     versus: Mapping[str, Any] | None = None,
-) -> dict[str, float] | None:
+) -> dict[str, Any] | None:
     """A row's exact match over each skill's own expert's, averaged, with its 95 % bootstrap interval (from the
     per-prompt ``hits`` of ``scores``); with ``versus`` (another row on the same prompts), the paired difference
     row − versus instead. Skills whose expert answers nothing are left out (None when none is left)."""

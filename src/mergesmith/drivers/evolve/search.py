@@ -187,9 +187,23 @@ def _read_history(out: Path, spec: SearchSpec, resume: bool) -> list[dict[str, A
     return saved["generations"]
 
 
+def draw_convergence(ax: Any, history: list[dict[str, Any]], label: str = "") -> None:
+    """Best-so-far (line), generation best (dots) and generation mean (dashed) fitness per generation on ``ax``
+    (a matplotlib axis), their labels prefixed by ``label``."""
+    gens = [g["generation"] + 1 for g in history]
+    best = [g["best"] if g["best"] is not None else math.nan for g in history]
+    mean = [g["mean"] if g["mean"] is not None else math.nan for g in history]
+    so_far = np.fmax.accumulate(np.asarray(best, dtype=float))
+    (line,) = ax.plot(gens, so_far, label=f"{label}best so far", linewidth=2)
+    ax.plot(gens, best, "o", color=line.get_color(), label=f"{label}generation best", markersize=4)
+    ax.plot(gens, mean, "--", color=line.get_color(), label=f"{label}generation mean")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
 def plot_convergence(history: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Best-so-far, generation best and generation mean fitness per generation (PNG); False without
-    matplotlib."""
+    """:func:`draw_convergence` as a PNG; False without matplotlib."""
     try:
         import matplotlib
 
@@ -197,16 +211,8 @@ def plot_convergence(history: list[dict[str, Any]], path: Path, title: str) -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    gens = [g["generation"] + 1 for g in history]
-    best = [g["best"] if g["best"] is not None else math.nan for g in history]
-    mean = [g["mean"] if g["mean"] is not None else math.nan for g in history]
-    so_far = np.fmax.accumulate(np.asarray(best, dtype=float))
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(gens, so_far, label="best so far", linewidth=2)
-    ax.plot(gens, best, "o", label="generation best", markersize=4)
-    ax.plot(gens, mean, "--", label="generation mean")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("fitness")
+    draw_convergence(ax, history)
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
