@@ -448,7 +448,10 @@ def llm_markdown(report: dict[str, Any], skills: list[str]) -> str:
     ]
     if searches:  # the speed figure for a 135M Llama, with this run's workers
         lines += ["", f"Searches ({report['config']['workers']} workers): " + "; ".join(searches) + "."]
-    lines += ["", "Convergence of each search and the normalized rows with their intervals: `evolve-llm.png`."]
+    lines += [
+        "",
+        "Convergence of each search and the normalized rows with their intervals: `evolve-llm.png`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
