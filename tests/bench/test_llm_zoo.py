@@ -244,7 +244,7 @@ def test_quick_pipeline_end_to_end(tiny_zoo):
     moved = [k for k, v in expert.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert moved, "the expert differs from the base"
     before = json.loads((tiny_zoo / "evals" / "base.json").read_text())
-    assert len(before["skills"]["json"]["hits"]) == 20
+    assert len(before["per_skill"]["json"]["scores"]["hits"]) == 20
 
 
 def test_a_second_build_reuses_every_stage(tiny_zoo, monkeypatch):
@@ -284,6 +284,23 @@ def test_an_experts_only_build_and_reference_rows_on_the_first_prompts(tmp_path,
     full = reference_evaluations(zoo, ["expert:json"])["expert:json"]  # 5 do not cover all 20: evaluated
     assert len(full["json"]["hits"]) == 20 and full["json"]["hits"][:5] == first["json"]["hits"]
     assert full["json"]["losses"][:5] == pytest.approx(first["json"]["losses"])
+    # a build with fewer skills (the MoE bench's) reads the same file, and what it adds keeps the others'
+    fewer = LLMZoo(root)
+    fewer.skills = ["json"]
+    calls: list[list[str]] = []
+    evaluate = LLMZoo.evaluate
+    monkeypatch.setattr(
+        LLMZoo, "evaluate", lambda self, *a, **k: calls.append(k["skills"]) or evaluate(self, *a, **k)
+    )
+    assert reference_evaluations(fewer, ["expert:json"])["expert:json"] == {"json": full["json"]}
+    assert reference_evaluations(fewer, ["base"], limit=4)["base"].keys() == {"json"}
+    assert calls == [["json"]]
+    assert reference_evaluations(zoo, ["expert:json"])["expert:json"] == full
+    assert (
+        reference_evaluations(zoo, ["base"], limit=4)["base"]["json"]["hits"]
+        == (reference_evaluations(fewer, ["base"], limit=4)["base"]["json"]["hits"])
+    )
+    assert calls == [["json"], ["arithmetic"]]  # only the skill the smaller build had not scored
     with pytest.raises(MergeError, match="no reference row 'multitask'"):
         reference_evaluations(zoo, ["multitask"])
     # the full build trains only what is missing (the multi-task model) and evaluates every row

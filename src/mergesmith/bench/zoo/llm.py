@@ -321,15 +321,16 @@ class LLMZoo:
         params: Mapping[str, torch.Tensor] | None = None,
         split: str = "test",
         limit: int | None = None,
+        skills: Sequence[str] | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Every skill's exact match and answer loss (with per-example outcomes) for ``module`` (run with
-        ``params`` in place of its weights when given: an in-memory merge), on the first ``limit`` prompts of
-        each skill's split (all by default)."""
+        """Every skill's (or those of ``skills``) exact match and answer loss (with per-example outcomes) for
+        ``module`` (run with ``params`` in place of its weights when given: an in-memory merge), on the first
+        ``limit`` prompts of each skill's split (all by default)."""
         tokenizer = self.tokenizer()
         max_length = int(self.manifest["config"]["max_length"])
         return {
             s: score_skill(module, tokenizer, self.split(s, split)[:limit], s, max_length, params)
-            for s in self.skills
+            for s in (self.skills if skills is None else skills)
         }
 
 
@@ -507,9 +508,11 @@ def reference_evaluations(
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Reference rows' evaluations per skill (exact match, loss, per-prompt hits and losses) on the first
     ``limit`` test prompts (all by default). ``rows``: names among ``base``, ``expert:<skill>`` and
-    ``multitask`` (default: every row whose model is built). Each is read from ``evals/<row>.json`` when its
-    model and the test prompts are unchanged and the cached evaluation covers ``limit`` prompts (cut to them),
-    else evaluated and cached (``evaluate=False``: left out)."""
+    ``multitask`` (default: every row whose model is built). Each skill of a row is read from
+    ``evals/<row>.json`` when the model and that skill's test prompts are unchanged and the cached evaluation
+    covers ``limit`` prompts (cut to them); the skills that are not are evaluated and added to the file
+    (``evaluate=False``: the row is left out). Per skill, so that a zoo built with fewer skills (the MoE bench's
+    four) reads and extends the same file instead of replacing it."""
     models = {"base": zoo.base, **{f"expert:{s}": zoo.expert(s) for s in zoo.skills}}
     if (zoo.multitask / "mergesmith_zoo.json").exists():
         models["multitask"] = zoo.multitask
@@ -521,18 +524,28 @@ def reference_evaluations(
     for row in tqdm(rows or list(models), desc="reference rows", disable=not progress, leave=False):
         folder = models[row]
         cache = zoo.root / "evals" / f"{row.replace(':', '-')}.json"
-        stamp = _digest({"model": zoo.model_stamp(folder), "test": test_sha})  # model + prompts
-        cached = json.loads(cache.read_text()) if cache.exists() else {}
-        covered = cached.get("limit") is None or (limit is not None and cached["limit"] >= limit)
-        if cached.get("stamp") == stamp and covered:
-            scores = cached["skills"]
-        elif evaluate:
-            scores = zoo.evaluate(load_causal_lm(folder), limit=limit)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"stamp": stamp, "limit": limit, "skills": scores}) + "\n")
-        else:
+        model = zoo.model_stamp(folder)
+        stamps = {s: _digest({"model": model, "test": test_sha[s]}) for s in zoo.skills}
+        saved = json.loads(cache.read_text()).get("per_skill", {}) if cache.exists() else {}
+        missing = [
+            s
+            for s in zoo.skills
+            if saved.get(s, {}).get("stamp") != stamps[s]
+            or not (saved[s]["limit"] is None or (limit is not None and saved[s]["limit"] >= limit))
+        ]
+        if missing and not evaluate:
             continue
-        out[row] = {s: first_prompts(v, limit) for s, v in scores.items()} if limit is not None else scores
+        if missing:
+            scores = zoo.evaluate(load_causal_lm(folder), limit=limit, skills=missing)
+            saved.update({s: {"stamp": stamps[s], "limit": limit, "scores": scores[s]} for s in missing})
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + ".tmp")
+            tmp.write_text(json.dumps({"per_skill": saved}) + "\n")
+            tmp.replace(cache)
+        out[row] = {
+            s: first_prompts(saved[s]["scores"], limit) if limit is not None else saved[s]["scores"]
+            for s in zoo.skills
+        }
     return out
 
 
