@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesmith.errors import CheckpointError, MergeError
+from mergesmith.io.cache import write_json
 from mergesmith.io.safetensors_io import SafetensorsFile
 from mergesmith.io.writer import sha256_file
 
@@ -101,9 +102,7 @@ class PartialFolder:
         self.resumed_from = len(self.finished)
 
     def _save(self) -> None:
-        tmp = self.path / (JOURNAL + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": self.finished}, indent=1))
-        os.replace(tmp, self.path / JOURNAL)  # atomic: a kill never leaves a torn journal
+        write_json(self.path / JOURNAL, {"fingerprint": self.fingerprint, "shards": self.finished}, indent=1)
 
     def shard_done(self, file_name: str, digest: str) -> None:
         self.finished[file_name] = digest

@@ -28,6 +28,7 @@ from mergesmith.bench.confidence import bootstrap_normalized, pack_outcomes, pai
 from mergesmith.bench.zoo.models import mean
 from mergesmith.bench.zoo.text8 import summarize
 from mergesmith.errors import MergeError
+from mergesmith.io.cache import write_json
 from mergesmith.methods.registry import get_method
 
 
@@ -397,10 +398,7 @@ def run_bench(
             bar.set_postfix_str(spec.name)
         results["methods"][spec.name] = entry
         if checkpoint is not None:  # a long run keeps what it has finished
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=1) + "\n")
-            tmp.replace(checkpoint)
+            write_json(checkpoint, results, indent=1)
     bar.close()
     results["methods"] = {spec.name: results["methods"][spec.name] for spec in chosen}
     results["seconds"] = round(time.perf_counter() - started, 1)

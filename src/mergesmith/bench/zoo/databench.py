@@ -48,6 +48,7 @@ from mergesmith.bench.zoo.bench import (
 from mergesmith.bench.zoo.text8 import Zoo, summarize
 from mergesmith.errors import MergeError
 from mergesmith.fit.twin import build_twin, evaluate
+from mergesmith.io.cache import write_json
 from mergesmith.methods.registry import get_method
 
 
@@ -304,10 +305,7 @@ def _count_examples(info: dict[str, Any], tasks) -> int:
 def _save_checkpoint(checkpoint: Path | None, results: dict[str, Any]) -> None:
     """Write by rename: a run stopped mid-write keeps the previous checkpoint."""
     if checkpoint is not None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        partial = checkpoint.with_suffix(".tmp")
-        partial.write_text(json.dumps(results, indent=1) + "\n")
-        partial.replace(checkpoint)
+        write_json(checkpoint, results, indent=1)
 
 
 def _same_setting(row: DataBenchRow, params: dict[str, Any]) -> bool:

@@ -46,7 +46,7 @@ from mergesmith.errors import MergeError
 from mergesmith.fit.data import pad_id
 from mergesmith.fit.evaluate import ExactMatchTask, check_params, model_context, run
 from mergesmith.fit.hf import load_causal_lm, load_tokenizer, quiet_transformers
-from mergesmith.io.cache import zoo_dir
+from mergesmith.io.cache import write_json, zoo_dir
 from mergesmith.io.output import atomic_folder
 
 LOSS_BATCH = 16
@@ -538,10 +538,7 @@ def reference_evaluations(
         if missing:
             scores = zoo.evaluate(load_causal_lm(folder), limit=limit, skills=missing)
             saved.update({s: {"stamp": stamps[s], "limit": limit, "scores": scores[s]} for s in missing})
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
-            tmp.write_text(json.dumps({"per_skill": saved}) + "\n")
-            tmp.replace(cache)
+            write_json(cache, {"per_skill": saved})
         out[row] = {
             s: first_prompts(saved[s]["scores"], limit) if limit is not None else saved[s]["scores"]
             for s in zoo.skills

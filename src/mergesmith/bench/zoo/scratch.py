@@ -84,7 +84,7 @@ from mergesmith.bench.zoo.scratch_text import TextConfig, TextData
 from mergesmith.errors import MergeError
 from mergesmith.fit.data import Encoded
 from mergesmith.fit.small_models import MLP_TYPE, RESNET_TYPE, build, save_small_model
-from mergesmith.io.cache import zoo_dir
+from mergesmith.io.cache import write_json, zoo_dir
 from mergesmith.io.output import atomic_folder
 from mergesmith.io.safetensors_io import save_file
 from mergesmith.io.writer import sha256_file
@@ -427,13 +427,6 @@ def _read_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_json(path: Path, value: Any) -> None:
-    """Replace ``path`` in one rename: a kill never leaves a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _make_data(root: Path, dataset: str, config: ScratchZooConfig, folder: Path | None) -> dict[str, Any]:
     """``data/<dataset>.safetensors`` and its record, reused when the record's stamp and the file's sha256 match."""
     path = root / "data" / f"{dataset}.safetensors"
@@ -471,7 +464,7 @@ def _make_data(root: Path, dataset: str, config: ScratchZooConfig, folder: Path 
         "source": scratch_data.SOURCES[dataset],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    _write_json(info_path, info)
+    write_json(info_path, info, indent=1)
     return info
 
 
@@ -611,7 +604,7 @@ def _make_text_data(root: Path, config: ScratchZooConfig, cache: Path | None) ->
         "source": source,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    _write_json(info_path, info)
+    write_json(info_path, info, indent=1)
     return info
 
 
@@ -793,7 +786,7 @@ def build_scratch_zoo(
     }
     if text_widths:
         manifest["build"]["pretraining"] = pretraining
-    _write_json(root / "manifest.json", manifest)
+    write_json(root / "manifest.json", manifest, indent=1)
     return root
 
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
 from mergesmith.drivers.evolve.dataflow import DataflowSpace
 from mergesmith.drivers.evolve.pool import LocalPool, RayPool
 from mergesmith.errors import MergeError, RecipeError
+from mergesmith.io.cache import write_json
 from mergesmith.recipe.search import SearchSpec, load_search
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,6 @@ def best_candidate(history: list[dict[str, Any]]) -> tuple[int, int, float]:
     return best
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _read_history(out: Path, spec: SearchSpec, resume: bool) -> list[dict[str, Any]]:
     path = out / HISTORY
     if not path.exists():
@@ -283,8 +277,12 @@ def evolve(
             bar.close()
 
     def save(history: list[dict[str, Any]]) -> None:
-        _write_json(out / HISTORY, {"fingerprint": fingerprint(spec), "generations": history})
+        write_json(out / HISTORY, {"fingerprint": fingerprint(spec), "generations": history}, indent=1)
 
+    # path genomes: signed indicators and log-scales, unbounded, with their own initial spread
+    path = isinstance(space, DataflowSpace)
+    bounds = None if path else (0.0, 1.0)
+    spread = space.initial_spread(spec.optimizer.sigma0) if path else None
     try:
         history = run_cma(
             space.initial(),
@@ -295,9 +293,8 @@ def evolve(
             evaluate,
             recorded,
             save,
-            # path genomes: signed indicators and log-scales, unbounded, with their own initial spread
-            None if isinstance(space, DataflowSpace) else (0.0, 1.0),
-            space.initial_spread(spec.optimizer.sigma0) if isinstance(space, DataflowSpace) else None,
+            bounds,
+            spread,
         )
     finally:
         pool.close()
@@ -315,7 +312,7 @@ def evolve(
         "candidates_per_minute": round(60 * evaluated / eval_seconds, 3) if eval_seconds else None,
         "workers": pool.workers,
     }
-    _write_json(out / HISTORY, summary)
+    write_json(out / HISTORY, summary, indent=1)
     plot_convergence(history, out / PLOT, f"{spec.space} search: {spec.merge_method or 'layer path'}")
     if write_model:
         merge(recipe, out / MODEL, force=True, progress=progress)
