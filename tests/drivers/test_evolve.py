@@ -213,6 +213,17 @@ def test_a_killed_ray_worker_is_survived(llamas, tmp_path):
     assert b["workers"] == 2
 
 
+def test_a_ray_worker_that_cannot_start_is_one_line_and_writes_nothing(llamas, tmp_path):
+    """An evaluator whose construction fails in the workers (a missing setting) stops the search with the
+    worker's own one-line error, before the search folder is written; an unknown kind fails before any starts."""
+    pytest.importorskip("ray")
+    with pytest.raises(RecipeError, match=r"^fitness .*: missing setting 'target'$"):
+        evolve(search(llamas, fitness={"kind": CLOSENESS}), tmp_path / "s", workers=2, progress=False)
+    with pytest.raises(RecipeError, match="unknown evaluator kind 'bogus'"):
+        evolve(search(llamas, fitness={"kind": "bogus"}), tmp_path / "s", workers=2, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_bad_input_is_one_line(llamas, tmp_path):
     cases = [
         (

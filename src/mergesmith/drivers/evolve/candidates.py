@@ -71,6 +71,10 @@ class Evaluator:
         self.space = make_space(spec, self.sources)
         self.fitness = Fitness(spec, extra_kinds)
 
+    def ready(self) -> bool:
+        """True once built (a Ray pool waits on it: a worker that cannot start fails before anything is written)."""
+        return True
+
     def merged(self, x: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return merge_recipe_in_memory(candidate_recipe(self.space, self.spec, x), self.sources)
 

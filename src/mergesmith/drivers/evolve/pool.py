@@ -5,17 +5,33 @@ again) and its evaluation retried, so the search goes on; an evaluator's own err
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from mergesmith import errors
 from mergesmith.drivers.evolve.candidates import Evaluator
 from mergesmith.errors import MergeError, RecipeError
 from mergesmith.recipe.search import SearchSpec
 
 Done = Callable[[int, dict[str, Any]], None]
+# the last line of a worker's traceback when one of mergesmith's errors stopped it
+_RAISED = re.compile(r"^mergesmith\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _worker_error(message: str) -> MergeError:
+    """The one-line error for a Ray worker that could not start: the mergesmith error it raised (Ray passes it on
+    only as text, inside the creation task's traceback), else the worker's last line."""
+    raised = _RAISED.findall(message)
+    if raised:
+        name, text = raised[-1]
+        kind = getattr(errors, name, MergeError)
+        return kind(text) if isinstance(kind, type) and issubclass(kind, MergeError) else MergeError(text)
+    lines = [line for line in message.splitlines() if line.strip()]
+    return MergeError(f"a Ray worker could not start ({lines[-1].strip() if lines else 'no message'})")
 
 
 class LocalPool:
@@ -71,6 +87,11 @@ class RayPool:
         remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(Evaluator)
         self.workers = workers
         self.actors = [remote.remote(spec, dict(extra_kinds or {}), threads) for _ in range(workers)]
+        try:  # every evaluator built (models read, fitness checked) before the search writes anything
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except ray.exceptions.RayActorError as e:
+            self.close()
+            raise _worker_error(str(e)) from None
 
     def map(self, genomes: list[list[float]], done: Done) -> list[dict[str, Any]]:
         """Score every genome, each on the next free actor; results in the genomes' order."""

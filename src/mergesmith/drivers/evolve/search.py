@@ -34,6 +34,7 @@ from tqdm import tqdm
 from mergesmith.api.pipeline import merge
 from mergesmith.drivers.evolve.candidates import candidate_recipe, make_space
 from mergesmith.drivers.evolve.dataflow import DataflowSpace
+from mergesmith.drivers.evolve.fitness import resolve_kind
 from mergesmith.drivers.evolve.pool import LocalPool, RayPool
 from mergesmith.errors import MergeError, RecipeError
 from mergesmith.io.cache import write_json
@@ -247,6 +248,8 @@ def evolve(
             f"optimizer.budget {spec.optimizer.budget} is less than one generation ({popsize} candidates); "
             "raise the budget"
         )
+    for entry in spec.fitness:  # an unknown kind fails here, in one line, before a worker starts
+        resolve_kind(entry.kind, extra_kinds or {})
     started = time.perf_counter()
     # the evaluators are built (models read, fitness checked) before anything is written
     pool = (
